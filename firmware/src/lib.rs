@@ -1,0 +1,39 @@
+//! Countersign meter: a `no_std` SIM data usage meter.
+//!
+//! It turns a modem's raw data counters into cumulative, per-epoch usage and encodes it as
+//! small reports authenticated with HMAC-SHA256 under the meter's own key, so that only the
+//! meter and the rating endpoint can make or alter them.
+//!
+//! - [`counter`]: raw modem readings → monotone totals (resets, 32-bit wrap).
+//! - [`meter`]: epochs, sequence numbers, checkpoints and the report policy.
+//! - [`report`]: the versioned wire format, its tag, and decode-and-verify for the endpoint.
+//! - [`modem`]: the seam modem drivers implement.
+//!
+//! The crate has no `std` and no `alloc` in its dependency tree; the `std` feature only adds
+//! `std::error::Error` impls for hosts.
+#![no_std]
+#![deny(missing_docs)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod counter;
+pub mod meter;
+pub mod modem;
+pub mod report;
+
+pub use counter::{Accumulator, CounterWidth, Step};
+pub use meter::{Checkpoint, CheckpointStore, MemoryStore, Meter, MeterConfig, MeterError, ReportPolicy};
+pub use report::{
+    peek_meter_id, verify, CounterKind, DecodeError, DeviceTime, ExtraCounter, RecordId, Report, ReportError,
+    TimeQuality, Totals, VerifyError, METER_KEY_BYTES, REPORT_BYTES_MAX, REPORT_VERSION, TAG_BYTES,
+};
+
+#[cfg(feature = "std")]
+impl std::error::Error for DecodeError {}
+#[cfg(feature = "std")]
+impl std::error::Error for VerifyError {}
+#[cfg(feature = "std")]
+impl std::error::Error for ReportError {}
+#[cfg(feature = "std")]
+impl std::error::Error for MeterError {}

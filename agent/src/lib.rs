@@ -1,1 +1,21 @@
+//! Countersign gateway agent.
+//!
+//! Takes device reports from an MQTT broker (QoS 1, persistent session, manual acks), keeps
+//! each durably in sled before acknowledging it, and syncs signed batches to the rating
+//! endpoint, deleting them only once the endpoint has answered for them.
+//!
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`classify`]: what a payload on the report topic is (pure).
+//! - [`store`]: the durable buffer and its on-disk format.
+//! - [`backoff`]: retry delays with jitter (pure).
+//! - [`pipeline`]: the MQTT, commit and upload tasks.
 
+pub mod backoff;
+pub mod classify;
+pub mod config;
+pub mod pipeline;
+pub mod store;
+
+pub use config::AgentConfig;
+pub use pipeline::{run, run_with, AgentError};
+pub use store::Buffer;

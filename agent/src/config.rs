@@ -1,0 +1,383 @@
+//! Agent configuration: a TOML file, validated once into [`AgentConfig`].
+//!
+//! A minimal file is four lines:
+//!
+//! ```toml
+//! gateway_id = 1
+//! gateway_key_file = "/etc/countersign/gateway.key"
+//! data_dir = "/var/lib/countersign-agent"
+//! endpoint_url = "https://rating.example.com"
+//! ```
+//!
+//! Everything else has a default sized for a small ARM gateway. Every error names its key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use countersign_protocol::batch::{BATCH_BYTES_MAX, BATCH_RECORDS_MAX};
+use serde::Deserialize;
+
+/// Smallest sled page cache the agent accepts.
+pub const CACHE_CAPACITY_BYTES_MIN: u64 = 1024 * 1024;
+/// Largest sled page cache the agent accepts (sled's own default of 1 GiB is far too much).
+pub const CACHE_CAPACITY_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+/// Most reports one sled flush may cover.
+pub const COMMIT_REPORTS_MAX: usize = 4096;
+/// Longest a received report may wait for its flush.
+pub const COMMIT_DELAY_MS_MAX: u64 = 1000;
+/// Longest upload backoff.
+pub const RETRY_DELAY_MS_MAX: u64 = 5 * 60 * 1000;
+/// Longest request timeout towards the endpoint.
+pub const HTTP_TIMEOUT_MS_MAX: u64 = 5 * 60 * 1000;
+
+/// Why a configuration was refused. Never recoverable without editing the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown or mistyped keys (the message names the key).
+    #[error("config: {0}")]
+    Parse(String),
+    /// A key has a value outside its allowed range.
+    #[error("config key `{key}`: {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `mqtt.port`.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway_id: u64,
+    gateway_key_file: PathBuf,
+    data_dir: PathBuf,
+    endpoint_url: String,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default)]
+    batch: RawBatch,
+    #[serde(default)]
+    commit: RawCommit,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    http: RawHttp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMqtt {
+    host: String,
+    port: u16,
+    client_id: Option<String>,
+    topic: String,
+    keep_alive_s: u64,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl Default for RawMqtt {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: None,
+            topic: format!("{}+", countersign_protocol::REPORT_TOPIC_PREFIX),
+            keep_alive_s: 30,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBatch {
+    records_max: usize,
+    bytes_max: usize,
+    linger_ms: u64,
+    retry_delay_ms_min: u64,
+    retry_delay_ms_max: u64,
+}
+
+impl Default for RawBatch {
+    fn default() -> Self {
+        Self {
+            records_max: 2000,
+            bytes_max: 256 * 1024,
+            linger_ms: 200,
+            retry_delay_ms_min: 500,
+            retry_delay_ms_max: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCommit {
+    reports_max: usize,
+    delay_ms: u64,
+}
+
+impl Default for RawCommit {
+    fn default() -> Self {
+        Self { reports_max: 512, delay_ms: 5 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    cache_capacity_bytes: u64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self { cache_capacity_bytes: 16 * 1024 * 1024 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    timeout_ms: u64,
+    listen: Option<String>,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self { timeout_ms: 30_000, listen: None }
+    }
+}
+
+/// MQTT settings.
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Stable client id: the broker keeps our session (and unacked reports) under it.
+    pub client_id: String,
+    /// Topic filter for device reports.
+    pub topic: String,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Optional username and password.
+    pub credentials: Option<(String, String)>,
+}
+
+/// Batch upload settings.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchConfig {
+    /// Most records per batch.
+    pub records_max: usize,
+    /// Most bytes per signed batch.
+    pub bytes_max: usize,
+    /// How long to wait for more records before sending a batch that is not full.
+    pub linger: Duration,
+    /// First retry delay after a failed upload.
+    pub retry_delay_min: Duration,
+    /// Longest retry delay.
+    pub retry_delay_max: Duration,
+}
+
+/// Group commit settings.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitConfig {
+    /// Most reports covered by one flush.
+    pub reports_max: usize,
+    /// Longest a report waits for more to share its flush.
+    pub delay: Duration,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This gateway's id, registered at the endpoint with its public key.
+    pub gateway_id: u64,
+    /// File with the gateway's Ed25519 seed (0600).
+    pub gateway_key_file: PathBuf,
+    /// Where the sled database lives.
+    pub data_dir: PathBuf,
+    /// Base URL of the rating endpoint.
+    pub endpoint_url: String,
+    /// MQTT settings.
+    pub mqtt: MqttConfig,
+    /// Batch settings.
+    pub batch: BatchConfig,
+    /// Group commit settings.
+    pub commit: CommitConfig,
+    /// sled page cache size.
+    pub cache_capacity_bytes: u64,
+    /// Request timeout towards the endpoint.
+    pub http_timeout: Duration,
+    /// Address of the `/health` listener, if any.
+    pub listen: Option<SocketAddr>,
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, problem: problem.into() }
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    key: &'static str,
+    v: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if v < min || v > max {
+        return Err(invalid(key, format!("{v} is outside {min}..={max}")));
+    }
+    Ok(v)
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if raw.endpoint_url.is_empty()
+            || !(raw.endpoint_url.starts_with("http://") || raw.endpoint_url.starts_with("https://"))
+        {
+            return Err(invalid("endpoint_url", "must start with http:// or https://"));
+        }
+        if raw.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if raw.gateway_key_file.as_os_str().is_empty() {
+            return Err(invalid("gateway_key_file", "must not be empty"));
+        }
+        let m = raw.mqtt;
+        if m.host.is_empty() {
+            return Err(invalid("mqtt.host", "must not be empty"));
+        }
+        if m.port == 0 {
+            return Err(invalid("mqtt.port", "must not be 0"));
+        }
+        // rumqttc panics on an empty client id with a persistent session.
+        let client_id = m.client_id.unwrap_or_else(|| format!("countersign-agent-{}", raw.gateway_id));
+        if client_id.is_empty() || client_id.len() > 64 {
+            return Err(invalid("mqtt.client_id", "must be 1 to 64 characters"));
+        }
+        if !m.topic.starts_with(countersign_protocol::REPORT_TOPIC_PREFIX) {
+            return Err(invalid(
+                "mqtt.topic",
+                format!("must start with {}", countersign_protocol::REPORT_TOPIC_PREFIX),
+            ));
+        }
+        let keep_alive_s = in_range("mqtt.keep_alive_s", m.keep_alive_s, 5, 3600)?;
+        let credentials = match (m.username, m.password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("mqtt.password", "is required with mqtt.username")),
+            (None, Some(_)) => return Err(invalid("mqtt.username", "is required with mqtt.password")),
+        };
+        let b = raw.batch;
+        let records_max = in_range("batch.records_max", b.records_max, 1, BATCH_RECORDS_MAX)?;
+        let bytes_max = in_range("batch.bytes_max", b.bytes_max, 1024, BATCH_BYTES_MAX)?;
+        let linger_ms = in_range("batch.linger_ms", b.linger_ms, 0, 60_000)?;
+        let retry_min = in_range("batch.retry_delay_ms_min", b.retry_delay_ms_min, 10, RETRY_DELAY_MS_MAX)?;
+        let retry_max =
+            in_range("batch.retry_delay_ms_max", b.retry_delay_ms_max, retry_min, RETRY_DELAY_MS_MAX)?;
+        let c = raw.commit;
+        let reports_max = in_range("commit.reports_max", c.reports_max, 1, COMMIT_REPORTS_MAX)?;
+        let delay_ms = in_range("commit.delay_ms", c.delay_ms, 0, COMMIT_DELAY_MS_MAX)?;
+        let cache = in_range(
+            "store.cache_capacity_bytes",
+            raw.store.cache_capacity_bytes,
+            CACHE_CAPACITY_BYTES_MIN,
+            CACHE_CAPACITY_BYTES_MAX,
+        )?;
+        let timeout_ms = in_range("http.timeout_ms", raw.http.timeout_ms, 100, HTTP_TIMEOUT_MS_MAX)?;
+        let listen = match raw.http.listen {
+            None => None,
+            Some(s) => Some(
+                s.parse::<SocketAddr>()
+                    .map_err(|e| invalid("http.listen", format!("'{s}' is not an address: {e}")))?,
+            ),
+        };
+        Ok(Self {
+            gateway_id: raw.gateway_id,
+            gateway_key_file: raw.gateway_key_file,
+            data_dir: raw.data_dir,
+            endpoint_url: raw.endpoint_url.trim_end_matches('/').to_owned(),
+            mqtt: MqttConfig {
+                host: m.host,
+                port: m.port,
+                client_id,
+                topic: m.topic,
+                keep_alive: Duration::from_secs(keep_alive_s),
+                credentials,
+            },
+            batch: BatchConfig {
+                records_max,
+                bytes_max,
+                linger: Duration::from_millis(linger_ms),
+                retry_delay_min: Duration::from_millis(retry_min),
+                retry_delay_max: Duration::from_millis(retry_max),
+            },
+            commit: CommitConfig { reports_max, delay: Duration::from_millis(delay_ms) },
+            cache_capacity_bytes: cache,
+            http_timeout: Duration::from_millis(timeout_ms),
+            listen,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+gateway_id = 1
+gateway_key_file = "/k"
+data_dir = "/d"
+endpoint_url = "http://127.0.0.1:8080/"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AgentConfig::from_toml_str(MIN).unwrap();
+        assert_eq!(c.mqtt.client_id, "countersign-agent-1");
+        assert_eq!(c.mqtt.topic, "countersign/v1/reports/+");
+        assert_eq!(c.endpoint_url, "http://127.0.0.1:8080");
+        assert_eq!(c.cache_capacity_bytes, 16 * 1024 * 1024);
+    }
+
+    fn err(extra: &str) -> String {
+        AgentConfig::from_toml_str(&format!("{MIN}{extra}")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("[mqtt]\nport = 0\n").contains("mqtt.port"));
+        assert!(err("[mqtt]\nportt = 1\n").contains("portt"));
+        assert!(err("[batch]\nrecords_max = 0\n").contains("batch.records_max"));
+        assert!(err("[store]\ncache_capacity_bytes = 5\n").contains("store.cache_capacity_bytes"));
+        assert!(err("[http]\nlisten = \"nope\"\n").contains("http.listen"));
+        assert!(err("[mqtt]\nusername = \"u\"\n").contains("mqtt.password"));
+        let missing = AgentConfig::from_toml_str("gateway_id = 1\n").unwrap_err().to_string();
+        assert!(missing.contains("gateway_key_file"), "{missing}");
+        let bad_type = AgentConfig::from_toml_str(&MIN.replace("gateway_id = 1", "gateway_id = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(bad_type.contains("gateway_id"), "{bad_type}");
+    }
+}

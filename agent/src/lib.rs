@@ -17,5 +17,5 @@ pub mod pipeline;
 pub mod store;
 
 pub use config::AgentConfig;
-pub use pipeline::{run, run_with, AgentError};
+pub use pipeline::{run, run_observed, run_with, AgentError, AgentStatus};
 pub use store::Buffer;

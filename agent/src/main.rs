@@ -1,5 +1,6 @@
 //! `countersign-agent`: the gateway daemon and its operator commands.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -108,10 +109,12 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = std::env::var("COUNTERSIGN_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
-        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+        builder.json().init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Colour codes only for people: logs piped to files and journald stay plain.
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 

@@ -13,6 +13,7 @@
 //!   so the event loop never blocks on a committer that is itself waiting to send an ack.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +60,21 @@ pub enum AgentError {
     Http(String),
 }
 
+/// Live state of a running agent, shared with whoever wants to watch it (status, health).
+#[derive(Debug, Default)]
+pub struct AgentStatus {
+    /// Connected to the broker now.
+    pub connected: AtomicBool,
+    /// The broker confirmed our subscription at least once.
+    pub subscribed: AtomicBool,
+    /// Reports made durable (and then acked) since start.
+    pub reports_committed: AtomicU64,
+    /// Payloads quarantined since start.
+    pub quarantined: AtomicU64,
+    /// Records the endpoint answered for since start.
+    pub records_delivered: AtomicU64,
+}
+
 struct Received {
     publish: Publish,
     received_ms: u64,
@@ -74,6 +90,15 @@ fn jitter() -> f64 {
 
 /// Runs the agent until `shutdown` completes, then flushes and returns.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    run_observed(config, Arc::new(AgentStatus::default()), shutdown).await
+}
+
+/// [`run`], updating `status` as it goes.
+pub async fn run_observed(
+    config: AgentConfig,
+    status: Arc<AgentStatus>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
     // Ignore the error: a host program may already have installed the same provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let key = countersign_protocol::keys::read_gateway_key(&config.gateway_key_file)?;
@@ -82,7 +107,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
         .timeout(config.http_timeout)
         .build()
         .map_err(|e| AgentError::Http(e.to_string()))?;
-    run_with(config, buffer, key, http, shutdown).await;
+    run_with(config, buffer, key, http, status, shutdown).await;
     Ok(())
 }
 
@@ -92,6 +117,7 @@ pub async fn run_with(
     buffer: Buffer,
     key: SigningKey,
     http: reqwest::Client,
+    status: Arc<AgentStatus>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let stats = buffer.stats();
@@ -118,15 +144,31 @@ pub async fn run_with(
     let (commit_done_tx, commit_done_rx) = watch::channel(false);
 
     let mqtt = tokio::spawn(
-        mqtt_task(eventloop, client.clone(), config.mqtt.topic.clone(), tx, stop_rx.clone(), commit_done_rx)
-            .instrument(info_span!("mqtt", client_id = %config.mqtt.client_id)),
+        mqtt_task(
+            eventloop,
+            client.clone(),
+            config.mqtt.topic.clone(),
+            tx,
+            status.clone(),
+            stop_rx.clone(),
+            commit_done_rx,
+        )
+        .instrument(info_span!("mqtt", client_id = %config.mqtt.client_id)),
     );
     let committer = tokio::spawn(
-        commit_task(rx, buffer.clone(), client.clone(), config.clone(), committed.clone(), commit_done_tx)
-            .instrument(info_span!("commit")),
+        commit_task(
+            rx,
+            buffer.clone(),
+            client.clone(),
+            config.clone(),
+            status.clone(),
+            committed.clone(),
+            commit_done_tx,
+        )
+        .instrument(info_span!("commit")),
     );
     let uploader = tokio::spawn(
-        upload_task(buffer.clone(), key, http, config.clone(), committed, stop_rx)
+        upload_task(buffer.clone(), key, http, config.clone(), status, committed, stop_rx)
             .instrument(info_span!("upload", gateway_id = config.gateway_id)),
     );
 
@@ -149,6 +191,7 @@ async fn mqtt_task(
     client: AsyncClient,
     topic: String,
     tx: mpsc::Sender<Received>,
+    status: Arc<AgentStatus>,
     mut stop: watch::Receiver<bool>,
     mut commit_done: watch::Receiver<bool>,
 ) {
@@ -167,6 +210,7 @@ async fn mqtt_task(
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
+                    status.connected.store(true, Ordering::Relaxed);
                     info!(session_present = ack.session_present, "connected to broker");
                     // A broker without our session has forgotten the subscription too, and
                     // rumqttc does not resubscribe by itself.
@@ -183,9 +227,13 @@ async fn mqtt_task(
                         break;
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => info!(%topic, "subscribed"),
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    status.subscribed.store(true, Ordering::Relaxed);
+                    info!(%topic, "subscribed");
+                }
                 Ok(_) => {}
                 Err(e) => {
+                    status.connected.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay(jitter());
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
                     tokio::select! {
@@ -211,6 +259,7 @@ async fn commit_task(
     buffer: Buffer,
     client: AsyncClient,
     config: AgentConfig,
+    status: Arc<AgentStatus>,
     committed: Arc<Notify>,
     done: watch::Sender<bool>,
 ) {
@@ -233,7 +282,9 @@ async fn commit_task(
                 }
             }
         }
-        commit_group(&buffer, &group).await;
+        let (reports, quarantined) = commit_group(&buffer, &group).await;
+        status.reports_committed.fetch_add(reports as u64, Ordering::Relaxed);
+        status.quarantined.fetch_add(quarantined as u64, Ordering::Relaxed);
         for r in group.drain(..) {
             // Fails only if the event loop is gone; the broker then redelivers after restart.
             if let Err(e) = client.ack(&r.publish).await {
@@ -247,14 +298,14 @@ async fn commit_task(
 
 /// Writes and flushes a group, retrying until it is durable: nothing is acked before that,
 /// so while the disk refuses writes the broker keeps the reports.
-async fn commit_group(buffer: &Buffer, group: &[Received]) {
+async fn commit_group(buffer: &Buffer, group: &[Received]) -> (usize, usize) {
     let mut backoff =
         Backoff::new(Duration::from_millis(STORE_RETRY_MS_MIN), Duration::from_millis(STORE_RETRY_MS_MAX));
     loop {
         match write_group(buffer, group).await {
             Ok((reports, quarantined)) => {
                 debug!(reports, quarantined, "group committed");
-                return;
+                return (reports, quarantined);
             }
             Err(e) => {
                 let delay = backoff.next_delay(jitter());
@@ -309,6 +360,7 @@ async fn upload_task(
     key: SigningKey,
     http: reqwest::Client,
     config: AgentConfig,
+    status: Arc<AgentStatus>,
     committed: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -379,6 +431,7 @@ async fn upload_task(
                 if let Err(e) = buffer.settle(batch, &reply.results) {
                     error!(error = %e, "cannot settle an acknowledged batch; it will be resent");
                 }
+                status.records_delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 info!(stored, duplicate = dup, rejected, "batch delivered");
                 backoff.reset();
             }

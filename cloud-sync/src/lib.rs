@@ -1,1 +1,38 @@
+//! Countersign rating endpoint: verifies signed batches of device reports, deduplicates
+//! them by record id, stores them durably in an embedded sled store, and derives per-SIM,
+//! per-day usage from them.
+//!
+//! - [`config`]: the TOML configuration, validated once.
+//! - [`usage`]: the pure usage derivation (which bytes, which SIM, which day).
+//! - [`store`]: the sled store behind a narrow API.
+//! - [`ingest`]: one batch in, one reply out, durable before it returns.
+//! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
+//! - [`client`]: an async client for the admin and usage API.
+//!
+//! The library logs through `tracing` and never installs a subscriber.
 
+// Tests may unwrap: a panic is how they fail.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod client;
+pub mod config;
+pub mod ingest;
+pub mod server;
+pub mod store;
+pub mod usage;
+
+pub use config::{AdminToken, CloudConfig, ConfigError};
+pub use server::Endpoint;
+pub use store::{Store, StoreError};
+
+/// Why the endpoint could not start. Neither is recoverable without operator action except
+/// a store locked by another process, which frees when that process exits.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// The configuration or a file it names is invalid; the message names the key.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,1 +1,29 @@
+//! End-to-end harness for Countersign: real brokers, real processes, simulated devices.
+//!
+//! - [`fleet`]: devices running the real meter code over random traffic.
+//! - [`broker`]: an embedded rumqttd for the one-command demo, a private Mosquitto for tests.
+//! - [`publisher`]: device-side MQTT publishing that waits for every PUBACK.
+//! - [`procs`]: the project's binaries as child processes that die with the test.
 
+pub mod broker;
+pub mod fleet;
+pub mod procs;
+pub mod publisher;
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on `port`, or the timeout passes.
+pub async fn wait_for_port(port: u16, timeout: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}

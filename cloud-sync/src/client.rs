@@ -1,0 +1,174 @@
+//! A small async client for the endpoint's admin and usage API.
+//!
+//! `base_url` is the endpoint's root, e.g. `https://rating.example:8443` (a trailing slash is
+//! fine); `token` is the admin token as hex, as the token file holds it.
+
+use countersign_meter::METER_KEY_BYTES;
+use countersign_protocol::ErrorBody;
+use ed25519_dalek::VerifyingKey;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::server::{
+    format_date, GatewayRegistration, MeterRegistration, SimUsage, SimsUsage, ADMIN_GATEWAYS_PATH,
+    ADMIN_METERS_PATH, USAGE_PATH, USAGE_SIMS_PATH,
+};
+use crate::usage::DateRange;
+
+/// Why a request to the endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The request did not complete (connect, TLS, timeout). Recoverable: retry later.
+    #[error("request to {url} failed")]
+    Transport {
+        /// The URL asked.
+        url: String,
+        /// reqwest's error.
+        source: reqwest::Error,
+    },
+    /// The endpoint answered with an error. Recoverable only for 5xx (see
+    /// [`ClientError::is_recoverable`]); a 4xx needs a different request.
+    #[error("{url} answered {status} {code}: {error}")]
+    Refused {
+        /// The URL asked.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// The endpoint's error code, e.g. `conflict`, or `http_error` without a JSON body.
+        code: String,
+        /// The endpoint's message.
+        error: String,
+    },
+    /// The endpoint answered success with a body this client does not understand: a
+    /// version mismatch, not recoverable by retrying.
+    #[error("{url} answered with an unreadable body")]
+    BadResponse {
+        /// The URL asked.
+        url: String,
+        /// The decoding error.
+        source: reqwest::Error,
+    },
+}
+
+impl ClientError {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } => true,
+            ClientError::Refused { status, .. } => *status >= 500,
+            ClientError::BadResponse { .. } => false,
+        }
+    }
+}
+
+fn url(base_url: &str, path: &str) -> String {
+    format!("{}{path}", base_url.trim_end_matches('/'))
+}
+
+async fn check(url: &str, response: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    let (code, error) = match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => (body.code, body.error),
+        Err(_) => ("http_error".to_owned(), text),
+    };
+    Err(ClientError::Refused { url: url.to_owned(), status: status.as_u16(), code, error })
+}
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &impl Serialize,
+) -> Result<(), ClientError> {
+    let response = http
+        .post(url)
+        .bearer_auth(token.trim())
+        .json(body)
+        .send()
+        .await
+        .map_err(|source| ClientError::Transport { url: url.to_owned(), source })?;
+    check(url, response).await.map(drop)
+}
+
+async fn get_json<T: DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    query: &[(&str, String)],
+) -> Result<T, ClientError> {
+    let response = http
+        .get(url)
+        .bearer_auth(token.trim())
+        .query(query)
+        .send()
+        .await
+        .map_err(|source| ClientError::Transport { url: url.to_owned(), source })?;
+    check(url, response)
+        .await?
+        .json()
+        .await
+        .map_err(|source| ClientError::BadResponse { url: url.to_owned(), source })
+}
+
+fn range_query(range: DateRange) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if let Some(from) = range.from {
+        q.push(("from", format_date(from)));
+    }
+    if let Some(to) = range.to {
+        q.push(("to", format_date(to)));
+    }
+    q
+}
+
+/// Registers a meter's HMAC key. Succeeds if it was registered now or before with the same
+/// key; a different key already registered is a `Refused` error with code `conflict`.
+pub async fn register_meter(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    meter_id: u64,
+    key: &[u8; METER_KEY_BYTES],
+) -> Result<(), ClientError> {
+    let body = MeterRegistration { meter_id, key_hex: hex::encode(key) };
+    post_json(http, &url(base_url, ADMIN_METERS_PATH), token, &body).await
+}
+
+/// Registers a gateway's Ed25519 public key; idempotent like [`register_meter`].
+pub async fn register_gateway(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    gateway_id: u64,
+    public_key: &VerifyingKey,
+) -> Result<(), ClientError> {
+    let body = GatewayRegistration { gateway_id, public_key_hex: hex::encode(public_key.as_bytes()) };
+    post_json(http, &url(base_url, ADMIN_GATEWAYS_PATH), token, &body).await
+}
+
+/// Usage of one SIM, day by day, within `range`.
+pub async fn usage(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    iccid: u64,
+    range: DateRange,
+) -> Result<SimUsage, ClientError> {
+    let mut query = vec![("iccid", iccid.to_string())];
+    query.extend(range_query(range));
+    get_json(http, &url(base_url, USAGE_PATH), token, &query).await
+}
+
+/// Totals of every SIM with usage within `range`.
+pub async fn usage_sims(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    range: DateRange,
+) -> Result<SimsUsage, ClientError> {
+    get_json(http, &url(base_url, USAGE_SIMS_PATH), token, &range_query(range)).await
+}

@@ -1,0 +1,362 @@
+//! Endpoint configuration: TOML in, one validated [`CloudConfig`] out.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"          # optional, this is the default
+//! data_dir = "/var/lib/countersign"  # required: the sled store lives in data_dir/sled
+//! admin_token_file = "admin.token"   # required: 0600, hex of 32 random bytes
+//!
+//! [store]
+//! cache_capacity_bytes = 67108864    # optional, 64 MiB by default
+//! ```
+//!
+//! Relative paths in a file read by [`CloudConfig::load`] are relative to the directory of
+//! that file, so a config works the same whatever directory the endpoint is started from.
+//! Every error names the key it is about.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use countersign_protocol::keys::{read_secret, KeyError, SECRET_KEY_BYTES};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+/// Address the endpoint listens on when `listen` is not given.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+/// sled page cache size when `[store] cache_capacity_bytes` is not given.
+pub const CACHE_CAPACITY_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Smallest accepted cache: below this sled thrashes on every scan.
+pub const CACHE_CAPACITY_BYTES_MIN: u64 = 1024 * 1024;
+/// Largest accepted cache: more than this is almost surely a unit mistake.
+pub const CACHE_CAPACITY_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
+/// Config files larger than this are refused before they are read.
+pub const CONFIG_FILE_BYTES_MAX: u64 = 64 * 1024;
+
+/// Why a configuration was refused. None is recoverable without changing the file or the
+/// files it names, so the endpoint refuses to start rather than guess.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read (missing, no permission, too large).
+    #[error("config file {path} could not be read")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The text is not TOML, or has a key this version does not know (the message names it).
+    #[error("config is not valid: {0}")]
+    Syntax(String),
+    /// A required key is absent.
+    #[error("{key}: required key is missing")]
+    Missing {
+        /// The key, dotted for keys inside a table (`store.cache_capacity_bytes`).
+        key: &'static str,
+    },
+    /// A key has a value of the wrong type or out of range.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key, dotted for keys inside a table.
+        key: &'static str,
+        /// What is wrong with the value.
+        reason: String,
+    },
+    /// The admin token file is missing, readable by others, or not 32 bytes of hex. The
+    /// key error's message is part of this one, so it is not repeated as a source.
+    #[error("admin_token_file: {0}")]
+    AdminToken(KeyError),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    // Values stay untyped here so that type errors are reported by key, in our words.
+    listen: Option<toml::Value>,
+    data_dir: Option<toml::Value>,
+    admin_token_file: Option<toml::Value>,
+    store: Option<RawStore>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    cache_capacity_bytes: Option<toml::Value>,
+}
+
+/// The validated configuration of one endpoint process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudConfig {
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    admin_token_file: PathBuf,
+    cache_capacity_bytes: u64,
+}
+
+impl CloudConfig {
+    /// A configuration with every optional key at its default.
+    pub fn new(data_dir: impl Into<PathBuf>, admin_token_file: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: data_dir.into(),
+            admin_token_file: admin_token_file.into(),
+            cache_capacity_bytes: CACHE_CAPACITY_BYTES_DEFAULT,
+        }
+    }
+
+    /// The same configuration listening on `listen`.
+    pub fn with_listen(mut self, listen: SocketAddr) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    /// The same configuration with another sled cache size, checked against the bounds.
+    pub fn with_cache_capacity_bytes(mut self, bytes: u64) -> Result<Self, ConfigError> {
+        self.cache_capacity_bytes = check_cache_capacity(bytes)?;
+        Ok(self)
+    }
+
+    /// Parses and validates TOML text. Relative paths stay relative to the working directory.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(describe_toml_error(text, &e)))?;
+        let listen = match raw.listen {
+            None => {
+                LISTEN_DEFAULT.parse().map_err(|_| invalid("listen", "default address does not parse"))?
+            }
+            Some(v) => {
+                let s = string_value("listen", v)?;
+                s.parse::<SocketAddr>().map_err(|_| {
+                    invalid(
+                        "listen",
+                        format!("invalid socket address '{s}' (expected ip:port, e.g. {LISTEN_DEFAULT})"),
+                    )
+                })?
+            }
+        };
+        let data_dir = path_value("data_dir", raw.data_dir)?;
+        let admin_token_file = path_value("admin_token_file", raw.admin_token_file)?;
+        let cache_capacity_bytes = match raw.store.and_then(|s| s.cache_capacity_bytes) {
+            None => CACHE_CAPACITY_BYTES_DEFAULT,
+            Some(toml::Value::Integer(n)) => {
+                let n = u64::try_from(n).map_err(|_| {
+                    invalid("store.cache_capacity_bytes", format!("must not be negative, got {n}"))
+                })?;
+                check_cache_capacity(n)?
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "store.cache_capacity_bytes",
+                    format!("expected an integer number of bytes, found {}", other.type_str()),
+                ))
+            }
+        };
+        Ok(Self { listen, data_dir, admin_token_file, cache_capacity_bytes })
+    }
+
+    /// Reads and validates a config file; relative paths in it are taken relative to its
+    /// directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let read_err = |source| ConfigError::Read { path: path.to_owned(), source };
+        let len = std::fs::metadata(path).map_err(read_err)?.len();
+        if len > CONFIG_FILE_BYTES_MAX {
+            return Err(read_err(std::io::Error::other(format!(
+                "{len} bytes, more than the {CONFIG_FILE_BYTES_MAX} a config file may have"
+            ))));
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let mut config = Self::from_toml_str(&text)?;
+        let base = path.parent().unwrap_or_else(|| Path::new(""));
+        config.data_dir = base.join(&config.data_dir);
+        config.admin_token_file = base.join(&config.admin_token_file);
+        Ok(config)
+    }
+
+    /// Where the endpoint listens.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The directory that holds the store.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The file holding the admin token.
+    pub fn admin_token_file(&self) -> &Path {
+        &self.admin_token_file
+    }
+
+    /// sled's page cache size.
+    pub fn cache_capacity_bytes(&self) -> u64 {
+        self.cache_capacity_bytes
+    }
+
+    /// Reads the admin token, refusing a file that group or others can read.
+    pub fn read_admin_token(&self) -> Result<AdminToken, ConfigError> {
+        read_secret(&self.admin_token_file).map(AdminToken).map_err(ConfigError::AdminToken)
+    }
+}
+
+fn check_cache_capacity(bytes: u64) -> Result<u64, ConfigError> {
+    if !(CACHE_CAPACITY_BYTES_MIN..=CACHE_CAPACITY_BYTES_MAX).contains(&bytes) {
+        return Err(invalid(
+            "store.cache_capacity_bytes",
+            format!("{bytes} is outside {CACHE_CAPACITY_BYTES_MIN}..={CACHE_CAPACITY_BYTES_MAX}"),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+fn string_value(key: &'static str, v: toml::Value) -> Result<String, ConfigError> {
+    match v {
+        toml::Value::String(s) => Ok(s),
+        other => Err(invalid(key, format!("expected a string, found {}", other.type_str()))),
+    }
+}
+
+fn path_value(key: &'static str, v: Option<toml::Value>) -> Result<PathBuf, ConfigError> {
+    let s = string_value(key, v.ok_or(ConfigError::Missing { key })?)?;
+    if s.trim().is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// toml's own rendering spans several lines; a one-line "line L, column C: message" reads
+/// better in logs and still points at the offending key.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count().saturating_add(1);
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()).saturating_add(1);
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
+/// The bearer token of the usage and admin API. Debug output never shows it.
+#[derive(Clone)]
+pub struct AdminToken([u8; SECRET_KEY_BYTES]);
+
+impl AdminToken {
+    /// A token from its raw bytes.
+    pub fn from_bytes(bytes: [u8; SECRET_KEY_BYTES]) -> Self {
+        Self(bytes)
+    }
+
+    /// The token as clients send it: lowercase hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Whether `presented` (hex, as sent by a client) is this token, compared in constant
+    /// time so that response timing does not reveal how much of a guess was right.
+    pub fn verify_hex(&self, presented: &str) -> bool {
+        let mut bytes = [0u8; SECRET_KEY_BYTES];
+        if hex::decode_to_slice(presented.trim(), &mut bytes).is_err() {
+            return false;
+        }
+        bool::from(self.0.ct_eq(&bytes))
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "data_dir = \"/tmp/cs\"\nadmin_token_file = \"/tmp/cs/token\"\n";
+
+    fn err(text: &str) -> String {
+        CloudConfig::from_toml_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = CloudConfig::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(c.listen().to_string(), LISTEN_DEFAULT);
+        assert_eq!(c.data_dir(), Path::new("/tmp/cs"));
+        assert_eq!(c.cache_capacity_bytes(), CACHE_CAPACITY_BYTES_DEFAULT);
+        assert_eq!(c, CloudConfig::new("/tmp/cs", "/tmp/cs/token"));
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = CloudConfig::from_toml_str(&format!(
+            "listen = \"0.0.0.0:9000\"\n{MINIMAL}[store]\ncache_capacity_bytes = 2097152\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listen().port(), 9000);
+        assert_eq!(c.cache_capacity_bytes(), 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(
+            err(&format!("listen = \"x\"\n{MINIMAL}")),
+            "listen: invalid socket address 'x' (expected ip:port, e.g. 127.0.0.1:8080)"
+        );
+        assert_eq!(err(&format!("listen = 5\n{MINIMAL}")), "listen: expected a string, found integer");
+        assert_eq!(err("admin_token_file = \"t\""), "data_dir: required key is missing");
+        assert_eq!(err("data_dir = \"d\""), "admin_token_file: required key is missing");
+        assert_eq!(err("data_dir = \"\"\nadmin_token_file = \"t\""), "data_dir: must not be empty");
+        let e = err(&format!("{MINIMAL}[store]\ncache_capacity_bytes = 10\n"));
+        assert!(e.starts_with("store.cache_capacity_bytes: 10 is outside"), "{e}");
+        let e = err(&format!("{MINIMAL}[store]\ncache_capacity_bytes = -1\n"));
+        assert_eq!(e, "store.cache_capacity_bytes: must not be negative, got -1");
+        let e = err(&format!("{MINIMAL}[store]\ncache_capacity_bytes = \"64M\"\n"));
+        assert_eq!(e, "store.cache_capacity_bytes: expected an integer number of bytes, found string");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let e = err(&format!("lisen = \"127.0.0.1:1\"\n{MINIMAL}"));
+        assert!(e.contains("unknown field `lisen`") && e.contains("line 1"), "{e}");
+        let e = err(&format!("{MINIMAL}[store]\ncache_capacity = 1\n"));
+        assert!(e.contains("unknown field `cache_capacity`") && e.contains("line 4"), "{e}");
+        assert!(err("data_dir = ").starts_with("config is not valid: line 1"));
+    }
+
+    #[test]
+    fn bounds_are_checked_in_the_builder_too() {
+        let c = CloudConfig::new("d", "t");
+        assert!(c.clone().with_cache_capacity_bytes(CACHE_CAPACITY_BYTES_MAX + 1).is_err());
+        assert_eq!(
+            c.with_cache_capacity_bytes(CACHE_CAPACITY_BYTES_MIN).unwrap().cache_capacity_bytes(),
+            1 << 20
+        );
+    }
+
+    #[test]
+    fn load_resolves_relative_paths_and_reads_the_token() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.toml");
+        std::fs::write(&path, "data_dir = \"data\"\nadmin_token_file = \"admin.token\"\n").unwrap();
+        let c = CloudConfig::load(&path).unwrap();
+        assert_eq!(c.data_dir(), dir.path().join("data"));
+        let e = c.read_admin_token().unwrap_err().to_string();
+        assert!(e.starts_with("admin_token_file: key file"), "{e}");
+        countersign_protocol::keys::write_secret(c.admin_token_file(), &[9u8; 32]).unwrap();
+        let token = c.read_admin_token().unwrap();
+        assert!(token.verify_hex(&hex::encode([9u8; 32])));
+        assert!(!token.verify_hex(&hex::encode([8u8; 32])));
+        assert!(!token.verify_hex("not hex"));
+        assert_eq!(format!("{token:?}"), "AdminToken(..)");
+        std::fs::set_permissions(c.admin_token_file(), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = c.read_admin_token().unwrap_err().to_string();
+        assert!(e.contains("readable by others"), "{e}");
+        let missing = CloudConfig::load(&dir.path().join("nope.toml")).unwrap_err().to_string();
+        assert!(missing.starts_with("config file ") && missing.ends_with("could not be read"), "{missing}");
+    }
+}

@@ -1,0 +1,653 @@
+//! The HTTP endpoint: batch upload (authenticated by the gateway's signature), usage queries
+//! and key registration (authenticated by the admin bearer token), health.
+//!
+//! | route                    | auth             | answer                                        |
+//! | ------------------------ | ---------------- | --------------------------------------------- |
+//! | `POST /v1/batches`       | batch signature  | [`BatchReply`]                                |
+//! | `GET /v1/usage`          | admin token      | [`SimUsage`] (`iccid`, optional `from`/`to`)  |
+//! | `GET /v1/usage/sims`     | admin token      | [`SimsUsage`] (optional `from`/`to`)          |
+//! | `POST /v1/admin/meters`  | admin token      | [`RegistrationReply`], 201 or 200             |
+//! | `POST /v1/admin/gateways`| admin token      | [`RegistrationReply`], 201 or 200             |
+//! | `GET /health`            | none             | `{"status":"ok"}`                             |
+//!
+//! Every error is an [`ErrorBody`] with a stable `code`. Blocking work (signature checks,
+//! sled) runs on tokio's blocking pool so the accept loop stays responsive.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use countersign_meter::{Totals, METER_KEY_BYTES};
+use countersign_protocol::batch::BATCH_BYTES_MAX;
+use countersign_protocol::keys::parse_public_key;
+use countersign_protocol::{peek_header, BatchError, BatchReply, ErrorBody, BATCHES_PATH};
+use serde::{Deserialize, Serialize};
+use time::Date;
+
+use crate::config::{AdminToken, CloudConfig};
+use crate::ingest::{ingest_batch, IngestError};
+use crate::store::{Registration, Store, StoreError};
+use crate::usage::{days_of, per_sim, DateRange, UsageError};
+use crate::CloudError;
+
+/// Path of the per-SIM usage query.
+pub const USAGE_PATH: &str = "/v1/usage";
+/// Path of the all-SIMs usage query.
+pub const USAGE_SIMS_PATH: &str = "/v1/usage/sims";
+/// Path of meter registration.
+pub const ADMIN_METERS_PATH: &str = "/v1/admin/meters";
+/// Path of gateway registration.
+pub const ADMIN_GATEWAYS_PATH: &str = "/v1/admin/gateways";
+/// Path of the health check.
+pub const HEALTH_PATH: &str = "/health";
+/// Largest admin request body: a registration is well under 200 bytes.
+pub const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
+/// Longest ICCID accepted in a query: 20 decimal digits is all a u64 can hold.
+pub const ICCID_DIGITS_MAX: usize = 20;
+
+/// One day of one SIM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayUsage {
+    /// The UTC day, `YYYY-MM-DD` in JSON.
+    #[serde(with = "json_date")]
+    pub date: Date,
+    /// Bytes sent by the device.
+    pub up_bytes: u64,
+    /// Bytes received by the device.
+    pub down_bytes: u64,
+    /// `up_bytes + down_bytes`.
+    pub total_bytes: u64,
+}
+
+/// Answer of `GET /v1/usage`: one SIM, day by day, and its total.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimUsage {
+    /// The SIM, a decimal string in JSON (19 digits do not fit a JavaScript number).
+    #[serde(with = "json_iccid")]
+    pub iccid: u64,
+    /// First day included, as asked; `null` when unbounded.
+    #[serde(with = "json_opt_date")]
+    pub from: Option<Date>,
+    /// Last day included, as asked; `null` when unbounded.
+    #[serde(with = "json_opt_date")]
+    pub to: Option<Date>,
+    /// Days on which the SIM reported, in date order (zero days included).
+    pub days: Vec<DayUsage>,
+    /// Bytes sent over the range.
+    pub up_bytes: u64,
+    /// Bytes received over the range.
+    pub down_bytes: u64,
+    /// `up_bytes + down_bytes`.
+    pub total_bytes: u64,
+}
+
+/// One SIM's total in [`SimsUsage`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimTotal {
+    /// The SIM, a decimal string in JSON.
+    #[serde(with = "json_iccid")]
+    pub iccid: u64,
+    /// Bytes sent over the range.
+    pub up_bytes: u64,
+    /// Bytes received over the range.
+    pub down_bytes: u64,
+    /// `up_bytes + down_bytes`.
+    pub total_bytes: u64,
+}
+
+/// Answer of `GET /v1/usage/sims`: every SIM with usage in the range, by ICCID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimsUsage {
+    /// First day included, as asked; `null` when unbounded.
+    #[serde(with = "json_opt_date")]
+    pub from: Option<Date>,
+    /// Last day included, as asked; `null` when unbounded.
+    #[serde(with = "json_opt_date")]
+    pub to: Option<Date>,
+    /// SIMs that reported in the range, sorted by ICCID.
+    pub sims: Vec<SimTotal>,
+    /// Bytes sent by all of them.
+    pub up_bytes: u64,
+    /// Bytes received by all of them.
+    pub down_bytes: u64,
+    /// `up_bytes + down_bytes`.
+    pub total_bytes: u64,
+}
+
+/// Body of `POST /v1/admin/meters`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterRegistration {
+    /// The meter's id.
+    pub meter_id: u64,
+    /// Its 32-byte HMAC key, 64 hex digits.
+    pub key_hex: String,
+}
+
+/// Body of `POST /v1/admin/gateways`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRegistration {
+    /// The gateway's id.
+    pub gateway_id: u64,
+    /// Its Ed25519 public key, 64 hex digits.
+    pub public_key_hex: String,
+}
+
+/// Answer of a registration: `created` (201) or `already_registered` (200).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationReply {
+    /// What the registration did.
+    pub status: Registration,
+}
+
+/// Answer of `GET /health`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReply {
+    /// Always `ok` when the process answers.
+    pub status: String,
+}
+
+const DATE_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]");
+
+/// Formats a date as `YYYY-MM-DD`.
+pub fn format_date(date: Date) -> String {
+    // Formatting a Date with only date components cannot fail; fall back to Display anyway.
+    date.format(DATE_FORMAT).unwrap_or_else(|_| date.to_string())
+}
+
+/// Parses a `YYYY-MM-DD` date.
+pub fn parse_date(text: &str) -> Option<Date> {
+    Date::parse(text, DATE_FORMAT).ok()
+}
+
+/// Parses an ICCID given as decimal digits (no sign, no spaces).
+pub fn parse_iccid(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > ICCID_DIGITS_MAX || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+mod json_date {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use time::Date;
+
+    pub fn serialize<S: Serializer>(d: &Date, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_date(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Date, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_date(&s).ok_or_else(|| D::Error::custom(format!("expected YYYY-MM-DD, got '{s}'")))
+    }
+}
+
+mod json_opt_date {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use time::Date;
+
+    pub fn serialize<S: Serializer>(d: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&super::format_date(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Date>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => super::parse_date(&s)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("expected YYYY-MM-DD, got '{s}'"))),
+        }
+    }
+}
+
+mod json_iccid {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(iccid: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&iccid.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_iccid(&s)
+            .ok_or_else(|| D::Error::custom(format!("expected an ICCID as digits, got '{s}'")))
+    }
+}
+
+/// An error answer: status, stable code, message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, error: impl Into<String>) -> Self {
+        Self { status, code, error: error.into() }
+    }
+
+    fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", error)
+    }
+
+    fn internal(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status, Json(ErrorBody { code: self.code.to_owned(), error: self.error })).into_response();
+        if self.status == StatusCode::UNAUTHORIZED && self.code == "unauthorized" {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Conflict { .. } => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            _ if e.is_recoverable() => {
+                tracing::error!(error = %e, "store unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "store unavailable, retry later",
+                )
+            }
+            StoreError::Usage(_) => {
+                tracing::error!(error = %e, "usage derivation failed");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "usage_error", e.to_string())
+            }
+            _ => {
+                tracing::error!(error = %e, "store corrupt");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_corrupt",
+                    "store is corrupt; see the endpoint log",
+                )
+            }
+        }
+    }
+}
+
+impl From<UsageError> for ApiError {
+    fn from(e: UsageError) -> Self {
+        StoreError::Usage(e).into()
+    }
+}
+
+fn ingest_error(e: IngestError) -> ApiError {
+    match e {
+        IngestError::Batch(b) => {
+            let (status, code) = match b {
+                BatchError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large"),
+                BatchError::UnknownGateway(_) => (StatusCode::UNAUTHORIZED, "unknown_gateway"),
+                BatchError::BadSignature(_) => (StatusCode::UNAUTHORIZED, "bad_signature"),
+                _ => (StatusCode::BAD_REQUEST, "malformed_batch"),
+            };
+            ApiError::new(status, code, b.to_string())
+        }
+        // Whatever the store's fault, the gateway keeps the batch and retries: nothing of it
+        // was acknowledged.
+        IngestError::Store(e) => {
+            tracing::error!(error = %e, recoverable = e.is_recoverable(), "batch not stored");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "store unavailable, retry later",
+            )
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking task failed");
+        ApiError::internal("internal task failed")
+    })
+}
+
+#[derive(Clone)]
+struct AppState {
+    store: Store,
+    token: Arc<AdminToken>,
+}
+
+/// The rating endpoint: a store and the routes over it.
+#[derive(Debug)]
+pub struct Endpoint {
+    store: Store,
+    token: Arc<AdminToken>,
+}
+
+impl Endpoint {
+    /// Reads the admin token and opens the store named by `config`.
+    pub fn open(config: &CloudConfig) -> Result<Endpoint, CloudError> {
+        let token = config.read_admin_token()?;
+        let store = Store::open(config.data_dir(), config.cache_capacity_bytes())?;
+        Ok(Self::with_store(store, token))
+    }
+
+    /// An endpoint over an already open store.
+    pub fn with_store(store: Store, token: AdminToken) -> Endpoint {
+        Self { store, token: Arc::new(token) }
+    }
+
+    /// The store, e.g. for inspection in tests and tools.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The routes, ready to serve.
+    pub fn router(&self) -> Router {
+        let state = AppState { store: self.store.clone(), token: self.token.clone() };
+        let admin = Router::new()
+            .route(USAGE_PATH, get(get_usage))
+            .route(USAGE_SIMS_PATH, get(get_usage_sims))
+            .route(ADMIN_METERS_PATH, post(post_meter))
+            .route(ADMIN_GATEWAYS_PATH, post(post_gateway))
+            .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
+            .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        Router::new()
+            .route(BATCHES_PATH, post(post_batch).layer(DefaultBodyLimit::max(BATCH_BYTES_MAX)))
+            .route(HEALTH_PATH, get(health))
+            .merge(admin)
+            .fallback(not_found)
+            .with_state(state)
+    }
+
+    /// Serves until `shutdown` completes, lets requests in flight finish, then flushes the
+    /// store.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "endpoint listening");
+        }
+        let router = self.router();
+        let served = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+        // Flush even when serving failed: every acknowledged batch is flushed already, but
+        // registrations racing the failure may not be.
+        let store = self.store;
+        let flushed = tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r.map_err(std::io::Error::other));
+        served?;
+        flushed?;
+        tracing::info!("endpoint stopped, store flushed");
+        Ok(())
+    }
+}
+
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
+    match presented {
+        Some(token) if state.token.verify_hex(token) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "admin token does not match")
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing 'Authorization: Bearer <admin token>'",
+        )
+        .into_response(),
+    }
+}
+
+async fn health() -> Json<HealthReply> {
+    Json(HealthReply { status: "ok".into() })
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn post_batch(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchReply>, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_too_large",
+                format!("batch is larger than the {BATCH_BYTES_MAX} bytes allowed"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed_batch", r.body_text())
+        }
+    })?;
+    let store = state.store.clone();
+    let bytes = body.clone();
+    match blocking(move || ingest_batch(&store, &bytes)).await? {
+        Ok(reply) => Ok(Json(reply)),
+        Err(e) => {
+            let gateway_id = peek_header(&body).ok().map(|h| h.gateway_id);
+            tracing::warn!(gateway_id, bytes = body.len(), error = %e, "batch refused");
+            Err(ingest_error(e))
+        }
+    }
+}
+
+/// Query parameters of the usage routes; strings so that errors can name the parameter.
+#[derive(Debug, Deserialize)]
+struct UsageParams {
+    iccid: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn date_param(name: &str, value: Option<&str>) -> Result<Option<Date>, ApiError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(s) => parse_date(s).map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!("{name}: expected a date as YYYY-MM-DD, got '{s}'"))
+        }),
+    }
+}
+
+fn range_params(params: &UsageParams) -> Result<DateRange, ApiError> {
+    let range = DateRange {
+        from: date_param("from", params.from.as_deref())?,
+        to: date_param("to", params.to.as_deref())?,
+    };
+    if let (Some(f), Some(t)) = (range.from, range.to) {
+        if f > t {
+            return Err(ApiError::bad_request(format!(
+                "from: {} is after to {}",
+                format_date(f),
+                format_date(t)
+            )));
+        }
+    }
+    Ok(range)
+}
+
+fn query_params(query: Result<Query<UsageParams>, QueryRejection>) -> Result<UsageParams, ApiError> {
+    query.map(|Query(p)| p).map_err(|r| ApiError::bad_request(r.body_text()))
+}
+
+fn total_bytes(iccid: u64, t: &Totals) -> Result<u64, UsageError> {
+    t.sum().ok_or(UsageError::Overflow { iccid })
+}
+
+async fn get_usage(
+    State(state): State<AppState>,
+    query: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Json<SimUsage>, ApiError> {
+    let params = query_params(query)?;
+    let iccid = match params.iccid.as_deref() {
+        None | Some("") => return Err(ApiError::bad_request("iccid: required")),
+        Some(s) => parse_iccid(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "iccid: expected up to {ICCID_DIGITS_MAX} decimal digits, got '{s}'"
+            ))
+        })?,
+    };
+    let range = range_params(&params)?;
+    let store = state.store.clone();
+    let daily = blocking(move || store.daily_usage()).await??;
+    let mut sum = Totals::default();
+    let mut days = Vec::new();
+    for (date, t) in days_of(&daily, iccid, range) {
+        sum = sum.checked_add(&t).ok_or(UsageError::Overflow { iccid })?;
+        days.push(DayUsage {
+            date,
+            up_bytes: t.up,
+            down_bytes: t.down,
+            total_bytes: total_bytes(iccid, &t)?,
+        });
+    }
+    Ok(Json(SimUsage {
+        iccid,
+        from: range.from,
+        to: range.to,
+        days,
+        up_bytes: sum.up,
+        down_bytes: sum.down,
+        total_bytes: total_bytes(iccid, &sum)?,
+    }))
+}
+
+async fn get_usage_sims(
+    State(state): State<AppState>,
+    query: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Json<SimsUsage>, ApiError> {
+    let params = query_params(query)?;
+    if params.iccid.is_some() {
+        return Err(ApiError::bad_request(format!(
+            "iccid: not a parameter of {USAGE_SIMS_PATH}; use {USAGE_PATH}"
+        )));
+    }
+    let range = range_params(&params)?;
+    let store = state.store.clone();
+    let daily = blocking(move || store.daily_usage()).await??;
+    let mut sum = Totals::default();
+    let mut sims = Vec::new();
+    for (iccid, t) in per_sim(&daily, range)? {
+        sum = sum.checked_add(&t).ok_or(UsageError::TotalOverflow)?;
+        sims.push(SimTotal {
+            iccid,
+            up_bytes: t.up,
+            down_bytes: t.down,
+            total_bytes: total_bytes(iccid, &t)?,
+        });
+    }
+    let total = sum.sum().ok_or(UsageError::TotalOverflow)?;
+    Ok(Json(SimsUsage {
+        from: range.from,
+        to: range.to,
+        sims,
+        up_bytes: sum.up,
+        down_bytes: sum.down,
+        total_bytes: total,
+    }))
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|r| ApiError::bad_request(r.body_text()))
+}
+
+fn registered(r: Registration) -> (StatusCode, Json<RegistrationReply>) {
+    let status = match r {
+        Registration::Created => StatusCode::CREATED,
+        Registration::AlreadyRegistered => StatusCode::OK,
+    };
+    (status, Json(RegistrationReply { status: r }))
+}
+
+async fn post_meter(
+    State(state): State<AppState>,
+    body: Result<Json<MeterRegistration>, JsonRejection>,
+) -> Result<(StatusCode, Json<RegistrationReply>), ApiError> {
+    let body = json_body(body)?;
+    let mut key = [0u8; METER_KEY_BYTES];
+    hex::decode_to_slice(body.key_hex.trim(), &mut key).map_err(|_| {
+        ApiError::bad_request(format!("key_hex: expected {} hex digits", 2 * METER_KEY_BYTES))
+    })?;
+    let store = state.store.clone();
+    let meter_id = body.meter_id;
+    let r = blocking(move || store.add_meter(meter_id, &key)).await??;
+    tracing::info!(meter_id, outcome = ?r, "meter registration");
+    Ok(registered(r))
+}
+
+async fn post_gateway(
+    State(state): State<AppState>,
+    body: Result<Json<GatewayRegistration>, JsonRejection>,
+) -> Result<(StatusCode, Json<RegistrationReply>), ApiError> {
+    let body = json_body(body)?;
+    let key = parse_public_key(&body.public_key_hex)
+        .map_err(|e| ApiError::bad_request(format!("public_key_hex: {e}")))?;
+    let store = state.store.clone();
+    let gateway_id = body.gateway_id;
+    let r = blocking(move || store.add_gateway(gateway_id, &key)).await??;
+    tracing::info!(gateway_id, outcome = ?r, "gateway registration");
+    Ok(registered(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn json_shapes_are_pinned() {
+        let u = SimUsage {
+            iccid: 8_988_280_666_000_000_001,
+            from: Some(date!(2026 - 11 - 24)),
+            to: None,
+            days: vec![DayUsage { date: date!(2026 - 11 - 24), up_bytes: 1, down_bytes: 2, total_bytes: 3 }],
+            up_bytes: 1,
+            down_bytes: 2,
+            total_bytes: 3,
+        };
+        let s = serde_json::to_string(&u).unwrap();
+        assert_eq!(
+            s,
+            r#"{"iccid":"8988280666000000001","from":"2026-11-24","to":null,"days":[{"date":"2026-11-24","up_bytes":1,"down_bytes":2,"total_bytes":3}],"up_bytes":1,"down_bytes":2,"total_bytes":3}"#
+        );
+        assert_eq!(serde_json::from_str::<SimUsage>(&s).unwrap(), u);
+        let r =
+            serde_json::to_string(&RegistrationReply { status: Registration::AlreadyRegistered }).unwrap();
+        assert_eq!(r, r#"{"status":"already_registered"}"#);
+    }
+
+    #[test]
+    fn parameters_parse_strictly() {
+        assert_eq!(parse_iccid("8988280666000000001"), Some(8_988_280_666_000_000_001));
+        for bad in ["", "+1", "-1", "12a", " 1", "99999999999999999999", "123456789012345678901"] {
+            assert_eq!(parse_iccid(bad), None, "{bad}");
+        }
+        assert_eq!(parse_date("2026-02-28"), Some(date!(2026 - 02 - 28)));
+        for bad in ["2026-02-30", "2026-2-1", "26-01-01", "2026-01-01T00:00"] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
+        assert_eq!(format_date(date!(2026 - 01 - 05)), "2026-01-05");
+    }
+}

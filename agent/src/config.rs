@@ -30,6 +30,14 @@ pub const COMMIT_DELAY_MS_MAX: u64 = 1000;
 pub const RETRY_DELAY_MS_MAX: u64 = 5 * 60 * 1000;
 /// Longest request timeout towards the endpoint.
 pub const HTTP_TIMEOUT_MS_MAX: u64 = 5 * 60 * 1000;
+/// Smallest buffer quota: room for a few thousand reports.
+pub const QUOTA_BYTES_MIN: u64 = 256 * 1024;
+/// Largest buffer quota.
+pub const QUOTA_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
+/// Fastest upload rate that can be configured after an outage.
+pub const BATCHES_PER_S_MAX: u32 = 1000;
+/// Default address of the `/health`, `/metrics` and `/status` listener.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:9464";
 
 /// Why a configuration was refused. Never recoverable without editing the file.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +116,7 @@ struct RawBatch {
     linger_ms: u64,
     retry_delay_ms_min: u64,
     retry_delay_ms_max: u64,
+    batches_per_s_max: u32,
 }
 
 impl Default for RawBatch {
@@ -118,6 +127,7 @@ impl Default for RawBatch {
             linger_ms: 200,
             retry_delay_ms_min: 500,
             retry_delay_ms_max: 60_000,
+            batches_per_s_max: 20,
         }
     }
 }
@@ -139,11 +149,12 @@ impl Default for RawCommit {
 #[serde(deny_unknown_fields, default)]
 struct RawStore {
     cache_capacity_bytes: u64,
+    quota_bytes: u64,
 }
 
 impl Default for RawStore {
     fn default() -> Self {
-        Self { cache_capacity_bytes: 16 * 1024 * 1024 }
+        Self { cache_capacity_bytes: 16 * 1024 * 1024, quota_bytes: 128 * 1024 * 1024 }
     }
 }
 
@@ -156,7 +167,7 @@ struct RawHttp {
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self { timeout_ms: 30_000, listen: None }
+        Self { timeout_ms: 30_000, listen: Some(LISTEN_DEFAULT.to_owned()) }
     }
 }
 
@@ -190,6 +201,9 @@ pub struct BatchConfig {
     pub retry_delay_min: Duration,
     /// Longest retry delay.
     pub retry_delay_max: Duration,
+    /// Upload at most this many batches a second, so a backlog after a long outage does
+    /// not flood the endpoint.
+    pub batches_per_s_max: u32,
 }
 
 /// Group commit settings.
@@ -220,9 +234,13 @@ pub struct AgentConfig {
     pub commit: CommitConfig,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
+    /// Most logical bytes the buffer may hold before the agent stops acking (the broker then
+    /// keeps the reports). sled's files take about 2.5× this on disk.
+    pub quota_bytes: u64,
     /// Request timeout towards the endpoint.
     pub http_timeout: Duration,
-    /// Address of the `/health` listener, if any.
+    /// Address of the `/health`, `/metrics` and `/status` listener; `None` when disabled
+    /// with `http.listen = ""`.
     pub listen: Option<SocketAddr>,
 }
 
@@ -296,6 +314,8 @@ impl AgentConfig {
         let retry_min = in_range("batch.retry_delay_ms_min", b.retry_delay_ms_min, 10, RETRY_DELAY_MS_MAX)?;
         let retry_max =
             in_range("batch.retry_delay_ms_max", b.retry_delay_ms_max, retry_min, RETRY_DELAY_MS_MAX)?;
+        let batches_per_s_max =
+            in_range("batch.batches_per_s_max", b.batches_per_s_max, 1, BATCHES_PER_S_MAX)?;
         let c = raw.commit;
         let reports_max = in_range("commit.reports_max", c.reports_max, 1, COMMIT_REPORTS_MAX)?;
         let delay_ms = in_range("commit.delay_ms", c.delay_ms, 0, COMMIT_DELAY_MS_MAX)?;
@@ -305,9 +325,12 @@ impl AgentConfig {
             CACHE_CAPACITY_BYTES_MIN,
             CACHE_CAPACITY_BYTES_MAX,
         )?;
+        let quota_bytes =
+            in_range("store.quota_bytes", raw.store.quota_bytes, QUOTA_BYTES_MIN, QUOTA_BYTES_MAX)?;
         let timeout_ms = in_range("http.timeout_ms", raw.http.timeout_ms, 100, HTTP_TIMEOUT_MS_MAX)?;
         let listen = match raw.http.listen {
             None => None,
+            Some(s) if s.is_empty() => None,
             Some(s) => Some(
                 s.parse::<SocketAddr>()
                     .map_err(|e| invalid("http.listen", format!("'{s}' is not an address: {e}")))?,
@@ -332,9 +355,11 @@ impl AgentConfig {
                 linger: Duration::from_millis(linger_ms),
                 retry_delay_min: Duration::from_millis(retry_min),
                 retry_delay_max: Duration::from_millis(retry_max),
+                batches_per_s_max,
             },
             commit: CommitConfig { reports_max, delay: Duration::from_millis(delay_ms) },
             cache_capacity_bytes: cache,
+            quota_bytes,
             http_timeout: Duration::from_millis(timeout_ms),
             listen,
         })
@@ -359,6 +384,9 @@ endpoint_url = "http://127.0.0.1:8080/"
         assert_eq!(c.mqtt.topic, "countersign/v1/reports/+");
         assert_eq!(c.endpoint_url, "http://127.0.0.1:8080");
         assert_eq!(c.cache_capacity_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.listen, Some(LISTEN_DEFAULT.parse().unwrap()));
+        let off = AgentConfig::from_toml_str(&format!("{MIN}[http]\nlisten = \"\"\n")).unwrap();
+        assert_eq!(off.listen, None);
     }
 
     fn err(extra: &str) -> String {
@@ -372,6 +400,8 @@ endpoint_url = "http://127.0.0.1:8080/"
         assert!(err("[batch]\nrecords_max = 0\n").contains("batch.records_max"));
         assert!(err("[store]\ncache_capacity_bytes = 5\n").contains("store.cache_capacity_bytes"));
         assert!(err("[http]\nlisten = \"nope\"\n").contains("http.listen"));
+        assert!(err("[store]\nquota_bytes = 1\n").contains("store.quota_bytes"));
+        assert!(err("[batch]\nbatches_per_s_max = 0\n").contains("batch.batches_per_s_max"));
         assert!(err("[mqtt]\nusername = \"u\"\n").contains("mqtt.password"));
         let missing = AgentConfig::from_toml_str("gateway_id = 1\n").unwrap_err().to_string();
         assert!(missing.contains("gateway_key_file"), "{missing}");

@@ -8,14 +8,21 @@
 //! - [`classify`]: what a payload on the report topic is (pure).
 //! - [`store`]: the durable buffer and its on-disk format.
 //! - [`backoff`]: retry delays with jitter (pure).
-//! - [`pipeline`]: the MQTT, commit and upload tasks.
+//! - [`status`]: live state and what "healthy" means (pure).
+//! - [`pipeline`]: the MQTT, commit and upload tasks and their supervisor.
+//! - [`http`]: `/health`, `/metrics`, `/status`.
+//! - [`salvage`]: recovering reports from a database moved aside as corrupt.
 
 pub mod backoff;
 pub mod classify;
 pub mod config;
+pub mod http;
 pub mod pipeline;
+pub mod salvage;
+pub mod status;
 pub mod store;
 
 pub use config::AgentConfig;
-pub use pipeline::{run, run_observed, run_with, AgentError, AgentStatus};
+pub use pipeline::{open_buffer, run, run_observed, AgentError};
+pub use status::{AgentStatus, Health, StatusSnapshot};
 pub use store::Buffer;

@@ -46,6 +46,27 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show the agent's state: asks the running agent, or reads its database if it is stopped.
+    Status {
+        /// Config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Recover reports from a database moved aside as corrupt, and optionally re-send them.
+    Salvage {
+        /// Config file (for the endpoint and gateway key when sending).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The moved-aside database directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// Write the candidates as JSON lines to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Send them to the endpoint (it verifies tags and deduplicates).
+        #[arg(long)]
+        send: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -101,8 +122,113 @@ fn main() -> Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        Command::Status { config } => {
+            let c = AgentConfig::load(&config).context("invalid configuration")?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let live = match c.listen {
+                Some(addr) => rt.block_on(async {
+                    let url = format!("http://{addr}/status");
+                    let r = reqwest::Client::new()
+                        .get(&url)
+                        .timeout(std::time::Duration::from_secs(5))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) => r.json::<serde_json::Value>().await.ok(),
+                        Err(_) => None,
+                    }
+                }),
+                None => None,
+            };
+            let out = match live {
+                Some(v) => {
+                    let s: countersign_agent::StatusSnapshot = serde_json::from_value(v)
+                        .context("the agent answered /status with something else")?;
+                    serde_json::json!({"agent": "running", "health": countersign_agent::Health::of(&s), "status": s})
+                }
+                None => {
+                    let b = Buffer::open(&c.data_dir, c.cache_capacity_bytes).context(
+                        "the agent does not answer on its status address and its database cannot be opened",
+                    )?;
+                    serde_json::json!({
+                        "agent": "not running",
+                        "buffered_reports": b.pending_count(),
+                        "buffer_bytes": b.logical_bytes(),
+                        "oldest_unsynced_ms": b.oldest_pending_ms()?,
+                        "stats": b.stats(),
+                    })
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Salvage { config, from, out, send } => {
+            let c = AgentConfig::load(&config).context("invalid configuration")?;
+            let (method, candidates) = countersign_agent::salvage::salvage(&from)
+                .with_context(|| format!("cannot salvage {}", from.display()))?;
+            if let Some(out) = &out {
+                let mut text = String::new();
+                for cand in &candidates {
+                    text.push_str(&serde_json::to_string(cand)?);
+                    text.push('\n');
+                }
+                std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            let mut summary = serde_json::json!({"method": method, "candidates": candidates.len()});
+            if send {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let key = countersign_protocol::keys::read_gateway_key(&c.gateway_key_file)?;
+                let counts = rt.block_on(send_candidates(&c, &key, &candidates))?;
+                summary["sent"] = serde_json::json!(counts);
+            }
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
     }
     Ok(())
+}
+
+/// Sends salvaged candidates in signed batches; returns counts per outcome.
+async fn send_candidates(
+    c: &AgentConfig,
+    key: &ed25519_dalek::SigningKey,
+    candidates: &[countersign_agent::salvage::Candidate],
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, RecordOutcome, RecordRef};
+    let http = reqwest::Client::builder().timeout(c.http_timeout).build()?;
+    let url = format!("{}{}", c.endpoint_url, countersign_protocol::BATCHES_PATH);
+    let mut counts = std::collections::BTreeMap::new();
+    let reports: Vec<(u64, Vec<u8>)> = candidates
+        .iter()
+        .filter_map(|cand| hex::decode(&cand.report_hex).ok().map(|r| (cand.received_ms, r)))
+        .collect();
+    for (n, chunk) in reports.chunks(c.batch.records_max).enumerate() {
+        let now = countersign_agent::pipeline::now_ms();
+        // Salvage batches get their own sequence space: the high bit marks them in endpoint logs.
+        let header =
+            BatchHeader { gateway_id: c.gateway_id, batch_seq: (1 << 63) | n as u64, created_ms: now };
+        let mut b = BatchBuilder::new(header);
+        for (ms, r) in chunk {
+            b.push(RecordRef { received_ms: *ms, report: r })?;
+        }
+        let resp = http.post(&url).body(b.sign(key)).send().await.context("endpoint unreachable")?;
+        let status = resp.status();
+        if !status.is_success() {
+            anyhow::bail!(
+                "endpoint refused a salvage batch: {status} {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let reply: BatchReply = resp.json().await?;
+        for r in reply.results {
+            let k = match r {
+                RecordOutcome::Stored => "stored".to_owned(),
+                RecordOutcome::Duplicate => "duplicate".to_owned(),
+                RecordOutcome::Rejected { reason, .. } => format!("rejected_{}", reason.code()),
+            };
+            *counts.entry(k).or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
 }
 
 fn init_tracing() {

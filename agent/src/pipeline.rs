@@ -1,23 +1,28 @@
-//! The agent's three tasks and the channels between them.
+//! The agent's tasks, the channels between them, and the supervisor that restarts them.
 //!
 //! ```text
 //!  MQTT event loop ──(bounded queue)──► committer ──notify──► uploader ──HTTPS──► endpoint
-//!   receive QoS 1                        write sled            read pending
-//!   (manual acks)  ◄──────── ack ─────── flush, then ack       sign, POST, settle
+//!   receive QoS 1                        quota check           read pending
+//!   (manual acks)  ◄──────── ack ─────── write, flush, ack      sign, POST, settle
 //! ```
 //!
 //! Invariants:
 //! - A report is acked only after the sled flush that covers it returned, in receive order.
 //! - A report leaves sled only after the endpoint answered for it.
+//! - While the buffer is at its quota or the store fails, nothing is acked: the broker keeps
+//!   the reports (and stops sending once its in-flight window is full).
 //! - The ingest queue holds at least as many reports as the broker may have in flight to us,
 //!   so the event loop never blocks on a committer that is itself waiting to send an ack.
+//! - A store failure ends the pipeline without acking; the supervisor reopens the database
+//!   and starts a new pipeline, and the broker redelivers what was not acked.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, ErrorBody, RecordRef};
+use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, ErrorBody, RecordOutcome, RecordRef};
 use ed25519_dalek::SigningKey;
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
@@ -27,6 +32,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::backoff::Backoff;
 use crate::classify::{classify, Verdict};
 use crate::config::AgentConfig;
+use crate::status::AgentStatus;
 use crate::store::{Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX};
 
 /// Capacity of the queue between the MQTT event loop and the committer. It must exceed what
@@ -40,16 +46,20 @@ pub const MQTT_PACKET_BYTES_MAX: usize = 256 * 1024;
 /// Backoff bounds for reconnecting to the broker.
 const MQTT_RECONNECT_MS_MIN: u64 = 200;
 const MQTT_RECONNECT_MS_MAX: u64 = 30_000;
-/// Backoff bounds for retrying a failed sled write or flush.
-const STORE_RETRY_MS_MIN: u64 = 100;
-const STORE_RETRY_MS_MAX: u64 = 10_000;
+/// Backoff bounds for reopening a failed store.
+const STORE_RETRY_MS_MIN: u64 = 200;
+const STORE_RETRY_MS_MAX: u64 = 30_000;
 /// How long shutdown waits for the last acks to go out.
 const SHUTDOWN_ACK_WAIT_MS: u64 = 2000;
+/// How often a committer held back by the quota looks again.
+const QUOTA_RECHECK_MS: u64 = 250;
+/// How often the durable generation is written beside the database (two fsyncs each).
+const GENERATION_REMEMBER_MS: u64 = 5000;
 
 /// Errors that stop the agent at start-up. Runtime faults are retried, not returned.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The durable buffer could not be opened.
+    /// The durable buffer could not be opened (locked by another agent, permissions).
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The gateway key could not be read.
@@ -58,30 +68,42 @@ pub enum AgentError {
     /// The HTTP client could not be built (TLS set-up).
     #[error("http client: {0}")]
     Http(String),
+    /// The status listener could not bind its address.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
 }
 
-/// Live state of a running agent, shared with whoever wants to watch it (status, health).
-#[derive(Debug, Default)]
-pub struct AgentStatus {
-    /// Connected to the broker now.
-    pub connected: AtomicBool,
-    /// The broker confirmed our subscription at least once.
-    pub subscribed: AtomicBool,
-    /// Reports made durable (and then acked) since start.
-    pub reports_committed: AtomicU64,
-    /// Payloads quarantined since start.
-    pub quarantined: AtomicU64,
-    /// Records the endpoint answered for since start.
-    pub records_delivered: AtomicU64,
+/// Why one incarnation of the pipeline ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    /// Shutdown was asked for; everything durable was acked.
+    Stopped,
+    /// The store failed; nothing unflushed was acked. Reopen and start again.
+    StoreFault,
 }
+
+/// The buffer of the current pipeline incarnation, for the status listener.
+pub type BufferSlot = Arc<Mutex<Option<Buffer>>>;
 
 struct Received {
     publish: Publish,
     received_ms: u64,
 }
 
-fn now_ms() -> u64 {
+/// Now, in Unix milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Resolves once the flag is true (or its sender is gone). Returns `()` rather than a watch
+/// guard, which is not `Send` and must not live across an await.
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
 }
 
 fn jitter() -> f64 {
@@ -94,6 +116,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
 }
 
 /// [`run`], updating `status` as it goes.
+///
+/// Supervises the pipeline: when the store fails (disk full, I/O error: sled refuses all
+/// further writes after one), the pipeline stops without acking anything unflushed, the
+/// database is reopened with backoff, and a new pipeline starts. The broker redelivers
+/// whatever was not acked.
 pub async fn run_observed(
     config: AgentConfig,
     status: Arc<AgentStatus>,
@@ -102,32 +129,164 @@ pub async fn run_observed(
     // Ignore the error: a host program may already have installed the same provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let key = countersign_protocol::keys::read_gateway_key(&config.gateway_key_file)?;
-    let buffer = Buffer::open(&config.data_dir, config.cache_capacity_bytes)?;
     let http = reqwest::Client::builder()
         .timeout(config.http_timeout)
         .build()
         .map_err(|e| AgentError::Http(e.to_string()))?;
-    run_with(config, buffer, key, http, status, shutdown).await;
+    let slot: BufferSlot = Arc::new(Mutex::new(None));
+    let mut buffer = open_buffer(&config, &status)?;
+    let (http_stop_tx, http_stop_rx) = watch::channel(false);
+    let listener = match config.listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Listen { addr, source })?;
+            info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "status listener up");
+            let ctx = crate::http::StatusCtx {
+                gateway_id: config.gateway_id,
+                quota_bytes: config.quota_bytes,
+                status: status.clone(),
+                buffer: slot.clone(),
+            };
+            Some(tokio::spawn(crate::http::serve(l, ctx, http_stop_rx)))
+        }
+        None => None,
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff =
+        Backoff::new(Duration::from_millis(STORE_RETRY_MS_MIN), Duration::from_millis(STORE_RETRY_MS_MAX));
+    'incarnations: loop {
+        if let Ok(mut g) = slot.lock() {
+            *g = Some(buffer.clone());
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut task = tokio::spawn(run_pipeline(
+            config.clone(),
+            buffer.clone(),
+            key.clone(),
+            http.clone(),
+            status.clone(),
+            stop_rx,
+        ));
+        let exit = tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutting down");
+                let _ = stop_tx.send(true);
+                (&mut task).await
+            }
+            r = &mut task => r,
+        };
+        let exit = exit.unwrap_or_else(|e| {
+            error!(error = %e, "pipeline ended abnormally");
+            Exit::StoreFault
+        });
+        if exit == Exit::Stopped {
+            match buffer.flush().await {
+                Ok(()) => {
+                    if let Err(e) = buffer.remember_generation() {
+                        warn!(error = %e, "cannot write the generation file");
+                    }
+                }
+                Err(e) => error!(error = %e, "final flush failed"),
+            }
+            break 'incarnations;
+        }
+        // Store fault: drop every handle so sled closes its files, then reopen.
+        if let Ok(mut g) = slot.lock() {
+            *g = None;
+        }
+        drop(buffer);
+        loop {
+            let delay = backoff.next_delay(jitter());
+            warn!(retry_in_ms = delay.as_millis() as u64, "store failed; reopening the database");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut shutdown => break 'incarnations,
+            }
+            match open_buffer(&config, &status) {
+                Ok(b) => {
+                    buffer = b;
+                    status.store_failing.store(false, Ordering::Relaxed);
+                    backoff.reset();
+                    continue 'incarnations;
+                }
+                Err(e) => {
+                    status.set_error(&e);
+                    error!(error = %e, "cannot reopen the database");
+                }
+            }
+        }
+    }
+    let _ = http_stop_tx.send(true);
+    if let Some(t) = listener {
+        let _ = t.await;
+    }
+    info!("agent stopped");
     Ok(())
 }
 
-/// Runs the agent on an already opened buffer (used by tests and embedders).
-pub async fn run_with(
+/// Opens the buffer. A database sled reports as corrupt (or panics on) is moved aside and a
+/// fresh one started, loudly, so the agent never crash-loops on it. Other errors (locked by
+/// another process, permissions, disk) are returned.
+pub fn open_buffer(config: &AgentConfig, status: &AgentStatus) -> Result<Buffer, StoreError> {
+    let dir = &config.data_dir;
+    let attempt = || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Buffer::open(dir, config.cache_capacity_bytes)
+        }))
+    };
+    let why = match attempt() {
+        Ok(Ok(b)) => {
+            let s = b.stats();
+            info!(
+                pending = b.pending_count(),
+                quarantined = s.quarantined,
+                rejected = s.rejected,
+                "buffer open"
+            );
+            return Ok(b);
+        }
+        Ok(Err(StoreError::Open {
+            source: e @ (sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)),
+            ..
+        })) => e.to_string(),
+        Ok(Err(e @ StoreError::LostData { .. })) => e.to_string(),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => "sled panicked while opening it".to_owned(),
+    };
+    let aside = moved_aside_path(dir, now_ms());
+    error!(
+        data_dir = %dir.display(),
+        moved_to = %aside.display(),
+        reason = %why,
+        "DATABASE CORRUPT: moved aside, starting a fresh one; run `countersign-agent salvage` to re-send what it holds"
+    );
+    std::fs::rename(dir, &aside).map_err(|e| StoreError::Io(sled::Error::Io(e)))?;
+    status.set_moved_aside(aside.display().to_string());
+    match attempt() {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Corrupt("sled panicked while creating a fresh database")),
+    }
+}
+
+/// Where a corrupt database directory goes: beside it, stamped with the time.
+pub fn moved_aside_path(dir: &Path, now_ms: u64) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".corrupt-{now_ms}"));
+    dir.with_file_name(name)
+}
+
+/// One incarnation of the pipeline on an open buffer.
+async fn run_pipeline(
     config: AgentConfig,
     buffer: Buffer,
     key: SigningKey,
     http: reqwest::Client,
     status: Arc<AgentStatus>,
-    shutdown: impl Future<Output = ()> + Send,
-) {
-    let stats = buffer.stats();
-    info!(
-        gateway_id = config.gateway_id,
-        pending = stats.pending,
-        quarantined = stats.quarantined,
-        rejected = stats.rejected,
-        "agent starting"
-    );
+    mut stop: watch::Receiver<bool>,
+) -> Exit {
+    info!(gateway_id = config.gateway_id, pending = buffer.pending_count(), "pipeline starting");
+    status.buffer_bytes.store(buffer.logical_bytes(), Ordering::Relaxed);
     let mut opts =
         MqttOptions::new(config.mqtt.client_id.clone(), config.mqtt.host.clone(), config.mqtt.port);
     opts.set_clean_session(false)
@@ -140,6 +299,7 @@ pub async fn run_with(
     let (client, eventloop) = AsyncClient::new(opts, MQTT_REQUESTS_MAX);
     let (tx, rx) = mpsc::channel(INGEST_QUEUE_REPORTS_MAX);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (fault_tx, mut fault_rx) = watch::channel(false);
     let committed = Arc::new(Notify::new());
     let (commit_done_tx, commit_done_rx) = watch::channel(false);
 
@@ -157,33 +317,48 @@ pub async fn run_with(
     );
     let committer = tokio::spawn(
         commit_task(
-            rx,
-            buffer.clone(),
-            client.clone(),
-            config.clone(),
-            status.clone(),
-            committed.clone(),
+            Committer {
+                rx,
+                buffer: buffer.clone(),
+                client: client.clone(),
+                config: config.clone(),
+                status: status.clone(),
+                committed: committed.clone(),
+                fault: fault_tx.clone(),
+                stop: stop_rx.clone(),
+            },
             commit_done_tx,
         )
         .instrument(info_span!("commit")),
     );
     let uploader = tokio::spawn(
-        upload_task(buffer.clone(), key, http, config.clone(), status, committed, stop_rx)
-            .instrument(info_span!("upload", gateway_id = config.gateway_id)),
+        upload_task(Uploader {
+            buffer,
+            key,
+            http,
+            config: config.clone(),
+            status,
+            committed,
+            stop: stop_rx,
+            fault: fault_tx,
+        })
+        .instrument(info_span!("upload", gateway_id = config.gateway_id)),
     );
 
-    shutdown.await;
-    info!("shutting down");
+    let exit = tokio::select! {
+        _ = until_true(&mut stop) => Exit::Stopped,
+        _ = until_true(&mut fault_rx) => Exit::StoreFault,
+    };
     let _ = stop_tx.send(true);
     for (name, task) in [("mqtt", mqtt), ("commit", committer), ("upload", uploader)] {
         if let Err(e) = task.await {
             error!(task = name, error = %e, "task ended abnormally");
         }
     }
-    if let Err(e) = buffer.flush().await {
-        error!(error = %e, "final flush failed");
+    if *fault_rx.borrow() {
+        return Exit::StoreFault;
     }
-    info!("agent stopped");
+    exit
 }
 
 async fn mqtt_task(
@@ -200,13 +375,14 @@ async fn mqtt_task(
         Duration::from_millis(MQTT_RECONNECT_MS_MIN),
         Duration::from_millis(MQTT_RECONNECT_MS_MAX),
     );
+    let mut reconnect_after: Option<Duration> = None;
     loop {
         tokio::select! {
-            _ = stop.changed(), if tx.is_some() => {
+            _ = until_true(&mut stop), if tx.is_some() => {
                 // Stop taking reports; keep polling so the committer's last acks go out.
                 tx = None;
             }
-            _ = commit_done.changed() => break,
+            _ = until_true(&mut commit_done) => break,
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
@@ -224,7 +400,7 @@ async fn mqtt_task(
                     let Some(q) = &tx else { continue };
                     let received = Received { publish, received_ms: now_ms() };
                     if q.send(received).await.is_err() {
-                        break;
+                        tx = None;
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -236,11 +412,15 @@ async fn mqtt_task(
                     status.connected.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay(jitter());
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = commit_done.changed() => break,
-                    }
+                    reconnect_after = Some(delay);
                 }
+            }
+        }
+        // Outside the select: its branches still borrow the channels.
+        if let Some(delay) = reconnect_after.take() {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = until_true(&mut commit_done) => break,
             }
         }
     }
@@ -252,69 +432,109 @@ async fn mqtt_task(
             break;
         }
     }
+    status.connected.store(false, Ordering::Relaxed);
 }
 
-async fn commit_task(
-    mut rx: mpsc::Receiver<Received>,
+struct Committer {
+    rx: mpsc::Receiver<Received>,
     buffer: Buffer,
     client: AsyncClient,
     config: AgentConfig,
     status: Arc<AgentStatus>,
     committed: Arc<Notify>,
-    done: watch::Sender<bool>,
-) {
-    let mut group: Vec<Received> = Vec::with_capacity(config.commit.reports_max);
-    while let Some(first) = rx.recv().await {
+    fault: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+}
+
+async fn commit_task(mut c: Committer, done: watch::Sender<bool>) {
+    commit_loop(&mut c).await;
+    // Tells the MQTT task that no more acks will come, whatever the reason.
+    let _ = done.send(true);
+}
+
+async fn commit_loop(c: &mut Committer) {
+    let mut group: Vec<Received> = Vec::with_capacity(c.config.commit.reports_max);
+    let mut remembered = tokio::time::Instant::now();
+    while let Some(first) = c.rx.recv().await {
         group.push(first);
         // Natural group commit: whatever queued up while the last flush ran shares this one.
-        while group.len() < config.commit.reports_max {
-            match rx.try_recv() {
+        while group.len() < c.config.commit.reports_max {
+            match c.rx.try_recv() {
                 Ok(r) => group.push(r),
                 Err(_) => break,
             }
         }
-        if group.len() < config.commit.reports_max && !config.commit.delay.is_zero() {
-            let deadline = tokio::time::Instant::now() + config.commit.delay;
-            while group.len() < config.commit.reports_max {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
+        if group.len() < c.config.commit.reports_max && !c.config.commit.delay.is_zero() {
+            let deadline = tokio::time::Instant::now() + c.config.commit.delay;
+            while group.len() < c.config.commit.reports_max {
+                match tokio::time::timeout_at(deadline, c.rx.recv()).await {
                     Ok(Some(r)) => group.push(r),
                     _ => break,
                 }
             }
         }
-        let (reports, quarantined) = commit_group(&buffer, &group).await;
-        status.reports_committed.fetch_add(reports as u64, Ordering::Relaxed);
-        status.quarantined.fetch_add(quarantined as u64, Ordering::Relaxed);
+        if !wait_for_quota(c, &group).await {
+            // Stopping while held: nothing of this group was acked; the broker redelivers.
+            return;
+        }
+        match write_group(&c.buffer, &group).await {
+            Ok((reports, quarantined)) => {
+                c.status.store_failing.store(false, Ordering::Relaxed);
+                c.status.reports_committed.fetch_add(reports as u64, Ordering::Relaxed);
+                c.status.quarantined.fetch_add(quarantined as u64, Ordering::Relaxed);
+                c.status.buffer_bytes.store(c.buffer.logical_bytes(), Ordering::Relaxed);
+                debug!(reports, quarantined, "group committed");
+                if remembered.elapsed() >= Duration::from_millis(GENERATION_REMEMBER_MS) {
+                    remembered = tokio::time::Instant::now();
+                    if let Err(e) = c.buffer.remember_generation() {
+                        warn!(error = %e, "cannot write the generation file");
+                    }
+                }
+            }
+            Err(e) => {
+                c.status.store_failing.store(true, Ordering::Relaxed);
+                c.status.commits_held.fetch_add(1, Ordering::Relaxed);
+                c.status.set_error(&e);
+                error!(error = %e, group = group.len(), "cannot make reports durable; not acking them");
+                let _ = c.fault.send(true);
+                return;
+            }
+        }
         for r in group.drain(..) {
             // Fails only if the event loop is gone; the broker then redelivers after restart.
-            if let Err(e) = client.ack(&r.publish).await {
+            if let Err(e) = c.client.ack(&r.publish).await {
                 debug!(error = %e, "ack not sent");
             }
         }
-        committed.notify_one();
+        c.committed.notify_one();
     }
-    let _ = done.send(true);
 }
 
-/// Writes and flushes a group, retrying until it is durable: nothing is acked before that,
-/// so while the disk refuses writes the broker keeps the reports.
-async fn commit_group(buffer: &Buffer, group: &[Received]) -> (usize, usize) {
-    let mut backoff =
-        Backoff::new(Duration::from_millis(STORE_RETRY_MS_MIN), Duration::from_millis(STORE_RETRY_MS_MAX));
-    loop {
-        match write_group(buffer, group).await {
-            Ok((reports, quarantined)) => {
-                debug!(reports, quarantined, "group committed");
-                return (reports, quarantined);
-            }
-            Err(e) => {
-                let delay = backoff.next_delay(jitter());
-                error!(error = %e, group = group.len(), retry_in_ms = delay.as_millis() as u64,
-                       "cannot make reports durable; not acking");
-                tokio::time::sleep(delay).await;
-            }
+/// Holds the group while the buffer is at its quota. Returns false if asked to stop.
+async fn wait_for_quota(c: &mut Committer, group: &[Received]) -> bool {
+    let cost: u64 = group.iter().map(|r| Buffer::report_cost_bytes(r.publish.payload.len())).sum();
+    let mut held = false;
+    while c.buffer.logical_bytes().saturating_add(cost) > c.config.quota_bytes {
+        if !held {
+            held = true;
+            c.status.over_quota.store(true, Ordering::Relaxed);
+            c.status.commits_held.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                buffer_bytes = c.buffer.logical_bytes(),
+                quota_bytes = c.config.quota_bytes,
+                "buffer at quota; not acking until uploads free space (the broker keeps the reports)"
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(QUOTA_RECHECK_MS)) => {}
+            _ = until_true(&mut c.stop) => return false,
         }
     }
+    if held {
+        c.status.over_quota.store(false, Ordering::Relaxed);
+        info!(buffer_bytes = c.buffer.logical_bytes(), "below quota again; acking resumes");
+    }
+    true
 }
 
 async fn write_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usize), StoreError> {
@@ -342,6 +562,7 @@ async fn write_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usiz
             }
         }
     }
+    buffer.bump_generation()?;
     buffer.flush().await?;
     Ok((reports, quarantined))
 }
@@ -355,109 +576,128 @@ enum Upload {
     Retry { why: String, after: Option<Duration> },
 }
 
-async fn upload_task(
+struct Uploader {
     buffer: Buffer,
     key: SigningKey,
     http: reqwest::Client,
     config: AgentConfig,
     status: Arc<AgentStatus>,
     committed: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let url = format!("{}{}", config.endpoint_url, countersign_protocol::BATCHES_PATH);
-    let mut backoff = Backoff::new(config.batch.retry_delay_min, config.batch.retry_delay_max);
+    stop: watch::Receiver<bool>,
+    fault: watch::Sender<bool>,
+}
+
+impl Uploader {
+    fn store_fault(&self, what: &str, e: &StoreError) {
+        self.status.store_failing.store(true, Ordering::Relaxed);
+        self.status.set_error(e);
+        error!(error = %e, "{what}");
+        let _ = self.fault.send(true);
+    }
+
+    async fn wait(&mut self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = until_true(&mut self.stop) => {}
+        }
+    }
+}
+
+async fn upload_task(mut u: Uploader) {
+    let url = format!("{}{}", u.config.endpoint_url, countersign_protocol::BATCHES_PATH);
+    let mut backoff = Backoff::new(u.config.batch.retry_delay_min, u.config.batch.retry_delay_max);
+    // After an outage the backlog goes out at most this fast.
+    let pace = Duration::from_secs(1) / u.config.batch.batches_per_s_max;
+    let mut last_post: Option<tokio::time::Instant> = None;
     loop {
-        if *stop.borrow() {
+        if *u.stop.borrow() {
             return;
         }
-        let batch = match buffer.next_batch(config.batch.records_max, config.batch.bytes_max) {
+        let batch = match u.buffer.next_batch(u.config.batch.records_max, u.config.batch.bytes_max) {
             Ok(b) => b,
-            Err(e) => {
-                error!(error = %e, "cannot read pending reports");
-                Vec::new()
-            }
+            Err(e) => return u.store_fault("cannot read pending reports", &e),
         };
         if batch.is_empty() {
             tokio::select! {
-                _ = committed.notified() => {}
-                _ = stop.changed() => return,
+                _ = u.committed.notified() => {}
+                _ = until_true(&mut u.stop) => return,
             }
             // Let a few more commits land so batches are not one report each.
-            if !config.batch.linger.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(config.batch.linger) => {}
-                    _ = stop.changed() => return,
-                }
+            if !u.config.batch.linger.is_zero() {
+                let linger = u.config.batch.linger;
+                u.wait(linger).await;
             }
             continue;
         }
-        let seq = match buffer.next_batch_seq() {
+        if let Some(t) = last_post {
+            tokio::time::sleep_until(t + pace).await;
+        }
+        let seq = match u.buffer.next_batch_seq() {
             Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "cannot take a batch sequence number");
-                0
-            }
+            Err(e) => return u.store_fault("cannot take a batch sequence number", &e),
         };
-        let header = BatchHeader { gateway_id: config.gateway_id, batch_seq: seq, created_ms: now_ms() };
+        let header = BatchHeader { gateway_id: u.config.gateway_id, batch_seq: seq, created_ms: now_ms() };
         let mut builder = BatchBuilder::new(header);
         let mut sent = 0;
         for p in &batch {
-            if !builder.fits(p.report.len(), config.batch.records_max, config.batch.bytes_max) {
-                break;
-            }
-            if builder.push(RecordRef { received_ms: p.received_ms, report: &p.report }).is_err() {
+            if !builder.fits(p.report.len(), u.config.batch.records_max, u.config.batch.bytes_max)
+                || builder.push(RecordRef { received_ms: p.received_ms, report: &p.report }).is_err()
+            {
                 break;
             }
             sent += 1;
         }
         let batch = &batch[..sent];
-        let body = builder.sign(&key);
+        let body = builder.sign(&u.key);
         let span = info_span!("batch", batch_seq = seq, records = sent, bytes = body.len());
-        let outcome = post(&http, &url, body).instrument(span.clone()).await;
+        last_post = Some(tokio::time::Instant::now());
+        let outcome = post(&u.http, &url, body).instrument(span.clone()).await;
         let _enter = span.enter();
         match outcome {
             Upload::Done(reply) if reply.results.len() == batch.len() => {
                 let (mut stored, mut dup, mut rejected) = (0, 0, 0);
                 for r in &reply.results {
                     match r {
-                        countersign_protocol::RecordOutcome::Stored => stored += 1,
-                        countersign_protocol::RecordOutcome::Duplicate => dup += 1,
-                        countersign_protocol::RecordOutcome::Rejected { reason, detail } => {
+                        RecordOutcome::Stored => stored += 1,
+                        RecordOutcome::Duplicate => dup += 1,
+                        RecordOutcome::Rejected { reason, detail } => {
                             rejected += 1;
                             warn!(reason = reason.code(), %detail, "endpoint rejected a report");
                         }
                     }
                 }
-                if let Err(e) = buffer.settle(batch, &reply.results) {
-                    error!(error = %e, "cannot settle an acknowledged batch; it will be resent");
+                if let Err(e) = u.buffer.settle(batch, &reply.results) {
+                    // The endpoint has the records; resending them later only yields duplicates.
+                    return u.store_fault("cannot settle an acknowledged batch", &e);
                 }
-                status.records_delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                u.status.records_delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                u.status.batches_delivered.fetch_add(1, Ordering::Relaxed);
+                u.status.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+                u.status.failing_since_ms.store(0, Ordering::Relaxed);
+                u.status.buffer_bytes.store(u.buffer.logical_bytes(), Ordering::Relaxed);
                 info!(stored, duplicate = dup, rejected, "batch delivered");
                 backoff.reset();
             }
             Upload::Done(reply) => {
-                error!(
-                    expected = batch.len(),
-                    got = reply.results.len(),
-                    "endpoint answered for a different number of records; resending"
+                let why = format!(
+                    "endpoint answered for {} records of {}; resending",
+                    reply.results.len(),
+                    batch.len()
                 );
-                wait(&mut stop, backoff.next_delay(jitter())).await;
+                upload_failed(&mut u, &mut backoff, why, None).await;
             }
-            Upload::Retry { why, after } => {
-                let delay =
-                    after.unwrap_or_else(|| backoff.next_delay(jitter())).min(config.batch.retry_delay_max);
-                warn!(%why, retry_in_ms = delay.as_millis() as u64, attempts = backoff.attempts(), "upload failed");
-                wait(&mut stop, delay).await;
-            }
+            Upload::Retry { why, after } => upload_failed(&mut u, &mut backoff, why, after).await,
         }
     }
 }
 
-async fn wait(stop: &mut watch::Receiver<bool>, d: Duration) {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => {}
-        _ = stop.changed() => {}
-    }
+async fn upload_failed(u: &mut Uploader, backoff: &mut Backoff, why: String, after: Option<Duration>) {
+    u.status.upload_failures.fetch_add(1, Ordering::Relaxed);
+    let _ = u.status.failing_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    let delay = after.unwrap_or_else(|| backoff.next_delay(jitter())).min(u.config.batch.retry_delay_max);
+    warn!(%why, retry_in_ms = delay.as_millis() as u64, attempts = backoff.attempts(), "upload failed");
+    u.status.set_error(&why);
+    u.wait(delay).await;
 }
 
 async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Upload {
@@ -489,4 +729,17 @@ async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Upload {
         error!(%why, "endpoint refuses this batch; records stay buffered");
     }
     Upload::Retry { why, after: retry_after }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_db_goes_beside_the_original() {
+        assert_eq!(
+            moved_aside_path(Path::new("/var/lib/countersign-agent"), 42),
+            PathBuf::from("/var/lib/countersign-agent.corrupt-42")
+        );
+    }
 }

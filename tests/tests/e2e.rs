@@ -53,13 +53,14 @@ async fn start_cloud(dir: &Path) -> Result<Cloud> {
     })
 }
 
-fn write_agent_config(dir: &Path, mqtt_port: u16, url: &str) -> Result<String> {
+fn write_agent_config(dir: &Path, mqtt_port: u16, url: &str, status_port: u16) -> Result<String> {
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
             "gateway_id = 1\ngateway_key_file = \"{}\"\ndata_dir = \"{}\"\nendpoint_url = \"{url}\"\n\
-             [mqtt]\nport = {mqtt_port}\nclient_id = \"e2e-agent\"\n[batch]\nlinger_ms = 50\nretry_delay_ms_min = 100\nretry_delay_ms_max = 1000\n",
+             [mqtt]\nport = {mqtt_port}\nclient_id = \"e2e-agent\"\n[batch]\nlinger_ms = 50\nretry_delay_ms_min = 100\nretry_delay_ms_max = 1000\n\
+             [http]\nlisten = \"127.0.0.1:{status_port}\"\n",
             dir.join("gateway.key").display(),
             dir.join("agent-data").display(),
         ),
@@ -180,7 +181,8 @@ async fn exact_totals_across_agent_kill_and_bad_input() -> Result<()> {
         )?;
     }
 
-    let agent_config = write_agent_config(dir, mqtt.port(), &cloud.url)?;
+    let status_port = free_port()?;
+    let agent_config = write_agent_config(dir, mqtt.port(), &cloud.url, status_port)?;
     let mut agent = start_agent(dir, &agent_config).await?;
     let mut devices = Publisher::connect("e2e-devices", mqtt.port());
 
@@ -247,7 +249,22 @@ async fn exact_totals_across_agent_kill_and_bad_input() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Operations: status from the running agent, health and metrics over HTTP.
+    let st: serde_json::Value =
+        serde_json::from_str(&run_ok("countersign-agent", &["status", "--config", &agent_config])?)?;
+    assert_eq!(st["agent"], "running", "{st}");
+    assert_eq!(st["status"]["buffered_reports"], 0, "{st}");
+    assert_eq!(st["health"]["healthy"], true, "{st}");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{status_port}/metrics")).await?.text().await?;
+    assert!(metrics.contains("countersign_agent_healthy 1"), "{metrics}");
+    assert!(metrics.contains("countersign_agent_quarantined_total 2"), "{metrics}");
+    let health = reqwest::get(format!("http://127.0.0.1:{status_port}/health")).await?;
+    assert_eq!(health.status(), 200);
+
     assert!(agent.terminate(), "agent did not exit cleanly on SIGTERM");
+    let st: serde_json::Value =
+        serde_json::from_str(&run_ok("countersign-agent", &["status", "--config", &agent_config])?)?;
+    assert_eq!(st["agent"], "not running", "{st}");
     let inspect: serde_json::Value =
         serde_json::from_str(&run_ok("countersign-agent", &["inspect", "--config", &agent_config])?)?;
     assert_eq!(inspect["stats"]["pending"], 0, "{inspect}");

@@ -105,7 +105,7 @@ async fn demo(args: Args) -> Result<bool> {
     // 4. Agent.
     let agent_config = countersign_agent::AgentConfig::from_toml_str(&format!(
         "gateway_id = {gateway_id}\ngateway_key_file = \"{}\"\ndata_dir = \"{}\"\nendpoint_url = \"{base_url}\"\n\
-         [mqtt]\nport = {mqtt_port}\n[batch]\nlinger_ms = 50\n",
+         [mqtt]\nport = {mqtt_port}\n[batch]\nlinger_ms = 50\n[http]\nlisten = \"127.0.0.1:0\"\n",
         gateway_key_file.display(),
         work.join("agent").display(),
     ))?;

@@ -390,7 +390,10 @@ async fn mqtt_task(
                     info!(session_present = ack.session_present, "connected to broker");
                     // A broker without our session has forgotten the subscription too, and
                     // rumqttc does not resubscribe by itself.
-                    if !ack.session_present {
+                    if ack.session_present {
+                        status.subscribed.store(true, Ordering::Relaxed);
+                    } else {
+                        status.subscribed.store(false, Ordering::Relaxed);
                         if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
                             warn!(error = %e, "subscribe request failed");
                         }
@@ -410,6 +413,7 @@ async fn mqtt_task(
                 Ok(_) => {}
                 Err(e) => {
                     status.connected.store(false, Ordering::Relaxed);
+                    status.subscribed.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay(jitter());
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
                     reconnect_after = Some(delay);

@@ -20,7 +20,8 @@ const ERROR_TEXT_BYTES_MAX: usize = 512;
 pub struct AgentStatus {
     /// Connected to the broker now.
     pub connected: AtomicBool,
-    /// The broker confirmed our subscription at least once.
+    /// The broker holds our subscription on the current connection (confirmed by a SUBACK,
+    /// or by a resumed session).
     pub subscribed: AtomicBool,
     /// Reports made durable (and then acked) since start.
     pub reports_committed: AtomicU64,
@@ -121,7 +122,7 @@ pub struct StatusSnapshot {
     pub last_sync_age_s: Option<u64>,
     /// Connected to the broker.
     pub broker_connected: bool,
-    /// Subscribed to the report topic at least once.
+    /// The broker holds our subscription on the current connection.
     pub broker_subscribed: bool,
     /// Seconds since uploads started failing, if they are failing.
     pub endpoint_failing_for_s: Option<u64>,

@@ -63,11 +63,17 @@ impl Mosquitto {
     /// Starts a broker on `port`, persisting to `dir`.
     pub async fn start(port: u16, dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
+        // Started as root, mosquitto switches to the `mosquitto` user, which cannot write
+        // persistence into a root-owned temporary directory: the broker would then forget
+        // sessions and queued reports on restart without a word. Keep the current user.
+        let uid =
+            Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let user_line = if uid.unwrap_or(false) { "user root\n" } else { "" };
         // max_queued_messages 0 = unlimited: the default of 1000 would silently drop QoS 1
         // reports queued for an agent that is down. The same goes for production brokers.
         let conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-             max_queued_messages 0\nmax_inflight_messages 1000\nautosave_interval 1\nlog_dest file {}/mosquitto.log\n",
+             max_queued_messages 0\nmax_inflight_messages 1000\nautosave_interval 1\nlog_dest file {}/mosquitto.log\n{user_line}",
             dir.display(),
             dir.display()
         );

@@ -4,11 +4,15 @@
 //! - [`broker`]: an embedded rumqttd for the one-command demo, a private Mosquitto for tests.
 //! - [`publisher`]: device-side MQTT publishing that waits for every PUBACK.
 //! - [`procs`]: the project's binaries as child processes that die with the test.
+//! - [`stack`]: an endpoint and agents as real processes, keys registered by real commands.
+//! - [`faultproxy`]: an HTTP proxy that makes the endpoint refuse, fail or hang on demand.
 
 pub mod broker;
+pub mod faultproxy;
 pub mod fleet;
 pub mod procs;
 pub mod publisher;
+pub mod stack;
 
 /// A TCP port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {

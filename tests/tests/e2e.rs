@@ -2,124 +2,18 @@
 //! `countersign-cloud`. Needs the workspace binaries built and `mosquitto` installed
 //! (`tests/run.sh` does both).
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use countersign_e2e::broker::Mosquitto;
-use countersign_e2e::fleet::{Faults, Fleet, Outgoing};
-use countersign_e2e::procs::{run, run_ok, Proc};
+use countersign_e2e::fleet::{Faults, Fleet};
+use countersign_e2e::free_port;
+use countersign_e2e::procs::{run, run_ok};
 use countersign_e2e::publisher::Publisher;
-use countersign_e2e::{free_port, wait_for_port};
+use countersign_e2e::stack::{publish_all, AgentSetup, Cloud};
 use countersign_meter::report::REPORT_BYTES_MAX;
 use countersign_meter::{DeviceTime, Report, Totals};
-
-struct Cloud {
-    proc: Proc,
-    url: String,
-    token_file: String,
-    token: String,
-}
-
-async fn start_cloud(dir: &Path) -> Result<Cloud> {
-    let token_file = dir.join("admin.token");
-    run_ok("countersign-cloud", &["keygen-token", "--out", &token_file.display().to_string()])?;
-    let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
-    let port = free_port()?;
-    let config = dir.join("cloud.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nadmin_token_file = \"{}\"\n",
-            dir.join("cloud-data").display(),
-            token_file.display()
-        ),
-    )?;
-    let proc = Proc::spawn(
-        "countersign-cloud",
-        &["serve", "--config", &config.display().to_string()],
-        &dir.join("cloud.log"),
-    )?;
-    if !wait_for_port(port, Duration::from_secs(20)).await {
-        bail!("endpoint did not listen: {}", proc.log_text());
-    }
-    Ok(Cloud {
-        proc,
-        url: format!("http://127.0.0.1:{port}"),
-        token_file: token_file.display().to_string(),
-        token,
-    })
-}
-
-fn write_agent_config(dir: &Path, mqtt_port: u16, url: &str, status_port: u16) -> Result<String> {
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "gateway_id = 1\ngateway_key_file = \"{}\"\ndata_dir = \"{}\"\nendpoint_url = \"{url}\"\n\
-             [mqtt]\nport = {mqtt_port}\nclient_id = \"e2e-agent\"\n[batch]\nlinger_ms = 50\nretry_delay_ms_min = 100\nretry_delay_ms_max = 1000\n\
-             [http]\nlisten = \"127.0.0.1:{status_port}\"\n",
-            dir.join("gateway.key").display(),
-            dir.join("agent-data").display(),
-        ),
-    )?;
-    Ok(config.display().to_string())
-}
-
-async fn start_agent(dir: &Path, config: &str) -> Result<Proc> {
-    let log = dir.join("agent.log");
-    let before = std::fs::read_to_string(&log).map(|s| s.matches("subscribed").count()).unwrap_or(0);
-    let before_connected =
-        std::fs::read_to_string(&log).map(|s| s.matches("connected to broker").count()).unwrap_or(0);
-    let agent = Proc::spawn("countersign-agent", &["run", "--config", config], &log)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = agent.log_text();
-        // A fresh session subscribes; a resumed one already has the subscription.
-        if text.matches("subscribed").count() > before
-            || (text.matches("connected to broker").count() > before_connected
-                && text.contains("session_present=true"))
-        {
-            return Ok(agent);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("agent did not connect: {text}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn publish_all(p: &mut Publisher, out: &[Outgoing]) -> Result<()> {
-    for o in out {
-        p.publish(&o.topic, &o.payload).await?;
-    }
-    p.wait_acked(Duration::from_secs(30)).await
-}
-
-async fn usage_sims(cloud: &Cloud) -> Result<(BTreeMap<u64, Totals>, u64)> {
-    let v: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/v1/usage/sims", cloud.url))
-        .bearer_auth(&cloud.token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let mut sims = BTreeMap::new();
-    for s in v["sims"].as_array().context("no sims")? {
-        let iccid: u64 = s["iccid"].as_str().context("iccid")?.parse()?;
-        sims.insert(
-            iccid,
-            Totals {
-                up: s["up_bytes"].as_u64().context("up")?,
-                down: s["down_bytes"].as_u64().context("down")?,
-            },
-        );
-    }
-    Ok((sims, v["total_bytes"].as_u64().context("total")?))
-}
 
 fn bad_report(meter_id: u64, key: &[u8; 32]) -> Vec<u8> {
     let r = Report {
@@ -142,48 +36,20 @@ async fn exact_totals_across_agent_kill_and_bad_input() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let mqtt = Mosquitto::start(free_port()?, &dir.join("mosquitto")).await?;
-    let cloud = start_cloud(dir).await?;
-
-    // Keys through the real commands.
-    let gw_key = dir.join("gateway.key").display().to_string();
-    let public = run_ok("countersign-agent", &["keygen", "--out", &gw_key])?;
-    run_ok(
-        "countersign-cloud",
-        &[
-            "register-gateway",
-            "--endpoint",
-            &cloud.url,
-            "--token-file",
-            &cloud.token_file,
-            "--gateway-id",
-            "1",
-            "--public-key",
-            public.trim(),
-        ],
-    )?;
+    let cloud = Cloud::start(dir).await?;
     let mut fleet = Fleet::new(12, 500, 99, 1_790_000_000, Faults { reboot: 0.05, ..Faults::default() });
-    for (meter_id, key, _) in fleet.meters() {
-        let path = dir.join(format!("meter-{meter_id}.key"));
-        countersign_protocol::keys::write_secret(&path, &key)?;
-        run_ok(
-            "countersign-cloud",
-            &[
-                "register-meter",
-                "--endpoint",
-                &cloud.url,
-                "--token-file",
-                &cloud.token_file,
-                "--meter-id",
-                &meter_id.to_string(),
-                "--key-file",
-                &path.display().to_string(),
-            ],
-        )?;
-    }
+    cloud.register(dir, &dir.join("gateway.key"), &fleet.meters())?;
 
-    let status_port = free_port()?;
-    let agent_config = write_agent_config(dir, mqtt.port(), &cloud.url, status_port)?;
-    let mut agent = start_agent(dir, &agent_config).await?;
+    let setup = AgentSetup::write(
+        dir,
+        &dir.join("agent-data"),
+        mqtt.port(),
+        &cloud.url,
+        "[batch]\nlinger_ms = 50\nretry_delay_ms_min = 100\nretry_delay_ms_max = 1000\n",
+    )?;
+    let agent_config = setup.config_arg();
+    let status_port = setup.status_port;
+    let mut agent = setup.start().await?;
     let mut devices = Publisher::connect("e2e-devices", mqtt.port());
 
     // Phase 1: normal operation.
@@ -198,7 +64,7 @@ async fn exact_totals_across_agent_kill_and_bad_input() -> Result<()> {
         publish_all(&mut devices, &out).await?;
     }
     // Phase 3: it comes back and catches up.
-    let mut agent = start_agent(dir, &agent_config).await?;
+    let mut agent = setup.start().await?;
     for _ in 0..40 {
         let out = fleet.step();
         publish_all(&mut devices, &out).await?;
@@ -215,14 +81,7 @@ async fn exact_totals_across_agent_kill_and_bad_input() -> Result<()> {
     devices.wait_acked(Duration::from_secs(30)).await?;
 
     let truth = fleet.truth_per_iccid();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (sims, total) = loop {
-        let (sims, total) = usage_sims(&cloud).await?;
-        if total == fleet.truth_total_bytes() || tokio::time::Instant::now() > deadline {
-            break (sims, total);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (sims, total) = cloud.wait_for_total(fleet.truth_total_bytes(), Duration::from_secs(60)).await?;
     assert_eq!(sims, truth, "per-SIM totals differ (agent log: {})", agent.log.display());
     assert_eq!(total, fleet.truth_total_bytes());
     assert!(fleet.stats().reboots > 0 && fleet.stats().dropped > 0 && fleet.stats().duplicated > 0);

@@ -7,7 +7,8 @@
 //! - [`counter`]: raw modem readings → monotone totals (resets, 32-bit wrap).
 //! - [`meter`]: epochs, sequence numbers, checkpoints and the report policy.
 //! - [`report`]: the versioned wire format, its tag, and decode-and-verify for the endpoint.
-//! - [`modem`]: the seam modem drivers implement.
+//! - [`at`]: bounded AT line reader and UART client (`embedded-io`).
+//! - [`modem`]: per-modem counter profiles, parsers and the [`modem::CounterSource`] driver.
 //!
 //! The crate has no `std` and no `alloc` in its dependency tree; the `std` feature only adds
 //! `std::error::Error` impls for hosts.
@@ -17,6 +18,7 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod at;
 pub mod counter;
 pub mod meter;
 pub mod modem;
@@ -37,3 +39,5 @@ impl std::error::Error for VerifyError {}
 impl std::error::Error for ReportError {}
 #[cfg(feature = "std")]
 impl std::error::Error for MeterError {}
+#[cfg(feature = "std")]
+impl std::error::Error for at::AtError {}

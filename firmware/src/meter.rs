@@ -206,6 +206,16 @@ impl<S: CheckpointStore> Meter<S> {
         self.down.observe(raw_received);
     }
 
+    /// Tells the meter the modem restarted (`RDY`) and its counters were reloaded from NVM
+    /// at some older value: the next reading only sets the reference. Without this, the
+    /// fall-back would look like a reset to zero and the whole reloaded counter would be
+    /// counted again. Call it only for modems whose counters survive power loss
+    /// ([`crate::modem::ModemProfile::counters_survive_power_loss`]).
+    pub fn modem_restarted(&mut self) {
+        self.up.rebase();
+        self.down.rebase();
+    }
+
     /// Bytes counted but not yet in a report.
     pub fn unreported_bytes(&self) -> u64 {
         let used = self.used();
@@ -324,6 +334,18 @@ mod tests {
         assert!(p.due(3600, 128 * 1024));
         assert!(!p.due(3600, 128 * 1024 - 1));
         assert!(p.due(12 * 3600, 0));
+    }
+
+    #[test]
+    fn modem_restart_with_nvm_counters_is_not_counted_twice() {
+        let mut m = Meter::boot(config(), KEY, MemoryStore::default()).unwrap();
+        m.observe(10_000, 20_000);
+        m.observe(15_000, 26_000);
+        // Modem rebooted and reloaded an NVM save taken at 12_000 / 22_000.
+        m.modem_restarted();
+        m.observe(12_000, 22_000);
+        m.observe(12_500, 22_100);
+        assert_eq!(m.used(), Totals { up: 5_500, down: 6_100 });
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!
 //! - [`counter`]: raw modem readings → monotone totals (resets, 32-bit wrap).
 //! - [`meter`]: epochs, sequence numbers, checkpoints and the report policy.
+//! - [`flash_log`]: power-fail-safe checkpoint log on NOR flash (`embedded-storage`).
 //! - [`report`]: the versioned wire format, its tag, and decode-and-verify for the endpoint.
 //! - [`at`]: bounded AT line reader and UART client (`embedded-io`).
 //! - [`modem`]: per-modem counter profiles, parsers and the [`modem::CounterSource`] driver.
@@ -20,9 +21,12 @@ extern crate std;
 
 pub mod at;
 pub mod counter;
+pub mod flash_log;
 pub mod meter;
 pub mod modem;
 pub mod report;
+#[cfg(test)]
+mod sim_flash;
 
 pub use counter::{Accumulator, CounterWidth, Step};
 pub use meter::{Checkpoint, CheckpointStore, MemoryStore, Meter, MeterConfig, MeterError, ReportPolicy};
@@ -41,3 +45,5 @@ impl std::error::Error for ReportError {}
 impl std::error::Error for MeterError {}
 #[cfg(feature = "std")]
 impl std::error::Error for at::AtError {}
+#[cfg(feature = "std")]
+impl std::error::Error for flash_log::FlashLogError {}

@@ -7,6 +7,7 @@
 //! - [`counter`]: raw modem readings → monotone totals (resets, 32-bit wrap).
 //! - [`meter`]: epochs, sequence numbers, checkpoints and the report policy.
 //! - [`flash_log`]: power-fail-safe checkpoint log on NOR flash (`embedded-storage`).
+//! - [`budget`]: what reports cost on the air, framing included.
 //! - [`report`]: the versioned wire format, its tag, and decode-and-verify for the endpoint.
 //! - [`at`]: bounded AT line reader and UART client (`embedded-io`).
 //! - [`modem`]: per-modem counter profiles, parsers and the [`modem::CounterSource`] driver.
@@ -20,6 +21,7 @@
 extern crate std;
 
 pub mod at;
+pub mod budget;
 pub mod counter;
 pub mod flash_log;
 pub mod meter;
@@ -29,6 +31,7 @@ pub mod report;
 mod sim_flash;
 
 pub use counter::{Accumulator, CounterWidth, Step};
+pub use flash_log::{FlashLog, FlashLogError};
 pub use meter::{Checkpoint, CheckpointStore, MemoryStore, Meter, MeterConfig, MeterError, ReportPolicy};
 pub use report::{
     peek_meter_id, verify, CounterKind, DecodeError, DeviceTime, ExtraCounter, RecordId, Report, ReportError,

@@ -452,6 +452,31 @@ impl<U: Read + ReadReady + Write> AtClient<U> {
         info_result
     }
 
+    /// Waits up to `timeout_ms` for the first line starting with `prefix` (a result URC such
+    /// as `+QMTOPEN: 0,0`) and returns what `parse` makes of it; other lines are noted as
+    /// events or skipped.
+    pub fn wait_line<T>(
+        &mut self,
+        delay: &mut impl DelayNs,
+        prefix: &'static [u8],
+        timeout_ms: u32,
+        mut parse: impl FnMut(&[u8]) -> Result<T, AtError>,
+    ) -> Result<T, AtError> {
+        let mut ex: Exchange<LINE_BYTES_MAX> = Exchange::new(b"", prefix);
+        let mut out = None;
+        let events = &mut self.events;
+        pump(&mut self.uart, delay, timeout_ms, &mut ex, |ev| match ev {
+            Event::Info(p) => Some(parse(p).map(|v| out = Some(v))),
+            Event::Urc(u) => {
+                events.note(u);
+                None
+            }
+            Event::Final(Err(e)) | Event::Failed(e) => Some(Err(e)),
+            Event::Final(Ok(())) | Event::Pending | Event::Prompt => None,
+        })?;
+        out.ok_or(AtError::Missing)
+    }
+
     /// Waits up to `timeout_ms` for unsolicited lines only (no command), noting events, e.g.
     /// to catch `RDY` after power-on.
     pub fn drain(&mut self, delay: &mut impl DelayNs, timeout_ms: u32) -> Result<(), AtError> {

@@ -32,8 +32,9 @@ pub const RESPONSE_BYTES_MAX: usize = 2_048;
 pub const FOREIGN_LINES_MAX: u16 = 32;
 /// Longest command line this client builds, in bytes (topic included for `AT+QMTPUB`).
 pub const COMMAND_BYTES_MAX: usize = 160;
-/// Bytes read from the UART in one call.
-const READ_CHUNK_BYTES: usize = 32;
+/// Bytes read from the UART in one call: one, so that nothing after an exchange's final line
+/// (the next URC, a result code) is consumed and lost with the exchange.
+const READ_CHUNK_BYTES: usize = 1;
 
 /// Why an AT exchange failed. Small and `Copy`: it travels up a `no_std` call stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

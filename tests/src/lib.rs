@@ -3,10 +3,12 @@
 //! - [`fleet`]: devices running the real meter code over random traffic.
 //! - [`broker`]: an embedded rumqttd for the one-command demo, a private Mosquitto for tests.
 //! - [`publisher`]: device-side MQTT publishing that waits for every PUBACK.
+//! - [`modem_sim`]: a Quectel-style modem on the serial port of the QEMU-emulated board.
 //! - [`procs`]: the project's binaries as child processes that die with the test.
 
 pub mod broker;
 pub mod fleet;
+pub mod modem_sim;
 pub mod procs;
 pub mod publisher;
 

@@ -20,9 +20,34 @@ use countersign_meter::modem::{AtModem, CounterSource, ModemProfile};
 use countersign_meter::report::{DeviceTime, TimeQuality, REPORT_BYTES_MAX};
 use countersign_meter::{FlashLog, Meter, MeterConfig};
 use cortex_m_rt::entry;
-use cortex_m_semihosting::hprintln;
 use embedded_io::{Read, ReadReady, Write};
 use panic_semihosting as _;
+
+/// Writes one line to the semihosting console (`SYS_WRITE0`), which QEMU sends to the
+/// `-semihosting-config chardev`, away from the UART. Lines longer than the buffer are cut.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let mut line: heapless::String<LOG_LINE_BYTES_MAX> = heapless::String::new();
+        let _ = write!(line, $($arg)*);
+        log_line(&line);
+    }};
+}
+
+/// Longest log line, in bytes.
+const LOG_LINE_BYTES_MAX: usize = 160;
+
+fn log_line(text: &str) {
+    let mut buf = [0u8; LOG_LINE_BYTES_MAX + 2];
+    let n = text.len().min(LOG_LINE_BYTES_MAX);
+    if let (Some(dst), Some(src)) = (buf.get_mut(..n), text.as_bytes().get(..n)) {
+        dst.copy_from_slice(src);
+    }
+    if let Some(b) = buf.get_mut(n) {
+        *b = b'\n';
+    }
+    // SAFETY: a NUL-terminated buffer (the last byte stays 0) that outlives the call.
+    unsafe { cortex_m_semihosting::syscall(cortex_m_semihosting::nr::WRITE0, &buf[0]) };
+}
 
 mod provision {
     include!(concat!(env!("OUT_DIR"), "/provision.rs"));
@@ -63,7 +88,7 @@ fn main() -> ! {
         Ok(m) => m,
         Err(_) => halt("meter boot: checkpoint store failed"),
     };
-    let _ = hprintln!("countersign: meter {} epoch {} base {:?}", provision::METER_ID, meter.epoch(), meter.base());
+    log!("countersign: meter {} epoch {} base {:?}", provision::METER_ID, meter.epoch(), meter.base());
 
     wake_modem(&mut modem, &mut delay);
     let iccid = retry(&mut delay, |d| read_iccid(modem.at(), d));
@@ -103,11 +128,11 @@ fn main() -> ! {
                         }
                     }
                 } else if meter.checkpoint_due() && meter.checkpoint().is_err() {
-                    let _ = hprintln!("countersign: checkpoint failed");
+                    log!("countersign: checkpoint failed");
                 }
             }
             (Err(e), _) | (_, Err(e)) => {
-                let _ = hprintln!("countersign: modem: {}", e);
+                log!("countersign: modem: {}", e);
             }
         }
         embedded_hal::delay::DelayNs::delay_ms(&mut delay, provision::POLL_INTERVAL_MS);
@@ -130,19 +155,19 @@ fn publish(
     let n = match meter.write_report(iccid, time, now_s, &mut buf) {
         Ok(n) => n,
         Err(e) => {
-            let _ = hprintln!("countersign: report: {}", e);
+            log!("countersign: report: {}", e);
             return;
         }
     };
     match at.qmtpub(delay, MQTT_CLIENT_IDX, msg_id, topic, buf.get(..n).unwrap_or_default()) {
         Ok(_retransmitted) => {
             if meter.checkpoint().is_err() {
-                let _ = hprintln!("countersign: checkpoint failed");
+                log!("countersign: checkpoint failed");
             }
         }
         // The report is cumulative: the next one carries its figures, nothing is lost.
         Err(e) => {
-            let _ = hprintln!("countersign: publish: {}", e);
+            log!("countersign: publish: {}", e);
         }
     }
 }
@@ -255,7 +280,7 @@ fn retry<T>(
         match f(delay) {
             Ok(v) => return v,
             Err(e) => {
-                let _ = hprintln!("countersign: modem setup: {}", e);
+                log!("countersign: modem setup: {}", e);
                 embedded_hal::delay::DelayNs::delay_ms(delay, 1_000);
             }
         }
@@ -264,7 +289,7 @@ fn retry<T>(
 }
 
 fn halt(why: &str) -> ! {
-    let _ = hprintln!("countersign: halted: {}", why);
+    log!("countersign: halted: {}", why);
     cortex_m_semihosting::debug::exit(cortex_m_semihosting::debug::EXIT_FAILURE);
     loop {
         cortex_m::asm::wfi();

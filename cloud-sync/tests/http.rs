@@ -9,8 +9,7 @@ use countersign_cloud::server::{DayUsage, SimTotal, SimsUsage};
 use countersign_cloud::usage::DateRange;
 use countersign_cloud::{CloudConfig, Endpoint, Store};
 use countersign_meter::{
-    CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, TimeQuality, Totals,
-    REPORT_BYTES_MAX,
+    CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, TimeQuality, Totals, REPORT_BYTES_MAX,
 };
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 use countersign_protocol::keys::write_secret;

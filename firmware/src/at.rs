@@ -672,7 +672,10 @@ mod tests {
 
     #[test]
     fn prompt_has_no_line_end() {
-        assert_eq!(events(b"AT+QMTPUB=0,1,1,0,\"t\",3\r\r\n> ", b"AT+QMTPUB=0,1,1,0,\"t\",3", b"").as_slice(), ["Prompt"]);
+        assert_eq!(
+            events(b"AT+QMTPUB=0,1,1,0,\"t\",3\r\r\n> ", b"AT+QMTPUB=0,1,1,0,\"t\",3", b"").as_slice(),
+            ["Prompt"]
+        );
     }
 
     #[test]

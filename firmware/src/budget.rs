@@ -81,7 +81,9 @@ mod tests {
             meter.observe(sent, recv);
             if meter.report_due(now - boot_s) {
                 let mut buf = [0u8; REPORT_BYTES_MAX];
-                let n = meter.write_report(1, DeviceTime::uptime(now - boot_s).unwrap(), now - boot_s, &mut buf).unwrap() as u64;
+                let n = meter
+                    .write_report(1, DeviceTime::uptime(now - boot_s).unwrap(), now - boot_s, &mut buf)
+                    .unwrap() as u64;
                 let cost = report_air_bytes_own_session(n, topic_bytes);
                 reports += 1;
                 metering += cost;
@@ -122,7 +124,8 @@ mod tests {
             let days = 365;
             let (_, _, erases, _) = simulate(days, scale);
             let erases_per_day = erases as f64 / f64::from(days);
-            let life_years = if erases == 0 { f64::INFINITY } else { ERASE_CYCLES_MAX as f64 / erases_per_day / 365.0 };
+            let life_years =
+                if erases == 0 { f64::INFINITY } else { ERASE_CYCLES_MAX as f64 / erases_per_day / 365.0 };
             std::println!("{label}: {erases} erases of the busier 4 KiB sector in {days} days ({erases_per_day:.3}/day), flash life {life_years:.0} years at {ERASE_CYCLES_MAX} cycles");
             assert!(life_years >= 20.0, "{label}: flash life {life_years} years");
         }

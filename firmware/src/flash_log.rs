@@ -202,7 +202,10 @@ fn decode(r: &[u8; RECORD_BYTES]) -> Option<(u32, Checkpoint)> {
     if u32_at(0)? != RECORD_MAGIC || u32_at(28)? != crc32(r.get(..28)?) {
         return None;
     }
-    Some((u32_at(4)?, Checkpoint { epoch: u32_at(8)?, totals: Totals { up: u64_at(12)?, down: u64_at(20)? } }))
+    Some((
+        u32_at(4)?,
+        Checkpoint { epoch: u32_at(8)?, totals: Totals { up: u64_at(12)?, down: u64_at(20)? } },
+    ))
 }
 
 /// CRC-32 (IEEE 802.3, reflected), bitwise: 28 bytes per checkpoint do not justify a table.

@@ -19,7 +19,9 @@
 use embedded_hal::delay::DelayNs;
 use embedded_io::{Read, ReadReady, Write};
 
-use crate::at::{AtClient, AtError, Event, Exchange, Fields, ModemEvents, LINE_BYTES_MAX, RESPONSE_TIMEOUT_MS};
+use crate::at::{
+    AtClient, AtError, Event, Exchange, Fields, ModemEvents, LINE_BYTES_MAX, RESPONSE_TIMEOUT_MS,
+};
 use crate::counter::CounterWidth;
 
 /// One reading of a modem's cumulative byte counters, in bytes.
@@ -91,7 +93,8 @@ impl ModemProfile {
         cid: 1,
     };
     /// Quectel on Unisoc-based firmware, which prints received first.
-    pub const QUECTEL_UNISOC: ModemProfile = ModemProfile { order: FieldOrder::ReceivedFirst, ..Self::QUECTEL };
+    pub const QUECTEL_UNISOC: ModemProfile =
+        ModemProfile { order: FieldOrder::ReceivedFirst, ..Self::QUECTEL };
     /// u-blox (SARA/LARA): the total (not session) counters of context 1, which survive PDP
     /// re-activation. Taken to survive power loss too: when unsure, rebasing on `RDY`
     /// under-counts the seconds before the first reading, while the opposite choice could
@@ -284,7 +287,8 @@ mod tests {
     #[test]
     fn transcripts() {
         use ModemProfile as P;
-        let cases: &[(&str, ModemProfile, &[u8], Result<RawCounters, AtError>)] = &[
+        type Case = (&'static str, ModemProfile, &'static [u8], Result<RawCounters, AtError>);
+        let cases: &[Case] = &[
             ("quectel plain", P::QUECTEL, b"\r\n+QGDCNT: 3320,6152\r\n\r\nOK\r\n", rc(3320, 6152)),
             (
                 "quectel echo + boot URCs",

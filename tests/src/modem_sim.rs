@@ -77,7 +77,13 @@ pub struct ModemSim {
 
 impl ModemSim {
     /// Powers the board on: starts QEMU on `elf` in `workdir` and the modem on its UART.
-    pub fn boot(elf: &Path, workdir: &Path, mqtt_port: u16, iccid20: &str, state: Arc<Mutex<SimState>>) -> Result<Self> {
+    pub fn boot(
+        elf: &Path,
+        workdir: &Path,
+        mqtt_port: u16,
+        iccid20: &str,
+        state: Arc<Mutex<SimState>>,
+    ) -> Result<Self> {
         let semihosting_log = workdir.join("semihosting.log");
         let mut qemu = Command::new("qemu-system-arm")
             .args(["-cpu", "cortex-m4", "-machine", "mps2-an386", "-display", "none", "-monitor", "none"])
@@ -91,7 +97,9 @@ impl ModemSim {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(workdir.join("qemu.stderr"))?))
             .spawn()
-            .context("cannot start qemu-system-arm (apt-get install qemu-system-arm; tests/run.sh does it)")?;
+            .context(
+                "cannot start qemu-system-arm (apt-get install qemu-system-arm; tests/run.sh does it)",
+            )?;
         let stdin = qemu.stdin.take().context("qemu stdin")?;
         let stdout = qemu.stdout.take().context("qemu stdout")?;
         {
@@ -105,7 +113,14 @@ impl ModemSim {
         let st = state.clone();
         let iccid = iccid20.to_owned();
         let thread = std::thread::Builder::new().name("modem-sim".into()).spawn(move || {
-            let mut modem = Modem { out: stdin, state: st, mqtt_port, iccid, mqtt: None, rng: rand::rngs::SmallRng::seed_from_u64(7) };
+            let mut modem = Modem {
+                out: stdin,
+                state: st,
+                mqtt_port,
+                iccid,
+                mqtt: None,
+                rng: rand::rngs::SmallRng::seed_from_u64(7),
+            };
             if let Err(e) = modem.run(stdout) {
                 eprintln!("modem simulator stopped: {e:#}");
             }
@@ -225,7 +240,10 @@ impl Modem {
             "AT" => reply.push_str("\r\nOK\r\n"),
             "AT+QCCID" => reply.push_str(&format!("\r\n+QCCID: {}\r\n\r\nOK\r\n", self.iccid)),
             "AT+QGDCNT?" => {
-                let (up, down) = (self.rng.gen_range(0..SIM_TRAFFIC_STEP_BYTES_MAX), self.rng.gen_range(0..SIM_TRAFFIC_STEP_BYTES_MAX));
+                let (up, down) = (
+                    self.rng.gen_range(0..SIM_TRAFFIC_STEP_BYTES_MAX),
+                    self.rng.gen_range(0..SIM_TRAFFIC_STEP_BYTES_MAX),
+                );
                 let mut s = self.state()?;
                 if s.traffic_on {
                     s.counters.0 += up;
@@ -304,7 +322,8 @@ impl Modem {
             s.counters.0 += air - 4 - 64;
             s.counters.1 += 4 + 64;
             let counters_before = s.answers.last().copied().unwrap_or_default();
-            let report = Report::decode(&payload).map(|(r, _)| r).map_err(|e| anyhow::anyhow!("bad report: {e}"))?;
+            let report =
+                Report::decode(&payload).map(|(r, _)| r).map_err(|e| anyhow::anyhow!("bad report: {e}"))?;
             let answers_at_delivery = s.answers.len();
             s.delivered.push(Delivered { report, counters_before, answers_at_delivery });
         }

@@ -349,7 +349,17 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
     let url = cloud.url.clone();
     run_ok(
         "countersign-cloud",
-        &["register-gateway", "--endpoint", &url, "--token-file", &token, "--gateway-id", "1", "--public-key", public.trim()],
+        &[
+            "register-gateway",
+            "--endpoint",
+            &url,
+            "--token-file",
+            &token,
+            "--gateway-id",
+            "1",
+            "--public-key",
+            public.trim(),
+        ],
     )?;
     run_ok(
         "countersign-cloud",
@@ -401,9 +411,16 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
         sim.power_cut();
         let r = &fin.report;
         assert_eq!(r.iccid, ICCID);
-        assert_eq!(r.seq as usize + 1, state.lock().map(|s| s.delivered.len()).unwrap_or(0), "seq counts reports");
+        assert_eq!(
+            r.seq as usize + 1,
+            state.lock().map(|s| s.delivered.len()).unwrap_or(0),
+            "seq counts reports"
+        );
         // The modem counted exactly this much between the first reading and the final report.
-        let counted = Totals { up: fin.counters_before.0 - first_answer.0, down: fin.counters_before.1 - first_answer.1 };
+        let counted = Totals {
+            up: fin.counters_before.0 - first_answer.0,
+            down: fin.counters_before.1 - first_answer.1,
+        };
         assert_eq!(r.used, counted, "boot {boot}: report does not match the modem's counters");
         truth = truth.checked_add(&counted).context("overflow")?;
         if let Some(prev) = &last_final {

@@ -39,7 +39,9 @@ fn main() {
             std::fs::read_to_string(&path).unwrap_or_else(|e| fail(&format!("cannot read {path}: {e}")))
         }
         (None, Some(hex)) => hex,
-        (None, None) => fail("set COUNTERSIGN_METER_KEY_FILE (from countersign-cloud keygen-meter) or COUNTERSIGN_METER_KEY"),
+        (None, None) => fail(
+            "set COUNTERSIGN_METER_KEY_FILE (from countersign-cloud keygen-meter) or COUNTERSIGN_METER_KEY",
+        ),
     };
     let key_hex = key_hex.trim();
     if key_hex.len() != 64 || !key_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -67,5 +69,6 @@ fn main() {
          /// MQTT broker the modem connects to.\npub const BROKER_HOST: &str = \"{host}\";\n\
          /// MQTT broker port.\npub const BROKER_PORT: u16 = {port};\n"
     );
-    std::fs::write(out.join("provision.rs"), text).unwrap_or_else(|e| fail(&format!("cannot write provision.rs: {e}")));
+    std::fs::write(out.join("provision.rs"), text)
+        .unwrap_or_else(|e| fail(&format!("cannot write provision.rs: {e}")));
 }

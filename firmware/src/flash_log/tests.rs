@@ -90,7 +90,10 @@ struct RunStats {
 /// recovery: the epoch advanced past every epoch that was used, lifetime totals did not go
 /// backwards from any durable checkpoint, and the loss is within the documented bound.
 fn run(nor: &Nor, ticks: u32, mut rearm: impl FnMut(u64) -> Option<u64>) -> RunStats {
-    let config = MeterConfig { checkpoint_delta_bytes: CHECKPOINT_DELTA_BYTES, ..MeterConfig::new(1, CounterWidth::Bits64) };
+    let config = MeterConfig {
+        checkpoint_delta_bytes: CHECKPOINT_DELTA_BYTES,
+        ..MeterConfig::new(1, CounterWidth::Bits64)
+    };
     let mut traffic = Traffic(0x9e37_79b9_7f4a_7c15);
     let mut raw = (0u64, 0u64);
     let mut tick = 0u32;
@@ -116,7 +119,10 @@ fn run(nor: &Nor, ticks: u32, mut rearm: impl FnMut(u64) -> Option<u64>) -> RunS
         if let Some(e) = last_epoch {
             assert!(meter.epoch() > e, "epoch {} did not advance past {e}", meter.epoch());
         }
-        assert!(base.up >= durable.up && base.down >= durable.down, "totals went back: {base:?} < {durable:?}");
+        assert!(
+            base.up >= durable.up && base.down >= durable.down,
+            "totals went back: {base:?} < {durable:?}"
+        );
         let loss = (counted.up - base.up) + (counted.down - base.down);
         assert!(loss < CHECKPOINT_DELTA_BYTES + STEP_BYTES_MAX, "lost {loss} bytes");
         stats.worst_loss = stats.worst_loss.max(loss);

@@ -15,11 +15,11 @@ mod uart;
 
 use core::fmt::Write as _;
 
+use cortex_m_rt::entry;
 use countersign_meter::at::{parse_u64, trim, AtClient, AtError, Fields, RESPONSE_TIMEOUT_MS};
 use countersign_meter::modem::{AtModem, CounterSource, ModemProfile};
 use countersign_meter::report::{DeviceTime, TimeQuality, REPORT_BYTES_MAX};
 use countersign_meter::{FlashLog, Meter, MeterConfig};
-use cortex_m_rt::entry;
 use embedded_io::{Read, ReadReady, Write};
 use panic_semihosting as _;
 
@@ -117,8 +117,9 @@ fn main() -> ! {
                 let now_s = u32::try_from(unix.saturating_sub(boot)).unwrap_or(u32::MAX);
                 let on_demand = pdp_down && meter.report_wanted_before_sleep();
                 if meter.report_due(now_s) || on_demand {
-                    let time = DeviceTime::wall_clock(TimeQuality::Network, unix)
-                        .or_else(|_| DeviceTime::uptime(now_s.min(countersign_meter::report::DEVICE_TIME_SECS_MAX)));
+                    let time = DeviceTime::wall_clock(TimeQuality::Network, unix).or_else(|_| {
+                        DeviceTime::uptime(now_s.min(countersign_meter::report::DEVICE_TIME_SECS_MAX))
+                    });
                     if let Ok(time) = time {
                         // QoS 1 message ids are 1..=65535.
                         msg_id = if msg_id == u16::MAX { 1 } else { msg_id + 1 };
@@ -183,7 +184,10 @@ fn wake_modem(modem: &mut Modem, delay: &mut cortex_m::delay::Delay) {
 
 /// `AT+QCCID` → `+QCCID: 89882280666000010421` (20 digits with the Luhn digit, sometimes a
 /// trailing `F`); the report carries the first 19.
-fn read_iccid<U: Read + ReadReady + Write>(at: &mut AtClient<U>, delay: &mut cortex_m::delay::Delay) -> Result<u64, AtError> {
+fn read_iccid<U: Read + ReadReady + Write>(
+    at: &mut AtClient<U>,
+    delay: &mut cortex_m::delay::Delay,
+) -> Result<u64, AtError> {
     let mut iccid = None;
     at.command(delay, b"AT+QCCID", b"+QCCID:", RESPONSE_TIMEOUT_MS, |p| {
         let digits = trim(p);
@@ -196,14 +200,18 @@ fn read_iccid<U: Read + ReadReady + Write>(at: &mut AtClient<U>, delay: &mut cor
 
 /// Opens the modem's MQTT connection and session: `AT+QMTOPEN` then `AT+QMTCONN`, each
 /// answered `OK` and then by a result URC.
-fn mqtt_connect<U: Read + ReadReady + Write>(at: &mut AtClient<U>, delay: &mut cortex_m::delay::Delay) -> Result<(), AtError> {
+fn mqtt_connect<U: Read + ReadReady + Write>(
+    at: &mut AtClient<U>,
+    delay: &mut cortex_m::delay::Delay,
+) -> Result<(), AtError> {
     let mut cmd: heapless::String<96> = heapless::String::new();
     write!(cmd, "AT+QMTOPEN={MQTT_CLIENT_IDX},\"{}\",{}", provision::BROKER_HOST, provision::BROKER_PORT)
         .map_err(|_| AtError::CommandTooLong)?;
     at.command(delay, cmd.as_bytes(), b"", RESPONSE_TIMEOUT_MS, |_| Ok(()))?;
     wait_result(at, delay, b"+QMTOPEN:")?;
     cmd.clear();
-    write!(cmd, "AT+QMTCONN={MQTT_CLIENT_IDX},\"countersign-{}\"", provision::METER_ID).map_err(|_| AtError::CommandTooLong)?;
+    write!(cmd, "AT+QMTCONN={MQTT_CLIENT_IDX},\"countersign-{}\"", provision::METER_ID)
+        .map_err(|_| AtError::CommandTooLong)?;
     at.command(delay, cmd.as_bytes(), b"", RESPONSE_TIMEOUT_MS, |_| Ok(()))?;
     wait_result(at, delay, b"+QMTCONN:")
 }
@@ -227,7 +235,10 @@ fn wait_result<U: Read + ReadReady + Write>(
 }
 
 /// `AT+CCLK?` → `+CCLK: "26/11/24,12:00:00+00"` (local time, zone in quarter hours) → Unix seconds.
-fn network_time<U: Read + ReadReady + Write>(at: &mut AtClient<U>, delay: &mut cortex_m::delay::Delay) -> Result<u64, AtError> {
+fn network_time<U: Read + ReadReady + Write>(
+    at: &mut AtClient<U>,
+    delay: &mut cortex_m::delay::Delay,
+) -> Result<u64, AtError> {
     let mut t = None;
     at.command(delay, b"AT+CCLK?", b"+CCLK:", RESPONSE_TIMEOUT_MS, |p| {
         t = Some(parse_cclk(p)?);

@@ -8,10 +8,10 @@
 #[path = "../uart.rs"]
 mod uart;
 
+use cortex_m_rt::entry;
 use countersign_meter::modem::{AtModem, CounterSource, ModemProfile};
 use countersign_meter::report::{DeviceTime, REPORT_BYTES_MAX};
 use countersign_meter::{MemoryStore, Meter, MeterConfig};
-use cortex_m_rt::entry;
 use embedded_io::Write;
 
 #[allow(dead_code)] // the probe uses the id and key only
@@ -21,14 +21,17 @@ mod provision {
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
-    loop {
-        cortex_m::asm::udf();
-    }
+    stop()
+}
+
+/// Stops the core; the probe only exists to be measured.
+fn stop() -> ! {
+    cortex_m::asm::udf()
 }
 
 #[entry]
 fn main() -> ! {
-    let Some(cp) = cortex_m::Peripherals::take() else { loop {} };
+    let Some(cp) = cortex_m::Peripherals::take() else { stop() };
     let mut delay = cortex_m::delay::Delay::new(cp.SYST, 25_000_000);
     // SAFETY: UART0's registers, used by nothing else in this image.
     let mut modem = AtModem::new(unsafe { uart::Uart::new(uart::UART0_BASE) }, ModemProfile::QUECTEL);
@@ -36,7 +39,7 @@ fn main() -> ! {
     // the encoder and tag are not optimised away.
     let mut out = unsafe { uart::Uart::new(uart::UART0_BASE + 0x1000) };
     let config = MeterConfig::new(provision::METER_ID, modem.profile().width);
-    let Ok(mut meter) = Meter::boot(config, provision::METER_KEY, MemoryStore::default()) else { loop {} };
+    let Ok(mut meter) = Meter::boot(config, provision::METER_KEY, MemoryStore::default()) else { stop() };
     let mut now_s = 0u32;
     loop {
         if let Ok(c) = modem.read_counters(&mut delay) {

@@ -13,6 +13,9 @@ step "system packages"
 missing=()
 [ -x /usr/sbin/mosquitto ] || [ -x /usr/bin/mosquitto ] || missing+=(mosquitto)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+# The firmware end-to-end test boots the board image in QEMU; `size` measures its footprint.
+command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
+command -v size >/dev/null || missing+=(binutils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -44,6 +47,7 @@ rustup component list --installed | grep -q '^rustfmt' || rustup component add r
 
 step "format"
 cargo fmt --all -- --check
+(cd firmware/boards/mps2-an386 && cargo fmt -- --check)
 
 step "dependency policy: ring is the only crypto provider"
 if cargo tree --workspace -i aws-lc-rs >/dev/null 2>&1; then
@@ -57,13 +61,20 @@ if cargo tree -p countersign-meter --target thumbv7em-none-eabihf -e normal,no-p
   echo "a dependency of the firmware enables std or alloc"; exit 1
 fi
 
+step "firmware footprint (release image, thumbv7em-none-eabihf)"
+tests/footprint.sh
+
+step "board image lints (thumbv7em-none-eabihf)"
+(cd firmware/boards/mps2-an386 && COUNTERSIGN_METER_ID=1 \
+  COUNTERSIGN_METER_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n') cargo clippy --release --bins -- -D warnings)
+
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "build binaries"
 cargo build --workspace --bins
 
-step "tests"
+step "tests (the firmware end-to-end test builds the board image and boots it in QEMU)"
 cargo test --workspace
 
 step "demo: 100 devices end to end (debug build)"

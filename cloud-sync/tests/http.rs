@@ -9,8 +9,7 @@ use countersign_cloud::server::{DayUsage, SimTotal, SimsUsage};
 use countersign_cloud::usage::DateRange;
 use countersign_cloud::{CloudConfig, Endpoint, Store};
 use countersign_meter::{
-    CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, ReportPolicy, TimeQuality, Totals,
-    REPORT_BYTES_MAX,
+    CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, TimeQuality, Totals, REPORT_BYTES_MAX,
 };
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 use countersign_protocol::keys::write_secret;
@@ -85,12 +84,12 @@ fn token() -> String {
 }
 
 fn meter(id: u64, key: [u8; 32]) -> Meter<MemoryStore> {
-    let config = MeterConfig { meter_id: id, width: CounterWidth::Bits64, policy: ReportPolicy::DEFAULT };
+    let config = MeterConfig::new(id, CounterWidth::Bits64);
     Meter::boot(config, key, MemoryStore::default()).unwrap()
 }
 
 fn reboot(m: Meter<MemoryStore>, id: u64, key: [u8; 32]) -> Meter<MemoryStore> {
-    let config = MeterConfig { meter_id: id, width: CounterWidth::Bits64, policy: ReportPolicy::DEFAULT };
+    let config = MeterConfig::new(id, CounterWidth::Bits64);
     Meter::boot(config, key, m.into_store()).unwrap()
 }
 

@@ -6,8 +6,11 @@
 //!
 //! - [`counter`]: raw modem readings → monotone totals (resets, 32-bit wrap).
 //! - [`meter`]: epochs, sequence numbers, checkpoints and the report policy.
+//! - [`flash_log`]: power-fail-safe checkpoint log on NOR flash (`embedded-storage`).
+//! - [`budget`]: what reports cost on the air, framing included.
 //! - [`report`]: the versioned wire format, its tag, and decode-and-verify for the endpoint.
-//! - [`modem`]: the seam modem drivers implement.
+//! - [`at`]: bounded AT line reader and UART client (`embedded-io`).
+//! - [`modem`]: per-modem counter profiles, parsers and the [`modem::CounterSource`] driver.
 //!
 //! The crate has no `std` and no `alloc` in its dependency tree; the `std` feature only adds
 //! `std::error::Error` impls for hosts.
@@ -17,12 +20,18 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod at;
+pub mod budget;
 pub mod counter;
+pub mod flash_log;
 pub mod meter;
 pub mod modem;
 pub mod report;
+#[cfg(test)]
+mod sim_flash;
 
 pub use counter::{Accumulator, CounterWidth, Step};
+pub use flash_log::{FlashLog, FlashLogError};
 pub use meter::{Checkpoint, CheckpointStore, MemoryStore, Meter, MeterConfig, MeterError, ReportPolicy};
 pub use report::{
     peek_meter_id, verify, CounterKind, DecodeError, DeviceTime, ExtraCounter, RecordId, Report, ReportError,
@@ -37,3 +46,7 @@ impl std::error::Error for VerifyError {}
 impl std::error::Error for ReportError {}
 #[cfg(feature = "std")]
 impl std::error::Error for MeterError {}
+#[cfg(feature = "std")]
+impl std::error::Error for at::AtError {}
+#[cfg(feature = "std")]
+impl std::error::Error for flash_log::FlashLogError {}

@@ -94,6 +94,11 @@ impl Default for ReportPolicy {
     }
 }
 
+/// Default for [`MeterConfig::checkpoint_delta_bytes`]: 64 KiB. A power cut loses at most
+/// this much (plus one reading's movement) from the device's lifetime totals, at a flash
+/// cost of about two records a day on a 140 KiB/day plan.
+pub const CHECKPOINT_DELTA_BYTES_DEFAULT: u64 = 64 * 1024;
+
 /// Static configuration of one meter, provisioned with its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MeterConfig {
@@ -103,6 +108,21 @@ pub struct MeterConfig {
     pub width: CounterWidth,
     /// When to report.
     pub policy: ReportPolicy,
+    /// Checkpoint once this many bytes were counted since the last checkpoint
+    /// ([`Meter::checkpoint_due`]); bounds what a power cut can take from lifetime totals.
+    pub checkpoint_delta_bytes: u64,
+}
+
+impl MeterConfig {
+    /// A configuration with the default report and checkpoint policies.
+    pub const fn new(meter_id: u64, width: CounterWidth) -> Self {
+        Self {
+            meter_id,
+            width,
+            policy: ReportPolicy::DEFAULT,
+            checkpoint_delta_bytes: CHECKPOINT_DELTA_BYTES_DEFAULT,
+        }
+    }
 }
 
 /// Why a meter operation failed. Small and `Copy` for `no_std` callers.
@@ -149,6 +169,7 @@ pub struct Meter<S: CheckpointStore> {
     down: Accumulator,
     next_seq: u32,
     reported: Totals,
+    checkpointed: Totals,
     last_report_s: Option<u32>,
 }
 
@@ -171,6 +192,7 @@ impl<S: CheckpointStore> Meter<S> {
             down: Accumulator::new(config.width),
             next_seq: 0,
             reported: Totals::default(),
+            checkpointed: Totals::default(),
             last_report_s: None,
         })
     }
@@ -204,6 +226,16 @@ impl<S: CheckpointStore> Meter<S> {
     pub fn observe(&mut self, raw_sent: u64, raw_received: u64) {
         self.up.observe(raw_sent);
         self.down.observe(raw_received);
+    }
+
+    /// Tells the meter the modem restarted (`RDY`) and its counters were reloaded from NVM
+    /// at some older value: the next reading only sets the reference. Without this, the
+    /// fall-back would look like a reset to zero and the whole reloaded counter would be
+    /// counted again. Call it only for modems whose counters survive power loss
+    /// ([`crate::modem::ModemProfile::counters_survive_power_loss`]).
+    pub fn modem_restarted(&mut self) {
+        self.up.rebase();
+        self.down.rebase();
     }
 
     /// Bytes counted but not yet in a report.
@@ -255,8 +287,33 @@ impl<S: CheckpointStore> Meter<S> {
 
     /// Persists the current lifetime totals, bounding what a power loss can lose.
     pub fn checkpoint(&mut self) -> Result<(), MeterError> {
-        let totals = self.base.checked_add(&self.used()).ok_or(MeterError::Overflow)?;
-        self.store.save(&Checkpoint { epoch: self.epoch, totals }).map_err(|_| MeterError::Storage)
+        let used = self.used();
+        let totals = self.base.checked_add(&used).ok_or(MeterError::Overflow)?;
+        self.store.save(&Checkpoint { epoch: self.epoch, totals }).map_err(|_| MeterError::Storage)?;
+        self.checkpointed = used;
+        Ok(())
+    }
+
+    /// Bytes counted since the last checkpoint of this epoch (what a power cut now would
+    /// take from the lifetime totals).
+    pub fn uncheckpointed_bytes(&self) -> u64 {
+        let used = self.used();
+        // Saturating: `checkpointed` is an earlier value of the monotone `used`.
+        used.up
+            .saturating_sub(self.checkpointed.up)
+            .saturating_add(used.down.saturating_sub(self.checkpointed.down))
+    }
+
+    /// Whether [`MeterConfig::checkpoint_delta_bytes`] were counted since the last checkpoint.
+    /// Also checkpoint after each delivered report and before sleep.
+    pub fn checkpoint_due(&self) -> bool {
+        self.uncheckpointed_bytes() >= self.config.checkpoint_delta_bytes
+    }
+
+    /// Whether an on-demand report is worth its air time now (before sleep or PDP teardown):
+    /// only if something was counted since the last report.
+    pub fn report_wanted_before_sleep(&self) -> bool {
+        self.unreported_bytes() > 0 || self.last_report_s.is_none()
     }
 }
 
@@ -269,7 +326,7 @@ mod tests {
     const ICCID: u64 = 8_988_280_666_000_000_001;
 
     fn config() -> MeterConfig {
-        MeterConfig { meter_id: 9, width: CounterWidth::Bits64, policy: ReportPolicy::DEFAULT }
+        MeterConfig::new(9, CounterWidth::Bits64)
     }
 
     fn report(m: &mut Meter<MemoryStore>, now: u32) -> Report {
@@ -324,6 +381,18 @@ mod tests {
         assert!(p.due(3600, 128 * 1024));
         assert!(!p.due(3600, 128 * 1024 - 1));
         assert!(p.due(12 * 3600, 0));
+    }
+
+    #[test]
+    fn modem_restart_with_nvm_counters_is_not_counted_twice() {
+        let mut m = Meter::boot(config(), KEY, MemoryStore::default()).unwrap();
+        m.observe(10_000, 20_000);
+        m.observe(15_000, 26_000);
+        // Modem rebooted and reloaded an NVM save taken at 12_000 / 22_000.
+        m.modem_restarted();
+        m.observe(12_000, 22_000);
+        m.observe(12_500, 22_100);
+        assert_eq!(m.used(), Totals { up: 5_500, down: 6_100 });
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub struct Fleet {
 fn config(meter_id: u64) -> MeterConfig {
     // Reports more often than the field default so a short simulation exercises many.
     let policy = ReportPolicy { delta_bytes_min: 32 * 1024, interval_s_min: 3600, interval_s_max: 3 * 3600 };
-    MeterConfig { meter_id, width: CounterWidth::Bits64, policy }
+    MeterConfig { policy, ..MeterConfig::new(meter_id, CounterWidth::Bits64) }
 }
 
 impl Fleet {

@@ -3,6 +3,7 @@
 //! - [`fleet`]: devices running the real meter code over random traffic.
 //! - [`broker`]: an embedded rumqttd for the one-command demo, a private Mosquitto for tests.
 //! - [`publisher`]: device-side MQTT publishing that waits for every PUBACK.
+//! - [`modem_sim`]: a Quectel-style modem on the serial port of the QEMU-emulated board.
 //! - [`procs`]: the project's binaries as child processes that die with the test.
 //! - [`stack`]: an endpoint and agents as real processes, keys registered by real commands.
 //! - [`faultproxy`]: an HTTP proxy that makes the endpoint refuse, fail or hang on demand.
@@ -10,6 +11,7 @@
 pub mod broker;
 pub mod faultproxy;
 pub mod fleet;
+pub mod modem_sim;
 pub mod procs;
 pub mod publisher;
 pub mod stack;

@@ -179,3 +179,143 @@ fn world_readable_secrets_are_refused() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{out:?}");
     Ok(())
 }
+
+/// Builds the real board image for QEMU with this test's meter id and key provisioned.
+fn build_board_image(meter_id: u64, key_file: &Path) -> Result<std::path::PathBuf> {
+    let board = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware/boards/mps2-an386");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--release", "--bin", "countersign-meter-fw"])
+        .current_dir(&board)
+        .env("COUNTERSIGN_METER_ID", meter_id.to_string())
+        .env("COUNTERSIGN_METER_KEY_FILE", key_file)
+        .env("COUNTERSIGN_POLL_INTERVAL_MS", "20")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .context("cannot run cargo for the board image")?;
+    if !out.status.success() {
+        bail!("board image build failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(board.join("target/thumbv7em-none-eabihf/release/countersign-meter-fw"))
+}
+
+/// The real firmware image under `qemu-system-arm` (mps2-an386), a simulated Quectel modem
+/// on its UART publishing through Mosquitto, the real agent and endpoint. Two power cycles
+/// on the same flash image file: the epoch advances, the second epoch's base is exactly the
+/// first epoch's final totals, and the endpoint's total equals the bytes the modem counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> {
+    use countersign_e2e::modem_sim::{ModemSim, SimState};
+    use std::sync::{Arc, Mutex};
+
+    const METER_ID: u64 = 4_200_001;
+    const ICCID20: &str = "89882280666000010421";
+    const ICCID: u64 = 8_988_228_066_600_001_042;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let key_file = dir.join("meter.key");
+    run_ok("countersign-cloud", &["keygen-meter", "--out", &key_file.display().to_string()])?;
+    let elf = tokio::task::block_in_place(|| build_board_image(METER_ID, &key_file))?;
+
+    let mqtt = Mosquitto::start(free_port()?, &dir.join("mosquitto")).await?;
+    let cloud = start_cloud(dir).await?;
+    let gw_key = dir.join("gateway.key").display().to_string();
+    let public = run_ok("countersign-agent", &["keygen", "--out", &gw_key])?;
+    let token = cloud.token_file.clone();
+    let url = cloud.url.clone();
+    run_ok(
+        "countersign-cloud",
+        &[
+            "register-gateway",
+            "--endpoint",
+            &url,
+            "--token-file",
+            &token,
+            "--gateway-id",
+            "1",
+            "--public-key",
+            public.trim(),
+        ],
+    )?;
+    run_ok(
+        "countersign-cloud",
+        &[
+            "register-meter",
+            "--endpoint",
+            &url,
+            "--token-file",
+            &token,
+            "--meter-id",
+            &METER_ID.to_string(),
+            "--key-file",
+            &key_file.display().to_string(),
+        ],
+    )?;
+    let agent_config = write_agent_config(dir, mqtt.port(), &cloud.url)?;
+    let _agent = start_agent(dir, &agent_config).await?;
+
+    let board_dir = dir.join("board");
+    std::fs::create_dir_all(&board_dir)?;
+    let state = Arc::new(Mutex::new(SimState { clock_unix: 1_795_000_000, ..SimState::default() }));
+    let mut truth = Totals::default();
+    let mut epochs = Vec::new();
+    let mut last_final: Option<Report> = None;
+    for boot in 0..2 {
+        let sim = tokio::task::block_in_place(|| -> Result<ModemSim> {
+            let sim = ModemSim::boot(&elf, &board_dir, mqtt.port(), ICCID20, state.clone())?;
+            // Several policy reports while traffic flows (delta or max interval)...
+            sim.wait_for("three reports", Duration::from_secs(90), |s| s.delivered.len() >= 3)?;
+            // ...then the data context goes down: the firmware reports on demand.
+            state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pdp_deact_requested = true;
+            sim.wait_for("the on-demand report", Duration::from_secs(60), |s| {
+                s.delivered_before_deact.is_some_and(|i| s.delivered.len() > i)
+            })?;
+            // The firmware checkpoints right after a delivery, then polls again: a new
+            // reading means the checkpoint is on flash.
+            sim.wait_for("the checkpoint after the report", Duration::from_secs(30), |s| {
+                s.delivered.last().is_some_and(|d| s.answers.len() > d.answers_at_delivery)
+            })?;
+            Ok(sim)
+        })?;
+        let (first_answer, fin, first_report) = {
+            let s = state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            assert!(s.unknown.is_empty(), "firmware sent unknown commands: {:?}", s.unknown);
+            let i = s.delivered_before_deact.context("deact index")?;
+            (s.answers[0], s.delivered[i].clone(), s.delivered[0].report.clone())
+        };
+        // Power cut while the device sleeps after its on-demand report.
+        sim.power_cut();
+        let r = &fin.report;
+        assert_eq!(r.iccid, ICCID);
+        assert_eq!(
+            r.seq as usize + 1,
+            state.lock().map(|s| s.delivered.len()).unwrap_or(0),
+            "seq counts reports"
+        );
+        // The modem counted exactly this much between the first reading and the final report.
+        let counted = Totals {
+            up: fin.counters_before.0 - first_answer.0,
+            down: fin.counters_before.1 - first_answer.1,
+        };
+        assert_eq!(r.used, counted, "boot {boot}: report does not match the modem's counters");
+        truth = truth.checked_add(&counted).context("overflow")?;
+        if let Some(prev) = &last_final {
+            // Restored from the checkpoint written after the previous on-demand report.
+            assert_eq!(first_report.base, prev.cumulative().context("overflow")?, "base after power cycle");
+        }
+        epochs.push(r.epoch);
+        last_final = Some(r.clone());
+    }
+    assert_eq!(epochs, vec![0, 1], "the epoch advances across the power cycle");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let sims = loop {
+        let (sims, _) = usage_sims(&cloud).await?;
+        if sims.get(&ICCID) == Some(&truth) || tokio::time::Instant::now() > deadline {
+            break sims;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(sims.get(&ICCID), Some(&truth), "endpoint totals differ from the modem's counters");
+    Ok(())
+}

@@ -11,8 +11,9 @@
 //! - A report leaves sled only after the endpoint answered for it.
 //! - While the buffer is at its quota or the store fails, nothing is acked: the broker keeps
 //!   the reports (and stops sending once its in-flight window is full).
-//! - The ingest queue holds at least as many reports as the broker may have in flight to us,
-//!   so the event loop never blocks on a committer that is itself waiting to send an ack.
+//! - Acks never wait: the request channel holds more acks than a broker can have unacked
+//!   messages in flight to one client (16-bit packet ids), so the committer always drains the
+//!   ingest queue and the MQTT event loop is never starved.
 //! - A store failure ends the pipeline without acking; the supervisor reopens the database
 //!   and starts a new pipeline, and the broker redelivers what was not acked.
 
@@ -35,11 +36,16 @@ use crate::config::AgentConfig;
 use crate::status::AgentStatus;
 use crate::store::{Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX};
 
-/// Capacity of the queue between the MQTT event loop and the committer. It must exceed what
-/// a broker keeps in flight to one client (Mosquitto: `max_inflight_messages`, default 20).
+/// Capacity of the queue between the MQTT event loop and the committer: the event loop waits
+/// when it is full, which is how a slow disk slows the intake.
 pub const INGEST_QUEUE_REPORTS_MAX: usize = 4096;
-/// Capacity of rumqttc's request channel (acks, subscribes).
-const MQTT_REQUESTS_MAX: usize = INGEST_QUEUE_REPORTS_MAX;
+/// Capacity of rumqttc's request channel (acks, subscribes). A broker can have at most
+/// 65 535 QoS 1 messages unacked towards us (packet ids are 16 bits), so a channel this large
+/// never makes the committer wait on an ack; that is what keeps the committer draining the
+/// ingest queue, the event loop polling, and the whole loop free of deadlock even when a
+/// broker ignores its in-flight window (Mosquitto floods a resumed session's backlog).
+/// The channel only takes memory for what it holds (≤ 65 536 small acks).
+const MQTT_REQUESTS_MAX: usize = u16::MAX as usize + 1;
 /// Largest MQTT packet accepted: far above a report, so an oversized payload reaches the
 /// quarantine instead of breaking the connection (and being redelivered forever).
 pub const MQTT_PACKET_BYTES_MAX: usize = 256 * 1024;

@@ -77,7 +77,9 @@ impl Cloud {
         )?;
         for (meter_id, key, _) in meters {
             let path = dir.join(format!("meter-{meter_id}.key"));
-            countersign_protocol::keys::write_secret(&path, key)?;
+            if !path.exists() {
+                countersign_protocol::keys::write_secret(&path, key)?;
+            }
             run_ok(
                 "countersign-cloud",
                 &[

@@ -218,41 +218,17 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
     let elf = tokio::task::block_in_place(|| build_board_image(METER_ID, &key_file))?;
 
     let mqtt = Mosquitto::start(free_port()?, &dir.join("mosquitto")).await?;
-    let cloud = start_cloud(dir).await?;
-    let gw_key = dir.join("gateway.key").display().to_string();
-    let public = run_ok("countersign-agent", &["keygen", "--out", &gw_key])?;
-    let token = cloud.token_file.clone();
-    let url = cloud.url.clone();
-    run_ok(
-        "countersign-cloud",
-        &[
-            "register-gateway",
-            "--endpoint",
-            &url,
-            "--token-file",
-            &token,
-            "--gateway-id",
-            "1",
-            "--public-key",
-            public.trim(),
-        ],
+    let cloud = Cloud::start(dir).await?;
+    let key = countersign_protocol::keys::read_secret(&key_file)?;
+    cloud.register(dir, &dir.join("gateway.key"), &[(METER_ID, key, ICCID)])?;
+    let setup = AgentSetup::write(
+        dir,
+        &dir.join("agent-data"),
+        mqtt.port(),
+        &cloud.url,
+        "[batch]\nlinger_ms = 50\n",
     )?;
-    run_ok(
-        "countersign-cloud",
-        &[
-            "register-meter",
-            "--endpoint",
-            &url,
-            "--token-file",
-            &token,
-            "--meter-id",
-            &METER_ID.to_string(),
-            "--key-file",
-            &key_file.display().to_string(),
-        ],
-    )?;
-    let agent_config = write_agent_config(dir, mqtt.port(), &cloud.url)?;
-    let _agent = start_agent(dir, &agent_config).await?;
+    let _agent = setup.start().await?;
 
     let board_dir = dir.join("board");
     std::fs::create_dir_all(&board_dir)?;
@@ -310,7 +286,7 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let sims = loop {
-        let (sims, _) = usage_sims(&cloud).await?;
+        let (sims, _) = cloud.usage_sims().await?;
         if sims.get(&ICCID) == Some(&truth) || tokio::time::Instant::now() > deadline {
             break sims;
         }

@@ -7,6 +7,7 @@
 //! - [`store`]: the sled store behind a narrow API.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
+//! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
 //! - [`client`]: an async client for the admin and usage API.
 //!
 //! The library logs through `tracing` and never installs a subscriber.
@@ -17,6 +18,7 @@
 pub mod client;
 pub mod config;
 pub mod ingest;
+pub mod pricing;
 pub mod server;
 pub mod store;
 pub mod usage;

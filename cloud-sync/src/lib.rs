@@ -8,6 +8,8 @@
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
 //! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
+//! - [`carrier`]: carrier usage import (1NCE JSON, CSV, session records), exact MB parsing.
+//! - [`reconcile`]: device vs carrier per SIM-day under a provider model.
 //! - [`client`]: an async client for the admin and usage API.
 //!
 //! The library logs through `tracing` and never installs a subscriber.
@@ -15,10 +17,12 @@
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod carrier;
 pub mod client;
 pub mod config;
 pub mod ingest;
 pub mod pricing;
+pub mod reconcile;
 pub mod server;
 pub mod store;
 pub mod usage;

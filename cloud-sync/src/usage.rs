@@ -28,9 +28,14 @@
 use std::collections::BTreeMap;
 
 use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals};
+pub use jiff::tz::TimeZone;
+use jiff::Timestamp;
 use time::{Date, OffsetDateTime};
 
-/// Bytes per (ICCID, UTC day).
+/// Longest time zone name accepted (the longest IANA name is about 30 bytes).
+pub const TIME_ZONE_NAME_BYTES_MAX: usize = 64;
+
+/// Bytes per (ICCID, day): UTC days from [`derive_daily`], zone days from [`derive_daily_in`].
 pub type DailyUsage = BTreeMap<(u64, Date), Totals>;
 
 /// What the derivation needs of one stored record.
@@ -75,6 +80,9 @@ pub enum UsageError {
     /// The total over several SIMs exceeds u64 bytes.
     #[error("usage over all SIMs overflows 64 bits")]
     TotalOverflow,
+    /// The time zone name is not in the bundled tz database.
+    #[error("unknown time zone '{0}'")]
+    UnknownTimeZone(String),
     /// The receive time is outside what a calendar date can represent.
     #[error("record {id}: receive time {received_ms} ms is not a representable date")]
     TimeOutOfRange {
@@ -99,6 +107,23 @@ pub fn attribution_date(time: &DeviceTime, received_ms: u64) -> Option<Date> {
 /// Derives bytes per (ICCID, day) from records in record id order (see the module docs).
 /// Repeated ids are allowed and contribute nothing the second time.
 pub fn derive_daily(records: impl IntoIterator<Item = UsageRecord>) -> Result<DailyUsage, UsageError> {
+    derive_by(records, |r| attribution_date(&r.time, r.received_ms))
+}
+
+/// Like [`derive_daily`], with days cut at midnight in `tz` instead of UTC (see "Time zones"
+/// in the module docs).
+pub fn derive_daily_in(
+    records: impl IntoIterator<Item = UsageRecord>,
+    tz: &TimeZone,
+) -> Result<DailyUsage, UsageError> {
+    derive_by(records, |r| attribution_instant(&r.time, r.received_ms).and_then(|t| zone_date(t, tz)))
+}
+
+/// The running-maximum rule with days chosen by `attribute`.
+fn derive_by(
+    records: impl IntoIterator<Item = UsageRecord>,
+    mut attribute: impl FnMut(&UsageRecord) -> Option<Date>,
+) -> Result<DailyUsage, UsageError> {
     let mut out = DailyUsage::new();
     let mut previous: Option<RecordId> = None;
     let mut running_max = Totals::default();
@@ -117,12 +142,51 @@ pub fn derive_daily(records: impl IntoIterator<Item = UsageRecord>) -> Result<Da
             down: r.used.down.saturating_sub(running_max.down),
         };
         running_max = Totals { up: running_max.up.max(r.used.up), down: running_max.down.max(r.used.down) };
-        let date = attribution_date(&r.time, r.received_ms)
-            .ok_or(UsageError::TimeOutOfRange { id: r.id, received_ms: r.received_ms })?;
+        let date =
+            attribute(&r).ok_or(UsageError::TimeOutOfRange { id: r.id, received_ms: r.received_ms })?;
         let entry = out.entry((r.iccid, date)).or_default();
         *entry = entry.checked_add(&added).ok_or(UsageError::Overflow { iccid: r.iccid })?;
     }
     Ok(out)
+}
+
+/// The instant a report's usage is attributed to: network time if the device has it,
+/// otherwise the gateway's receive time (whole seconds). `None` beyond the calendar's range.
+pub fn attribution_instant(time: &DeviceTime, received_ms: u64) -> Option<Timestamp> {
+    let unix_s = match (time.quality(), time.unix_s()) {
+        (TimeQuality::Network, Some(s)) => s,
+        _ => received_ms / 1000,
+    };
+    Timestamp::from_second(i64::try_from(unix_s).ok()?).ok()
+}
+
+/// The civil date of `t` in `tz`, as a `time::Date`.
+pub fn zone_date(t: Timestamp, tz: &TimeZone) -> Option<Date> {
+    to_time_date(tz.to_datetime(t).date())
+}
+
+fn to_time_date(d: jiff::civil::Date) -> Option<Date> {
+    let month = time::Month::try_from(u8::try_from(d.month()).ok()?).ok()?;
+    Date::from_calendar_date(i32::from(d.year()), month, u8::try_from(d.day()).ok()?).ok()
+}
+
+fn to_civil_date(d: Date) -> Option<jiff::civil::Date> {
+    let year = i16::try_from(d.year()).ok()?;
+    jiff::civil::Date::new(year, i8::try_from(u8::from(d.month())).ok()?, i8::try_from(d.day()).ok()?).ok()
+}
+
+/// The first instant of `date` in `tz` (on a day whose midnight is skipped by a DST change,
+/// the first instant that exists). `None` beyond the calendar's range.
+pub fn day_start(date: Date, tz: &TimeZone) -> Option<Timestamp> {
+    Some(to_civil_date(date)?.to_zoned(tz.clone()).ok()?.timestamp())
+}
+
+/// Resolves an IANA time zone name ("Europe/Berlin", "UTC") from the bundled tzdb.
+pub fn time_zone(name: &str) -> Result<TimeZone, UsageError> {
+    if name.len() > TIME_ZONE_NAME_BYTES_MAX {
+        return Err(UsageError::UnknownTimeZone(format!("{} bytes", name.len())));
+    }
+    TimeZone::get(name).map_err(|_| UsageError::UnknownTimeZone(name.to_owned()))
 }
 
 /// An inclusive range of UTC days; an open end is unbounded.

@@ -10,6 +10,7 @@
 //! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
 //! - [`carrier`]: carrier usage import (1NCE JSON, CSV, session records), exact MB parsing.
 //! - [`reconcile`]: device vs carrier per SIM-day under a provider model.
+//! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
 //! - [`client`]: an async client for the admin and usage API.
 //!
 //! The library logs through `tracing` and never installs a subscriber.
@@ -21,6 +22,7 @@ pub mod carrier;
 pub mod client;
 pub mod config;
 pub mod ingest;
+pub mod lago;
 pub mod pricing;
 pub mod reconcile;
 pub mod server;

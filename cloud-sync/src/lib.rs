@@ -11,6 +11,7 @@
 //! - [`carrier`]: carrier usage import (1NCE JSON, CSV, session records), exact MB parsing.
 //! - [`reconcile`]: device vs carrier per SIM-day under a provider model.
 //! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
+//! - [`ledger`]: settled SIM-days and adjustments in the store.
 //! - [`client`]: an async client for the admin and usage API.
 //!
 //! The library logs through `tracing` and never installs a subscriber.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod ingest;
 pub mod lago;
+pub mod ledger;
 pub mod pricing;
 pub mod reconcile;
 pub mod server;

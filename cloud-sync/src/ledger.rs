@@ -234,3 +234,81 @@ impl Ledger {
         Ok(settlement)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use countersign_meter::{DeviceTime, Report, TimeQuality, REPORT_BYTES_MAX};
+
+    const SIM: u64 = 8_988_280_666_000_000_001;
+    /// 2026-11-24T12:00:00Z.
+    const NOON_S: u64 = 1_795_521_600;
+    const DAY_S: u64 = 86_400;
+
+    fn insert(store: &Store, seq: u32, up: u64, at_s: u64) {
+        let r = Report {
+            meter_id: 1,
+            epoch: 0,
+            seq,
+            iccid: SIM,
+            time: DeviceTime::wall_clock(TimeQuality::Network, at_s).unwrap(),
+            base: Totals::default(),
+            used: Totals { up, down: 0 },
+            extras: Default::default(),
+        };
+        let mut buf = [0u8; REPORT_BYTES_MAX];
+        let n = r.encode(&[1u8; 32], &mut buf).unwrap();
+        store.insert_record(r.id(), 1, at_s * 1000, &buf[..n]).unwrap();
+    }
+
+    fn at(s: u64) -> Timestamp {
+        Timestamp::from_second(i64::try_from(s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn closed_days_survive_reopen_and_late_data_becomes_adjustments() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
+            insert(&store, 0, 100, NOON_S);
+            insert(&store, 2, 300, NOON_S + DAY_S);
+            let ledger = Ledger::open(&store).unwrap();
+            let s = ledger.settle("Europe/Berlin", 24, at(NOON_S + 3 * DAY_S)).unwrap();
+            assert_eq!(s.settled.len(), 2);
+            assert!(matches!(
+                ledger.settle("UTC", 24, at(NOON_S + 3 * DAY_S)),
+                Err(LedgerError::ZoneMismatch { .. })
+            ));
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
+        insert(&store, 1, 250, NOON_S);
+        let ledger = Ledger::open(&store).unwrap();
+        let s = ledger.settle("Europe/Berlin", 24, at(NOON_S + 4 * DAY_S)).unwrap();
+        assert_eq!((s.settled.len(), s.adjustments.len()), (0, 2));
+        let days = ledger.days(Some(SIM), DateRange::default()).unwrap();
+        assert_eq!(days.len(), 2);
+        // The settled figures are what they were; the late 150 bytes moved as adjustments.
+        assert_eq!(days[0].settled.totals.up, 100);
+        assert_eq!(days[0].adjustments[0].delta_up, 150);
+        assert_eq!(days[1].settled.totals.up, 200);
+        assert_eq!(days[1].adjustments[0].delta_up, -150);
+        let booked = ledger.booked().unwrap();
+        assert_eq!(booked.values().map(|b| b.current.up).sum::<u64>(), 300);
+        assert_eq!(ledger.zone().unwrap().as_deref(), Some("Europe/Berlin"));
+        // Settling again books nothing new.
+        assert_eq!(
+            ledger.settle("Europe/Berlin", 24, at(NOON_S + 5 * DAY_S)).unwrap(),
+            Settlement::default()
+        );
+    }
+
+    #[test]
+    fn day_keys_order_by_date() {
+        let a = day_key(SIM, time::macros::date!(2026 - 01 - 31));
+        let b = day_key(SIM, time::macros::date!(2026 - 02 - 01));
+        assert!(a < b);
+        assert_eq!(parse_day_key(&b).unwrap(), (SIM, time::macros::date!(2026 - 02 - 01)));
+        assert_eq!(hex::encode(a), "7cbcc9a4ce71040180258d90");
+    }
+}

@@ -281,7 +281,16 @@ mod tests {
             ));
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
+        // sled's flusher thread may hold the old handle for a moment after the drop.
+        let store = (0..100)
+            .find_map(|_| {
+                let s = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).ok();
+                if s.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                s
+            })
+            .unwrap();
         insert(&store, 1, 250, NOON_S);
         let ledger = Ledger::open(&store).unwrap();
         let s = ledger.settle("Europe/Berlin", 24, at(NOON_S + 4 * DAY_S)).unwrap();

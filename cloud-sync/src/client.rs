@@ -172,3 +172,57 @@ pub async fn usage_sims(
 ) -> Result<SimsUsage, ClientError> {
     get_json(http, &url(base_url, USAGE_SIMS_PATH), token, &range_query(range)).await
 }
+
+/// Usage per SIM-day with days cut in the IANA zone `tz`, within `range`; one SIM with `iccid`.
+pub async fn usage_days(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    tz: &str,
+    iccid: Option<u64>,
+    range: DateRange,
+) -> Result<crate::server::ZoneDays, ClientError> {
+    let mut query = vec![("tz", tz.to_owned())];
+    if let Some(i) = iccid {
+        query.push(("iccid", i.to_string()));
+    }
+    query.extend(range_query(range));
+    get_json(http, &url(base_url, crate::server::USAGE_DAYS_PATH), token, &query).await
+}
+
+/// The settlement ledger: settled SIM-days and their adjustments.
+pub async fn usage_ledger(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    iccid: Option<u64>,
+    range: DateRange,
+) -> Result<crate::server::LedgerReply, ClientError> {
+    let mut query = Vec::new();
+    if let Some(i) = iccid {
+        query.push(("iccid", i.to_string()));
+    }
+    query.extend(range_query(range));
+    get_json(http, &url(base_url, crate::server::USAGE_LEDGER_PATH), token, &query).await
+}
+
+/// Runs a settlement: closes days `settlement_hours` after their end in `tz`, books
+/// adjustments for closed days that changed.
+pub async fn settle(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    tz: &str,
+    settlement_hours: u32,
+) -> Result<crate::server::SettleReply, ClientError> {
+    let u = url(base_url, crate::server::ADMIN_SETTLE_PATH);
+    let body = crate::server::SettleRequest { tz: tz.to_owned(), settlement_hours };
+    let response = http
+        .post(&u)
+        .bearer_auth(token.trim())
+        .json(&body)
+        .send()
+        .await
+        .map_err(|source| ClientError::Transport { url: u.clone(), source })?;
+    check(&u, response).await?.json().await.map_err(|source| ClientError::BadResponse { url: u, source })
+}

@@ -7,6 +7,11 @@
 //! - [`store`]: the sled store behind a narrow API.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
+//! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
+//! - [`carrier`]: carrier usage import (1NCE JSON, CSV, session records), exact MB parsing.
+//! - [`reconcile`]: device vs carrier per SIM-day under a provider model.
+//! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
+//! - [`ledger`]: settled SIM-days and adjustments in the store.
 //! - [`client`]: an async client for the admin and usage API.
 //!
 //! The library logs through `tracing` and never installs a subscriber.
@@ -14,9 +19,14 @@
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod carrier;
 pub mod client;
 pub mod config;
 pub mod ingest;
+pub mod lago;
+pub mod ledger;
+pub mod pricing;
+pub mod reconcile;
 pub mod server;
 pub mod store;
 pub mod usage;

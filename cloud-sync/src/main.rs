@@ -1,5 +1,5 @@
 //! `countersign-cloud`: run the rating endpoint, check its config, make keys, register
-//! meters and gateways, query usage.
+//! meters and gateways, query usage, settle days, reconcile with the carrier, export to Lago.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
+use countersign_cloud::lago::{LagoConfig, LagoExporter};
+use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
 use countersign_cloud::server::{parse_date, parse_iccid};
 use countersign_cloud::usage::DateRange;
 use countersign_cloud::{client, CloudConfig, Endpoint};
@@ -17,6 +20,8 @@ use tracing_subscriber::EnvFilter;
 
 /// How long a command-line request may take before it is given up.
 const REQUEST_TIMEOUT_S: u64 = 30;
+/// Seconds between Lago export rounds when the outbox is drained.
+const LAGO_EXPORT_INTERVAL_S: u64 = 10;
 
 #[derive(Parser)]
 #[command(name = "countersign-cloud", version, about = "Countersign rating endpoint and its admin tools")]
@@ -32,6 +37,9 @@ enum Command {
         /// The TOML config file.
         #[arg(long)]
         config: PathBuf,
+        /// A Lago export config (TOML); when given, stored usage is forwarded to Lago.
+        #[arg(long)]
+        lago_config: Option<PathBuf>,
     },
     /// Validate a config file and the admin token file it names.
     CheckConfig {
@@ -99,6 +107,85 @@ enum Command {
         #[arg(long, value_parser = date_arg)]
         to: Option<time::Date>,
     },
+    #[command(flatten)]
+    Rating(RatingCommand),
+}
+
+/// Commands of the rating work (settlement, reconciliation), kept apart for easy merging.
+#[derive(Subcommand)]
+enum RatingCommand {
+    /// Close days N hours after their end in a time zone and book adjustments for closed days.
+    Settle {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// IANA time zone days are cut in, e.g. Europe/Berlin.
+        #[arg(long)]
+        tz: String,
+        /// Hours after a day's end before it closes.
+        #[arg(long, default_value_t = 48)]
+        settlement_hours: u32,
+    },
+    /// Print the settlement ledger (settled SIM-days and their adjustments) as JSON.
+    Ledger {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// One SIM only.
+        #[arg(long, value_parser = iccid_arg)]
+        iccid: Option<u64>,
+        /// First day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        from: Option<time::Date>,
+        /// Last day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        to: Option<time::Date>,
+    },
+    /// Compare device-counted usage (from the endpoint) with carrier usage files per SIM-day.
+    Reconcile {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// 1NCE daily usage JSON of one SIM, as ICCID=FILE or FILE named <ICCID>.json.
+        #[arg(long)]
+        carrier_json: Vec<String>,
+        /// Daily usage CSV (iccid, date, volume and/or volume_rx + volume_tx; MB strings).
+        #[arg(long)]
+        carrier_csv: Vec<PathBuf>,
+        /// Session records CSV (iccid, start, end, volume_rx, volume_tx[, volume_total]).
+        #[arg(long)]
+        carrier_sessions: Vec<PathBuf>,
+        /// Provider model: 1nce or exact.
+        #[arg(long, default_value = "1nce")]
+        provider: String,
+        /// IANA time zone the carrier's days are cut in.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// First day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        from: Option<time::Date>,
+        /// Last day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        to: Option<time::Date>,
+        /// Absolute tolerance, bytes.
+        #[arg(long, default_value_t = 1024)]
+        tolerance_bytes: u64,
+        /// Relative tolerance, basis points of the expected bytes (100 = 1 %).
+        #[arg(long, default_value_t = 100)]
+        tolerance_bp: u32,
+        /// Output format: json or csv.
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
 }
 
 fn iccid_arg(s: &str) -> Result<u64, String> {
@@ -147,7 +234,8 @@ fn one_line(e: &anyhow::Error) -> String {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { config } => serve(&config).await,
+        Command::Serve { config, lago_config } => serve(&config, lago_config.as_deref()).await,
+        Command::Rating(c) => rating(c).await,
         Command::CheckConfig { config } => {
             let c = CloudConfig::load(&config).with_context(|| format!("config {}", config.display()))?;
             c.read_admin_token().with_context(|| format!("config {}", config.display()))?;
@@ -199,14 +287,134 @@ async fn run(command: Command) -> Result<()> {
     }
 }
 
-async fn serve(config_path: &Path) -> Result<()> {
+async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
     let config =
         CloudConfig::load(config_path).with_context(|| format!("config {}", config_path.display()))?;
     let endpoint = Endpoint::open(&config).with_context(|| format!("config {}", config_path.display()))?;
     let listener = tokio::net::TcpListener::bind(config.listen())
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen()))?;
-    endpoint.serve(listener, shutdown_signal()).await.context("serving")
+    let Some(lago_path) = lago_config else {
+        return endpoint.serve(listener, shutdown_signal()).await.context("serving");
+    };
+    let lago = LagoConfig::load(lago_path).with_context(|| format!("lago config {}", lago_path.display()))?;
+    let exporter = LagoExporter::new(endpoint.store(), lago).context("lago exporter")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let export =
+        tokio::spawn(exporter.run(Duration::from_secs(LAGO_EXPORT_INTERVAL_S), stopped(stop_rx.clone())));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let served = endpoint.serve(listener, stopped(stop_rx)).await.context("serving");
+    match export.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "lago export stopped"),
+        Err(e) => tracing::error!(error = %e, "lago export task failed"),
+    }
+    served
+}
+
+/// Reads a 1NCE JSON argument: `ICCID=FILE`, or `FILE` whose stem is the ICCID.
+fn carrier_json_arg(arg: &str) -> Result<(u64, PathBuf)> {
+    let (iccid, path) = match arg.split_once('=') {
+        Some((i, p)) => (i.to_owned(), PathBuf::from(p)),
+        None => {
+            let p = PathBuf::from(arg);
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            (stem, p)
+        }
+    };
+    let iccid = parse_iccid(&iccid)
+        .with_context(|| format!("--carrier-json {arg}: give ICCID=FILE or name the file <ICCID>.json"))?;
+    Ok((iccid, path))
+}
+
+fn read_carrier_file(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.len() > CARRIER_FILE_BYTES_MAX as u64 {
+        anyhow::bail!("{}: larger than {CARRIER_FILE_BYTES_MAX} bytes", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+async fn rating(command: RatingCommand) -> Result<()> {
+    match command {
+        RatingCommand::Settle { endpoint, token_file, tz, settlement_hours } => {
+            let token = read_token(&token_file)?;
+            let r =
+                client::settle(&http()?, &endpoint, &token, &tz, settlement_hours).await.context("settle")?;
+            println!("{}", serde_json::to_string_pretty(&r).context("encoding the answer")?);
+            Ok(())
+        }
+        RatingCommand::Ledger { endpoint, token_file, iccid, from, to } => {
+            let token = read_token(&token_file)?;
+            let r = client::usage_ledger(&http()?, &endpoint, &token, iccid, DateRange { from, to })
+                .await
+                .context("ledger query")?;
+            println!("{}", serde_json::to_string_pretty(&r).context("encoding the answer")?);
+            Ok(())
+        }
+        RatingCommand::Reconcile {
+            endpoint,
+            token_file,
+            carrier_json,
+            carrier_csv,
+            carrier_sessions,
+            provider,
+            tz,
+            from,
+            to,
+            tolerance_bytes,
+            tolerance_bp,
+            format,
+        } => {
+            if format != "json" && format != "csv" {
+                anyhow::bail!("--format: expected json or csv, got '{format}'");
+            }
+            let model = ProviderModel::builtin(&provider).context("--provider")?;
+            let zone = countersign_cloud::usage::time_zone(&tz).context("--tz")?;
+            let mut carrier = Vec::new();
+            for arg in &carrier_json {
+                let (iccid, path) = carrier_json_arg(arg)?;
+                let text = read_carrier_file(&path)?;
+                carrier.extend(
+                    carrier::parse_1nce_daily_json(iccid, &text)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
+            for path in &carrier_csv {
+                let text = read_carrier_file(path)?;
+                carrier
+                    .extend(carrier::parse_daily_csv(&text).with_context(|| format!("{}", path.display()))?);
+            }
+            for path in &carrier_sessions {
+                let text = read_carrier_file(path)?;
+                carrier.extend(
+                    carrier::parse_sessions_csv(&text, &zone)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
+            let range = DateRange { from, to };
+            let token = read_token(&token_file)?;
+            let days = client::usage_days(&http()?, &endpoint, &token, &tz, None, range)
+                .await
+                .context("device usage query")?;
+            let device = days.days.iter().map(|d| ((d.iccid, d.date), d.total_bytes)).collect();
+            let tolerance = Tolerance { bytes: tolerance_bytes, basis_points: tolerance_bp };
+            let r =
+                reconcile::reconcile(&device, &carrier, &model, tolerance, range).context("reconciling")?;
+            if format == "csv" {
+                print!("{}", reconcile::to_csv(&r).context("encoding csv")?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r).context("encoding json")?);
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -8,6 +8,9 @@
 //! | `GET /v1/usage/sims`     | admin token      | [`SimsUsage`] (optional `from`/`to`)          |
 //! | `POST /v1/admin/meters`  | admin token      | [`RegistrationReply`], 201 or 200             |
 //! | `POST /v1/admin/gateways`| admin token      | [`RegistrationReply`], 201 or 200             |
+//! | `GET /v1/usage/days`     | admin token      | [`ZoneDays`] (`tz`, optional `iccid`/`from`/`to`) |
+//! | `GET /v1/usage/ledger`   | admin token      | [`LedgerReply`]: settled days + adjustments   |
+//! | `POST /v1/admin/settle`  | admin token      | [`SettleReply`] for a [`SettleRequest`]       |
 //! | `GET /health`            | none             | `{"status":"ok"}`                             |
 //!
 //! Every error is an [`ErrorBody`] with a stable `code`. Blocking work (signature checks,
@@ -362,6 +365,9 @@ impl Endpoint {
             .route(USAGE_SIMS_PATH, get(get_usage_sims))
             .route(ADMIN_METERS_PATH, post(post_meter))
             .route(ADMIN_GATEWAYS_PATH, post(post_gateway))
+            .route(USAGE_DAYS_PATH, get(get_usage_days))
+            .route(USAGE_LEDGER_PATH, get(get_usage_ledger))
+            .route(ADMIN_SETTLE_PATH, post(post_settle))
             .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
             .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
         Router::new()
@@ -609,6 +615,226 @@ async fn post_gateway(
     let r = blocking(move || store.add_gateway(gateway_id, &key)).await??;
     tracing::info!(gateway_id, outcome = ?r, "gateway registration");
     Ok(registered(r))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time-zone days, settlement ledger.
+
+/// Path of usage per SIM-day in a time zone.
+pub const USAGE_DAYS_PATH: &str = "/v1/usage/days";
+/// Path of the settlement ledger.
+pub const USAGE_LEDGER_PATH: &str = "/v1/usage/ledger";
+/// Path of a settlement run.
+pub const ADMIN_SETTLE_PATH: &str = "/v1/admin/settle";
+
+/// One SIM-day in [`ZoneDays`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneDay {
+    /// The SIM, a decimal string in JSON.
+    #[serde(with = "json_iccid")]
+    pub iccid: u64,
+    /// The day in the asked zone.
+    #[serde(with = "json_date")]
+    pub date: Date,
+    /// Bytes sent by the device.
+    pub up_bytes: u64,
+    /// Bytes received by the device.
+    pub down_bytes: u64,
+    /// `up_bytes + down_bytes`.
+    pub total_bytes: u64,
+}
+
+/// Answer of `GET /v1/usage/days`: current (unsettled) figures per SIM-day in `tz`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneDays {
+    /// The IANA zone days were cut in.
+    pub tz: String,
+    /// SIM-days by ICCID, then date.
+    pub days: Vec<ZoneDay>,
+}
+
+/// One adjustment in [`LedgerReply`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustmentJson {
+    /// 1, 2, … per day.
+    pub seq: u32,
+    /// Uplink bytes added (negative: removed).
+    pub delta_up_bytes: i64,
+    /// Downlink bytes added.
+    pub delta_down_bytes: i64,
+    /// When it was booked, Unix seconds.
+    pub made_at_s: i64,
+}
+
+/// One settled SIM-day in [`LedgerReply`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerDayJson {
+    /// The SIM.
+    #[serde(with = "json_iccid")]
+    pub iccid: u64,
+    /// The day in the ledger's zone.
+    #[serde(with = "json_date")]
+    pub date: Date,
+    /// Uplink bytes settled when the day closed (never changed).
+    pub settled_up_bytes: u64,
+    /// Downlink bytes settled.
+    pub settled_down_bytes: u64,
+    /// When it was settled, Unix seconds.
+    pub settled_at_s: i64,
+    /// Corrections booked since, in order.
+    pub adjustments: Vec<AdjustmentJson>,
+    /// Settled plus adjustments, both directions.
+    pub booked_total_bytes: i64,
+}
+
+/// Answer of `GET /v1/usage/ledger`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerReply {
+    /// The ledger's zone, `null` before the first settlement.
+    pub tz: Option<String>,
+    /// Settled SIM-days by ICCID, then date.
+    pub days: Vec<LedgerDayJson>,
+}
+
+/// Body of `POST /v1/admin/settle`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleRequest {
+    /// IANA zone days are cut in; fixed by the ledger's first settlement.
+    pub tz: String,
+    /// Hours after a day's end before it closes.
+    pub settlement_hours: u32,
+}
+
+/// Answer of `POST /v1/admin/settle`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleReply {
+    /// SIM-days settled by this run.
+    pub settled: usize,
+    /// Adjustments booked by this run.
+    pub adjustments: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct ZoneParams {
+    tz: Option<String>,
+    iccid: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn zone_range(p: &ZoneParams) -> Result<(Option<u64>, DateRange), ApiError> {
+    let iccid = match p.iccid.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            parse_iccid(s).ok_or_else(|| ApiError::bad_request(format!("iccid: '{s}' is not an ICCID")))?,
+        ),
+    };
+    let range = range_params(&UsageParams { iccid: None, from: p.from.clone(), to: p.to.clone() })?;
+    Ok((iccid, range))
+}
+
+fn ledger_error(e: crate::ledger::LedgerError) -> ApiError {
+    use crate::ledger::LedgerError;
+    match e {
+        LedgerError::Store(s) => s.into(),
+        LedgerError::Usage(u @ (UsageError::UnknownTimeZone(_) | UsageError::SettlementWindow(_))) => {
+            ApiError::bad_request(u.to_string())
+        }
+        LedgerError::Usage(u) => u.into(),
+        z @ LedgerError::ZoneMismatch { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "zone_mismatch", z.to_string())
+        }
+    }
+}
+
+async fn get_usage_days(
+    State(state): State<AppState>,
+    query: Result<Query<ZoneParams>, QueryRejection>,
+) -> Result<Json<ZoneDays>, ApiError> {
+    let p = query.map(|Query(p)| p).map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let tz_name =
+        p.tz.clone().ok_or_else(|| ApiError::bad_request("tz: required, e.g. Europe/Berlin or UTC"))?;
+    let tz = crate::usage::time_zone(&tz_name).map_err(|e| ApiError::bad_request(format!("tz: {e}")))?;
+    let (iccid, range) = zone_range(&p)?;
+    let store = state.store.clone();
+    let daily = blocking(move || -> Result<_, StoreError> {
+        let records: Result<Vec<_>, _> = store.usage_records().collect();
+        Ok(crate::usage::derive_daily_in(records?, &tz)?)
+    })
+    .await??;
+    let mut days = Vec::new();
+    for ((i, date), t) in daily {
+        if iccid.is_none_or(|want| want == i) && range.contains(date) {
+            days.push(ZoneDay {
+                iccid: i,
+                date,
+                up_bytes: t.up,
+                down_bytes: t.down,
+                total_bytes: total_bytes(i, &t)?,
+            });
+        }
+    }
+    Ok(Json(ZoneDays { tz: tz_name, days }))
+}
+
+async fn get_usage_ledger(
+    State(state): State<AppState>,
+    query: Result<Query<ZoneParams>, QueryRejection>,
+) -> Result<Json<LedgerReply>, ApiError> {
+    let p = query.map(|Query(p)| p).map_err(|r| ApiError::bad_request(r.body_text()))?;
+    if p.tz.is_some() {
+        return Err(ApiError::bad_request("tz: the ledger's zone is fixed; do not pass it"));
+    }
+    let (iccid, range) = zone_range(&p)?;
+    let store = state.store.clone();
+    let (tz, days) = blocking(move || {
+        let ledger = crate::ledger::Ledger::open(&store)?;
+        Ok::<_, crate::ledger::LedgerError>((ledger.zone()?, ledger.days(iccid, range)?))
+    })
+    .await?
+    .map_err(ledger_error)?;
+    let mut out = Vec::with_capacity(days.len());
+    for d in days {
+        let s = d.settled;
+        let mut booked = i128::from(s.totals.up) + i128::from(s.totals.down);
+        for a in &d.adjustments {
+            booked += i128::from(a.delta_up) + i128::from(a.delta_down);
+        }
+        out.push(LedgerDayJson {
+            iccid: s.iccid,
+            date: s.date,
+            settled_up_bytes: s.totals.up,
+            settled_down_bytes: s.totals.down,
+            settled_at_s: s.settled_at_s,
+            adjustments: d
+                .adjustments
+                .iter()
+                .map(|a| AdjustmentJson {
+                    seq: a.seq,
+                    delta_up_bytes: a.delta_up,
+                    delta_down_bytes: a.delta_down,
+                    made_at_s: a.made_at_s,
+                })
+                .collect(),
+            booked_total_bytes: i64::try_from(booked).map_err(|_| UsageError::Overflow { iccid: s.iccid })?,
+        });
+    }
+    Ok(Json(LedgerReply { tz, days: out }))
+}
+
+async fn post_settle(
+    State(state): State<AppState>,
+    body: Result<Json<SettleRequest>, JsonRejection>,
+) -> Result<Json<SettleReply>, ApiError> {
+    let body = json_body(body)?;
+    let store = state.store.clone();
+    let s = blocking(move || {
+        crate::ledger::Ledger::open(&store)?.settle(&body.tz, body.settlement_hours, jiff::Timestamp::now())
+    })
+    .await?
+    .map_err(ledger_error)?;
+    Ok(Json(SettleReply { settled: s.settled.len(), adjustments: s.adjustments.len() }))
 }
 
 #[cfg(test)]

@@ -290,6 +290,20 @@ impl Store {
     }
 }
 
+/// Access for the modules that keep their own trees beside the records (settlement, Lago
+/// outbox). Kept apart from the core API above so that store backends can differ here.
+impl Store {
+    /// The sled database, for multi-tree transactions of the modules that own extra trees.
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Every stored record as the derivation sees it, in record id order. O(records).
+    pub fn usage_records(&self) -> impl Iterator<Item = Result<UsageRecord, StoreError>> + '_ {
+        self.records.iter().map(usage_record)
+    }
+}
+
 fn usage_record(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<UsageRecord, StoreError> {
     let (key, value) = item?;
     let id = RecordId::from_key(&key)

@@ -28,9 +28,14 @@
 use std::collections::BTreeMap;
 
 use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals};
+pub use jiff::tz::TimeZone;
+use jiff::Timestamp;
 use time::{Date, OffsetDateTime};
 
-/// Bytes per (ICCID, UTC day).
+/// Longest time zone name accepted (the longest IANA name is about 30 bytes).
+pub const TIME_ZONE_NAME_BYTES_MAX: usize = 64;
+
+/// Bytes per (ICCID, day): UTC days from [`derive_daily`], zone days from [`derive_daily_in`].
 pub type DailyUsage = BTreeMap<(u64, Date), Totals>;
 
 /// What the derivation needs of one stored record.
@@ -75,6 +80,12 @@ pub enum UsageError {
     /// The total over several SIMs exceeds u64 bytes.
     #[error("usage over all SIMs overflows 64 bits")]
     TotalOverflow,
+    /// The settlement window exceeds [`SETTLEMENT_HOURS_MAX`].
+    #[error("settlement window of {0} h exceeds {SETTLEMENT_HOURS_MAX} h")]
+    SettlementWindow(u32),
+    /// The time zone name is not in the bundled tz database.
+    #[error("unknown time zone '{0}'")]
+    UnknownTimeZone(String),
     /// The receive time is outside what a calendar date can represent.
     #[error("record {id}: receive time {received_ms} ms is not a representable date")]
     TimeOutOfRange {
@@ -99,6 +110,23 @@ pub fn attribution_date(time: &DeviceTime, received_ms: u64) -> Option<Date> {
 /// Derives bytes per (ICCID, day) from records in record id order (see the module docs).
 /// Repeated ids are allowed and contribute nothing the second time.
 pub fn derive_daily(records: impl IntoIterator<Item = UsageRecord>) -> Result<DailyUsage, UsageError> {
+    derive_by(records, |r| attribution_date(&r.time, r.received_ms))
+}
+
+/// Like [`derive_daily`], with days cut at midnight in `tz` instead of UTC (see "Time zones"
+/// in the module docs).
+pub fn derive_daily_in(
+    records: impl IntoIterator<Item = UsageRecord>,
+    tz: &TimeZone,
+) -> Result<DailyUsage, UsageError> {
+    derive_by(records, |r| attribution_instant(&r.time, r.received_ms).and_then(|t| zone_date(t, tz)))
+}
+
+/// The running-maximum rule with days chosen by `attribute`.
+fn derive_by(
+    records: impl IntoIterator<Item = UsageRecord>,
+    mut attribute: impl FnMut(&UsageRecord) -> Option<Date>,
+) -> Result<DailyUsage, UsageError> {
     let mut out = DailyUsage::new();
     let mut previous: Option<RecordId> = None;
     let mut running_max = Totals::default();
@@ -117,12 +145,51 @@ pub fn derive_daily(records: impl IntoIterator<Item = UsageRecord>) -> Result<Da
             down: r.used.down.saturating_sub(running_max.down),
         };
         running_max = Totals { up: running_max.up.max(r.used.up), down: running_max.down.max(r.used.down) };
-        let date = attribution_date(&r.time, r.received_ms)
-            .ok_or(UsageError::TimeOutOfRange { id: r.id, received_ms: r.received_ms })?;
+        let date =
+            attribute(&r).ok_or(UsageError::TimeOutOfRange { id: r.id, received_ms: r.received_ms })?;
         let entry = out.entry((r.iccid, date)).or_default();
         *entry = entry.checked_add(&added).ok_or(UsageError::Overflow { iccid: r.iccid })?;
     }
     Ok(out)
+}
+
+/// The instant a report's usage is attributed to: network time if the device has it,
+/// otherwise the gateway's receive time (whole seconds). `None` beyond the calendar's range.
+pub fn attribution_instant(time: &DeviceTime, received_ms: u64) -> Option<Timestamp> {
+    let unix_s = match (time.quality(), time.unix_s()) {
+        (TimeQuality::Network, Some(s)) => s,
+        _ => received_ms / 1000,
+    };
+    Timestamp::from_second(i64::try_from(unix_s).ok()?).ok()
+}
+
+/// The civil date of `t` in `tz`, as a `time::Date`.
+pub fn zone_date(t: Timestamp, tz: &TimeZone) -> Option<Date> {
+    to_time_date(tz.to_datetime(t).date())
+}
+
+fn to_time_date(d: jiff::civil::Date) -> Option<Date> {
+    let month = time::Month::try_from(u8::try_from(d.month()).ok()?).ok()?;
+    Date::from_calendar_date(i32::from(d.year()), month, u8::try_from(d.day()).ok()?).ok()
+}
+
+fn to_civil_date(d: Date) -> Option<jiff::civil::Date> {
+    let year = i16::try_from(d.year()).ok()?;
+    jiff::civil::Date::new(year, i8::try_from(u8::from(d.month())).ok()?, i8::try_from(d.day()).ok()?).ok()
+}
+
+/// The first instant of `date` in `tz` (on a day whose midnight is skipped by a DST change,
+/// the first instant that exists). `None` beyond the calendar's range.
+pub fn day_start(date: Date, tz: &TimeZone) -> Option<Timestamp> {
+    Some(to_civil_date(date)?.to_zoned(tz.clone()).ok()?.timestamp())
+}
+
+/// Resolves an IANA time zone name ("Europe/Berlin", "UTC") from the bundled tzdb.
+pub fn time_zone(name: &str) -> Result<TimeZone, UsageError> {
+    if name.len() > TIME_ZONE_NAME_BYTES_MAX {
+        return Err(UsageError::UnknownTimeZone(format!("{} bytes", name.len())));
+    }
+    TimeZone::get(name).map_err(|_| UsageError::UnknownTimeZone(name.to_owned()))
 }
 
 /// An inclusive range of UTC days; an open end is unbounded.
@@ -160,6 +227,133 @@ pub fn per_sim(daily: &DailyUsage, range: DateRange) -> Result<BTreeMap<u64, Tot
         }
     }
     Ok(out)
+}
+
+/// Longest settlement window: a day closes at most 31 days after its end.
+pub const SETTLEMENT_HOURS_MAX: u32 = 24 * 31;
+
+/// When `date` (a day in `tz`) closes: the start of the next day in `tz` plus
+/// `settlement_hours`. Until then late reports may still change it silently; after, only an
+/// [`Adjustment`] can. `None` beyond the calendar's range.
+pub fn day_closes_at(date: Date, tz: &TimeZone, settlement_hours: u32) -> Option<Timestamp> {
+    let end = day_start(date.next_day()?, tz)?;
+    end.checked_add(jiff::SignedDuration::from_hours(i64::from(settlement_hours))).ok()
+}
+
+/// What the ledger holds for one closed SIM-day.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Booked {
+    /// The figure settled when the day closed; never changed afterwards.
+    pub settled: Totals,
+    /// `settled` plus every adjustment so far.
+    pub current: Totals,
+    /// Adjustments so far.
+    pub adjustments: u32,
+}
+
+/// A SIM-day's figure at the moment it closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettledDay {
+    /// The SIM.
+    pub iccid: u64,
+    /// The day, in the ledger's time zone.
+    pub date: Date,
+    /// The usage settled.
+    pub totals: Totals,
+    /// When it was settled, Unix seconds.
+    pub settled_at_s: i64,
+}
+
+/// A correction to a closed SIM-day: a new record, never a change to the settled one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adjustment {
+    /// The SIM.
+    pub iccid: u64,
+    /// The day corrected.
+    pub date: Date,
+    /// 1 for the day's first adjustment, then 2, …
+    pub seq: u32,
+    /// Bytes added to the uplink (negative: removed).
+    pub delta_up: i64,
+    /// Bytes added to the downlink.
+    pub delta_down: i64,
+    /// When it was made, Unix seconds.
+    pub made_at_s: i64,
+}
+
+/// What one settlement run books.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Days that closed since the last run.
+    pub settled: Vec<SettledDay>,
+    /// Corrections to days closed before.
+    pub adjustments: Vec<Adjustment>,
+}
+
+fn delta(now: u64, before: u64) -> Result<i64, UsageError> {
+    i64::try_from(i128::from(now) - i128::from(before)).map_err(|_| UsageError::TotalOverflow)
+}
+
+/// Books what changed: every day of `fresh` (a derivation in `tz`) closed by `now` and not yet
+/// in `booked` is settled; every booked day whose fresh figure differs from its current one
+/// gets an adjustment for the difference (a booked day absent from `fresh` is adjusted to 0).
+/// Open days are not booked. Pure: the caller stores the result.
+pub fn settle(
+    fresh: &DailyUsage,
+    booked: &BTreeMap<(u64, Date), Booked>,
+    tz: &TimeZone,
+    settlement_hours: u32,
+    now: Timestamp,
+) -> Result<Settlement, UsageError> {
+    if settlement_hours > SETTLEMENT_HOURS_MAX {
+        return Err(UsageError::SettlementWindow(settlement_hours));
+    }
+    let mut out = Settlement::default();
+    let now_s = now.as_second();
+    let mut keys: Vec<(u64, Date)> = fresh.keys().chain(booked.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        let (iccid, date) = key;
+        let closed = day_closes_at(date, tz, settlement_hours).is_some_and(|c| c <= now);
+        let figure = fresh.get(&key).copied().unwrap_or_default();
+        match booked.get(&key) {
+            None if closed => {
+                out.settled.push(SettledDay { iccid, date, totals: figure, settled_at_s: now_s })
+            }
+            None => {}
+            Some(b) if b.current != figure => out.adjustments.push(Adjustment {
+                iccid,
+                date,
+                seq: b.adjustments.checked_add(1).ok_or(UsageError::TotalOverflow)?,
+                delta_up: delta(figure.up, b.current.up)?,
+                delta_down: delta(figure.down, b.current.down)?,
+                made_at_s: now_s,
+            }),
+            Some(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `booked` after `settlement` was stored: the same bookkeeping the ledger does.
+pub fn apply_settlement(
+    booked: &mut BTreeMap<(u64, Date), Booked>,
+    settlement: &Settlement,
+) -> Result<(), UsageError> {
+    for s in &settlement.settled {
+        booked.insert((s.iccid, s.date), Booked { settled: s.totals, current: s.totals, adjustments: 0 });
+    }
+    for a in &settlement.adjustments {
+        let b = booked.entry((a.iccid, a.date)).or_default();
+        let add = |v: u64, d: i64| u64::try_from(i128::from(v) + i128::from(d)).ok();
+        b.current = Totals {
+            up: add(b.current.up, a.delta_up).ok_or(UsageError::Overflow { iccid: a.iccid })?,
+            down: add(b.current.down, a.delta_down).ok_or(UsageError::Overflow { iccid: a.iccid })?,
+        };
+        b.adjustments = a.seq;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -330,6 +524,78 @@ mod tests {
         d.values().fold(Totals::default(), |a, t| a.checked_add(t).unwrap())
     }
 
+    fn berlin() -> TimeZone {
+        time_zone("Europe/Berlin").unwrap()
+    }
+
+    #[test]
+    fn zone_days_follow_dst_in_berlin() {
+        // 2026-03-29 has 23 hours in Berlin, 2026-10-25 has 25.
+        let at = |s: &str| {
+            rec(1, 0, 0, SIM_A, 1, 1, u64::try_from(s.parse::<Timestamp>().unwrap().as_second()).unwrap())
+        };
+        let cases = [
+            ("2026-03-28T22:59:59Z", date!(2026 - 03 - 28)),
+            ("2026-03-28T23:00:00Z", date!(2026 - 03 - 29)),
+            ("2026-03-29T21:59:59Z", date!(2026 - 03 - 29)),
+            ("2026-03-29T22:00:00Z", date!(2026 - 03 - 30)),
+            ("2026-10-24T22:00:00Z", date!(2026 - 10 - 25)),
+            ("2026-10-25T22:59:59Z", date!(2026 - 10 - 25)),
+            ("2026-10-25T23:00:00Z", date!(2026 - 10 - 26)),
+        ];
+        for (t, want) in cases {
+            let d = derive_daily_in([at(t)], &berlin()).unwrap();
+            assert_eq!(d.keys().next(), Some(&(SIM_A, want)), "{t}");
+        }
+        let utc = derive_daily_in([at("2026-03-28T23:00:00Z")], &TimeZone::UTC).unwrap();
+        assert_eq!(utc, derive_daily([at("2026-03-28T23:00:00Z")]).unwrap());
+        let s = |d: Date| day_start(d, &berlin()).unwrap();
+        assert_eq!(s(date!(2026 - 03 - 30)).as_second() - s(date!(2026 - 03 - 29)).as_second(), 23 * 3600);
+        assert_eq!(s(date!(2026 - 10 - 26)).as_second() - s(date!(2026 - 10 - 25)).as_second(), 25 * 3600);
+        assert_eq!(
+            day_closes_at(date!(2026 - 03 - 29), &berlin(), 48).unwrap(),
+            "2026-03-31T22:00:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert!(matches!(time_zone("Mars/Olympus"), Err(UsageError::UnknownTimeZone(_))));
+    }
+
+    #[test]
+    fn a_late_report_adjusts_closed_days_and_never_rewrites_them() {
+        let tz = berlin();
+        let day1 = NOON_S; // 2026-11-24
+        let mut booked = BTreeMap::new();
+        // seq 0 and seq 2 arrive; seq 1 (day 1) is late.
+        let early = [rec(1, 0, 0, SIM_A, 100, 0, day1), rec(1, 0, 2, SIM_A, 300, 0, day1 + DAY_S)];
+        let fresh = derive_daily_in(early, &tz).unwrap();
+        let t = |s: u64| Timestamp::from_second(i64::try_from(s).unwrap()).unwrap();
+        // Day 1 closes 48 h after its end in Berlin: at noon on day 3 nothing has closed.
+        let s = settle(&fresh, &booked, &tz, 48, t(day1 + 2 * DAY_S)).unwrap();
+        assert!(s.settled.is_empty());
+        let s = settle(&fresh, &booked, &tz, 48, t(day1 + 4 * DAY_S)).unwrap();
+        assert_eq!(s.settled.len(), 2);
+        apply_settlement(&mut booked, &s).unwrap();
+        let before = booked.clone();
+        // The late report moves 100 bytes from day 2 to day 1 (the running maximum in id order).
+        let all = [early[0], rec(1, 0, 1, SIM_A, 200, 0, day1), early[1]];
+        let fresh = derive_daily_in(all, &tz).unwrap();
+        let s = settle(&fresh, &booked, &tz, 48, t(day1 + 5 * DAY_S)).unwrap();
+        assert!(s.settled.is_empty());
+        let deltas: Vec<(Date, i64, u32)> =
+            s.adjustments.iter().map(|a| (a.date, a.delta_up, a.seq)).collect();
+        assert_eq!(deltas, vec![(date!(2026 - 11 - 24), 100, 1), (date!(2026 - 11 - 25), -100, 1)]);
+        apply_settlement(&mut booked, &s).unwrap();
+        for (k, b) in &booked {
+            assert_eq!(b.settled, before[k].settled, "a settled figure changed");
+            assert_eq!(b.current, fresh[k]);
+        }
+        // Nothing new: nothing booked.
+        assert_eq!(settle(&fresh, &booked, &tz, 48, t(day1 + 6 * DAY_S)).unwrap(), Settlement::default());
+        assert!(matches!(
+            settle(&fresh, &booked, &tz, SETTLEMENT_HOURS_MAX + 1, t(0)),
+            Err(UsageError::SettlementWindow(_))
+        ));
+    }
+
     proptest! {
         #[test]
         fn total_is_the_sum_of_epoch_maxima_whatever_was_lost_duplicated_or_reordered(
@@ -366,6 +632,43 @@ mod tests {
                 let days = days_of(&d, *iccid, DateRange::default());
                 let by_day = days.iter().fold(Totals::default(), |a, (_, t)| a.checked_add(t).unwrap());
                 prop_assert_eq!(by_day, *t);
+            }
+        }
+
+        #[test]
+        fn settlement_books_every_change_as_an_adjustment_and_never_rewrites(
+            records in arb_records(),
+            cuts in proptest::collection::vec(0usize..60, 1..5),
+            hours in 0u32..72,
+        ) {
+            let tz = berlin();
+            let mut arrived = Vec::new();
+            let mut booked = BTreeMap::<(u64, Date), Booked>::new();
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            cuts.push(records.len());
+            let mut start = 0;
+            for (run, cut) in cuts.into_iter().enumerate() {
+                let cut = cut.min(records.len()).max(start);
+                // Records arrive in any order: a later batch may hold lower ids.
+                arrived.extend(records[start..cut].iter().rev().copied());
+                start = cut;
+                let mut sorted = arrived.clone();
+                sorted.sort_by_key(|r| r.id);
+                let fresh = derive_daily_in(sorted, &tz).unwrap();
+                let now = Timestamp::from_second(i64::try_from(NOON_S + (run as u64 + 1) * DAY_S).unwrap()).unwrap();
+                let before = booked.clone();
+                let s = settle(&fresh, &booked, &tz, hours, now).unwrap();
+                apply_settlement(&mut booked, &s).unwrap();
+                for (k, b) in &booked {
+                    if let Some(old) = before.get(k) { prop_assert_eq!(b.settled, old.settled); }
+                    prop_assert_eq!(b.current, fresh.get(k).copied().unwrap_or_default());
+                    prop_assert!(day_closes_at(k.1, &tz, hours).unwrap() <= now);
+                }
+                for k in fresh.keys() {
+                    let closed = day_closes_at(k.1, &tz, hours).unwrap() <= now;
+                    prop_assert_eq!(closed, booked.contains_key(k));
+                }
             }
         }
     }

@@ -1,0 +1,397 @@
+//! Carrier usage import: 1NCE-style daily JSON, daily CSV and session-record CSV → bytes per
+//! SIM and day. Pure: text in, figures out.
+//!
+//! # Volumes
+//!
+//! Carriers state volumes as **MB decimal strings with 1 MB = 1024 KB = 1 048 576 bytes**
+//! (1NCE: `"0.015482"`). They are parsed exactly as decimals — never through a float — and
+//! converted to bytes by `digits × 1 048 576 / 10^fraction_digits`, rounded **half up to the
+//! byte** ([`MB_ROUNDING`]). Six fraction digits of an MB are 1.05 bytes, so the carrier's own
+//! figure carries ±0.5 byte of uncertainty per value before ours.
+//!
+//! # Directions
+//!
+//! `volume_rx` is traffic **to** the SIM (the device's downlink), `volume_tx` traffic **from**
+//! it (uplink). `volume` is the carrier's total and is what reconciliation compares; when it is
+//! absent it is `volume_rx + volume_tx`.
+//!
+//! # Formats
+//!
+//! - 1NCE daily JSON, one file per ICCID (the ICCID is in the API path, not the body):
+//!   `{"stats":[{"date":"2026-11-01","data":{"volume":"0.015482","volume_tx":"0.005100","volume_rx":"0.010382"},"sms":{…}}]}`.
+//!   `sms` and unknown keys are ignored; a day without `data` counts zero bytes.
+//! - Daily CSV with a header naming the columns, in any order: `iccid`, `date`, and `volume`
+//!   and/or `volume_rx` + `volume_tx` (MB strings). Other columns are ignored.
+//! - Session CSV: `iccid`, `start`, `end` (RFC 3339), `volume_rx`, `volume_tx`, optional
+//!   `volume_total` (MB strings). A session is attributed to the day of its **end** in the
+//!   chosen time zone — the carrier's record is written when a session (or its interim
+//!   slice) closes, just as a device report counts bytes when it is made — and the day keeps
+//!   the number of sessions, which the rounding model needs.
+
+use std::collections::BTreeMap;
+
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use serde::Deserialize;
+use time::Date;
+
+use crate::server::{parse_date, parse_iccid};
+
+/// Bytes in the carriers' MB: 1 MB = 1024 KB = 1024 × 1024 bytes.
+pub const MB_BYTES: u64 = 1024 * 1024;
+/// Fraction digits accepted in an MB string (1NCE sends 6).
+pub const MB_FRACTION_DIGITS_MAX: usize = 12;
+/// Integer digits accepted in an MB string (10⁹ MB per value is far beyond a SIM-day).
+pub const MB_INTEGER_DIGITS_MAX: usize = 9;
+/// Largest carrier file accepted, bytes.
+pub const CARRIER_FILE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most rows (days or sessions) one carrier file may hold.
+pub const CARRIER_ROWS_MAX: usize = 1_000_000;
+/// How MB strings become bytes, as stated in reports.
+pub const MB_ROUNDING: &str = "half_up_to_1_byte";
+
+/// Why a carrier file was refused. None is recoverable by retrying: the file must change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CarrierError {
+    /// The file is larger than [`CARRIER_FILE_BYTES_MAX`] or has more than [`CARRIER_ROWS_MAX`] rows.
+    #[error("carrier file exceeds {0}")]
+    TooLarge(&'static str),
+    /// The file is not the expected JSON or CSV shape.
+    #[error("carrier file is malformed: {0}")]
+    Malformed(String),
+    /// A field of one row is wrong; `row` counts from 1 (data rows; JSON: position in `stats`).
+    #[error("row {row}, {field}: {reason}")]
+    Field {
+        /// The row.
+        row: usize,
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One SIM-day as the carrier counted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CarrierDay {
+    /// The SIM.
+    pub iccid: u64,
+    /// The day.
+    pub date: Date,
+    /// Bytes to the SIM (`volume_rx`), `None` when the carrier did not split directions.
+    pub rx_bytes: Option<u64>,
+    /// Bytes from the SIM (`volume_tx`).
+    pub tx_bytes: Option<u64>,
+    /// The carrier's total (`volume`, else rx + tx).
+    pub total_bytes: u64,
+    /// Data sessions ending that day, when imported from session records.
+    pub sessions: Option<u32>,
+}
+
+/// Parses an MB decimal string into bytes exactly, rounding half up to the byte.
+pub fn parse_mb(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("'{text}' is not an MB decimal (digits, optional '.' and up to {MB_FRACTION_DIGITS_MAX} fraction digits)")
+    };
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    if int.is_empty()
+        || int.len() > MB_INTEGER_DIGITS_MAX
+        || frac.len() > MB_FRACTION_DIGITS_MAX
+        || (text.contains('.') && frac.is_empty())
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    // ≤ 21 digits fit u128 comfortably; × 2^20 stays below 2^91.
+    let mut digits: u128 = 0;
+    for b in int.bytes().chain(frac.bytes()) {
+        digits = digits * 10 + u128::from(b - b'0');
+    }
+    let den = 10u128.pow(u32::try_from(frac.len()).map_err(|_| bad())?);
+    let num = digits * u128::from(MB_BYTES);
+    let bytes = num / den + u128::from(2 * (num % den) >= den);
+    u64::try_from(bytes).map_err(|_| bad())
+}
+
+fn field<T>(row: usize, name: &'static str, r: Result<T, String>) -> Result<T, CarrierError> {
+    r.map_err(|reason| CarrierError::Field { row, field: name, reason })
+}
+
+fn date_field(row: usize, text: &str) -> Result<Date, CarrierError> {
+    field(row, "date", parse_date(text).ok_or_else(|| format!("'{text}' is not YYYY-MM-DD")))
+}
+
+fn total_of(row: usize, volume: Option<&str>, rx: Option<u64>, tx: Option<u64>) -> Result<u64, CarrierError> {
+    match (volume, rx, tx) {
+        (Some(v), _, _) => field(row, "volume", parse_mb(v)),
+        (None, Some(r), Some(t)) => {
+            field(row, "volume", r.checked_add(t).ok_or_else(|| "rx + tx overflows".to_owned()))
+        }
+        _ => Err(CarrierError::Field {
+            row,
+            field: "volume",
+            reason: "missing, and volume_rx + volume_tx are not both given".into(),
+        }),
+    }
+}
+
+fn opt_mb(row: usize, name: &'static str, v: Option<&str>) -> Result<Option<u64>, CarrierError> {
+    v.filter(|s| !s.is_empty()).map(|s| field(row, name, parse_mb(s))).transpose()
+}
+
+#[derive(Deserialize)]
+struct OnceDaily {
+    stats: Vec<OnceStat>,
+}
+
+#[derive(Deserialize)]
+struct OnceStat {
+    date: String,
+    data: Option<OnceData>,
+}
+
+#[derive(Deserialize)]
+struct OnceData {
+    volume: Option<String>,
+    volume_tx: Option<String>,
+    volume_rx: Option<String>,
+}
+
+/// Parses one SIM's 1NCE daily usage answer (`GET /v1/sims/{iccid}/usage`).
+pub fn parse_1nce_daily_json(iccid: u64, text: &str) -> Result<Vec<CarrierDay>, CarrierError> {
+    if text.len() > CARRIER_FILE_BYTES_MAX {
+        return Err(CarrierError::TooLarge("the file size limit"));
+    }
+    let doc: OnceDaily = serde_json::from_str(text).map_err(|e| CarrierError::Malformed(e.to_string()))?;
+    if doc.stats.len() > CARRIER_ROWS_MAX {
+        return Err(CarrierError::TooLarge("the row limit"));
+    }
+    let mut out = Vec::with_capacity(doc.stats.len());
+    for (i, s) in doc.stats.iter().enumerate() {
+        let row = i + 1;
+        let date = date_field(row, &s.date)?;
+        let (rx, tx, total) = match &s.data {
+            None => (None, None, 0),
+            Some(d) => {
+                let rx = opt_mb(row, "volume_rx", d.volume_rx.as_deref())?;
+                let tx = opt_mb(row, "volume_tx", d.volume_tx.as_deref())?;
+                (rx, tx, total_of(row, d.volume.as_deref(), rx, tx)?)
+            }
+        };
+        out.push(CarrierDay { iccid, date, rx_bytes: rx, tx_bytes: tx, total_bytes: total, sessions: None });
+    }
+    Ok(out)
+}
+
+/// Column name → index, from the header row.
+type Columns = BTreeMap<String, usize>;
+
+fn csv_reader(text: &str) -> Result<(csv::Reader<&[u8]>, Columns), CarrierError> {
+    if text.len() > CARRIER_FILE_BYTES_MAX {
+        return Err(CarrierError::TooLarge("the file size limit"));
+    }
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text.as_bytes());
+    let headers = reader.headers().map_err(|e| CarrierError::Malformed(e.to_string()))?;
+    let columns = headers.iter().enumerate().map(|(i, h)| (h.to_ascii_lowercase(), i)).collect();
+    Ok((reader, columns))
+}
+
+fn require(columns: &BTreeMap<String, usize>, name: &'static str) -> Result<usize, CarrierError> {
+    columns.get(name).copied().ok_or_else(|| CarrierError::Malformed(format!("no '{name}' column")))
+}
+
+fn iccid_field(row: usize, text: &str) -> Result<u64, CarrierError> {
+    field(row, "iccid", parse_iccid(text).ok_or_else(|| format!("'{text}' is not an ICCID")))
+}
+
+fn csv_rows(
+    text: &str,
+    mut each: impl FnMut(usize, &csv::StringRecord, &BTreeMap<String, usize>) -> Result<(), CarrierError>,
+) -> Result<(), CarrierError> {
+    let (mut reader, columns) = csv_reader(text)?;
+    for (i, rec) in reader.records().enumerate() {
+        let row = i + 1;
+        if row > CARRIER_ROWS_MAX {
+            return Err(CarrierError::TooLarge("the row limit"));
+        }
+        let rec = rec.map_err(|e| CarrierError::Malformed(e.to_string()))?;
+        each(row, &rec, &columns)?;
+    }
+    Ok(())
+}
+
+fn col<'a>(rec: &'a csv::StringRecord, columns: &BTreeMap<String, usize>, name: &str) -> Option<&'a str> {
+    columns.get(name).and_then(|i| rec.get(*i))
+}
+
+/// Parses daily usage CSV (see the module docs for the columns).
+pub fn parse_daily_csv(text: &str) -> Result<Vec<CarrierDay>, CarrierError> {
+    let mut out = Vec::new();
+    csv_rows(text, |row, rec, columns| {
+        require(columns, "iccid")?;
+        require(columns, "date")?;
+        let iccid = iccid_field(row, col(rec, columns, "iccid").unwrap_or(""))?;
+        let date = date_field(row, col(rec, columns, "date").unwrap_or(""))?;
+        let rx = opt_mb(row, "volume_rx", col(rec, columns, "volume_rx"))?;
+        let tx = opt_mb(row, "volume_tx", col(rec, columns, "volume_tx"))?;
+        let volume = col(rec, columns, "volume").filter(|s| !s.is_empty());
+        let total = total_of(row, volume, rx, tx)?;
+        out.push(CarrierDay { iccid, date, rx_bytes: rx, tx_bytes: tx, total_bytes: total, sessions: None });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Parses session-record CSV and sums it per SIM and day of the session's end in `tz`.
+pub fn parse_sessions_csv(text: &str, tz: &TimeZone) -> Result<Vec<CarrierDay>, CarrierError> {
+    let mut days = BTreeMap::<(u64, Date), CarrierDay>::new();
+    csv_rows(text, |row, rec, columns| {
+        for c in ["iccid", "start", "end", "volume_rx", "volume_tx"] {
+            require(columns, c)?;
+        }
+        let iccid = iccid_field(row, col(rec, columns, "iccid").unwrap_or(""))?;
+        let ts = |name: &'static str| -> Result<Timestamp, CarrierError> {
+            let s = col(rec, columns, name).unwrap_or("");
+            field(
+                row,
+                name,
+                s.parse::<Timestamp>().map_err(|e| format!("'{s}' is not an RFC 3339 time: {e}")),
+            )
+        };
+        let (start, end) = (ts("start")?, ts("end")?);
+        if end < start {
+            return Err(CarrierError::Field { row, field: "end", reason: "before start".into() });
+        }
+        let rx = opt_mb(row, "volume_rx", col(rec, columns, "volume_rx"))?;
+        let tx = opt_mb(row, "volume_tx", col(rec, columns, "volume_tx"))?;
+        let total = total_of(row, col(rec, columns, "volume_total").filter(|s| !s.is_empty()), rx, tx)?;
+        let date =
+            field(row, "end", crate::usage::zone_date(end, tz).ok_or_else(|| "out of range".to_owned()))?;
+        let d = days.entry((iccid, date)).or_insert(CarrierDay {
+            iccid,
+            date,
+            rx_bytes: Some(0),
+            tx_bytes: Some(0),
+            total_bytes: 0,
+            sessions: Some(0),
+        });
+        let add = |a: Option<u64>, b: Option<u64>| a.zip(b).and_then(|(a, b)| a.checked_add(b));
+        let overflow =
+            || CarrierError::Field { row, field: "volume_total", reason: "day total overflows".into() };
+        d.rx_bytes = add(d.rx_bytes, rx);
+        d.tx_bytes = add(d.tx_bytes, tx);
+        d.total_bytes = d.total_bytes.checked_add(total).ok_or_else(overflow)?;
+        d.sessions = d.sessions.and_then(|s| s.checked_add(1));
+        Ok(())
+    })?;
+    Ok(days.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    const SIM: u64 = 8_988_280_666_000_000_001;
+
+    #[test]
+    fn mb_strings_parse_exactly() {
+        // 0.015482 MB × 1 048 576 = 16 233.79 bytes → 16 234.
+        assert_eq!(parse_mb("0.015482"), Ok(16_234));
+        assert_eq!(parse_mb("0.005100"), Ok(5_348)); // 5 347.74
+        assert_eq!(parse_mb("0.010382"), Ok(10_886)); // 10 886.06
+        assert_eq!(parse_mb("1"), Ok(1_048_576));
+        assert_eq!(parse_mb("500.000000"), Ok(500 * 1_048_576));
+        // An exact half byte needs 21 fraction digits (1/2^21 MB), more than allowed; around it:
+        assert!(parse_mb("0.000000476837158203125").is_err());
+        assert_eq!(parse_mb("0.000000476837"), Ok(0)); // 0.49999 bytes
+        assert_eq!(parse_mb("0.000000476838"), Ok(1)); // 0.50000 bytes
+        assert_eq!(parse_mb("0.000000953674"), Ok(1)); // 0.99999 bytes
+        for bad in ["", ".5", "1.", "-1", "1e-3", "0,5", " 1", "1234567890", "NaN"] {
+            assert!(parse_mb(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn once_daily_json_golden() {
+        let text = r#"{"stats":[
+            {"date":"2026-11-01","data":{"volume":"0.015482","volume_tx":"0.005100","volume_rx":"0.010382"},"sms":{"volume":"2","volume_tx":"1","volume_rx":"1"}},
+            {"date":"2026-11-02","data":{"volume_tx":"1.000000","volume_rx":"0.500000"}},
+            {"date":"2026-11-03"}
+        ]}"#;
+        let days = parse_1nce_daily_json(SIM, text).unwrap();
+        assert_eq!(
+            days,
+            vec![
+                CarrierDay {
+                    iccid: SIM,
+                    date: date!(2026 - 11 - 01),
+                    rx_bytes: Some(10_886),
+                    tx_bytes: Some(5_348),
+                    total_bytes: 16_234,
+                    sessions: None
+                },
+                CarrierDay {
+                    iccid: SIM,
+                    date: date!(2026 - 11 - 02),
+                    rx_bytes: Some(524_288),
+                    tx_bytes: Some(1_048_576),
+                    total_bytes: 1_572_864,
+                    sessions: None
+                },
+                CarrierDay {
+                    iccid: SIM,
+                    date: date!(2026 - 11 - 03),
+                    rx_bytes: None,
+                    tx_bytes: None,
+                    total_bytes: 0,
+                    sessions: None
+                },
+            ]
+        );
+        let e = parse_1nce_daily_json(SIM, r#"{"stats":[{"date":"2026-11-01","data":{"volume":"0.1x"}}]}"#)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("row 1, volume: "), "{e}");
+        let e = parse_1nce_daily_json(SIM, r#"{"stats":[{"date":"2026-13-01","data":{}}]}"#).unwrap_err();
+        assert!(e.to_string().starts_with("row 1, date: "), "{e}");
+        assert!(matches!(parse_1nce_daily_json(SIM, "[]"), Err(CarrierError::Malformed(_))));
+    }
+
+    #[test]
+    fn daily_csv_golden() {
+        let text = "date,iccid,volume_rx,volume_tx,volume,extra\n\
+                    2026-11-01,8988280666000000001,0.010382,0.005100,0.015482,x\n\
+                    2026-11-02 , 8988280666000000002,1,1,,\n";
+        let days = parse_daily_csv(text).unwrap();
+        assert_eq!(days.len(), 2);
+        assert_eq!(days[0].total_bytes, 16_234);
+        assert_eq!((days[1].iccid, days[1].total_bytes), (8_988_280_666_000_000_002, 2 * MB_BYTES));
+        let e = parse_daily_csv("iccid,date,volume\nabc,2026-11-01,1\n").unwrap_err();
+        assert_eq!(e.to_string(), "row 1, iccid: 'abc' is not an ICCID");
+        let e = parse_daily_csv("iccid,volume\n1,1\n").unwrap_err();
+        assert_eq!(e.to_string(), "carrier file is malformed: no 'date' column");
+    }
+
+    #[test]
+    fn sessions_csv_sums_by_end_day_in_the_zone() {
+        let text = "iccid,start,end,volume_rx,volume_tx,volume_total\n\
+                    8988280666000000001,2026-11-01T10:00:00Z,2026-11-01T11:00:00Z,0.5,0.5,1\n\
+                    8988280666000000001,2026-11-01T20:00:00Z,2026-11-01T23:30:00Z,0.25,0.25,\n\
+                    8988280666000000001,2026-11-01T23:40:00Z,2026-11-02T00:10:00Z,0.25,0,\n";
+        let utc = parse_sessions_csv(text, &TimeZone::UTC).unwrap();
+        assert_eq!(utc.len(), 2);
+        assert_eq!((utc[0].total_bytes, utc[0].sessions), (MB_BYTES + MB_BYTES / 2, Some(2)));
+        assert_eq!((utc[1].date, utc[1].sessions), (date!(2026 - 11 - 02), Some(1)));
+        // In Berlin (UTC+1 in November) 23:30Z is already the next day.
+        let berlin = parse_sessions_csv(text, &TimeZone::get("Europe/Berlin").unwrap()).unwrap();
+        assert_eq!(berlin.len(), 2);
+        assert_eq!((berlin[0].total_bytes, berlin[0].sessions), (MB_BYTES, Some(1)));
+        assert_eq!((berlin[1].total_bytes, berlin[1].sessions), (MB_BYTES / 2 + MB_BYTES / 4, Some(2)));
+        let e = parse_sessions_csv(
+            "iccid,start,end,volume_rx,volume_tx\n8988280666000000001,2026-11-01T10:00:00Z,2026-11-01T09:00:00Z,0,0\n",
+            &TimeZone::UTC,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "row 1, end: before start");
+    }
+}

@@ -1,0 +1,707 @@
+//! Lago export: every stored record becomes exactly one Lago event, across restarts.
+//!
+//! # The event
+//!
+//! ```json
+//! {"transaction_id":"10-0-3","external_subscription_id":"sub_42","code":"data_bytes",
+//!  "timestamp":1795521600,"properties":{"bytes":1536}}
+//! ```
+//!
+//! - `transaction_id` is the record id `meter-epoch-seq`, Lago's idempotency key.
+//! - `external_subscription_id` comes from the configured ICCID → subscription map. A record
+//!   of an unmapped SIM is not planned (and a warning is logged) until a mapping exists.
+//! - `timestamp` is the record's attribution instant ([`crate::usage::attribution_instant`]),
+//!   whole Unix seconds: derived from the stored record only, so it is the same on every retry.
+//! - `properties.bytes` is what this record adds to its epoch's usage **in export order**:
+//!   `max(0, used − highest used already exported in the epoch)`, up plus down. Summed over an
+//!   epoch it is the epoch's highest `used`, as in [`crate::usage`]; a report that arrives
+//!   after a later one of its epoch was exported adds 0 (the later one already carried its
+//!   bytes). Per-day splits may therefore differ from `derive_daily` for late reports; totals
+//!   never do.
+//!
+//! # Exactly once
+//!
+//! Planning writes, in one sled transaction, the event's JSON bytes to the `lago_outbox` tree
+//! (key: export sequence number), the record id to `lago_planned`, and the epoch's new exported
+//! maximum to `lago_epoch_max`, then flushes. Sending reads the outbox in order, at most
+//! [`LAGO_EVENTS_PER_CALL_MAX`] per call, and removes entries **only after Lago accepted
+//! them** (2xx, or 422 `value_already_exist` for that position, which means an earlier attempt
+//! got through). So a crash anywhere re-sends at worst events Lago already has, with
+//! byte-identical bodies, and Lago's idempotency turns them into no-ops.
+//!
+//! One exporter may run per store (planning is not safe against a second planner).
+//!
+//! # Errors from Lago
+//!
+//! 429: wait `Retry-After` or `X-RateLimit-Reset` seconds (bounded by
+//! [`LAGO_RETRY_AFTER_S_MAX`]), else back off. 5xx and transport errors: exponential backoff,
+//! forever (the outbox is durable). Other 4xx, and 422s other than `value_already_exist`:
+//! [`LagoError::Refused`], the exporter stops and nothing is dropped.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use countersign_meter::{RecordId, Totals};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::store::{Store, StoreError};
+use crate::usage::attribution_instant;
+
+/// Events per batch call: Lago's documented maximum.
+pub const LAGO_EVENTS_PER_CALL_MAX: usize = 100;
+/// Path of Lago's batch events endpoint below the base URL.
+pub const LAGO_EVENTS_BATCH_PATH: &str = "/api/v1/events/batch";
+/// First backoff delay after a 5xx or transport error.
+pub const LAGO_RETRY_DELAY_MS_MIN: u64 = 100;
+/// Largest backoff delay.
+pub const LAGO_RETRY_DELAY_MS_MAX: u64 = 30_000;
+/// Longest wait honoured from `Retry-After` / `X-RateLimit-Reset`, seconds.
+pub const LAGO_RETRY_AFTER_S_MAX: u64 = 300;
+/// Longest accepted Lago answer body, bytes.
+pub const LAGO_RESPONSE_BYTES_MAX: usize = 1024 * 1024;
+/// Records planned per sled transaction batch before a flush.
+pub const LAGO_PLAN_RECORDS_PER_FLUSH_MAX: usize = 1000;
+/// ICCIDs the subscription map may hold.
+pub const LAGO_SUBSCRIPTIONS_MAX: usize = 1_000_000;
+/// Longest billable metric code / subscription id accepted, bytes.
+pub const LAGO_ID_BYTES_MAX: usize = 256;
+/// Largest API key file, bytes.
+pub const LAGO_API_KEY_FILE_BYTES_MAX: u64 = 4096;
+/// HTTP timeout per call, seconds.
+pub const LAGO_REQUEST_TIMEOUT_S: u64 = 30;
+
+const OUTBOX_TREE: &str = "lago_outbox";
+const PLANNED_TREE: &str = "lago_planned";
+const EPOCH_MAX_TREE: &str = "lago_epoch_max";
+const META_TREE: &str = "lago_meta";
+const NEXT_SEQ_KEY: &[u8] = b"next_seq";
+
+/// Why the export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LagoError {
+    /// The Lago config is invalid; names the key. Not recoverable without editing it.
+    #[error("{key}: {reason}")]
+    Config {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store failed. Recoverable when the store error is (see [`StoreError::is_recoverable`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Lago refused the events for a reason retrying cannot fix (auth, validation). Not
+    /// recoverable: the events stay in the outbox until an operator fixes the cause.
+    #[error("lago refused the batch: {status} {body}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Lago's answer, truncated.
+        body: String,
+    },
+    /// The HTTP client could not be built. Not recoverable.
+    #[error("http client: {0}")]
+    Client(String),
+}
+
+impl From<sled::Error> for LagoError {
+    fn from(e: sled::Error) -> Self {
+        LagoError::Store(e.into())
+    }
+}
+
+/// The validated Lago export configuration.
+#[derive(Clone, Debug)]
+pub struct LagoConfig {
+    /// Lago's base URL, e.g. `https://api.getlago.com`.
+    pub base_url: String,
+    /// The API key (sent as `Authorization: Bearer`).
+    pub api_key: String,
+    /// The billable metric code, e.g. `data_bytes`.
+    pub code: String,
+    /// ICCID → Lago external subscription id.
+    pub subscriptions: BTreeMap<u64, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLago {
+    base_url: String,
+    api_key_file: String,
+    code: Option<String>,
+    #[serde(default)]
+    subscriptions: BTreeMap<String, String>,
+}
+
+fn config_err(key: impl Into<String>, reason: impl Into<String>) -> LagoError {
+    LagoError::Config { key: key.into(), reason: reason.into() }
+}
+
+impl LagoConfig {
+    /// Loads the Lago config (TOML; see README "Lago export"); a relative `api_key_file` is
+    /// relative to the config file. The key file must not be readable by group or others.
+    pub fn load(path: &Path) -> Result<Self, LagoError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| config_err(path.display().to_string(), format!("cannot read: {e}")))?;
+        let raw: RawLago = toml::from_str(&text).map_err(|e| config_err("lago", e.message().to_owned()))?;
+        let key_path = path.parent().unwrap_or(Path::new(".")).join(&raw.api_key_file);
+        let api_key = read_api_key(&key_path)?;
+        Self::from_raw(raw, api_key)
+    }
+
+    /// A config from its parts, validated like [`LagoConfig::load`].
+    pub fn new(
+        base_url: &str,
+        api_key: &str,
+        code: &str,
+        subscriptions: BTreeMap<u64, String>,
+    ) -> Result<Self, LagoError> {
+        let raw = RawLago {
+            base_url: base_url.into(),
+            api_key_file: String::new(),
+            code: Some(code.into()),
+            subscriptions: subscriptions.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        };
+        Self::from_raw(raw, api_key.into())
+    }
+
+    fn from_raw(raw: RawLago, api_key: String) -> Result<Self, LagoError> {
+        if !(raw.base_url.starts_with("https://") || raw.base_url.starts_with("http://")) {
+            return Err(config_err("base_url", "expected an http(s) URL"));
+        }
+        let code = raw.code.unwrap_or_else(|| "data_bytes".into());
+        if code.is_empty() || code.len() > LAGO_ID_BYTES_MAX {
+            return Err(config_err("code", format!("expected 1 to {LAGO_ID_BYTES_MAX} bytes")));
+        }
+        if api_key.is_empty() || api_key.contains(char::is_whitespace) {
+            return Err(config_err("api_key_file", "empty or contains whitespace"));
+        }
+        if raw.subscriptions.len() > LAGO_SUBSCRIPTIONS_MAX {
+            return Err(config_err("subscriptions", format!("more than {LAGO_SUBSCRIPTIONS_MAX}")));
+        }
+        let mut subscriptions = BTreeMap::new();
+        for (iccid, sub) in raw.subscriptions {
+            let key = format!("subscriptions.{iccid}");
+            let i = crate::server::parse_iccid(&iccid).ok_or_else(|| config_err(&key, "not an ICCID"))?;
+            if sub.is_empty() || sub.len() > LAGO_ID_BYTES_MAX {
+                return Err(config_err(&key, format!("expected 1 to {LAGO_ID_BYTES_MAX} bytes")));
+            }
+            subscriptions.insert(i, sub);
+        }
+        Ok(Self { base_url: raw.base_url.trim_end_matches('/').to_owned(), api_key, code, subscriptions })
+    }
+}
+
+fn read_api_key(path: &Path) -> Result<String, LagoError> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = "api_key_file";
+    let meta = std::fs::metadata(path).map_err(|e| config_err(key, format!("{}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(config_err(
+            key,
+            format!("{} is readable by group or others; chmod 600 it", path.display()),
+        ));
+    }
+    if meta.len() > LAGO_API_KEY_FILE_BYTES_MAX {
+        return Err(config_err(key, "file too large"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| config_err(key, e.to_string()))?;
+    Ok(text.trim().to_owned())
+}
+
+/// One event as sent; its serialization is stored in the outbox and sent verbatim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LagoEvent {
+    /// The record id, `meter-epoch-seq`.
+    pub transaction_id: String,
+    /// The SIM's Lago subscription.
+    pub external_subscription_id: String,
+    /// The billable metric code.
+    pub code: String,
+    /// Unix seconds.
+    pub timestamp: u64,
+    /// `{"bytes": n}`.
+    pub properties: LagoProperties,
+}
+
+/// The event's properties.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LagoProperties {
+    /// Usage this record contributed, both directions.
+    pub bytes: u64,
+}
+
+/// The transaction id of a record: `meter-epoch-seq`.
+pub fn transaction_id(id: RecordId) -> String {
+    format!("{}-{}-{}", id.meter_id, id.epoch, id.seq)
+}
+
+fn epoch_key(id: RecordId) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&id.meter_id.to_be_bytes());
+    k[8..].copy_from_slice(&id.epoch.to_be_bytes());
+    k
+}
+
+fn totals_bytes(t: Totals) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&t.up.to_be_bytes());
+    b[8..].copy_from_slice(&t.down.to_be_bytes());
+    b
+}
+
+fn totals_from(b: &[u8]) -> Result<Totals, StoreError> {
+    let (up, down) = b.split_at_checked(8).ok_or_else(|| StoreError::Corrupt("lago epoch max".into()))?;
+    let arr = |s: &[u8]| <[u8; 8]>::try_from(s).map_err(|_| StoreError::Corrupt("lago epoch max".into()));
+    Ok(Totals { up: u64::from_be_bytes(arr(up)?), down: u64::from_be_bytes(arr(down)?) })
+}
+
+fn u64_from(b: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(<[u8; 8]>::try_from(b).map_err(|_| StoreError::Corrupt("lago sequence".into()))?))
+}
+
+/// The Lago outbox in the store: planning and settling, no network.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    store: Store,
+    outbox: sled::Tree,
+    planned: sled::Tree,
+    epoch_max: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Outbox {
+    /// Opens the outbox trees of `store`.
+    pub fn open(store: &Store) -> Result<Self, LagoError> {
+        let db = store.db();
+        Ok(Self {
+            store: store.clone(),
+            outbox: db.open_tree(OUTBOX_TREE)?,
+            planned: db.open_tree(PLANNED_TREE)?,
+            epoch_max: db.open_tree(EPOCH_MAX_TREE)?,
+            meta: db.open_tree(META_TREE)?,
+        })
+    }
+
+    /// Plans an event for every stored record not planned yet whose SIM has a subscription;
+    /// durable when it returns. Returns how many were planned.
+    pub fn plan(&self, config: &LagoConfig) -> Result<usize, LagoError> {
+        let mut planned = 0usize;
+        let mut since_flush = 0usize;
+        let mut unmapped = 0usize;
+        for r in self.store.usage_records() {
+            let r = r?;
+            let key = r.id.to_key();
+            if self.planned.contains_key(key)? {
+                continue;
+            }
+            let Some(sub) = config.subscriptions.get(&r.iccid) else {
+                unmapped += 1;
+                continue;
+            };
+            let timestamp = attribution_instant(&r.time, r.received_ms)
+                .and_then(|t| u64::try_from(t.as_second()).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("record {}: time out of range", r.id)))?;
+            let ekey = epoch_key(r.id);
+            let result = (&self.outbox, &self.planned, &self.epoch_max, &self.meta).transaction(
+                |(outbox, planned_t, epoch_max, meta)| {
+                    let abort = |e: StoreError| ConflictableTransactionError::Abort(e);
+                    let max = match epoch_max.get(ekey)? {
+                        Some(b) => totals_from(&b).map_err(abort)?,
+                        None => Totals::default(),
+                    };
+                    // max(0, used − exported max): the module docs' export-order rule.
+                    let added = Totals {
+                        up: r.used.up.saturating_sub(max.up),
+                        down: r.used.down.saturating_sub(max.down),
+                    };
+                    let bytes = added.sum().ok_or_else(|| {
+                        abort(StoreError::Corrupt(format!("record {}: bytes overflow", r.id)))
+                    })?;
+                    let new_max = Totals { up: max.up.max(r.used.up), down: max.down.max(r.used.down) };
+                    let seq = match meta.get(NEXT_SEQ_KEY)? {
+                        Some(b) => u64_from(&b).map_err(abort)?,
+                        None => 0,
+                    };
+                    let event = LagoEvent {
+                        transaction_id: transaction_id(r.id),
+                        external_subscription_id: sub.clone(),
+                        code: config.code.clone(),
+                        timestamp,
+                        properties: LagoProperties { bytes },
+                    };
+                    let json = serde_json::to_vec(&event)
+                        .map_err(|e| abort(StoreError::Corrupt(format!("event does not encode: {e}"))))?;
+                    outbox.insert(&seq.to_be_bytes(), json)?;
+                    planned_t.insert(&key, &seq.to_be_bytes())?;
+                    epoch_max.insert(&ekey, &totals_bytes(new_max))?;
+                    meta.insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes())?;
+                    Ok(())
+                },
+            );
+            match result {
+                Ok(()) => {}
+                Err(TransactionError::Abort(e)) => return Err(e.into()),
+                Err(TransactionError::Storage(e)) => return Err(e.into()),
+            }
+            planned += 1;
+            since_flush += 1;
+            if since_flush >= LAGO_PLAN_RECORDS_PER_FLUSH_MAX {
+                self.store.flush()?;
+                since_flush = 0;
+            }
+        }
+        self.store.flush()?;
+        if unmapped > 0 {
+            tracing::warn!(unmapped, "records of SIMs without a Lago subscription are held back");
+        }
+        Ok(planned)
+    }
+
+    /// The next events to send: up to `max` (key, JSON bytes) in plan order.
+    pub fn peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, LagoError> {
+        let mut out = Vec::new();
+        for item in self.outbox.iter().take(max.min(LAGO_EVENTS_PER_CALL_MAX)) {
+            let (k, v) = item?;
+            out.push((u64_from(&k)?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes delivered events; durable when it returns.
+    pub fn settle(&self, delivered: &[u64]) -> Result<(), LagoError> {
+        let mut batch = sled::Batch::default();
+        for k in delivered {
+            batch.remove(&k.to_be_bytes());
+        }
+        self.outbox.apply_batch(batch)?;
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// Events planned and not yet accepted by Lago.
+    pub fn pending(&self) -> usize {
+        self.outbox.len()
+    }
+}
+
+/// The body of a batch call: the stored event bytes, verbatim.
+pub fn batch_body(events: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut body = b"{\"events\":[".to_vec();
+    for (i, (_, e)) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+/// What Lago's answer to one call means for the exporter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// All events accepted.
+    Accepted,
+    /// The batch failed only because these positions already exist: they are delivered,
+    /// the rest must be re-sent.
+    AlreadyExist(Vec<usize>),
+    /// Rate limited: wait this long.
+    RateLimited(Duration),
+    /// Lago or the network failed: retry after backoff.
+    Retry,
+    /// Refused for good: the status and the start of Lago's answer.
+    Refused(u16, String),
+}
+
+#[derive(Deserialize)]
+struct LagoErrorBody {
+    #[serde(default)]
+    error_details: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+}
+
+/// Interprets one answer (pure; see the module docs). `events` is how many were sent.
+pub fn classify_answer(
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+    events: usize,
+) -> CallOutcome {
+    let refused =
+        || CallOutcome::Refused(status, String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
+    match status {
+        200..=299 => CallOutcome::Accepted,
+        429 => {
+            let secs = ["retry-after", "x-ratelimit-reset"]
+                .iter()
+                .find_map(|h| {
+                    headers.get(*h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .map(|s| s.min(LAGO_RETRY_AFTER_S_MAX));
+            match secs {
+                Some(s) => CallOutcome::RateLimited(Duration::from_secs(s)),
+                None => CallOutcome::RateLimited(Duration::from_millis(LAGO_RETRY_DELAY_MS_MAX / 10)),
+            }
+        }
+        422 => {
+            let Ok(b) = serde_json::from_slice::<LagoErrorBody>(body) else { return refused() };
+            let mut positions = Vec::new();
+            for (pos, fields) in &b.error_details {
+                let only_dup = fields.len() == 1
+                    && fields
+                        .get("transaction_id")
+                        .is_some_and(|v| v.iter().all(|e| e == "value_already_exist"));
+                match pos.parse::<usize>() {
+                    Ok(p) if only_dup && p < events => positions.push(p),
+                    _ => return refused(),
+                }
+            }
+            if positions.is_empty() {
+                refused()
+            } else {
+                positions.sort_unstable();
+                CallOutcome::AlreadyExist(positions)
+            }
+        }
+        500..=599 | 408 => CallOutcome::Retry,
+        _ => refused(),
+    }
+}
+
+/// Forwards the outbox to Lago.
+#[derive(Debug)]
+pub struct LagoExporter {
+    outbox: Outbox,
+    config: LagoConfig,
+    http: reqwest::Client,
+    url: String,
+    events_per_call: usize,
+}
+
+/// Counters of one [`LagoExporter::drain`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Events newly planned.
+    pub planned: usize,
+    /// Events removed from the outbox as accepted.
+    pub delivered: usize,
+    /// Of those, accepted as `value_already_exist`.
+    pub already_existed: usize,
+    /// Calls answered 429.
+    pub rate_limited: usize,
+    /// Calls retried after a 5xx or transport error.
+    pub retried: usize,
+}
+
+impl LagoExporter {
+    /// An exporter over `store`.
+    pub fn new(store: &Store, config: LagoConfig) -> Result<Self, LagoError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(LAGO_REQUEST_TIMEOUT_S))
+            .build()
+            .map_err(|e| LagoError::Client(e.to_string()))?;
+        let url = format!("{}{LAGO_EVENTS_BATCH_PATH}", config.base_url);
+        Ok(Self {
+            outbox: Outbox::open(store)?,
+            config,
+            http,
+            url,
+            events_per_call: LAGO_EVENTS_PER_CALL_MAX,
+        })
+    }
+
+    /// The same exporter sending at most `n` events per call (clamped to 1 to
+    /// [`LAGO_EVENTS_PER_CALL_MAX`]), e.g. for a self-hosted Lago with a lower
+    /// `LAGO_EVENTS_BATCH_MAX_LENGTH`.
+    pub fn with_events_per_call(mut self, n: usize) -> Self {
+        self.events_per_call = n.clamp(1, LAGO_EVENTS_PER_CALL_MAX);
+        self
+    }
+
+    /// The outbox.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Plans new records, then sends until the outbox is empty. Retries 429/5xx/transport
+    /// errors with backoff for as long as it takes; returns on a refusal.
+    pub async fn drain(&self) -> Result<ExportStats, LagoError> {
+        let mut stats = ExportStats::default();
+        let outbox = self.outbox.clone();
+        let config = self.config.clone();
+        stats.planned = tokio::task::spawn_blocking(move || outbox.plan(&config))
+            .await
+            .map_err(|e| LagoError::Client(format!("planning task failed: {e}")))??;
+        let mut delay_ms = LAGO_RETRY_DELAY_MS_MIN;
+        loop {
+            let events = self.outbox.peek(self.events_per_call)?;
+            if events.is_empty() {
+                return Ok(stats);
+            }
+            let outcome = self.call(&events).await;
+            match outcome {
+                CallOutcome::Accepted => {
+                    let keys: Vec<u64> = events.iter().map(|(k, _)| *k).collect();
+                    self.outbox.settle(&keys)?;
+                    stats.delivered += keys.len();
+                    delay_ms = LAGO_RETRY_DELAY_MS_MIN;
+                }
+                CallOutcome::AlreadyExist(positions) => {
+                    let keys: Vec<u64> =
+                        positions.iter().filter_map(|p| events.get(*p).map(|(k, _)| *k)).collect();
+                    tracing::info!(count = keys.len(), "lago already has these events; treated as delivered");
+                    self.outbox.settle(&keys)?;
+                    stats.delivered += keys.len();
+                    stats.already_existed += keys.len();
+                }
+                CallOutcome::RateLimited(wait) => {
+                    stats.rate_limited += 1;
+                    tracing::warn!(wait_ms = wait.as_millis() as u64, "lago rate limit; waiting");
+                    tokio::time::sleep(wait).await;
+                }
+                CallOutcome::Retry => {
+                    stats.retried += 1;
+                    tracing::warn!(delay_ms, "lago unavailable; backing off");
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    delay_ms = (delay_ms * 2).min(LAGO_RETRY_DELAY_MS_MAX);
+                }
+                CallOutcome::Refused(status, body) => {
+                    tracing::error!(status, %body, "lago refused the batch; events stay in the outbox");
+                    return Err(LagoError::Refused { status, body });
+                }
+            }
+        }
+    }
+
+    async fn call(&self, events: &[(u64, Vec<u8>)]) -> CallOutcome {
+        let sent = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.config.api_key)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(batch_body(events))
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "lago call failed");
+                return CallOutcome::Retry;
+            }
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = match response.bytes().await {
+            Ok(b) if b.len() <= LAGO_RESPONSE_BYTES_MAX => b,
+            Ok(_) => return CallOutcome::Retry,
+            Err(_) => return CallOutcome::Retry,
+        };
+        classify_answer(status, &headers, &body, events.len())
+    }
+
+    /// Runs [`LagoExporter::drain`] every `interval` until `shutdown` completes.
+    pub async fn run(
+        self,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), LagoError> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                r = self.drain() => {
+                    let stats = r?;
+                    if stats.delivered > 0 {
+                        tracing::info!(?stats, "lago export");
+                    }
+                }
+                () = &mut shutdown => return Ok(()),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = &mut shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn event_and_batch_bytes_are_pinned() {
+        let e = LagoEvent {
+            transaction_id: transaction_id(RecordId { meter_id: 10, epoch: 0, seq: 3 }),
+            external_subscription_id: "sub_42".into(),
+            code: "data_bytes".into(),
+            timestamp: 1_795_521_600,
+            properties: LagoProperties { bytes: 1536 },
+        };
+        let json = serde_json::to_vec(&e).unwrap();
+        assert_eq!(
+            String::from_utf8(json.clone()).unwrap(),
+            r#"{"transaction_id":"10-0-3","external_subscription_id":"sub_42","code":"data_bytes","timestamp":1795521600,"properties":{"bytes":1536}}"#
+        );
+        let body = batch_body(&[(0, json.clone()), (1, json)]);
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["events"].as_array().unwrap().len(), 2);
+        assert_eq!(batch_body(&[]), b"{\"events\":[]}");
+    }
+
+    #[test]
+    fn answers_are_classified_per_the_contract() {
+        let none = HeaderMap::new();
+        assert_eq!(classify_answer(200, &none, b"{}", 3), CallOutcome::Accepted);
+        let dup = br#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"0":{"transaction_id":["value_already_exist"]},"2":{"transaction_id":["value_already_exist"]}}}"#;
+        assert_eq!(classify_answer(422, &none, dup, 3), CallOutcome::AlreadyExist(vec![0, 2]));
+        // A position beyond the batch, another error, or a batch-level error is a refusal.
+        assert!(matches!(classify_answer(422, &none, dup, 2), CallOutcome::Refused(422, _)));
+        let other =
+            br#"{"error_details":{"0":{"transaction_id":["value_already_exist"],"code":["invalid"]}}}"#;
+        assert!(matches!(classify_answer(422, &none, other, 3), CallOutcome::Refused(..)));
+        let many = br#"{"status":422,"error_details":{"events":["too_many_events"]}}"#;
+        assert!(matches!(classify_answer(422, &none, many, 101), CallOutcome::Refused(..)));
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("7"));
+        assert_eq!(classify_answer(429, &h, b"", 1), CallOutcome::RateLimited(Duration::from_secs(7)));
+        h.insert("retry-after", HeaderValue::from_static("100000"));
+        assert_eq!(
+            classify_answer(429, &h, b"", 1),
+            CallOutcome::RateLimited(Duration::from_secs(LAGO_RETRY_AFTER_S_MAX))
+        );
+        assert_eq!(classify_answer(503, &none, b"", 1), CallOutcome::Retry);
+        assert!(matches!(classify_answer(401, &none, b"no", 1), CallOutcome::Refused(401, _)));
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let e = LagoConfig::new("ftp://x", "k", "data_bytes", BTreeMap::new()).unwrap_err();
+        assert!(e.to_string().starts_with("base_url: "), "{e}");
+        let e = LagoConfig::new("http://x", "k", "", BTreeMap::new()).unwrap_err();
+        assert!(e.to_string().starts_with("code: "), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("lago.key");
+        std::fs::write(&key, "secret\n").unwrap();
+        let cfg = dir.path().join("lago.toml");
+        std::fs::write(
+            &cfg,
+            "base_url = \"http://127.0.0.1:3000/\"\napi_key_file = \"lago.key\"\n[subscriptions]\n\"8988280666000000001\" = \"sub_a\"\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = LagoConfig::load(&cfg).unwrap_err();
+        assert!(e.to_string().starts_with("api_key_file: "), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = LagoConfig::load(&cfg).unwrap();
+        assert_eq!(
+            (c.base_url.as_str(), c.api_key.as_str(), c.code.as_str()),
+            ("http://127.0.0.1:3000", "secret", "data_bytes")
+        );
+        assert_eq!(c.subscriptions[&8_988_280_666_000_000_001], "sub_a");
+    }
+}

@@ -1,0 +1,281 @@
+//! The Lago exporter against a local server that follows Lago's documented batch contract:
+//! at most 100 events, 422 `no_events` / `too_many_events`, one already-stored
+//! `transaction_id` fails the whole batch with `value_already_exist` at its position, 429 and
+//! 500 on demand. The exporter is restarted mid-run; every record must arrive exactly once with
+//! the right bytes and byte-identical retries.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use countersign_cloud::lago::{transaction_id, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH};
+use countersign_cloud::Store;
+use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
+use serde_json::{json, Value};
+
+const API_KEY: &str = "lago_test_key";
+const KEY: [u8; 32] = [7u8; 32];
+const SIM_A: u64 = 8_988_280_666_000_000_001;
+const SIM_B: u64 = 8_988_280_666_000_000_002;
+const SIM_UNMAPPED: u64 = 8_988_280_666_000_000_009;
+const NOON_S: u64 = 1_795_521_600;
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Answer 429 with rate-limit headers.
+    RateLimited,
+    /// Answer 500 without looking at the batch.
+    Unavailable,
+    /// Store the batch, then answer 500 and stay down: the answer is lost, the events are in.
+    AcceptThenDown,
+}
+
+#[derive(Default)]
+struct Lago {
+    /// transaction_id → the event as first stored.
+    stored: HashMap<String, Value>,
+    /// Every call's event count and status.
+    calls: Vec<(usize, u16)>,
+    /// Retried events whose body differed from the stored one (must stay 0).
+    mismatched_retries: usize,
+    /// Faults for the next calls in order; `None` answers normally.
+    faults: VecDeque<Option<Fault>>,
+    /// Answer 500 to everything while set.
+    down: bool,
+}
+
+type Shared = Arc<Mutex<Lago>>;
+
+fn lago_422(details: Value) -> Response {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        axum::Json(json!({"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":details})),
+    )
+        .into_response()
+}
+
+async fn batch(State(lago): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut l = lago.lock().unwrap();
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {API_KEY}")) {
+        return (StatusCode::UNAUTHORIZED, "{\"status\":401,\"error\":\"Unauthorized\"}").into_response();
+    }
+    let doc: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => return (StatusCode::BAD_REQUEST, "bad json").into_response(),
+    };
+    let events = doc["events"].as_array().cloned().unwrap_or_default();
+    let fault = if l.down { Some(Fault::Unavailable) } else { l.faults.pop_front().flatten() };
+    match fault {
+        Some(Fault::RateLimited) => {
+            l.calls.push((events.len(), 429));
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("x-ratelimit-limit", "500"), ("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1")],
+                "{\"status\":429,\"error\":\"Too Many Requests\"}",
+            )
+                .into_response();
+        }
+        Some(Fault::Unavailable) => {
+            l.calls.push((events.len(), 500));
+            return (StatusCode::INTERNAL_SERVER_ERROR, "oops").into_response();
+        }
+        _ => {}
+    }
+    if events.is_empty() {
+        l.calls.push((0, 422));
+        return lago_422(json!({"events":["no_events"]}));
+    }
+    if events.len() > 100 {
+        l.calls.push((events.len(), 422));
+        return lago_422(json!({"events":["too_many_events"]}));
+    }
+    // PostgreSQL event store: one already-stored transaction_id fails the whole batch.
+    let mut details = serde_json::Map::new();
+    for (i, e) in events.iter().enumerate() {
+        let id = e["transaction_id"].as_str().unwrap_or_default().to_owned();
+        if let Some(first) = l.stored.get(&id) {
+            if first != e {
+                l.mismatched_retries += 1;
+            }
+            details.insert(i.to_string(), json!({"transaction_id":["value_already_exist"]}));
+        }
+    }
+    if !details.is_empty() {
+        l.calls.push((events.len(), 422));
+        return lago_422(Value::Object(details));
+    }
+    for e in &events {
+        l.stored.insert(e["transaction_id"].as_str().unwrap().to_owned(), e.clone());
+    }
+    if matches!(fault, Some(Fault::AcceptThenDown)) {
+        l.down = true;
+        l.calls.push((events.len(), 500));
+        return (StatusCode::INTERNAL_SERVER_ERROR, "lost answer").into_response();
+    }
+    l.calls.push((events.len(), 200));
+    (StatusCode::OK, axum::Json(json!({"events": events}))).into_response()
+}
+
+async fn start_lago() -> (String, Shared) {
+    let lago = Shared::default();
+    let app = Router::new().route(LAGO_EVENTS_BATCH_PATH, post(batch)).with_state(lago.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), lago)
+}
+
+fn insert(store: &Store, meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, down: u64) {
+    let r = Report {
+        meter_id,
+        epoch,
+        seq,
+        iccid,
+        time: DeviceTime::wall_clock(TimeQuality::Network, NOON_S + u64::from(seq) * 60).unwrap(),
+        base: Totals::default(),
+        used: Totals { up, down },
+        extras: Default::default(),
+    };
+    let mut buf = [0u8; REPORT_BYTES_MAX];
+    let n = r.encode(&KEY, &mut buf).unwrap();
+    store.insert_record(r.id(), 1, NOON_S * 1000, &buf[..n]).unwrap();
+}
+
+fn config(base: &str) -> LagoConfig {
+    let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned()), (SIM_B, "sub_b".to_owned())].into();
+    LagoConfig::new(base, API_KEY, "data_bytes", subs).unwrap()
+}
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open(dir, 1024 * 1024).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
+    let (base, lago) = start_lago().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected_epoch_bytes = BTreeMap::<(u64, u32), u64>::new();
+    let mut ids = Vec::new();
+    {
+        let store = open(dir.path());
+        // 3 meters × 2 epochs × 40 reports; seq 10 of meter 1 epoch 0 arrives later.
+        for meter in 1..=3u64 {
+            for epoch in 0..2u32 {
+                for seq in 0..40u32 {
+                    let iccid = if meter == 3 { SIM_B } else { SIM_A };
+                    let (up, down) = (u64::from(seq) * 100 + u64::from(epoch), u64::from(seq) * 1000);
+                    ids.push(RecordId { meter_id: meter, epoch, seq });
+                    if (meter, epoch, seq) != (1, 0, 10) {
+                        insert(&store, meter, epoch, seq, iccid, up, down);
+                    }
+                    *expected_epoch_bytes.entry((meter, epoch)).or_default() = up + down;
+                }
+            }
+        }
+        // An unmapped SIM is held back, not sent and not dropped.
+        insert(&store, 9, 0, 0, SIM_UNMAPPED, 5, 5);
+        store.flush().unwrap();
+
+        // First run: a 429, a 500, one good call, then a call whose answer is lost, after
+        // which Lago stays down.
+        lago.lock().unwrap().faults =
+            [Some(Fault::RateLimited), Some(Fault::Unavailable), None, Some(Fault::AcceptThenDown)].into();
+        let exporter = LagoExporter::new(&store, config(&base)).unwrap().with_events_per_call(60);
+        let task = tokio::spawn(async move { exporter.drain().await });
+        for _ in 0..500 {
+            if lago.lock().unwrap().stored.len() >= 120 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Kill the exporter mid-run, with a batch delivered but unacknowledged.
+        task.abort();
+        let _ = task.await;
+        assert_eq!(lago.lock().unwrap().stored.len(), 120);
+    }
+    // Restart: reopen the store, a late report arrives, Lago is back (after a 429).
+    let store = open(dir.path());
+    insert(&store, 1, 0, 10, SIM_A, 1000, 10_000);
+    store.flush().unwrap();
+    {
+        let mut l = lago.lock().unwrap();
+        l.down = false;
+        l.faults = [Some(Fault::RateLimited)].into();
+    }
+    let exporter = LagoExporter::new(&store, config(&base)).unwrap();
+    let stats = exporter.drain().await.unwrap();
+    assert_eq!(stats.rate_limited, 1);
+    assert!(stats.already_existed >= 60, "{stats:?}");
+    assert_eq!(exporter.outbox().pending(), 0);
+
+    {
+        let l = lago.lock().unwrap();
+        assert!(!l.stored.contains_key("9-0-0"), "an unmapped SIM's record was sent");
+    }
+    // Once mapped, the held-back record goes too.
+    let mut with_unmapped = config(&base);
+    with_unmapped.subscriptions.insert(SIM_UNMAPPED, "sub_9".into());
+    let stats = LagoExporter::new(&store, with_unmapped).unwrap().drain().await.unwrap();
+    assert_eq!((stats.planned, stats.delivered), (1, 1));
+
+    let l = lago.lock().unwrap();
+    assert_eq!(l.stored["9-0-0"]["properties"]["bytes"], 10);
+    assert_eq!(l.mismatched_retries, 0, "a retry changed an event's bytes or timestamp");
+    assert!(l.calls.iter().all(|(n, _)| *n <= 100));
+    assert!(l.calls.iter().any(|(_, s)| *s == 422), "no value_already_exist round: {:?}", l.calls);
+    assert_eq!(l.stored.len(), ids.len() + 1);
+    let mut got = BTreeMap::<(u64, u32), u64>::new();
+    for id in &ids {
+        let e = &l.stored[&transaction_id(*id)];
+        assert_eq!(e["code"], "data_bytes");
+        let sub = if id.meter_id == 3 { "sub_b" } else { "sub_a" };
+        assert_eq!(e["external_subscription_id"], sub);
+        assert_eq!(e["timestamp"], NOON_S + u64::from(id.seq) * 60);
+        *got.entry((id.meter_id, id.epoch)).or_default() += e["properties"]["bytes"].as_u64().unwrap();
+    }
+    // Each epoch's events add up to its highest `used`; the late report added nothing.
+    assert_eq!(got, expected_epoch_bytes);
+    assert_eq!(l.stored["1-0-10"]["properties"]["bytes"], 0);
+    assert_eq!(l.stored["1-0-11"]["properties"]["bytes"], 1100 + 11_000 - 900 - 9000);
+}
+
+#[tokio::test]
+async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter() {
+    let (base, lago) = start_lago().await;
+    let http = reqwest::Client::new();
+    let url = format!("{base}{LAGO_EVENTS_BATCH_PATH}");
+    let post = |body: Value| http.post(&url).bearer_auth(API_KEY).json(&body).send();
+    let r = post(json!({"events": []})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.json::<Value>().await.unwrap()["error_details"]["events"][0], "no_events");
+    let many: Vec<Value> = (0..101).map(|i| json!({"transaction_id": i.to_string()})).collect();
+    let r = post(json!({ "events": many })).await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["error_details"]["events"][0], "too_many_events");
+    let e = json!({"transaction_id":"x","external_subscription_id":"s","code":"c","timestamp":1,"properties":{"bytes":1}});
+    assert_eq!(post(json!({"events": [e.clone()]})).await.unwrap().status(), 200);
+    let r = post(json!({"events": [json!({"transaction_id":"y"}), e]})).await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"1":{"transaction_id":["value_already_exist"]}}})
+    );
+    assert_eq!(lago.lock().unwrap().stored.len(), 1, "a failing batch stores nothing");
+
+    // A wrong API key is a refusal: the exporter stops and keeps the events.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    insert(&store, 1, 0, 0, SIM_A, 1, 1);
+    let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned())].into();
+    let bad = LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap();
+    let exporter = LagoExporter::new(&store, bad).unwrap();
+    let e = exporter.drain().await.unwrap_err();
+    assert!(matches!(e, LagoError::Refused { status: 401, .. }), "{e}");
+    assert_eq!(exporter.outbox().pending(), 1);
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Countersign check and test, installing and starting what they need on a fresh
-# Debian machine with a Rust toolchain (rustup): Debian packages, the Cortex-M target, and
-# the local Mosquitto. Safe to run again; exits non-zero on the first failure.
+# Debian machine with a Rust toolchain (rustup): Debian packages, the Cortex-M target, the
+# local Mosquitto and PostgreSQL. Safe to run again; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,7 @@ command -v cc >/dev/null || missing+=(gcc libc6-dev)
 # The firmware end-to-end test boots the board image in QEMU; `size` measures its footprint.
 command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
 command -v size >/dev/null || missing+=(binutils)
+command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -38,6 +39,35 @@ else
   fi
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
   (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && echo "started" || { echo "mosquitto did not start"; exit 1; }
+fi
+
+step "postgresql for the cloud-sync tests"
+# The tests create and drop throwaway databases (cs_test_*). They connect as the role named by
+# COUNTERSIGN_PG_ADMIN_URL, by default postgres over TCP on 127.0.0.1 without a password
+# (a developer machine set up with trust on loopback). Authentication settings are never
+# changed here: on a fresh Debian install, where TCP wants a password, the tests connect over
+# the unix socket with peer authentication instead, as a role named after the OS user that
+# may create databases (created once, no superuser).
+pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null || [ -S /var/run/postgresql/.s.PGSQL.5432 ]; }
+if ! pg_up; then
+  ver=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+  [ -n "$ver" ] || { echo "no PostgreSQL cluster in /etc/postgresql"; exit 1; }
+  as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+  for _ in $(seq 100); do pg_up && break; sleep 0.1; done
+  pg_up || { echo "PostgreSQL did not start"; exit 1; }
+  echo "started cluster $ver/main"
+fi
+if [ -z "${COUNTERSIGN_PG_ADMIN_URL:-}" ]; then
+  if psql -w "host=127.0.0.1 port=5432 user=postgres dbname=postgres" -Atc 'select 1' >/dev/null 2>&1; then
+    echo "postgres on 127.0.0.1:5432 accepts the tests without a password"
+  else
+    me=$(id -un)
+    as_root runuser -u postgres -- psql -v ON_ERROR_STOP=1 -qAtc \
+      "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$me') THEN CREATE ROLE \"$me\" LOGIN CREATEDB; END IF; END \$\$" postgres
+    export COUNTERSIGN_PG_ADMIN_URL="host=/var/run/postgresql port=5432 user=$me dbname=postgres"
+    psql -w "$COUNTERSIGN_PG_ADMIN_URL" -Atc 'select 1' >/dev/null
+    echo "tests connect over the unix socket as role $me (peer authentication)"
+  fi
 fi
 
 step "rust targets"

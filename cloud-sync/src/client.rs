@@ -9,9 +9,10 @@ use ed25519_dalek::VerifyingKey;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::auth::{token_sha256, Role, TOKEN_BYTES};
 use crate::server::{
-    format_date, GatewayRegistration, MeterRegistration, SimUsage, SimsUsage, ADMIN_GATEWAYS_PATH,
-    ADMIN_METERS_PATH, USAGE_PATH, USAGE_SIMS_PATH,
+    format_date, GatewayRegistration, MeterRegistration, SimUsage, SimsUsage, TokenList, TokenRegistration,
+    ADMIN_GATEWAYS_PATH, ADMIN_METERS_PATH, ADMIN_TOKENS_PATH, USAGE_PATH, USAGE_SIMS_PATH,
 };
 use crate::usage::DateRange;
 
@@ -225,4 +226,49 @@ pub async fn settle(
         .await
         .map_err(|source| ClientError::Transport { url: u.clone(), source })?;
     check(&u, response).await?.json().await.map_err(|source| ClientError::BadResponse { url: u, source })
+}
+
+/// Registers an API token by its SHA-256 under `name` with `role`; the secret itself never
+/// leaves the caller. Idempotent for the same name, role and secret.
+pub async fn create_token(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    name: &str,
+    role: Role,
+    secret: &[u8; TOKEN_BYTES],
+) -> Result<(), ClientError> {
+    let body = TokenRegistration {
+        name: name.to_owned(),
+        role,
+        token_sha256_hex: hex::encode(token_sha256(secret)),
+    };
+    post_json(http, &url(base_url, ADMIN_TOKENS_PATH), token, &body).await
+}
+
+/// Revokes the API token named `name`; a `Refused` error with status 404 if there is none.
+pub async fn revoke_token(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    name: &str,
+) -> Result<(), ClientError> {
+    // Names are checked to be URL-safe by the endpoint; an unsafe one is refused there.
+    let u = url(base_url, &format!("{ADMIN_TOKENS_PATH}/{name}"));
+    let response = http
+        .delete(&u)
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .map_err(|source| ClientError::Transport { url: u.clone(), source })?;
+    check(&u, response).await.map(drop)
+}
+
+/// The names and roles of every API token.
+pub async fn list_tokens(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+) -> Result<TokenList, ClientError> {
+    get_json(http, &url(base_url, ADMIN_TOKENS_PATH), token, &[]).await
 }

@@ -6,8 +6,19 @@
 //! admin_token_file = "admin.token"   # required: 0600, hex of 32 random bytes
 //!
 //! [store]
-//! cache_capacity_bytes = 67108864    # optional, 64 MiB by default
+//! backend = "sled"                   # optional: "sled" (default) or "postgres"
+//! cache_capacity_bytes = 67108864    # optional, sled only, 64 MiB by default
+//! # postgres only: a libpq-style connection string (no TLS: loopback or a private network)
+//! postgres_url = "host=127.0.0.1 user=postgres dbname=countersign"
+//! postgres_pool_connections = 8      # optional, connections per process, 1..=64
+//!
+//! [rate_limit]                       # optional: per-gateway token bucket on /v1/batches
+//! records_per_second = 20000         # refill rate, records per second per gateway
+//! burst_records = 100000             # bucket size: what a gateway may send at once
 //! ```
+//!
+//! With `backend = "postgres"` the `data_dir` is still required (it is where local state
+//! would go) but the store lives in PostgreSQL, shared by every endpoint process.
 //!
 //! Relative paths in a file read by [`CloudConfig::load`] are relative to the directory of
 //! that file, so a config works the same whatever directory the endpoint is started from.
@@ -28,6 +39,14 @@ pub const CACHE_CAPACITY_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 pub const CACHE_CAPACITY_BYTES_MIN: u64 = 1024 * 1024;
 /// Largest accepted cache: more than this is almost surely a unit mistake.
 pub const CACHE_CAPACITY_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
+/// Records per second a gateway may upload when `[rate_limit] records_per_second` is not
+/// given: an agent catching up after an outage drains 72 million records a day at this rate.
+pub const RATE_RECORDS_PER_SECOND_DEFAULT: u64 = 20_000;
+/// Bucket size when `[rate_limit] burst_records` is not given: several full batches at once.
+pub const RATE_BURST_RECORDS_DEFAULT: u64 = 100_000;
+/// Largest accepted `records_per_second` or `burst_records`: beyond this the limit means
+/// nothing on any hardware, and the bucket arithmetic stays far from overflow.
+pub const RATE_RECORDS_MAX: u64 = 1_000_000_000;
 /// Config files larger than this are refused before they are read.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 64 * 1024;
 
@@ -74,12 +93,69 @@ struct RawConfig {
     data_dir: Option<toml::Value>,
     admin_token_file: Option<toml::Value>,
     store: Option<RawStore>,
+    rate_limit: Option<RawRateLimit>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
     cache_capacity_bytes: Option<toml::Value>,
+    backend: Option<toml::Value>,
+    postgres_url: Option<toml::Value>,
+    postgres_pool_connections: Option<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    records_per_second: Option<toml::Value>,
+    burst_records: Option<toml::Value>,
+}
+
+/// Which store the endpoint runs on.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded sled store in `data_dir/sled`.
+    Sled,
+    /// A PostgreSQL database shared by any number of endpoint processes.
+    Postgres {
+        /// libpq-style connection string.
+        url: String,
+        /// Connections this process opens at most.
+        pool_connections: usize,
+    },
+}
+
+impl std::fmt::Debug for StoreKind {
+    // The connection string may hold a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreKind::Sled => f.write_str("Sled"),
+            StoreKind::Postgres { pool_connections, .. } => f
+                .debug_struct("Postgres")
+                .field("url", &"..")
+                .field("pool_connections", pool_connections)
+                .finish(),
+        }
+    }
+}
+
+/// The per-gateway token bucket on batch uploads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Refill rate, records per second per gateway.
+    pub records_per_second: u64,
+    /// Bucket size in records.
+    pub burst_records: u64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            records_per_second: RATE_RECORDS_PER_SECOND_DEFAULT,
+            burst_records: RATE_BURST_RECORDS_DEFAULT,
+        }
+    }
 }
 
 /// The validated configuration of one endpoint process.
@@ -89,6 +165,8 @@ pub struct CloudConfig {
     data_dir: PathBuf,
     admin_token_file: PathBuf,
     cache_capacity_bytes: u64,
+    store_kind: StoreKind,
+    rate_limit: RateLimit,
 }
 
 impl CloudConfig {
@@ -99,7 +177,21 @@ impl CloudConfig {
             data_dir: data_dir.into(),
             admin_token_file: admin_token_file.into(),
             cache_capacity_bytes: CACHE_CAPACITY_BYTES_DEFAULT,
+            store_kind: StoreKind::Sled,
+            rate_limit: RateLimit::default(),
         }
+    }
+
+    /// The same configuration on another store.
+    pub fn with_store_kind(mut self, kind: StoreKind) -> Self {
+        self.store_kind = kind;
+        self
+    }
+
+    /// The same configuration with another rate limit.
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
     }
 
     /// The same configuration listening on `listen`.
@@ -134,7 +226,10 @@ impl CloudConfig {
         };
         let data_dir = path_value("data_dir", raw.data_dir)?;
         let admin_token_file = path_value("admin_token_file", raw.admin_token_file)?;
-        let cache_capacity_bytes = match raw.store.and_then(|s| s.cache_capacity_bytes) {
+        let store = raw.store.unwrap_or_default();
+        let store_kind = store_kind(&store)?;
+        let rate_limit = rate_limit(raw.rate_limit.unwrap_or_default())?;
+        let cache_capacity_bytes = match store.cache_capacity_bytes {
             None => CACHE_CAPACITY_BYTES_DEFAULT,
             Some(toml::Value::Integer(n)) => {
                 let n = u64::try_from(n).map_err(|_| {
@@ -149,7 +244,7 @@ impl CloudConfig {
                 ))
             }
         };
-        Ok(Self { listen, data_dir, admin_token_file, cache_capacity_bytes })
+        Ok(Self { listen, data_dir, admin_token_file, cache_capacity_bytes, store_kind, rate_limit })
     }
 
     /// Reads and validates a config file; relative paths in it are taken relative to its
@@ -190,9 +285,82 @@ impl CloudConfig {
         self.cache_capacity_bytes
     }
 
+    /// The store the endpoint runs on.
+    pub fn store_kind(&self) -> &StoreKind {
+        &self.store_kind
+    }
+
+    /// The per-gateway rate limit on batch uploads.
+    pub fn rate_limit(&self) -> RateLimit {
+        self.rate_limit
+    }
+
     /// Reads the admin token, refusing a file that group or others can read.
     pub fn read_admin_token(&self) -> Result<AdminToken, ConfigError> {
         read_secret(&self.admin_token_file).map(AdminToken).map_err(ConfigError::AdminToken)
+    }
+}
+
+fn store_kind(raw: &RawStore) -> Result<StoreKind, ConfigError> {
+    let backend = match &raw.backend {
+        None => "sled".to_owned(),
+        Some(v) => string_value("store.backend", v.clone())?,
+    };
+    match backend.as_str() {
+        "sled" => {
+            for (key, v) in [
+                ("store.postgres_url", &raw.postgres_url),
+                ("store.postgres_pool_connections", &raw.postgres_pool_connections),
+            ] {
+                if v.is_some() {
+                    return Err(invalid(key, "only applies with store.backend = \"postgres\""));
+                }
+            }
+            Ok(StoreKind::Sled)
+        }
+        "postgres" => {
+            let url = string_value(
+                "store.postgres_url",
+                raw.postgres_url.clone().ok_or(ConfigError::Missing { key: "store.postgres_url" })?,
+            )?;
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                return Err(invalid(
+                    "store.postgres_url",
+                    format!("not a PostgreSQL connection string: {e}"),
+                ));
+            }
+            let pool_connections = match &raw.postgres_pool_connections {
+                None => crate::postgres::PG_POOL_CONNECTIONS_DEFAULT,
+                Some(v) => {
+                    let key = "store.postgres_pool_connections";
+                    let n = bounded_integer(key, v, 1, crate::postgres::PG_POOL_CONNECTIONS_MAX as u64)?;
+                    usize::try_from(n).map_err(|_| invalid(key, "does not fit this platform"))?
+                }
+            };
+            Ok(StoreKind::Postgres { url, pool_connections })
+        }
+        other => Err(invalid("store.backend", format!("expected \"sled\" or \"postgres\", got '{other}'"))),
+    }
+}
+
+fn rate_limit(raw: RawRateLimit) -> Result<RateLimit, ConfigError> {
+    let mut limit = RateLimit::default();
+    if let Some(v) = &raw.records_per_second {
+        limit.records_per_second = bounded_integer("rate_limit.records_per_second", v, 1, RATE_RECORDS_MAX)?;
+    }
+    if let Some(v) = &raw.burst_records {
+        limit.burst_records = bounded_integer("rate_limit.burst_records", v, 1, RATE_RECORDS_MAX)?;
+    }
+    Ok(limit)
+}
+
+fn bounded_integer(key: &'static str, v: &toml::Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match v {
+        toml::Value::Integer(n) => match u64::try_from(*n) {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(invalid(key, format!("{n} is outside {min}..={max}"))),
+        },
+        other => Err(invalid(key, format!("expected an integer, found {}", other.type_str()))),
     }
 }
 
@@ -325,6 +493,46 @@ mod tests {
         let e = err(&format!("{MINIMAL}[store]\ncache_capacity = 1\n"));
         assert!(e.contains("unknown field `cache_capacity`") && e.contains("line 4"), "{e}");
         assert!(err("data_dir = ").starts_with("config is not valid: line 1"));
+    }
+
+    #[test]
+    fn store_backend_and_rate_limit_parse_and_name_their_keys() {
+        let c = CloudConfig::from_toml_str(&format!(
+            "{MINIMAL}[store]\nbackend = \"postgres\"\npostgres_url = \"host=127.0.0.1 user=postgres dbname=cs\"\npostgres_pool_connections = 3\n[rate_limit]\nrecords_per_second = 5\nburst_records = 7\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.store_kind(),
+            &StoreKind::Postgres {
+                url: "host=127.0.0.1 user=postgres dbname=cs".into(),
+                pool_connections: 3
+            }
+        );
+        assert!(!format!("{:?}", c.store_kind()).contains("host="));
+        assert_eq!(c.rate_limit(), RateLimit { records_per_second: 5, burst_records: 7 });
+        assert_eq!(CloudConfig::from_toml_str(MINIMAL).unwrap().store_kind(), &StoreKind::Sled);
+        assert_eq!(
+            err(&format!("{MINIMAL}[store]\nbackend = \"mysql\"\n")),
+            "store.backend: expected \"sled\" or \"postgres\", got 'mysql'"
+        );
+        assert_eq!(
+            err(&format!("{MINIMAL}[store]\nbackend = \"postgres\"\n")),
+            "store.postgres_url: required key is missing"
+        );
+        assert_eq!(
+            err(&format!("{MINIMAL}[store]\npostgres_url = \"host=x\"\n")),
+            "store.postgres_url: only applies with store.backend = \"postgres\""
+        );
+        let e = err(&format!(
+            "{MINIMAL}[store]\nbackend = \"postgres\"\npostgres_url = \"host=x\"\npostgres_pool_connections = 0\n"
+        ));
+        assert_eq!(e, "store.postgres_pool_connections: 0 is outside 1..=64");
+        let e = err(&format!("{MINIMAL}[store]\nbackend = \"postgres\"\npostgres_url = \"port=notaport\"\n"));
+        assert!(e.starts_with("store.postgres_url: not a PostgreSQL connection string"), "{e}");
+        let e = err(&format!("{MINIMAL}[rate_limit]\nrecords_per_second = 0\n"));
+        assert_eq!(e, "rate_limit.records_per_second: 0 is outside 1..=1000000000");
+        let e = err(&format!("{MINIMAL}[rate_limit]\nburst = 1\n"));
+        assert!(e.contains("unknown field `burst`"), "{e}");
     }
 
     #[test]

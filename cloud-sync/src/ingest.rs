@@ -1,14 +1,30 @@
-//! Batch ingest: verify the gateway's signature, then every device tag, store, flush, reply.
+//! Batch ingest: verify the gateway's signature, then every device tag, store durably, reply.
 //!
-//! Synchronous on purpose: signature and HMAC checks are CPU work and sled calls may block,
-//! so the server runs [`ingest_batch`] on a blocking thread; tests call it directly.
+//! The work is split so that either store can run it without blocking the async runtime:
+//!
+//! 1. [`open_batch`] (CPU: one Ed25519 check) verifies the batch signature with the gateway's
+//!    key and lists its records as zero-copy slices of the body;
+//! 2. the meter keys of the batch are read from the store in one call;
+//! 3. [`check_records`] (CPU: one HMAC per record) decodes and verifies every report;
+//! 4. the store inserts the verified records in one durable step
+//!    ([`StoreBackend::insert_batch`]: one sled flush, or one PostgreSQL transaction);
+//! 5. [`CheckedBatch::reply`] puts the per-record outcomes back in batch order.
+//!
+//! [`ingest`] runs these with the CPU steps on tokio's blocking pool; [`ingest_batch`] runs
+//! them synchronously on a sled [`Store`], for tests and tools.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
+use bytes::Bytes;
 use countersign_meter::{verify, Report, VerifyError, METER_KEY_BYTES};
-use countersign_protocol::{open, BatchError, BatchReply, RecordOutcome, RejectReason};
+use countersign_protocol::{
+    open, peek_header, BatchError, BatchHeader, BatchReply, RecordOutcome, RejectReason,
+};
+use ed25519_dalek::VerifyingKey;
+use tracing::Instrument;
 
-use crate::store::{InsertOutcome, Store, StoreError};
+use crate::backend::StoreBackend;
+use crate::store::{InsertOutcome, NewRecord, Store, StoreError};
 use crate::usage::attribution_date;
 
 /// Why a batch was refused as a whole; nothing of it was acknowledged.
@@ -41,124 +57,213 @@ impl IngestSummary {
         let mut s = Self::default();
         for r in &reply.results {
             match r {
-                RecordOutcome::Stored => s.stored += 1,
-                RecordOutcome::Duplicate => s.duplicate += 1,
-                RecordOutcome::Rejected { .. } => s.rejected += 1,
+                RecordOutcome::Stored => s.stored = s.stored.saturating_add(1),
+                RecordOutcome::Duplicate => s.duplicate = s.duplicate.saturating_add(1),
+                RecordOutcome::Rejected { .. } => s.rejected = s.rejected.saturating_add(1),
             }
         }
         s
     }
 }
 
-/// Verifies and stores one signed batch, then flushes the store. The reply is only returned
-/// once every stored record is durable, so a gateway may forget whatever it says.
-pub fn ingest_batch(store: &Store, signed: &[u8]) -> Result<BatchReply, IngestError> {
-    let mut lookup_failure = None;
-    let opened = open(signed, |gateway_id| match store.gateway_key(gateway_id) {
-        Ok(key) => key,
-        Err(e) => {
-            lookup_failure = Some(e);
-            None
-        }
-    });
-    // A store failure during the key lookup surfaces as "unknown gateway"; report the cause.
-    if let Some(e) = lookup_failure {
-        return Err(e.into());
-    }
-    let batch = opened?;
-    let header = batch.header;
-    let span = tracing::info_span!(
-        "batch",
-        gateway_id = header.gateway_id,
-        batch_seq = header.batch_seq,
-        records = batch.len()
-    );
-    let _entered = span.enter();
+/// A batch whose gateway signature verified, with its records as slices of the body.
+#[derive(Clone, Debug)]
+pub struct OpenedBatch {
+    /// Its header (the gateway is authenticated).
+    pub header: BatchHeader,
+    /// (gateway receive time in Unix ms, device report bytes), in batch order.
+    pub records: Vec<(u64, Bytes)>,
+}
 
-    let mut keys: HashMap<u64, Option<[u8; METER_KEY_BYTES]>> = HashMap::new();
-    let mut results = Vec::with_capacity(batch.len());
+impl OpenedBatch {
+    /// The distinct meter ids the records name (records that do not decode name none).
+    pub fn meter_ids(&self) -> Vec<u64> {
+        let ids: BTreeSet<u64> = self
+            .records
+            .iter()
+            .filter_map(|(_, r)| Report::decode(r).ok().map(|(r, _)| r.meter_id))
+            .collect();
+        ids.into_iter().collect()
+    }
+}
+
+/// Verifies the signature of `signed` with `gateway_key` (the key registered for the gateway
+/// its header names, `None` when unregistered) and walks its records.
+pub fn open_batch(signed: &Bytes, gateway_key: Option<VerifyingKey>) -> Result<OpenedBatch, IngestError> {
+    let batch = open(signed, |_| gateway_key)?;
+    let mut records = Vec::with_capacity(batch.len());
     for record in batch.records() {
         // `open` already walked every record, so none fails here; treat one that does as a
         // malformed batch rather than trusting that.
         let record = record?;
-        let outcome = match check_record(store, &mut keys, record.report, record.received_ms)? {
-            Err(refusal) => refusal,
-            Ok(report) => match store.insert_record(
-                report.id(),
-                header.gateway_id,
-                record.received_ms,
-                record.report,
-            )? {
-                InsertOutcome::Stored => RecordOutcome::Stored,
-                InsertOutcome::Duplicate => RecordOutcome::Duplicate,
-                InsertOutcome::Conflict => rejected(
-                    RejectReason::Conflict,
-                    format!("a different report with record id {} is already stored", report.id()),
-                ),
-            },
-        };
-        if let RecordOutcome::Rejected { reason, detail } = &outcome {
-            tracing::warn!(reason = reason.code(), detail = %detail, "record rejected");
-        }
-        results.push(outcome);
+        records.push((record.received_ms, signed.slice_ref(record.report)));
     }
-    // Flush even when nothing was stored: a duplicate may be an earlier attempt's write that
-    // was never flushed, and it is acknowledged now.
-    store.flush()?;
-    let reply = BatchReply { gateway_id: header.gateway_id, batch_seq: header.batch_seq, results };
-    let summary = IngestSummary::of(&reply);
-    tracing::info!(
-        stored = summary.stored,
-        duplicate = summary.duplicate,
-        rejected = summary.rejected,
-        "batch ingested"
+    Ok(OpenedBatch { header: batch.header, records })
+}
+
+/// A batch after every device tag was checked: refusals decided, the rest ready to store.
+#[derive(Debug)]
+pub struct CheckedBatch {
+    /// Its header.
+    pub header: BatchHeader,
+    /// Per record in batch order: the refusal, or `None` when it goes to the store.
+    refusals: Vec<Option<RecordOutcome>>,
+    /// The verified records, in batch order.
+    pub to_store: Vec<NewRecord>,
+}
+
+/// Decodes and verifies every report of an opened batch with the meter keys given.
+pub fn check_records(batch: OpenedBatch, keys: &HashMap<u64, [u8; METER_KEY_BYTES]>) -> CheckedBatch {
+    let mut refusals = Vec::with_capacity(batch.records.len());
+    let mut to_store = Vec::with_capacity(batch.records.len());
+    for (received_ms, bytes) in batch.records {
+        match check_record(keys, &bytes, received_ms) {
+            Ok(report) => {
+                refusals.push(None);
+                to_store.push(NewRecord { id: report.id(), iccid: report.iccid, received_ms, report: bytes });
+            }
+            Err(refusal) => {
+                if let RecordOutcome::Rejected { reason, detail } = &refusal {
+                    tracing::warn!(reason = reason.code(), detail = %detail, "record rejected");
+                }
+                refusals.push(Some(refusal));
+            }
+        }
+    }
+    CheckedBatch { header: batch.header, refusals, to_store }
+}
+
+impl CheckedBatch {
+    /// The reply, given the store's outcomes for [`CheckedBatch::to_store`] in order.
+    pub fn reply(self, stored: Vec<InsertOutcome>) -> Result<BatchReply, StoreError> {
+        if stored.len() != self.to_store.len() {
+            return Err(StoreError::Corrupt(format!(
+                "store answered {} outcomes for {} records",
+                stored.len(),
+                self.to_store.len()
+            )));
+        }
+        let mut stored = stored.into_iter().zip(&self.to_store);
+        let mut results = Vec::with_capacity(self.refusals.len());
+        for refusal in self.refusals {
+            let outcome = match refusal {
+                Some(r) => r,
+                None => match stored.next() {
+                    Some((InsertOutcome::Stored, _)) => RecordOutcome::Stored,
+                    Some((InsertOutcome::Duplicate, _)) => RecordOutcome::Duplicate,
+                    Some((InsertOutcome::Conflict, record)) => {
+                        tracing::warn!(record = %record.id, "record conflicts with the stored one");
+                        rejected(
+                            RejectReason::Conflict,
+                            format!("a different report with record id {} is already stored", record.id),
+                        )
+                    }
+                    None => return Err(StoreError::Corrupt("store answered too few outcomes".into())),
+                },
+            };
+            results.push(outcome);
+        }
+        let reply =
+            BatchReply { gateway_id: self.header.gateway_id, batch_seq: self.header.batch_seq, results };
+        let summary = IngestSummary::of(&reply);
+        tracing::info!(
+            stored = summary.stored,
+            duplicate = summary.duplicate,
+            rejected = summary.rejected,
+            "batch ingested"
+        );
+        Ok(reply)
+    }
+}
+
+async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, IngestError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| IngestError::Store(StoreError::Corrupt(format!("verification task failed: {e}"))))
+}
+
+/// Verifies and stores one signed batch on either store. The reply is only returned once
+/// every stored record is durable, so a gateway may forget whatever it says.
+pub async fn ingest(store: &StoreBackend, signed: Bytes) -> Result<BatchReply, IngestError> {
+    let header = peek_header(&signed)?;
+    let span = tracing::info_span!(
+        "batch",
+        gateway_id = header.gateway_id,
+        batch_seq = header.batch_seq,
+        store = store.kind()
     );
-    Ok(reply)
+    ingest_opened(store, header, signed).instrument(span).await
+}
+
+async fn ingest_opened(
+    store: &StoreBackend,
+    header: BatchHeader,
+    signed: Bytes,
+) -> Result<BatchReply, IngestError> {
+    let gateway_key = store.gateway_key(header.gateway_id).await?;
+    let opened = cpu(move || open_batch(&signed, gateway_key)).await??;
+    let keys = store.meter_keys(opened.meter_ids()).await?;
+    let mut checked = cpu(move || check_records(opened, &keys)).await?;
+    let records = std::mem::take(&mut checked.to_store);
+    let gateway_id = checked.header.gateway_id;
+    // The records go to the store and come back, so that the reply can name conflicts.
+    let outcomes = store.insert_batch(gateway_id, records.clone()).await?;
+    checked.to_store = records;
+    Ok(checked.reply(outcomes)?)
+}
+
+/// Verifies and stores one signed batch on a sled store, synchronously, then flushes. The
+/// reply is only returned once every stored record is durable.
+pub fn ingest_batch(store: &Store, signed: &[u8]) -> Result<BatchReply, IngestError> {
+    let signed = Bytes::copy_from_slice(signed);
+    let header = peek_header(&signed)?;
+    let span = tracing::info_span!("batch", gateway_id = header.gateway_id, batch_seq = header.batch_seq);
+    let _entered = span.enter();
+    let opened = open_batch(&signed, store.gateway_key(header.gateway_id)?)?;
+    let mut keys = HashMap::new();
+    for id in opened.meter_ids() {
+        if let Some(k) = store.meter_key(id)? {
+            keys.insert(id, k);
+        }
+    }
+    let checked = check_records(opened, &keys);
+    let outcomes = store.insert_batch(checked.header.gateway_id, &checked.to_store)?;
+    Ok(checked.reply(outcomes)?)
 }
 
 fn rejected(reason: RejectReason, detail: String) -> RecordOutcome {
     RecordOutcome::Rejected { reason, detail }
 }
 
-/// Decodes and verifies one report: `Ok(Ok(report))` to store, `Ok(Err(outcome))` when the
-/// record is refused, `Err` when the store failed.
+/// Decodes and verifies one report: the report to store, or the refusal.
 fn check_record(
-    store: &Store,
-    keys: &mut HashMap<u64, Option<[u8; METER_KEY_BYTES]>>,
+    keys: &HashMap<u64, [u8; METER_KEY_BYTES]>,
     bytes: &[u8],
     received_ms: u64,
-) -> Result<Result<Report, RecordOutcome>, StoreError> {
+) -> Result<Report, RecordOutcome> {
     let meter_id = match Report::decode(bytes) {
         Ok((report, _)) => report.meter_id,
-        Err(e) => return Ok(Err(rejected(RejectReason::Malformed, e.to_string()))),
+        Err(e) => return Err(rejected(RejectReason::Malformed, e.to_string())),
     };
-    let key = match keys.get(&meter_id) {
-        Some(k) => *k,
-        None => {
-            let k = store.meter_key(meter_id)?;
-            keys.insert(meter_id, k);
-            k
-        }
+    let Some(key) = keys.get(&meter_id) else {
+        return Err(rejected(RejectReason::UnknownMeter, format!("meter {meter_id} is not registered")));
     };
-    let Some(key) = key else {
-        return Ok(Err(rejected(RejectReason::UnknownMeter, format!("meter {meter_id} is not registered"))));
-    };
-    let report = match verify(bytes, &key) {
+    let report = match verify(bytes, key) {
         Ok(r) => r,
         Err(VerifyError::BadTag) => {
-            return Ok(Err(rejected(RejectReason::BadTag, VerifyError::BadTag.to_string())))
+            return Err(rejected(RejectReason::BadTag, VerifyError::BadTag.to_string()))
         }
-        Err(e @ VerifyError::Decode(_)) => return Ok(Err(rejected(RejectReason::Malformed, e.to_string()))),
+        Err(e @ VerifyError::Decode(_)) => return Err(rejected(RejectReason::Malformed, e.to_string())),
     };
     // A receive time no calendar can hold would make every later usage query fail; such a
     // gateway clock is broken, and the record is refused rather than stored.
     if attribution_date(&report.time, received_ms).is_none() {
-        return Ok(Err(rejected(
+        return Err(rejected(
             RejectReason::Malformed,
             format!("gateway receive time {received_ms} ms is not a representable date"),
-        )));
+        ));
     }
-    Ok(Ok(report))
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -5,6 +5,10 @@
 //! - [`config`]: the TOML configuration, validated once.
 //! - [`usage`]: the pure usage derivation (which bytes, which SIM, which day).
 //! - [`store`]: the sled store behind a narrow API.
+//! - [`postgres`]: the PostgreSQL store, shared by several endpoint processes.
+//! - [`backend`]: [`StoreBackend`], whichever of the two the configuration selects.
+//! - [`auth`]: operator API tokens and their roles.
+//! - [`ratelimit`]: the per-gateway token bucket on batch uploads.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
 //! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
@@ -19,19 +23,25 @@
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod auth;
+pub mod backend;
 pub mod carrier;
 pub mod client;
 pub mod config;
 pub mod ingest;
 pub mod lago;
 pub mod ledger;
+pub mod postgres;
 pub mod pricing;
+pub mod ratelimit;
 pub mod reconcile;
 pub mod server;
 pub mod store;
 pub mod usage;
 
+pub use backend::StoreBackend;
 pub use config::{AdminToken, CloudConfig, ConfigError};
+pub use postgres::PgStore;
 pub use server::Endpoint;
 pub use store::{Store, StoreError};
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use countersign_cloud::auth::Role;
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
 use countersign_cloud::lago::{LagoConfig, LagoExporter};
 use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
@@ -89,12 +90,52 @@ enum Command {
         #[arg(long)]
         public_key: String,
     },
+    /// Make an API token: writes 32 random bytes (hex, mode 0600) to --out and registers
+    /// only their SHA-256 with the endpoint, under a unique name and a role.
+    CreateToken {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// An admin token file (the bootstrap admin_token_file or an admin API token).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The new token's name (A-Z a-z 0-9 . _ -, at most 64).
+        #[arg(long)]
+        name: String,
+        /// `query` (read usage) or `admin` (also register and manage tokens).
+        #[arg(long, value_parser = role_arg)]
+        role: Role,
+        /// Where to write the new token (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke an API token by name.
+    RevokeToken {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// An admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The token's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List API tokens (names and roles) as JSON.
+    ListTokens {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// An admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Print usage as JSON: one SIM by day with --iccid, else every SIM's total.
     Usage {
         /// Endpoint base URL.
         #[arg(long)]
         endpoint: String,
-        /// The admin token file.
+        /// A token file: the admin token or a query API token.
         #[arg(long)]
         token_file: PathBuf,
         /// The SIM, as decimal digits.
@@ -188,6 +229,10 @@ enum RatingCommand {
     },
 }
 
+fn role_arg(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("expected 'query' or 'admin', got '{s}'"))
+}
+
 fn iccid_arg(s: &str) -> Result<u64, String> {
     parse_iccid(s).ok_or_else(|| format!("expected the ICCID as decimal digits, got '{s}'"))
 }
@@ -268,6 +313,33 @@ async fn run(command: Command) -> Result<()> {
             println!("gateway {gateway_id} registered");
             Ok(())
         }
+        Command::CreateToken { endpoint, token_file, name, role, out } => {
+            let token = read_token(&token_file)?;
+            let mut secret = [0u8; SECRET_KEY_BYTES];
+            OsRng.fill_bytes(&mut secret);
+            // Written first: a token registered but lost would be useless, one written but
+            // not registered is harmless (delete the file, run again).
+            write_secret(&out, &secret).context("writing the new token")?;
+            client::create_token(&http()?, &endpoint, &token, &name, role, &secret)
+                .await
+                .with_context(|| format!("registering token {name}"))?;
+            println!("token {name} ({}) written to {} (mode 0600)", role.as_str(), out.display());
+            Ok(())
+        }
+        Command::RevokeToken { endpoint, token_file, name } => {
+            let token = read_token(&token_file)?;
+            client::revoke_token(&http()?, &endpoint, &token, &name)
+                .await
+                .with_context(|| format!("revoking token {name}"))?;
+            println!("token {name} revoked");
+            Ok(())
+        }
+        Command::ListTokens { endpoint, token_file } => {
+            let token = read_token(&token_file)?;
+            let list = client::list_tokens(&http()?, &endpoint, &token).await.context("listing tokens")?;
+            println!("{}", serde_json::to_string_pretty(&list).context("encoding the answer")?);
+            Ok(())
+        }
         Command::Usage { endpoint, token_file, iccid, from, to } => {
             let token = read_token(&token_file)?;
             let range = DateRange { from, to };
@@ -290,7 +362,8 @@ async fn run(command: Command) -> Result<()> {
 async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
     let config =
         CloudConfig::load(config_path).with_context(|| format!("config {}", config_path.display()))?;
-    let endpoint = Endpoint::open(&config).with_context(|| format!("config {}", config_path.display()))?;
+    let endpoint =
+        Endpoint::connect(&config).await.with_context(|| format!("config {}", config_path.display()))?;
     let listener = tokio::net::TcpListener::bind(config.listen())
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen()))?;
@@ -298,7 +371,10 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
         return endpoint.serve(listener, shutdown_signal()).await.context("serving");
     };
     let lago = LagoConfig::load(lago_path).with_context(|| format!("lago config {}", lago_path.display()))?;
-    let exporter = LagoExporter::new(endpoint.store(), lago).context("lago exporter")?;
+    let countersign_cloud::StoreBackend::Sled(store) = endpoint.store() else {
+        anyhow::bail!("--lago-config: the Lago export needs the embedded store; not yet on postgres");
+    };
+    let exporter = LagoExporter::new(store, lago).context("lago exporter")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

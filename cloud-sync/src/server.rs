@@ -1,30 +1,36 @@
 //! The HTTP endpoint: batch upload (authenticated by the gateway's signature), usage queries
-//! and key registration (authenticated by the admin bearer token), health.
+//! (query or admin token), key registration and token management (admin token), health.
+//! The contract is `cloud-sync/openapi.yaml`; a test checks the router against it.
 //!
-//! | route                    | auth             | answer                                        |
-//! | ------------------------ | ---------------- | --------------------------------------------- |
-//! | `POST /v1/batches`       | batch signature  | [`BatchReply`]                                |
-//! | `GET /v1/usage`          | admin token      | [`SimUsage`] (`iccid`, optional `from`/`to`)  |
-//! | `GET /v1/usage/sims`     | admin token      | [`SimsUsage`] (optional `from`/`to`)          |
-//! | `POST /v1/admin/meters`  | admin token      | [`RegistrationReply`], 201 or 200             |
-//! | `POST /v1/admin/gateways`| admin token      | [`RegistrationReply`], 201 or 200             |
-//! | `GET /v1/usage/days`     | admin token      | [`ZoneDays`] (`tz`, optional `iccid`/`from`/`to`) |
-//! | `GET /v1/usage/ledger`   | admin token      | [`LedgerReply`]: settled days + adjustments   |
-//! | `POST /v1/admin/settle`  | admin token      | [`SettleReply`] for a [`SettleRequest`]       |
-//! | `GET /health`            | none             | `{"status":"ok"}`                             |
+//! | route                             | auth             | answer                                 |
+//! | --------------------------------- | ---------------- | -------------------------------------- |
+//! | `POST /v1/batches`                | batch signature  | [`BatchReply`]; 429 over the rate limit |
+//! | `GET /v1/usage`                   | query token      | [`SimUsage`] (`iccid`, `from`/`to`)    |
+//! | `GET /v1/usage/sims`              | query token      | [`SimsUsage`] (optional `from`/`to`)   |
+//! | `POST /v1/admin/meters`           | admin token      | [`RegistrationReply`], 201 or 200      |
+//! | `POST /v1/admin/gateways`         | admin token      | [`RegistrationReply`], 201 or 200      |
+//! | `GET /v1/admin/tokens`            | admin token      | [`TokenList`]                          |
+//! | `POST /v1/admin/tokens`           | admin token      | [`RegistrationReply`], 201 or 200      |
+//! | `DELETE /v1/admin/tokens/{name}`  | admin token      | 204, or 404                            |
+//! | `GET /v1/usage/days`              | query token      | [`ZoneDays`] (`tz`, `iccid`/`from`/`to`) |
+//! | `GET /v1/usage/ledger`            | query token      | [`LedgerReply`]: settled days + adjustments |
+//! | `POST /v1/admin/settle`           | admin token      | [`SettleReply`] for a [`SettleRequest`] |
+//! | `GET /health`                     | none             | `{"status":"ok"}`                      |
 //!
 //! Every error is an [`ErrorBody`] with a stable `code`. Blocking work (signature checks,
 //! sled) runs on tokio's blocking pool so the accept loop stays responsive.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::handler::Handler;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use countersign_meter::{Totals, METER_KEY_BYTES};
 use countersign_protocol::batch::BATCH_BYTES_MAX;
@@ -33,8 +39,11 @@ use countersign_protocol::{peek_header, BatchError, BatchReply, ErrorBody, BATCH
 use serde::{Deserialize, Serialize};
 use time::Date;
 
-use crate::config::{AdminToken, CloudConfig};
-use crate::ingest::{ingest_batch, IngestError};
+use crate::auth::{check_token_name, token_sha256, Role, TOKEN_BYTES};
+use crate::backend::StoreBackend;
+use crate::config::{AdminToken, CloudConfig, ConfigError, StoreKind};
+use crate::ingest::{ingest, IngestError};
+use crate::ratelimit::RateLimiter;
 use crate::store::{Registration, Store, StoreError};
 use crate::usage::{days_of, per_sim, DateRange, UsageError};
 use crate::CloudError;
@@ -47,6 +56,10 @@ pub const USAGE_SIMS_PATH: &str = "/v1/usage/sims";
 pub const ADMIN_METERS_PATH: &str = "/v1/admin/meters";
 /// Path of gateway registration.
 pub const ADMIN_GATEWAYS_PATH: &str = "/v1/admin/gateways";
+/// Path of API token management (list, create).
+pub const ADMIN_TOKENS_PATH: &str = "/v1/admin/tokens";
+/// Path of one API token (revoke), axum/OpenAPI template.
+pub const ADMIN_TOKEN_PATH: &str = "/v1/admin/tokens/{name}";
 /// Path of the health check.
 pub const HEALTH_PATH: &str = "/health";
 /// Largest admin request body: a registration is well under 200 bytes.
@@ -150,6 +163,35 @@ pub struct RegistrationReply {
     pub status: Registration,
 }
 
+/// Body of `POST /v1/admin/tokens`: the SHA-256 of a token made by the caller, who keeps
+/// the token itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRegistration {
+    /// A unique name, 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    pub name: String,
+    /// `query` or `admin`.
+    pub role: Role,
+    /// SHA-256 of the token's 32 bytes, 64 hex digits.
+    pub token_sha256_hex: String,
+}
+
+/// One token in [`TokenList`]; never its secret or hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// Answer of `GET /v1/admin/tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenList {
+    /// Every token in the store, by name (the bootstrap admin token is not listed).
+    pub tokens: Vec<TokenInfo>,
+}
+
 /// Answer of `GET /health`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthReply {
@@ -234,19 +276,16 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     error: String,
+    retry_after_s: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, error: impl Into<String>) -> Self {
-        Self { status, code, error: error.into() }
+        Self { status, code, error: error.into(), retry_after_s: None }
     }
 
     fn bad_request(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", error)
-    }
-
-    fn internal(error: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error)
     }
 }
 
@@ -257,6 +296,9 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED && self.code == "unauthorized" {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(s) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         response
     }
 }
@@ -264,7 +306,10 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match &e {
-            StoreError::Conflict { .. } => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            StoreError::Conflict { .. } | StoreError::TokenConflict { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            StoreError::TooManyTokens => Self::new(StatusCode::CONFLICT, "too_many_tokens", e.to_string()),
             _ if e.is_recoverable() => {
                 tracing::error!(error = %e, "store unavailable");
                 Self::new(
@@ -319,63 +364,154 @@ fn ingest_error(e: IngestError) -> ApiError {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        tracing::error!(error = %e, "blocking task failed");
-        ApiError::internal("internal task failed")
-    })
-}
-
 #[derive(Clone)]
 struct AppState {
-    store: Store,
+    store: StoreBackend,
     token: Arc<AdminToken>,
+    limiter: Arc<RateLimiter>,
+}
+
+/// One route of the API, as `openapi.yaml` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiRoute {
+    /// Lowercase HTTP method, as an OpenAPI operation key (`get`, `post`, `delete`).
+    pub method: &'static str,
+    /// Path template, `{param}` style.
+    pub path: &'static str,
+}
+
+/// Builds a router and, from the same calls, the table of its routes, so the table cannot
+/// drift from what is served.
+struct Routes {
+    router: Router<AppState>,
+    table: Vec<ApiRoute>,
+}
+
+impl Routes {
+    fn new() -> Self {
+        Self { router: Router::new(), table: Vec::new() }
+    }
+
+    fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = match method {
+            "get" => MethodFilter::GET,
+            "post" => MethodFilter::POST,
+            "delete" => MethodFilter::DELETE,
+            // Only the methods above are used; an unknown one is a programming error that
+            // the route-table test catches, so it answers nothing rather than panic.
+            _ => MethodFilter::TRACE,
+        };
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push(ApiRoute { method, path });
+        self
+    }
+
+    fn merge(mut self, other: Routes) -> Self {
+        self.router = self.router.merge(other.router);
+        self.table.extend(other.table);
+        self
+    }
 }
 
 /// The rating endpoint: a store and the routes over it.
 #[derive(Debug)]
 pub struct Endpoint {
-    store: Store,
+    store: StoreBackend,
     token: Arc<AdminToken>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl Endpoint {
-    /// Reads the admin token and opens the store named by `config`.
+    /// Reads the admin token and opens the sled store named by `config`. A configuration
+    /// for PostgreSQL needs [`Endpoint::connect`].
     pub fn open(config: &CloudConfig) -> Result<Endpoint, CloudError> {
+        if !matches!(config.store_kind(), StoreKind::Sled) {
+            return Err(ConfigError::Invalid {
+                key: "store.backend",
+                reason: "postgres needs Endpoint::connect (async)".into(),
+            }
+            .into());
+        }
         let token = config.read_admin_token()?;
         let store = Store::open(config.data_dir(), config.cache_capacity_bytes())?;
-        Ok(Self::with_store(store, token))
+        Ok(Self::with_backend(StoreBackend::Sled(store), token)
+            .with_rate_limiter(RateLimiter::new(config.rate_limit())))
     }
 
-    /// An endpoint over an already open store.
+    /// Reads the admin token and opens or connects to the store `config` selects, applying
+    /// PostgreSQL migrations.
+    pub async fn connect(config: &CloudConfig) -> Result<Endpoint, CloudError> {
+        let token = config.read_admin_token()?;
+        let store = StoreBackend::open(config).await?;
+        tracing::info!(store = store.kind(), "store open");
+        Ok(Self::with_backend(store, token).with_rate_limiter(RateLimiter::new(config.rate_limit())))
+    }
+
+    /// An endpoint over an already open sled store, with the default rate limit.
     pub fn with_store(store: Store, token: AdminToken) -> Endpoint {
-        Self { store, token: Arc::new(token) }
+        Self::with_backend(StoreBackend::Sled(store), token)
+    }
+
+    /// An endpoint over an already open store, with the default rate limit.
+    pub fn with_backend(store: StoreBackend, token: AdminToken) -> Endpoint {
+        Self {
+            store,
+            token: Arc::new(token),
+            limiter: Arc::new(RateLimiter::new(crate::config::RateLimit::default())),
+        }
+    }
+
+    /// The same endpoint with another rate limiter.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Endpoint {
+        self.limiter = Arc::new(limiter);
+        self
     }
 
     /// The store, e.g. for inspection in tests and tools.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &StoreBackend {
         &self.store
+    }
+
+    fn routes(&self) -> (Router, Vec<ApiRoute>) {
+        let state =
+            AppState { store: self.store.clone(), token: self.token.clone(), limiter: self.limiter.clone() };
+        let mut query = Routes::new()
+            .add("get", USAGE_PATH, get_usage)
+            .add("get", USAGE_SIMS_PATH, get_usage_sims)
+            .add("get", USAGE_DAYS_PATH, get_usage_days)
+            .add("get", USAGE_LEDGER_PATH, get_usage_ledger);
+        query.router = query.router.route_layer(middleware::from_fn_with_state(state.clone(), require_query));
+        let mut admin = Routes::new()
+            .add("post", ADMIN_METERS_PATH, post_meter)
+            .add("post", ADMIN_GATEWAYS_PATH, post_gateway)
+            .add("get", ADMIN_TOKENS_PATH, get_tokens)
+            .add("post", ADMIN_TOKENS_PATH, post_token)
+            .add("delete", ADMIN_TOKEN_PATH, delete_token)
+            .add("post", ADMIN_SETTLE_PATH, post_settle);
+        admin.router = admin.router.route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        let mut batches = Routes::new().add("post", BATCHES_PATH, post_batch);
+        batches.router = batches.router.layer(DefaultBodyLimit::max(BATCH_BYTES_MAX));
+        let mut other = Routes::new().merge(query).merge(admin);
+        other.router = other.router.layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX));
+        let mut all = Routes::new().add("get", HEALTH_PATH, health).merge(batches).merge(other);
+        all.router = all.router.fallback(not_found).method_not_allowed_fallback(method_not_allowed);
+        (all.router.with_state(state), all.table)
     }
 
     /// The routes, ready to serve.
     pub fn router(&self) -> Router {
-        let state = AppState { store: self.store.clone(), token: self.token.clone() };
-        let admin = Router::new()
-            .route(USAGE_PATH, get(get_usage))
-            .route(USAGE_SIMS_PATH, get(get_usage_sims))
-            .route(ADMIN_METERS_PATH, post(post_meter))
-            .route(ADMIN_GATEWAYS_PATH, post(post_gateway))
-            .route(USAGE_DAYS_PATH, get(get_usage_days))
-            .route(USAGE_LEDGER_PATH, get(get_usage_ledger))
-            .route(ADMIN_SETTLE_PATH, post(post_settle))
-            .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
-            .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
-        Router::new()
-            .route(BATCHES_PATH, post(post_batch).layer(DefaultBodyLimit::max(BATCH_BYTES_MAX)))
-            .route(HEALTH_PATH, get(health))
-            .merge(admin)
-            .fallback(not_found)
-            .with_state(state)
+        self.routes().0
+    }
+
+    /// Every route the router serves, sorted (compared with `openapi.yaml` by a test).
+    pub fn route_table(&self) -> Vec<ApiRoute> {
+        let mut t = self.routes().1;
+        t.sort();
+        t
     }
 
     /// Serves until `shutdown` completes, lets requests in flight finish, then flushes the
@@ -386,17 +522,13 @@ impl Endpoint {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "endpoint listening");
+            tracing::info!(%addr, store = self.store.kind(), "endpoint listening");
         }
         let router = self.router();
         let served = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
         // Flush even when serving failed: every acknowledged batch is flushed already, but
         // registrations racing the failure may not be.
-        let store = self.store;
-        let flushed = tokio::task::spawn_blocking(move || store.flush())
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r.map_err(std::io::Error::other));
+        let flushed = self.store.flush().await.map_err(std::io::Error::other);
         served?;
         flushed?;
         tracing::info!("endpoint stopped, store flushed");
@@ -404,25 +536,67 @@ impl Endpoint {
     }
 }
 
-async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let presented = request
+fn bearer(request: &Request) -> Option<&str> {
+    request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token);
-    match presented {
-        Some(token) if state.token.verify_hex(token) => next.run(request).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "admin token does not match")
-            .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing 'Authorization: Bearer <admin token>'",
+        .map(|(_, token)| token.trim())
+}
+
+/// The role of the presented token, or the refusal.
+async fn authenticate(state: &AppState, presented: Option<String>) -> Result<Role, ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let Some(presented) = presented.as_deref() else {
+        return Err(unauthorized("missing 'Authorization: Bearer <token>'"));
+    };
+    if state.token.verify_hex(presented) {
+        return Ok(Role::Admin);
+    }
+    let mut secret = [0u8; TOKEN_BYTES];
+    if hex::decode_to_slice(presented, &mut secret).is_err() {
+        return Err(unauthorized("token is not 64 hex digits"));
+    }
+    // The lookup is by hash: equal hashes mean equal tokens, and timing reveals nothing
+    // about a token whose hash is unknown.
+    match state.store.token(token_sha256(&secret)).await? {
+        Some((name, role)) => {
+            let role = Role::parse(&role)
+                .ok_or_else(|| StoreError::Corrupt(format!("token {name}: unknown role '{role}'")))?;
+            tracing::debug!(token = %name, role = role.as_str(), "token accepted");
+            Ok(role)
+        }
+        None => Err(unauthorized("token does not match")),
+    }
+}
+
+async fn require(state: AppState, request: Request, next: Next, needed: Role) -> Response {
+    // Owned, so that no borrow of the request (whose body is not Sync) spans the await.
+    let presented = bearer(&request).map(str::to_owned);
+    match authenticate(&state, presented).await {
+        Ok(role) if role.allows(needed) => next.run(request).await,
+        Ok(role) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("a {} token may not do this; it needs an {} token", role.as_str(), needed.as_str()),
         )
         .into_response(),
+        Err(e) => e.into_response(),
     }
+}
+
+async fn require_query(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    require(state, request, next, Role::Query).await
+}
+
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    require(state, request, next, Role::Admin).await
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
 
 async fn health() -> Json<HealthReply> {
@@ -448,13 +622,27 @@ async fn post_batch(
             ApiError::new(StatusCode::BAD_REQUEST, "malformed_batch", r.body_text())
         }
     })?;
-    let store = state.store.clone();
-    let bytes = body.clone();
-    match blocking(move || ingest_batch(&store, &bytes)).await? {
-        Ok(reply) => Ok(Json(reply)),
+    // Checked before any signature work (see `ratelimit`); charged once the batch verified.
+    let header = peek_header(&body).map_err(|e| ingest_error(IngestError::Batch(e)))?;
+    if let Err(wait) = state.limiter.check(header.gateway_id, Instant::now()) {
+        let retry_after_s = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0)).max(1);
+        tracing::warn!(gateway_id = header.gateway_id, retry_after_s, "batch over the gateway's rate limit");
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("gateway {} is over its rate limit; retry in {retry_after_s} s", header.gateway_id),
+        );
+        e.retry_after_s = Some(retry_after_s);
+        return Err(e);
+    }
+    let len = body.len();
+    match ingest(&state.store, body).await {
+        Ok(reply) => {
+            state.limiter.charge(header.gateway_id, reply.results.len(), Instant::now());
+            Ok(Json(reply))
+        }
         Err(e) => {
-            let gateway_id = peek_header(&body).ok().map(|h| h.gateway_id);
-            tracing::warn!(gateway_id, bytes = body.len(), error = %e, "batch refused");
+            tracing::warn!(gateway_id = header.gateway_id, bytes = len, error = %e, "batch refused");
             Err(ingest_error(e))
         }
     }
@@ -516,8 +704,7 @@ async fn get_usage(
         })?,
     };
     let range = range_params(&params)?;
-    let store = state.store.clone();
-    let daily = blocking(move || store.daily_usage()).await??;
+    let daily = state.store.daily_usage(Some(iccid)).await?;
     let mut sum = Totals::default();
     let mut days = Vec::new();
     for (date, t) in days_of(&daily, iccid, range) {
@@ -551,8 +738,7 @@ async fn get_usage_sims(
         )));
     }
     let range = range_params(&params)?;
-    let store = state.store.clone();
-    let daily = blocking(move || store.daily_usage()).await??;
+    let daily = state.store.daily_usage(None).await?;
     let mut sum = Totals::default();
     let mut sims = Vec::new();
     for (iccid, t) in per_sim(&daily, range)? {
@@ -596,9 +782,8 @@ async fn post_meter(
     hex::decode_to_slice(body.key_hex.trim(), &mut key).map_err(|_| {
         ApiError::bad_request(format!("key_hex: expected {} hex digits", 2 * METER_KEY_BYTES))
     })?;
-    let store = state.store.clone();
     let meter_id = body.meter_id;
-    let r = blocking(move || store.add_meter(meter_id, &key)).await??;
+    let r = state.store.add_meter(meter_id, key).await?;
     tracing::info!(meter_id, outcome = ?r, "meter registration");
     Ok(registered(r))
 }
@@ -610,9 +795,8 @@ async fn post_gateway(
     let body = json_body(body)?;
     let key = parse_public_key(&body.public_key_hex)
         .map_err(|e| ApiError::bad_request(format!("public_key_hex: {e}")))?;
-    let store = state.store.clone();
     let gateway_id = body.gateway_id;
-    let r = blocking(move || store.add_gateway(gateway_id, &key)).await??;
+    let r = state.store.add_gateway(gateway_id, key).await?;
     tracing::info!(gateway_id, outcome = ?r, "gateway registration");
     Ok(registered(r))
 }
@@ -734,6 +918,26 @@ fn zone_range(p: &ZoneParams) -> Result<(Option<u64>, DateRange), ApiError> {
     Ok((iccid, range))
 }
 
+/// Runs blocking work (sled scans) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking task failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal task failed")
+    })
+}
+
+/// The settlement ledger and time-zone days live in the embedded store for now.
+fn sled_only(store: &StoreBackend) -> Result<crate::store::Store, ApiError> {
+    match store {
+        StoreBackend::Sled(s) => Ok(s.clone()),
+        StoreBackend::Postgres(_) => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported_store",
+            "time-zone days and the settlement ledger need the embedded store; not yet on postgres",
+        )),
+    }
+}
+
 fn ledger_error(e: crate::ledger::LedgerError) -> ApiError {
     use crate::ledger::LedgerError;
     match e {
@@ -757,7 +961,7 @@ async fn get_usage_days(
         p.tz.clone().ok_or_else(|| ApiError::bad_request("tz: required, e.g. Europe/Berlin or UTC"))?;
     let tz = crate::usage::time_zone(&tz_name).map_err(|e| ApiError::bad_request(format!("tz: {e}")))?;
     let (iccid, range) = zone_range(&p)?;
-    let store = state.store.clone();
+    let store = sled_only(&state.store)?;
     let daily = blocking(move || -> Result<_, StoreError> {
         let records: Result<Vec<_>, _> = store.usage_records().collect();
         Ok(crate::usage::derive_daily_in(records?, &tz)?)
@@ -787,7 +991,7 @@ async fn get_usage_ledger(
         return Err(ApiError::bad_request("tz: the ledger's zone is fixed; do not pass it"));
     }
     let (iccid, range) = zone_range(&p)?;
-    let store = state.store.clone();
+    let store = sled_only(&state.store)?;
     let (tz, days) = blocking(move || {
         let ledger = crate::ledger::Ledger::open(&store)?;
         Ok::<_, crate::ledger::LedgerError>((ledger.zone()?, ledger.days(iccid, range)?))
@@ -828,13 +1032,51 @@ async fn post_settle(
     body: Result<Json<SettleRequest>, JsonRejection>,
 ) -> Result<Json<SettleReply>, ApiError> {
     let body = json_body(body)?;
-    let store = state.store.clone();
+    let store = sled_only(&state.store)?;
     let s = blocking(move || {
         crate::ledger::Ledger::open(&store)?.settle(&body.tz, body.settlement_hours, jiff::Timestamp::now())
     })
     .await?
     .map_err(ledger_error)?;
     Ok(Json(SettleReply { settled: s.settled.len(), adjustments: s.adjustments.len() }))
+}
+
+async fn get_tokens(State(state): State<AppState>) -> Result<Json<TokenList>, ApiError> {
+    let mut tokens = Vec::new();
+    for (name, role) in state.store.tokens().await? {
+        let role = Role::parse(&role)
+            .ok_or_else(|| StoreError::Corrupt(format!("token {name}: unknown role '{role}'")))?;
+        tokens.push(TokenInfo { name, role });
+    }
+    Ok(Json(TokenList { tokens }))
+}
+
+async fn post_token(
+    State(state): State<AppState>,
+    body: Result<Json<TokenRegistration>, JsonRejection>,
+) -> Result<(StatusCode, Json<RegistrationReply>), ApiError> {
+    let body = json_body(body)?;
+    check_token_name(&body.name).map_err(|e| ApiError::bad_request(format!("name: {e}")))?;
+    let mut sha256 = [0u8; 32];
+    hex::decode_to_slice(body.token_sha256_hex.trim(), &mut sha256)
+        .map_err(|_| ApiError::bad_request("token_sha256_hex: expected 64 hex digits"))?;
+    let r = state.store.add_token(body.name.clone(), body.role.as_str(), sha256).await?;
+    tracing::info!(token = %body.name, role = body.role.as_str(), outcome = ?r, "api token registration");
+    Ok(registered(r))
+}
+
+async fn delete_token(
+    State(state): State<AppState>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(name) = name.map_err(|r| ApiError::bad_request(format!("name: {}", r.body_text())))?;
+    check_token_name(&name).map_err(|e| ApiError::bad_request(format!("name: {e}")))?;
+    if state.store.revoke_token(name.clone()).await? {
+        tracing::info!(token = %name, "api token revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no token named '{name}'")))
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub const RECORD_VALUE_VERSION: u8 = 1;
 const RECORDS_TREE: &str = "records";
 const METERS_TREE: &str = "meters";
 const GATEWAYS_TREE: &str = "gateways";
+const TOKENS_TREE: &str = "api_tokens";
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,12 +66,44 @@ pub enum StoreError {
     /// retrying.
     #[error("usage derivation failed: {0}")]
     Usage(#[from] UsageError),
+    /// PostgreSQL could not be reached or aborted the work (connection lost, pool exhausted,
+    /// server shutting down, deadlock). Recoverable: retry later; nothing uncommitted was
+    /// acknowledged.
+    #[error("database unavailable: {0}")]
+    DatabaseUnavailable(String),
+    /// PostgreSQL refused a statement for a reason retrying cannot fix (schema mismatch,
+    /// constraint, bad connection string). Not recoverable without operator action.
+    #[error("database error: {0}")]
+    Database(String),
+    /// A schema migration failed or the database is newer than this binary. Not recoverable
+    /// without operator action.
+    #[error("schema migration {version} failed: {reason}")]
+    Migration {
+        /// The migration's version.
+        version: i32,
+        /// Why.
+        reason: String,
+    },
+    /// An API token with this name, or this token under another name, exists. Not
+    /// recoverable by retrying: pick another name, or revoke the old token first.
+    #[error("an api token named '{name}' or with the same secret already exists")]
+    TokenConflict {
+        /// The name asked for.
+        name: String,
+    },
+    /// The store already holds [`API_TOKENS_MAX`] tokens. Not recoverable until one is
+    /// revoked.
+    #[error("the store already holds {API_TOKENS_MAX} api tokens; revoke one first")]
+    TooManyTokens,
 }
 
 impl StoreError {
     /// Whether retrying later may succeed without anyone changing data.
     pub fn is_recoverable(&self) -> bool {
-        matches!(self, StoreError::Open { .. } | StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Open { .. } | StoreError::Unavailable(_) | StoreError::DatabaseUnavailable(_)
+        )
     }
 }
 
@@ -81,6 +114,23 @@ impl From<sled::Error> for StoreError {
             other => StoreError::Unavailable(other),
         }
     }
+}
+
+/// Most API tokens a store holds: each request may look one up, and the sled store finds
+/// names by walking them.
+pub const API_TOKENS_MAX: usize = 1024;
+
+/// A verified record on its way into a store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRecord {
+    /// Its record id (from the verified report).
+    pub id: RecordId,
+    /// The SIM the report names.
+    pub iccid: u64,
+    /// When the gateway received it, Unix milliseconds.
+    pub received_ms: u64,
+    /// The device's original bytes, tag included; a slice of the batch, not a copy.
+    pub report: bytes::Bytes,
 }
 
 /// What [`Store::insert_record`] did.
@@ -153,6 +203,9 @@ pub struct Store {
     records: sled::Tree,
     meters: sled::Tree,
     gateways: sled::Tree,
+    tokens: sled::Tree,
+    /// Serialises token changes: a name must stay unique across the check and the write.
+    token_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -167,7 +220,8 @@ impl Store {
         let records = db.open_tree(RECORDS_TREE).map_err(open_err)?;
         let meters = db.open_tree(METERS_TREE).map_err(open_err)?;
         let gateways = db.open_tree(GATEWAYS_TREE).map_err(open_err)?;
-        Ok(Self { db, records, meters, gateways })
+        let tokens = db.open_tree(TOKENS_TREE).map_err(open_err)?;
+        Ok(Self { db, records, meters, gateways, tokens, token_lock: Default::default() })
     }
 
     /// Stores a verified report under its record id unless a record with that id exists.
@@ -193,6 +247,24 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Stores a batch's verified records (see [`Store::insert_record`]) and flushes, so they
+    /// are durable when this returns. One outcome per input, in input order; a second copy
+    /// of an id inside the batch is settled against the first, as across batches.
+    pub fn insert_batch(
+        &self,
+        gateway_id: u64,
+        records: &[NewRecord],
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let mut outcomes = Vec::with_capacity(records.len());
+        for r in records {
+            outcomes.push(self.insert_record(r.id, gateway_id, r.received_ms, &r.report)?);
+        }
+        // Flush even when nothing was stored: a duplicate may be an earlier attempt's write
+        // that was never flushed, and it is acknowledged now.
+        self.flush()?;
+        Ok(outcomes)
     }
 
     /// The stored record with this id.
@@ -302,6 +374,73 @@ impl Store {
     pub fn usage_records(&self) -> impl Iterator<Item = Result<UsageRecord, StoreError>> + '_ {
         self.records.iter().map(usage_record)
     }
+}
+
+impl Store {
+    /// Stores an API token's SHA-256 under a unique name; durable when this returns.
+    /// Idempotent for the same name, role and token.
+    pub fn add_token(&self, name: &str, role: &str, sha256: &[u8; 32]) -> Result<Registration, StoreError> {
+        let _guard = self.token_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let value = encode_token(name, role)?;
+        if let Some(current) = self.tokens.get(sha256)? {
+            return if current.as_ref() == value.as_slice() {
+                Ok(Registration::AlreadyRegistered)
+            } else {
+                Err(StoreError::TokenConflict { name: name.to_owned() })
+            };
+        }
+        let all = self.tokens()?;
+        if all.iter().any(|(n, _)| n == name) {
+            return Err(StoreError::TokenConflict { name: name.to_owned() });
+        }
+        if all.len() >= API_TOKENS_MAX {
+            return Err(StoreError::TooManyTokens);
+        }
+        self.tokens.insert(sha256, value)?;
+        self.flush()?;
+        Ok(Registration::Created)
+    }
+
+    /// The name and role of the token with this SHA-256, if any.
+    pub fn token(&self, sha256: &[u8; 32]) -> Result<Option<(String, String)>, StoreError> {
+        self.tokens.get(sha256)?.map(|v| decode_token(&v)).transpose()
+    }
+
+    /// Removes the token named `name`; durable when this returns. Whether one was there.
+    pub fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
+        let _guard = self.token_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut found = None;
+        for item in self.tokens.iter().take(API_TOKENS_MAX) {
+            let (k, v) = item?;
+            if decode_token(&v)?.0 == name {
+                found = Some(k);
+                break;
+            }
+        }
+        let Some(key) = found else { return Ok(false) };
+        self.tokens.remove(key)?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Names and roles of every token, by name.
+    pub fn tokens(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tokens.iter().take(API_TOKENS_MAX) {
+            let (_, v) = item?;
+            out.push(decode_token(&v)?);
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn encode_token(name: &str, role: &str) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(&(name, role)).map_err(|e| StoreError::Corrupt(format!("token does not encode: {e}")))
+}
+
+fn decode_token(bytes: &[u8]) -> Result<(String, String), StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("token entry does not decode: {e}")))
 }
 
 fn usage_record(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<UsageRecord, StoreError> {

@@ -1,13 +1,15 @@
 //! The endpoint over real HTTP: registration, signed batches of real meter reports,
-//! deduplication, rejection, authentication, usage by SIM and by day, restart.
+//! deduplication, rejection, authentication, usage by SIM and by day, restart. Every test
+//! runs twice: on the embedded sled store and on PostgreSQL (a fresh database per test).
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
 use countersign_cloud::client::{self, ClientError};
+use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::server::{DayUsage, SimTotal, SimsUsage};
 use countersign_cloud::usage::DateRange;
-use countersign_cloud::{CloudConfig, Endpoint, Store};
+use countersign_cloud::{CloudConfig, Endpoint, StoreBackend};
 use countersign_meter::{
     CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, TimeQuality, Totals, REPORT_BYTES_MAX,
 };
@@ -39,9 +41,59 @@ fn gateway_key() -> SigningKey {
     SigningKey::from_bytes(&[0x42; 32])
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Sled,
+    Postgres,
+}
+
+/// Where one test's endpoint keeps its state: a temp dir, and a database on PostgreSQL.
+struct Env {
+    dir: tempfile::TempDir,
+    db: Option<TestDatabase>,
+}
+
+impl Env {
+    async fn new(kind: Kind) -> Env {
+        let db = match kind {
+            Kind::Sled => None,
+            Kind::Postgres => Some(TestDatabase::create().await.unwrap()),
+        };
+        Env { dir: tempfile::tempdir().unwrap(), db }
+    }
+}
+
+/// Defines one `#[tokio::test]` per store for an `async fn(Kind)`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Sled).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    batches_are_verified_deduplicated_and_rated,
+    bad_query_parameters_are_named,
+    registration_answers_created_then_ok,
+);
+
 struct Running {
     base: String,
-    store: Store,
+    store: StoreBackend,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -53,22 +105,29 @@ impl Running {
     }
 }
 
-fn config(dir: &Path) -> CloudConfig {
+fn config(env: &Env) -> CloudConfig {
+    let dir: &Path = env.dir.path();
     let token_file = dir.join("admin.token");
     if !token_file.exists() {
         write_secret(&token_file, &TOKEN).unwrap();
     }
+    let store = match &env.db {
+        None => "cache_capacity_bytes = 8388608".to_owned(),
+        Some(db) => {
+            format!("backend = 'postgres'\npostgres_url = '{}'\npostgres_pool_connections = 4", db.url())
+        }
+    };
     let text = format!(
-        "listen = '127.0.0.1:0'\ndata_dir = '{}'\nadmin_token_file = '{}'\n[store]\ncache_capacity_bytes = 8388608\n",
+        "listen = '127.0.0.1:0'\ndata_dir = '{}'\nadmin_token_file = '{}'\n[store]\n{store}\n",
         dir.join("data").display(),
         token_file.display()
     );
     CloudConfig::from_toml_str(&text).unwrap()
 }
 
-async fn start(dir: &Path) -> Running {
+async fn start(env: &Env) -> Running {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let endpoint = Endpoint::open(&config(dir)).unwrap();
+    let endpoint = Endpoint::connect(&config(env)).await.unwrap();
     let store = endpoint.store().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -143,10 +202,13 @@ fn day(date: Date, up: u64, down: u64) -> DayUsage {
     DayUsage { date, up_bytes: up, down_bytes: down, total_bytes: up + down }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_are_verified_deduplicated_and_rated() {
-    let dir = tempfile::tempdir().unwrap();
-    let ep = start(dir.path()).await;
+async fn count(ep: &Running) -> u64 {
+    ep.store.record_count().await.unwrap()
+}
+
+async fn batches_are_verified_deduplicated_and_rated(kind: Kind) {
+    let env = Env::new(kind).await;
+    let ep = start(&env).await;
     let http = reqwest::Client::new();
     let base = ep.base.as_str();
 
@@ -226,7 +288,7 @@ async fn batches_are_verified_deduplicated_and_rated() {
     assert_eq!(reason(&r.results[3]), Some(RejectReason::BadTag));
     assert_eq!(reason(&r.results[4]), Some(RejectReason::UnknownMeter));
     assert_eq!(r.results[5], RecordOutcome::Duplicate);
-    assert_eq!(ep.store.record_count(), 7);
+    assert_eq!(count(&ep).await, 7);
 
     // Per-SIM, per-day usage. Epoch 0 of meter A used (1500, 9000), epoch 1 (800, 1000).
     let all = DateRange::default();
@@ -280,7 +342,7 @@ async fn batches_are_verified_deduplicated_and_rated() {
     let (status, v) =
         post(&http, base, sign(3, &[(day2_ms, &a5)], &SigningKey::from_bytes(&[0x43; 32]))).await;
     assert_eq!((status, error_code(v)), (401, "bad_signature".to_owned()));
-    assert_eq!(ep.store.record_count(), 7);
+    assert_eq!(count(&ep).await, 7);
     assert_eq!(client::usage_sims(&http, base, &token(), all).await.unwrap(), expected);
 
     // An unregistered gateway, garbage, and an oversized body.
@@ -292,7 +354,7 @@ async fn batches_are_verified_deduplicated_and_rated() {
     assert_eq!((status, error_code(v)), (400, "malformed_batch".to_owned()));
     let (status, v) = post(&http, base, vec![1u8; BATCH_BYTES_MAX + 1]).await;
     assert_eq!((status, error_code(v)), (413, "batch_too_large".to_owned()));
-    assert_eq!(ep.store.record_count(), 7);
+    assert_eq!(count(&ep).await, 7);
 
     // Usage and admin routes want the admin token.
     let no_token = http.get(format!("{base}/v1/usage?iccid={SIM_A}")).send().await.unwrap();
@@ -314,16 +376,15 @@ async fn batches_are_verified_deduplicated_and_rated() {
 
     // Everything acknowledged survives a restart.
     ep.stop().await;
-    let ep = start(dir.path()).await;
-    assert_eq!(ep.store.record_count(), 7);
+    let ep = start(&env).await;
+    assert_eq!(count(&ep).await, 7);
     assert_eq!(client::usage_sims(&http, &ep.base, &token(), all).await.unwrap(), expected);
     ep.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_query_parameters_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let ep = start(dir.path()).await;
+async fn bad_query_parameters_are_named(kind: Kind) {
+    let env = Env::new(kind).await;
+    let ep = start(&env).await;
     let http = reqwest::Client::new();
     for (query, named) in [
         ("/v1/usage", "iccid"),
@@ -362,10 +423,9 @@ async fn bad_query_parameters_are_named() {
     ep.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_answers_created_then_ok() {
-    let dir = tempfile::tempdir().unwrap();
-    let ep = start(dir.path()).await;
+async fn registration_answers_created_then_ok(kind: Kind) {
+    let env = Env::new(kind).await;
+    let ep = start(&env).await;
     let http = reqwest::Client::new();
     let body = serde_json::json!({"gateway_id": 5, "public_key_hex": hex::encode(gateway_key().verifying_key().as_bytes())});
     for expected in [201, 200] {

@@ -37,7 +37,9 @@ async fn zone_days_settlement_and_ledger() {
     write_secret(&token_file, &TOKEN).unwrap();
     let config = CloudConfig::new(dir.path().join("data"), &token_file);
     let endpoint = Endpoint::open(&config).unwrap();
-    let store = endpoint.store().clone();
+    let countersign_cloud::StoreBackend::Sled(store) = endpoint.store().clone() else {
+        panic!("Endpoint::open gives the embedded store");
+    };
     // 23:30 UTC on 2026-01-10 is already 2026-01-11 in Berlin.
     insert(&store, 0, 100, "2026-01-10T12:00:00Z");
     insert(&store, 2, 300, "2026-01-10T23:30:00Z");

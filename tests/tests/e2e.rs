@@ -3,6 +3,7 @@
 //! (`tests/run.sh` does both).
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,223 @@
+//! The store the endpoint runs on, whichever it is: the embedded sled [`Store`] or the shared
+//! PostgreSQL [`PgStore`]. Every method is async; sled calls, which block, run on tokio's
+//! blocking pool.
+//!
+//! Both keep the same contract: a record id is stored at most once, a second copy with the
+//! same bytes is a duplicate and with other bytes a conflict, registrations are idempotent and
+//! never overwritten, and a batch's records are durable when [`StoreBackend::insert_batch`]
+//! returns.
+
+use std::collections::HashMap;
+
+use countersign_meter::{RecordId, METER_KEY_BYTES};
+use ed25519_dalek::VerifyingKey;
+
+use crate::config::{CloudConfig, StoreKind};
+use crate::postgres::PgStore;
+use crate::store::{InsertOutcome, NewRecord, Registration, Store, StoreError, StoredRecord};
+use crate::usage::DailyUsage;
+
+/// One of the two stores. Cheap to clone: clones share the underlying store.
+#[derive(Clone, Debug)]
+pub enum StoreBackend {
+    /// The embedded sled store (one process).
+    Sled(Store),
+    /// The PostgreSQL store (any number of processes).
+    Postgres(PgStore),
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
+}
+
+impl StoreBackend {
+    /// Opens the store `config` selects (`[store] backend`), applying PostgreSQL migrations.
+    pub async fn open(config: &CloudConfig) -> Result<Self, StoreError> {
+        match config.store_kind() {
+            StoreKind::Sled => {
+                let dir = config.data_dir().to_owned();
+                let cache = config.cache_capacity_bytes();
+                Ok(Self::Sled(blocking(move || Store::open(&dir, cache)).await?))
+            }
+            StoreKind::Postgres { url, pool_connections } => {
+                Ok(Self::Postgres(PgStore::connect(url, *pool_connections).await?))
+            }
+        }
+    }
+
+    /// "sled" or "postgres", for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sled(_) => "sled",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Stores a batch's verified records; durable when this returns. One outcome per input.
+    pub async fn insert_batch(
+        &self,
+        gateway_id: u64,
+        records: Vec<NewRecord>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.insert_batch(gateway_id, &records)).await
+            }
+            Self::Postgres(p) => p.insert_batch(gateway_id, &records).await,
+        }
+    }
+
+    /// The registered keys among `ids`.
+    pub async fn meter_keys(&self, ids: Vec<u64>) -> Result<HashMap<u64, [u8; METER_KEY_BYTES]>, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || {
+                    let mut out = HashMap::with_capacity(ids.len());
+                    for id in ids {
+                        if let Some(k) = s.meter_key(id)? {
+                            out.insert(id, k);
+                        }
+                    }
+                    Ok(out)
+                })
+                .await
+            }
+            Self::Postgres(p) => p.meter_keys(&ids).await,
+        }
+    }
+
+    /// The public key of a gateway, if registered.
+    pub async fn gateway_key(&self, gateway_id: u64) -> Result<Option<VerifyingKey>, StoreError> {
+        match self {
+            // A point read in sled's cache: not worth a trip to the blocking pool.
+            Self::Sled(s) => s.gateway_key(gateway_id),
+            Self::Postgres(p) => p.gateway_key(gateway_id).await,
+        }
+    }
+
+    /// Registers a meter's HMAC key; durable when this returns.
+    pub async fn add_meter(
+        &self,
+        meter_id: u64,
+        key: [u8; METER_KEY_BYTES],
+    ) -> Result<Registration, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.add_meter(meter_id, &key)).await
+            }
+            Self::Postgres(p) => p.add_meter(meter_id, &key).await,
+        }
+    }
+
+    /// Registers a gateway's public key; durable when this returns.
+    pub async fn add_gateway(&self, gateway_id: u64, key: VerifyingKey) -> Result<Registration, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.add_gateway(gateway_id, &key)).await
+            }
+            Self::Postgres(p) => p.add_gateway(gateway_id, &key).await,
+        }
+    }
+
+    /// Bytes per (ICCID, UTC day); with `iccid`, at least that SIM's days are exact (others
+    /// may be absent).
+    pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<DailyUsage, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.daily_usage()).await
+            }
+            Self::Postgres(p) => p.daily_usage(iccid).await,
+        }
+    }
+
+    /// The stored record with this id.
+    pub async fn record(&self, id: RecordId) -> Result<Option<StoredRecord>, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.record(id)).await
+            }
+            Self::Postgres(p) => p.record(id).await,
+        }
+    }
+
+    /// Number of stored records: O(records), for tests and tools.
+    pub async fn record_count(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || {
+                    u64::try_from(s.record_count()).map_err(|_| StoreError::Corrupt("record count".into()))
+                })
+                .await
+            }
+            Self::Postgres(p) => p.record_count().await,
+        }
+    }
+
+    /// Stores an API token's SHA-256 under a unique name.
+    pub async fn add_token(
+        &self,
+        name: String,
+        role: &'static str,
+        sha256: [u8; 32],
+    ) -> Result<Registration, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.add_token(&name, role, &sha256)).await
+            }
+            Self::Postgres(p) => p.add_token(&name, role, &sha256).await,
+        }
+    }
+
+    /// The name and role of the token with this SHA-256.
+    pub async fn token(&self, sha256: [u8; 32]) -> Result<Option<(String, String)>, StoreError> {
+        match self {
+            Self::Sled(s) => s.token(&sha256),
+            Self::Postgres(p) => p.token(&sha256).await,
+        }
+    }
+
+    /// Removes the token named `name`; whether one was there.
+    pub async fn revoke_token(&self, name: String) -> Result<bool, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.revoke_token(&name)).await
+            }
+            Self::Postgres(p) => p.revoke_token(&name).await,
+        }
+    }
+
+    /// Names and roles of every token.
+    pub async fn tokens(&self) -> Result<Vec<(String, String)>, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.tokens()).await
+            }
+            Self::Postgres(p) => p.tokens().await,
+        }
+    }
+
+    /// Makes everything written durable (sled; PostgreSQL commits are durable already).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.flush()).await
+            }
+            Self::Postgres(_) => Ok(()),
+        }
+    }
+}

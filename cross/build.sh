@@ -8,9 +8,10 @@
 # qemu-user). Linkers, runners and the per-target C compilers ring needs come from
 # .cargo/config.toml; this script never exports a global CC.
 #
-# Usage: cross/build.sh [--profile NAME] [--target TRIPLE]... [--no-firmware] [--musl]
+# Usage: cross/build.sh [--profile NAME] [--target TRIPLE]... [--host] [--no-firmware] [--musl]
 #   --profile NAME   cargo profile for the agent (default: release-gateway)
 #   --target TRIPLE  build the agent only for this gateway triple (repeatable; default: both)
+#   --host           also build the agent for this machine (amd64 .deb), same profile
 #   --no-firmware    skip the thumbv7em firmware build
 #   --musl           also try aarch64-unknown-linux-musl (static; see cross/README.md)
 # Safe to run again. Prints each artifact with its size and glibc floor.
@@ -21,13 +22,15 @@ profile=release-gateway
 targets=()
 firmware=1
 musl=0
+host=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile=${2:?--profile needs a name}; shift 2 ;;
     --target) targets+=("${2:?--target needs a triple}"); shift 2 ;;
+    --host) host=1; shift ;;
     --no-firmware) firmware=0; shift ;;
     --musl) musl=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "cross/build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -101,9 +104,16 @@ target_args=()
 for t in "${targets[@]}"; do target_args+=(--target "$t"); done
 cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile" "${target_args[@]}"
 
+bins=()
+for t in "${targets[@]}"; do bins+=("$target_dir/$t/$profile/countersign-agent"); done
+if [ "$host" -eq 1 ]; then
+  step "agent (profile $profile): this machine"
+  cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile"
+  bins+=("$target_dir/$profile/countersign-agent")
+fi
+
 step "artifacts"
-for t in "${targets[@]}"; do
-  bin="$target_dir/$t/$profile/countersign-agent"
+for bin in "${bins[@]}"; do
   [ -x "$bin" ] || { echo "cross/build.sh: expected $bin after the build" >&2; exit 1; }
   printf '%s\n  %s bytes, needs glibc >= %s\n' "$bin" "$(stat -c %s "$bin")" "$(glibc_floor "$bin" | sed 's/GLIBC_//')"
 done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Countersign check and test, installing and starting what they need on a fresh
-# Debian machine with a Rust toolchain (rustup): Debian packages, the Cortex-M target, and
-# the local Mosquitto. Safe to run again; exits non-zero on the first failure.
+# Debian machine with a Rust toolchain (rustup): Debian packages, the Cortex-M and ARM Linux
+# targets with their cross gcc and QEMU (cross/build.sh), and the local Mosquitto. Safe to run
+# again; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,7 @@ step "system packages"
 missing=()
 [ -x /usr/sbin/mosquitto ] || [ -x /usr/bin/mosquitto ] || missing+=(mosquitto)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -34,7 +36,7 @@ else
     as_root "$mosq" -d -p 1883
   fi
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
-  (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && echo "started" || { echo "mosquitto did not start"; exit 1; }
+  if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then echo "started"; else echo "mosquitto did not start"; exit 1; fi
 fi
 
 step "rust targets"
@@ -57,6 +59,24 @@ if cargo tree -p countersign-meter --target thumbv7em-none-eabihf -e normal,no-p
   echo "a dependency of the firmware enables std or alloc"; exit 1
 fi
 
+step "shell scripts: shellcheck"
+shellcheck tests/run.sh .ci/run cross/*.sh
+shellcheck -s sh cross/deb/postinst cross/deb/prerm cross/deb/postrm
+echo "clean"
+
+step "cross builds: agent for aarch64, armv7 and this machine (profile release-gateway)"
+# Installs the Debian cross gcc, libc and qemu-user and the rustup targets when missing.
+cross/build.sh --host --no-firmware
+
+step "size budget: stripped gateway agent <= 4 MiB"
+cross/check-size.sh target/aarch64-unknown-linux-gnu/release-gateway/countersign-agent
+cross/check-size.sh target/armv7-unknown-linux-gnueabihf/release-gateway/countersign-agent
+
+step "packages: .deb for amd64, arm64, armhf; contents, scripts, install into an isolated root"
+debs=()
+for arch in amd64 arm64 armhf; do debs+=("$(cross/package-deb.sh --arch "$arch")"); done
+as_root cross/check-deb.sh "${debs[@]}"
+
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
@@ -64,7 +84,8 @@ step "build binaries"
 cargo build --workspace --bins
 
 step "tests"
-cargo test --workspace
+# The cross-built agents were built above: their QEMU tests must run, not skip.
+COUNTERSIGN_REQUIRE_CROSS=1 cargo test --workspace
 
 step "demo: 100 devices end to end (debug build)"
 cargo run -q -p countersign-e2e --bin countersign-demo -- --devices 100 --hours 48

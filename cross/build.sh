@@ -30,11 +30,17 @@ while [ $# -gt 0 ]; do
     --host) host=1; shift ;;
     --no-firmware) firmware=0; shift ;;
     --musl) musl=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "cross/build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 [ ${#targets[@]} -gt 0 ] || targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+for t in "${targets[@]}"; do
+  case "$t" in
+    aarch64-unknown-linux-gnu|armv7-unknown-linux-gnueabihf) ;;
+    *) echo "cross/build.sh: unsupported gateway target '$t' (aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf)" >&2; exit 2 ;;
+  esac
+done
 
 step() { printf '\n== cross: %s ==\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -62,7 +68,6 @@ need_pkgs() {
     aarch64-unknown-linux-musl)
       command -v aarch64-linux-gnu-gcc >/dev/null || echo gcc-aarch64-linux-gnu
       ;;
-    *) echo "cross/build.sh: unsupported gateway target '$1' (aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf)" >&2; return 1 ;;
   esac
 }
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Checks countersign-agent .deb packages, then installs one for real into an isolated root.
+# Checks countersign-agent .deb packages, then installs each for real into an isolated root.
 #
 # For every package: control fields (Depends on a libc6 floor, conffiles), the file list with
 # owners and modes, the binary's architecture, the systemd unit's hardening, and shellcheck
 # on the maintainer scripts.
-# For the package of this machine's architecture (amd64 here): dpkg --root=<tmp>
-# --force-script-chrootless into an empty root with its own dpkg database and /etc/passwd,
-# then: fresh install (system user, state directory, permissions, the installed binary
+# Then each package for real: dpkg --root=<tmp> --force-script-chrootless into an empty root
+# with its own dpkg database (multiarch for arm64/armhf, whose binary runs under QEMU) and
+# /etc/passwd: fresh install (system user, state directory, permissions, the installed binary
 # creates a real sled database as that user), reinstall (idempotent), upgrade to a newer
 # version (data, uid and a locally edited conffile kept), remove (data and config kept),
 # purge (data deleted, and said so; user kept). The host's own users are never touched.
@@ -26,7 +26,6 @@ ok() { echo "  ok: $*"; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 host_arch=$(dpkg --print-architecture)
-installable=""
 
 # ---------------------------------------------------------------------------------------------
 # Static checks of each package.
@@ -97,16 +96,27 @@ for deb in "$@"; do
   else
     echo "  !!! shellcheck is not installed: maintainer scripts only syntax-checked (apt-get install shellcheck)"
   fi
-  [ "$arch" = "$host_arch" ] && installable=$deb
 done
 
 # ---------------------------------------------------------------------------------------------
-# A real install into an isolated root.
-[ -n "$installable" ] || fail "no package for this machine's architecture ($host_arch) to install"
-deb=$installable
-echo "== install $deb into an isolated root =="
+# A real install of each package into its own isolated root. Foreign-architecture packages
+# are installed as dpkg would on a multiarch system, and their binary runs under QEMU.
+host_passwd=$(sha256sum /etc/passwd /etc/group)
 
-root="$work/root"
+install_test() { # install_test DEB
+deb=$1
+arch=$(dpkg-deb -f "$deb" Architecture)
+case "$arch" in
+  "$host_arch") runner=() ;;
+  arm64) runner=(qemu-aarch64 -L /usr/aarch64-linux-gnu) ;;
+  armhf) runner=(qemu-arm -L /usr/arm-linux-gnueabihf) ;;
+  *) fail "no way to run $arch binaries here" ;;
+esac
+[ ${#runner[@]} -eq 0 ] || command -v "${runner[0]}" >/dev/null \
+  || fail "${runner[0]} is missing to run the $arch binary (apt-get install qemu-user; cross/build.sh does)"
+echo "== install $deb into an isolated root${runner[0]:+ (binary under ${runner[0]})} =="
+
+root="$work/root-$arch"
 mkdir -p "$root/etc" "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates" "$root/tmp"
 # Traversable like a real /, so the countersign user can reach its files below.
 chmod 0755 "$work" "$root" "$root/var" "$root/var/lib"
@@ -117,14 +127,15 @@ printf 'root:*::\n' >"$root/etc/gshadow"
 chmod 0640 "$root/etc/shadow" "$root/etc/gshadow"
 : >"$root/var/lib/dpkg/available"
 # The package's dependencies, as this Debian has them: dpkg checks Depends for real.
-for p in libc6 passwd; do
-  v=$(dpkg-query -W -f='${Version}' "$p")
-  printf 'Package: %s\nStatus: install ok installed\nPriority: required\nVersion: %s\nArchitecture: %s\nMaintainer: stand-in\nDescription: stand-in for the host package %s\n\n' \
-    "$p" "$v" "$host_arch" "$p" >>"$root/var/lib/dpkg/status"
-done
-
-host_passwd=$(sha256sum /etc/passwd /etc/group)
+# libc6 is Multi-Arch: same (one per architecture), passwd Multi-Arch: foreign (the host's).
+stand_in() { # stand_in PACKAGE ARCH MULTI-ARCH
+  printf 'Package: %s\nStatus: install ok installed\nPriority: required\nVersion: %s\nArchitecture: %s\nMulti-Arch: %s\nMaintainer: stand-in\nDescription: stand-in for the host package %s\n\n' \
+    "$1" "$(dpkg-query -W -f='${Version}' "$1:$host_arch")" "$2" "$3" "$1" >>"$root/var/lib/dpkg/status"
+}
+stand_in libc6 "$arch" same
+stand_in passwd "$host_arch" foreign
 dpkg_root() { dpkg --root="$root" --force-script-chrootless "$@"; }
+[ "$arch" = "$host_arch" ] || dpkg_root --add-architecture "$arch"
 state="$root/var/lib/countersign-agent"
 owner() { stat -c '%U:%G %a' "$1"; }  # names from the host; compare numerically below
 numeric() { stat -c '%u:%g %a' "$1"; }
@@ -148,13 +159,13 @@ ok "host users untouched"
 
 # Real buffered data: the installed binary, as the countersign user, creates its sled
 # database in the state directory (config and key beside, as an installer would have them).
-"$root/usr/bin/countersign-agent" keygen --out "$root/etc/countersign/gateway.key" >/dev/null
+"${runner[@]}" "$root/usr/bin/countersign-agent" keygen --out "$root/etc/countersign/gateway.key" >/dev/null
 chown "$uid:$gid" "$root/etc/countersign/gateway.key"
 cfg="$work/agent.toml"
 sed -e "s|\"/etc/countersign/gateway.key\"|\"$root/etc/countersign/gateway.key\"|" \
     -e "s|\"/var/lib/countersign-agent\"|\"$state\"|" "$root/etc/countersign/agent.toml" >"$cfg"
 chmod 0644 "$cfg"
-as_agent() { setpriv --reuid="$uid" --regid="$gid" --clear-groups "$root/usr/bin/countersign-agent" "$@"; }
+as_agent() { setpriv --reuid="$uid" --regid="$gid" --clear-groups "${runner[@]}" "$root/usr/bin/countersign-agent" "$@"; }
 as_agent check-config --config "$cfg" >/dev/null || fail "the installed binary rejects the default config"
 as_agent inspect --config "$cfg" >"$work/inspect.json" || fail "the installed binary cannot open its database"
 grep -q '"pending": 0' "$work/inspect.json" || fail "inspect: $(cat "$work/inspect.json")"
@@ -172,13 +183,13 @@ dpkg_root -i "$deb" >"$work/reinstall.log" 2>&1 || { cat "$work/reinstall.log"; 
 ok "reinstall: idempotent, data unchanged"
 
 # Upgrade: the same package as a newer version.
-up="$work/up"
+up="$work/up-$arch"
 dpkg-deb -R "$deb" "$up"
 v1=$(dpkg-deb -f "$deb" Version)
 v2="$v1+upgradetest1"
 sed -i "s/^Version: .*/Version: $v2/" "$up/DEBIAN/control"
-dpkg-deb --root-owner-group -Zxz --build "$up" "$work/upgrade.deb" >/dev/null
-dpkg_root -i "$work/upgrade.deb" >"$work/upgrade.log" 2>&1 || { cat "$work/upgrade.log"; fail "upgrade"; }
+dpkg-deb --root-owner-group -Zxz --build "$up" "$work/upgrade-$arch.deb" >/dev/null
+dpkg_root -i "$work/upgrade-$arch.deb" >"$work/upgrade.log" 2>&1 || { cat "$work/upgrade.log"; fail "upgrade"; }
 [ "$(dpkg-query --admindir="$root/var/lib/dpkg" -W -f='${Version} ${Status}' countersign-agent)" = "$v2 install ok installed" ] \
   || fail "after upgrade: $(dpkg-query --admindir="$root/var/lib/dpkg" -W countersign-agent)"
 [ "$(data_sum)" = "$before" ] || fail "the upgrade changed the buffered data"
@@ -209,5 +220,8 @@ grep -q "purge deletes /var/lib/countersign-agent" "$work/purge.log" || fail "pu
 grep -q '^countersign:' "$root/etc/passwd" || fail "purge removed the system user"
 ok "purge: data, key and config deleted (and said so); system user kept"
 [ "$(sha256sum /etc/passwd /etc/group)" = "$host_passwd" ] || fail "the host's /etc/passwd or /etc/group changed"
+}
+
+for deb in "$@"; do install_test "$deb"; done
 
 echo "check-deb: all checks passed"

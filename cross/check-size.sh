@@ -14,7 +14,7 @@ machine=$(readelf -h "$bin" | sed -n 's/^ *Machine: *//p')
 case "$machine" in
   AArch64) strip=aarch64-linux-gnu-strip ;;
   ARM) strip=arm-linux-gnueabihf-strip ;;
-  *X86-64*) strip=strip ;;
+  *X86-64*) strip="strip" ;;
   *) echo "check-size: unexpected ELF machine '$machine' for $bin" >&2; exit 1 ;;
 esac
 command -v "$strip" >/dev/null || { echo "check-size: $strip is missing (binutils for $machine; cross/build.sh installs it)" >&2; exit 1; }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Countersign check and test, installing and starting what they need on a fresh
-# Debian machine with a Rust toolchain (rustup): Debian packages, the Cortex-M target, the
-# local Mosquitto and PostgreSQL. Safe to run again; exits non-zero on the first failure.
+# Debian machine with a Rust toolchain (rustup): Debian packages, the Cortex-M and ARM Linux
+# targets with their cross gcc and QEMU (cross/build.sh), the local Mosquitto and PostgreSQL.
+# Safe to run again; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ command -v cc >/dev/null || missing+=(gcc libc6-dev)
 command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
 command -v size >/dev/null || missing+=(binutils)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -38,7 +40,7 @@ else
     as_root "$mosq" -d -p 1883
   fi
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
-  (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && echo "started" || { echo "mosquitto did not start"; exit 1; }
+  if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then echo "started"; else echo "mosquitto did not start"; exit 1; fi
 fi
 
 step "postgresql for the cloud-sync tests"
@@ -50,7 +52,7 @@ step "postgresql for the cloud-sync tests"
 # may create databases (created once, no superuser).
 pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null || [ -S /var/run/postgresql/.s.PGSQL.5432 ]; }
 if ! pg_up; then
-  ver=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+  ver=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | sort -V | tail -1)
   [ -n "$ver" ] || { echo "no PostgreSQL cluster in /etc/postgresql"; exit 1; }
   as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start
   for _ in $(seq 100); do pg_up && break; sleep 0.1; done
@@ -97,6 +99,23 @@ tests/footprint.sh
 step "board image lints (thumbv7em-none-eabihf)"
 (cd firmware/boards/mps2-an386 && COUNTERSIGN_METER_ID=1 \
   COUNTERSIGN_METER_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n') cargo clippy --release --bins -- -D warnings)
+step "shell scripts: shellcheck"
+shellcheck tests/run.sh .ci/run cross/*.sh
+shellcheck -s sh cross/deb/postinst cross/deb/prerm cross/deb/postrm
+echo "clean"
+
+step "cross builds: agent for aarch64, armv7 and this machine (profile release-gateway)"
+# Installs the Debian cross gcc, libc and qemu-user and the rustup targets when missing.
+cross/build.sh --host --no-firmware
+
+step "size budget: stripped gateway agent <= 4 MiB"
+cross/check-size.sh target/aarch64-unknown-linux-gnu/release-gateway/countersign-agent
+cross/check-size.sh target/armv7-unknown-linux-gnueabihf/release-gateway/countersign-agent
+
+step "packages: .deb for amd64, arm64, armhf; contents, scripts, install into an isolated root"
+debs=()
+for arch in amd64 arm64 armhf; do debs+=("$(cross/package-deb.sh --arch "$arch")"); done
+as_root cross/check-deb.sh "${debs[@]}"
 
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -104,8 +123,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build binaries"
 cargo build --workspace --bins
 
-step "tests (the firmware end-to-end test builds the board image and boots it in QEMU)"
-cargo test --workspace
+# The firmware end-to-end test boots the board image in QEMU; the cross-built agents were
+# built above, so their QEMU tests must run, not skip.
+step "tests"
+COUNTERSIGN_REQUIRE_CROSS=1 cargo test --workspace
 
 step "demo: 100 devices end to end (debug build)"
 cargo run -q -p countersign-e2e --bin countersign-demo -- --devices 100 --hours 48

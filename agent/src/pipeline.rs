@@ -351,14 +351,37 @@ async fn run_pipeline(
         .instrument(info_span!("upload", gateway_id = config.gateway_id)),
     );
 
-    let exit = tokio::select! {
-        _ = until_true(&mut stop) => Exit::Stopped,
-        _ = until_true(&mut fault_rx) => Exit::StoreFault,
+    let mut tasks = [("mqtt", Some(mqtt)), ("commit", Some(committer)), ("upload", Some(uploader))];
+    // A task that ends on its own (a panic, say) must not leave a half-alive agent that
+    // receives but never acks: the supervisor restarts the whole pipeline instead.
+    let ended = {
+        let [(_, Some(m)), (_, Some(c)), (_, Some(u))] = &mut tasks else { unreachable!("all tasks set") };
+        tokio::select! {
+            _ = until_true(&mut stop) => None,
+            _ = until_true(&mut fault_rx) => None,
+            r = m => Some((0, r)),
+            r = c => Some((1, r)),
+            r = u => Some((2, r)),
+        }
     };
+    let exit = if ended.is_some() || *fault_rx.borrow() { Exit::StoreFault } else { Exit::Stopped };
+    if let Some((i, r)) = ended {
+        let name = tasks[i].0;
+        tasks[i].1 = None;
+        match r {
+            Err(e) => error!(task = name, error = %e, "pipeline task failed; restarting the pipeline"),
+            Ok(()) if !*fault_rx.borrow() => {
+                error!(task = name, "pipeline task ended on its own; restarting the pipeline")
+            }
+            Ok(()) => {}
+        }
+    }
     let _ = stop_tx.send(true);
-    for (name, task) in [("mqtt", mqtt), ("commit", committer), ("upload", uploader)] {
-        if let Err(e) = task.await {
-            error!(task = name, error = %e, "task ended abnormally");
+    for (name, task) in tasks {
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                error!(task = name, error = %e, "task ended abnormally");
+            }
         }
     }
     if *fault_rx.borrow() {

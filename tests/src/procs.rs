@@ -1,9 +1,21 @@
 //! The project's binaries as child processes.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use anyhow::{bail, Context, Result};
+
+/// The target directory the running test was built into (`target/`).
+pub fn target_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target
+    exe.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(Path::to_owned)
+        .context("test binary has no target dir")
+}
 
 /// Path of a binary of this workspace, built by `cargo build --workspace --bins` into the
 /// same target directory as the running test.
@@ -21,19 +33,89 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// How to start a program: an optional runner prefix (e.g. `qemu-aarch64 -L
+/// /usr/aarch64-linux-gnu` for a cross-built binary) followed by an explicit binary path.
+#[derive(Clone, Debug)]
+pub struct Exe {
+    runner: Vec<OsString>,
+    binary: PathBuf,
+}
+
+impl Exe {
+    /// A binary of this workspace for the host, run directly (see [`bin`]).
+    pub fn workspace(name: &str) -> Result<Self> {
+        Ok(Self { runner: Vec::new(), binary: bin(name)? })
+    }
+
+    /// `binary`, started through `runner` (program and its arguments; empty = run directly).
+    /// Fails if the binary or the runner's program does not exist.
+    pub fn with_runner(runner: &[&str], binary: impl Into<PathBuf>) -> Result<Self> {
+        let binary = binary.into();
+        if !binary.exists() {
+            bail!("{} not found", binary.display());
+        }
+        if let Some(program) = runner.first() {
+            which(program).with_context(|| format!("runner `{program}` is not installed"))?;
+        }
+        Ok(Self { runner: runner.iter().map(OsString::from).collect(), binary })
+    }
+
+    /// The binary it runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// A `Command` for this program with `args`.
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
+        let mut c = match self.runner.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
+        c.args(args);
+        c
+    }
+
+    /// Runs it to completion and returns its output.
+    pub fn run(&self, args: &[&str]) -> Result<Output> {
+        self.command(args).output().with_context(|| format!("cannot run {}", self.describe()))
+    }
+
+    /// Runs it and fails unless it exits 0; returns stdout.
+    pub fn run_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args)?;
+        if !out.status.success() {
+            bail!("{} {args:?} failed: {}", self.describe(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.runner.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        parts.push(self.binary.display().to_string());
+        parts.join(" ")
+    }
+}
+
+/// The full path of `program` on `PATH` (or `program` itself if it contains a slash).
+pub fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).exists().then(|| PathBuf::from(program));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
 /// Runs a binary to completion and returns its output.
 pub fn run(name: &str, args: &[&str]) -> Result<Output> {
-    let out = Command::new(bin(name)?).args(args).output().with_context(|| format!("cannot run {name}"))?;
-    Ok(out)
+    Exe::workspace(name)?.run(args)
 }
 
 /// Runs a binary and fails unless it exits 0; returns stdout.
 pub fn run_ok(name: &str, args: &[&str]) -> Result<String> {
-    let out = run(name, args)?;
-    if !out.status.success() {
-        bail!("{name} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Exe::workspace(name)?.run_ok(args)
 }
 
 /// A long-running child, logging to a file, killed (SIGKILL) on drop.
@@ -46,15 +128,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `name args`, appending stdout and stderr to `log`.
     pub fn spawn(name: &str, args: &[&str], log: &Path) -> Result<Self> {
+        Self::spawn_exe(&Exe::workspace(name)?, args, log)
+    }
+
+    /// Starts `exe args` (with the exe's runner prefix, if any), appending stdout and stderr
+    /// to `log`.
+    pub fn spawn_exe(exe: &Exe, args: &[&str], log: &Path) -> Result<Self> {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let child = Command::new(bin(name)?)
-            .args(args)
+        let child = exe
+            .command(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
             .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
+            .with_context(|| format!("cannot start {}", exe.describe()))?;
         Ok(Self { child: Some(child), log: log.to_owned() })
     }
 

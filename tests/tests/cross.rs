@@ -1,0 +1,269 @@
+//! The cross-built gateway agents, run for real under QEMU user emulation: simulated devices →
+//! a private Mosquitto (host) → `countersign-agent` for aarch64 / armv7 under `qemu-aarch64` /
+//! `qemu-arm` → `countersign-cloud` (host). Checks exact totals per SIM, a kill -9 of the agent
+//! mid-run, a clean SIGTERM, and `inspect` (opens the sled database, prints JSON) on the
+//! emulated target.
+//!
+//! The binaries come from `cross/build.sh` (profile `release-gateway`, or the profile named by
+//! `COUNTERSIGN_CROSS_PROFILE`). Without them these tests skip with a loud message, unless
+//! `COUNTERSIGN_REQUIRE_CROSS=1` (set by `tests/run.sh`, which builds them first): then a
+//! missing binary or emulator is a failure.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use countersign_e2e::broker::Mosquitto;
+use countersign_e2e::fleet::{Faults, Fleet, Outgoing};
+use countersign_e2e::procs::{target_dir, Exe, Proc};
+use countersign_e2e::publisher::Publisher;
+use countersign_e2e::{free_port, wait_for_port};
+use countersign_meter::Totals;
+
+/// Set to 1 to turn a missing cross build into a failure instead of a skip.
+const REQUIRE_ENV: &str = "COUNTERSIGN_REQUIRE_CROSS";
+/// The cargo profile the cross agents were built with.
+const PROFILE_ENV: &str = "COUNTERSIGN_CROSS_PROFILE";
+const DEFAULT_PROFILE: &str = "release-gateway";
+
+/// Everything under QEMU is slower: generous deadlines.
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The cross-built agent for `triple` behind its QEMU runner, or `None` (after a loud
+/// message) when it was not built and the run does not require it.
+/// `in_ci`: whether `COUNTERSIGN_REQUIRE_CROSS=1` makes it required (the experimental musl
+/// build never is: CI does not build it).
+fn cross_agent(triple: &str, runner: &[&str], in_ci: bool) -> Result<Option<Exe>> {
+    let profile = std::env::var(PROFILE_ENV).unwrap_or_else(|_| DEFAULT_PROFILE.to_owned());
+    let path = target_dir()?.join(triple).join(&profile).join("countersign-agent");
+    let required = in_ci && std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1");
+    match Exe::with_runner(runner, &path) {
+        Ok(exe) => Ok(Some(exe)),
+        Err(e) if required => Err(e.context(format!(
+            "{REQUIRE_ENV}=1 but the {triple} agent cannot run; build it with cross/build.sh"
+        ))),
+        Err(e) => {
+            // Straight to stderr: libtest captures eprintln!, and a skip must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+                 !!! SKIPPED: the {triple} agent under QEMU ({e:#}).\n\
+                 !!! Build it with cross/build.sh (tests/run.sh does, and then requires it).\n\
+                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+            );
+            Ok(None)
+        }
+    }
+}
+
+struct Cloud {
+    _proc: Proc,
+    url: String,
+    token_file: String,
+    token: String,
+}
+
+async fn start_cloud(cloud: &Exe, dir: &Path) -> Result<Cloud> {
+    let token_file = dir.join("admin.token");
+    cloud.run_ok(&["keygen-token", "--out", &token_file.display().to_string()])?;
+    let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
+    let port = free_port()?;
+    let config = dir.join("cloud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nadmin_token_file = \"{}\"\n",
+            dir.join("cloud-data").display(),
+            token_file.display()
+        ),
+    )?;
+    let proc = Proc::spawn_exe(
+        cloud,
+        &["serve", "--config", &config.display().to_string()],
+        &dir.join("cloud.log"),
+    )?;
+    if !wait_for_port(port, Duration::from_secs(20)).await {
+        bail!("endpoint did not listen: {}", proc.log_text());
+    }
+    Ok(Cloud {
+        _proc: proc,
+        url: format!("http://127.0.0.1:{port}"),
+        token_file: token_file.display().to_string(),
+        token,
+    })
+}
+
+/// Starts the agent and waits until it is subscribed (fresh session) or has resumed its
+/// session.
+async fn start_agent(agent: &Exe, config: &str, log: &Path) -> Result<Proc> {
+    let count = |needle: &str| std::fs::read_to_string(log).map(|s| s.matches(needle).count()).unwrap_or(0);
+    let (subscribed, connected) = (count("subscribed"), count("connected to broker"));
+    let p = Proc::spawn_exe(agent, &["run", "--config", config], log)?;
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let text = p.log_text();
+        if text.matches("subscribed").count() > subscribed
+            || (text.matches("connected to broker").count() > connected
+                && text.contains("session_present=true"))
+        {
+            return Ok(p);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("agent under QEMU did not connect: {text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn publish_all(p: &mut Publisher, out: &[Outgoing]) -> Result<()> {
+    for o in out {
+        p.publish(&o.topic, &o.payload).await?;
+    }
+    p.wait_acked(Duration::from_secs(30)).await
+}
+
+async fn usage_sims(cloud: &Cloud) -> Result<(BTreeMap<u64, Totals>, u64)> {
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v1/usage/sims", cloud.url))
+        .bearer_auth(&cloud.token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let mut sims = BTreeMap::new();
+    for s in v["sims"].as_array().context("no sims")? {
+        let iccid: u64 = s["iccid"].as_str().context("iccid")?.parse()?;
+        sims.insert(
+            iccid,
+            Totals {
+                up: s["up_bytes"].as_u64().context("up")?,
+                down: s["down_bytes"].as_u64().context("down")?,
+            },
+        );
+    }
+    Ok((sims, v["total_bytes"].as_u64().context("total")?))
+}
+
+/// The whole chain with the cross-built `agent`: exact totals across a kill -9, then a clean
+/// stop and `inspect` on the emulated target.
+async fn chain_with(agent: Exe, seed: u64) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let mqtt = Mosquitto::start(free_port()?, &dir.join("mosquitto")).await?;
+    let cloud = start_cloud(&Exe::workspace("countersign-cloud")?, dir).await?;
+    let host_cloud = Exe::workspace("countersign-cloud")?;
+
+    // Before anything else: the emulated agent opens (creates) its sled database and answers.
+    let gw_key = dir.join("gateway.key").display().to_string();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway_id = 7\ngateway_key_file = \"{gw_key}\"\ndata_dir = \"{}\"\nendpoint_url = \"{}\"\n\
+             [mqtt]\nport = {}\nclient_id = \"cross-agent\"\n[batch]\nlinger_ms = 50\nretry_delay_ms_min = 100\nretry_delay_ms_max = 1000\n",
+            dir.join("agent-data").display(),
+            cloud.url,
+            mqtt.port(),
+        ),
+    )?;
+    let config = config.display().to_string();
+    let public = agent.run_ok(&["keygen", "--out", &gw_key])?;
+    let checked = agent.run_ok(&["check-config", "--config", &config])?;
+    assert!(checked.contains(public.trim()), "{checked}");
+    let fresh: serde_json::Value = serde_json::from_str(&agent.run_ok(&["inspect", "--config", &config])?)?;
+    assert_eq!(fresh["stats"]["pending"], 0, "{fresh}");
+
+    host_cloud.run_ok(&[
+        "register-gateway",
+        "--endpoint",
+        &cloud.url,
+        "--token-file",
+        &cloud.token_file,
+        "--gateway-id",
+        "7",
+        "--public-key",
+        public.trim(),
+    ])?;
+    let mut fleet = Fleet::new(6, 700, seed, 1_790_000_000, Faults { reboot: 0.05, ..Faults::default() });
+    for (meter_id, key, _) in fleet.meters() {
+        let path = dir.join(format!("meter-{meter_id}.key"));
+        countersign_protocol::keys::write_secret(&path, &key)?;
+        host_cloud.run_ok(&[
+            "register-meter",
+            "--endpoint",
+            &cloud.url,
+            "--token-file",
+            &cloud.token_file,
+            "--meter-id",
+            &meter_id.to_string(),
+            "--key-file",
+            &path.display().to_string(),
+        ])?;
+    }
+
+    let log = dir.join("agent.log");
+    let mut running = start_agent(&agent, &config, &log).await?;
+    let mut devices = Publisher::connect("cross-devices", mqtt.port());
+    for _ in 0..20 {
+        publish_all(&mut devices, &fleet.step()).await?;
+    }
+    // Killed without warning: the broker keeps what the agent had not acked after a flush.
+    running.kill9();
+    for _ in 0..20 {
+        publish_all(&mut devices, &fleet.step()).await?;
+    }
+    let mut running = start_agent(&agent, &config, &log).await?;
+    for _ in 0..20 {
+        publish_all(&mut devices, &fleet.step()).await?;
+    }
+    publish_all(&mut devices, &fleet.finish()).await?;
+
+    let truth = fleet.truth_per_iccid();
+    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+    let (sims, total) = loop {
+        let (sims, total) = usage_sims(&cloud).await?;
+        if total == fleet.truth_total_bytes() || tokio::time::Instant::now() > deadline {
+            break (sims, total);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(sims, truth, "per-SIM totals differ (agent log: {})", running.log_text());
+    assert_eq!(total, fleet.truth_total_bytes());
+    assert!(fleet.stats().reports > 0 && fleet.stats().dropped > 0 && fleet.stats().duplicated > 0);
+
+    assert!(running.terminate(), "agent under QEMU did not exit cleanly on SIGTERM: {}", running.log_text());
+    let after: serde_json::Value = serde_json::from_str(&agent.run_ok(&["inspect", "--config", &config])?)?;
+    assert_eq!(after["stats"]["pending"], 0, "{after}");
+    devices.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aarch64_agent_under_qemu_delivers_exact_totals() -> Result<()> {
+    match cross_agent("aarch64-unknown-linux-gnu", &["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"], true)? {
+        Some(agent) => chain_with(agent, 64).await,
+        None => Ok(()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn armv7_agent_under_qemu_opens_sled_and_delivers_exact_totals() -> Result<()> {
+    match cross_agent("armv7-unknown-linux-gnueabihf", &["qemu-arm", "-L", "/usr/arm-linux-gnueabihf"], true)?
+    {
+        Some(agent) => chain_with(agent, 32).await,
+        None => Ok(()),
+    }
+}
+
+/// The experimental static build (`cross/build.sh --musl`); not built in CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aarch64_musl_agent_under_qemu_delivers_exact_totals() -> Result<()> {
+    match cross_agent("aarch64-unknown-linux-musl", &["qemu-aarch64"], false)? {
+        Some(agent) => chain_with(agent, 65).await,
+        None => Ok(()),
+    }
+}

@@ -80,6 +80,72 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     http: RawHttp,
+    uplink: Option<RawUplink>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    meter_id: u64,
+    key_file: PathBuf,
+    iccid: String,
+    interfaces: Vec<String>,
+    #[serde(default = "default_uplink_read_s")]
+    read_interval_s: u64,
+    #[serde(default = "default_uplink_report_s")]
+    report_interval_s_max: u32,
+    #[serde(default = "default_uplink_delta")]
+    report_delta_bytes_min: u64,
+    #[serde(default = "default_sysfs_net")]
+    sysfs_net: PathBuf,
+    state_file: Option<PathBuf>,
+}
+
+fn default_uplink_read_s() -> u64 {
+    60
+}
+fn default_uplink_report_s() -> u32 {
+    3600
+}
+fn default_uplink_delta() -> u64 {
+    1024 * 1024
+}
+fn default_sysfs_net() -> PathBuf {
+    PathBuf::from("/sys/class/net")
+}
+
+/// Metering of the gateway's own cellular uplink (absent: not metered).
+#[derive(Clone, Debug)]
+pub struct UplinkConfig {
+    /// The uplink meter's id, registered at the endpoint with its key.
+    pub meter_id: u64,
+    /// File with the meter's 32-byte HMAC key (0600).
+    pub key_file: PathBuf,
+    /// ICCID of the gateway's SIM (19 digits; a 20th Luhn digit is dropped).
+    pub iccid: u64,
+    /// Interfaces whose counters are summed, e.g. `wwan0`.
+    pub interfaces: Vec<String>,
+    /// How often the counters are read.
+    pub read_interval: Duration,
+    /// Report policy of the uplink meter.
+    pub policy: countersign_meter::ReportPolicy,
+    /// Where the kernel's interface directories are (`/sys/class/net`).
+    pub sysfs_net: PathBuf,
+    /// The meter's epoch and lifetime totals.
+    pub state_file: PathBuf,
+}
+
+/// Parses an ICCID of 19 digits, or 20 with a trailing Luhn check digit (dropped).
+pub fn parse_iccid(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match s.len() {
+        19 => s.parse().ok(),
+        20 => s[..19].parse().ok(),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +308,8 @@ pub struct AgentConfig {
     /// Address of the `/health`, `/metrics` and `/status` listener; `None` when disabled
     /// with `http.listen = ""`.
     pub listen: Option<SocketAddr>,
+    /// Metering of the gateway's own uplink, if configured.
+    pub uplink: Option<UplinkConfig>,
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -336,6 +404,48 @@ impl AgentConfig {
                     .map_err(|e| invalid("http.listen", format!("'{s}' is not an address: {e}")))?,
             ),
         };
+        let uplink = match raw.uplink {
+            None => None,
+            Some(u) => {
+                let iccid = parse_iccid(&u.iccid).ok_or_else(|| {
+                    invalid("uplink.iccid", format!("'{}' is not 19 or 20 digits", u.iccid))
+                })?;
+                if u.interfaces.is_empty() || u.interfaces.len() > crate::uplink::INTERFACES_MAX {
+                    return Err(invalid(
+                        "uplink.interfaces",
+                        format!("name 1 to {} interfaces", crate::uplink::INTERFACES_MAX),
+                    ));
+                }
+                if let Some(bad) =
+                    u.interfaces.iter().find(|i| i.is_empty() || i.contains('/') || i.starts_with('.'))
+                {
+                    return Err(invalid("uplink.interfaces", format!("'{bad}' is not an interface name")));
+                }
+                let read_s = in_range("uplink.read_interval_s", u.read_interval_s, 1, 3600)?;
+                let report_s =
+                    in_range("uplink.report_interval_s_max", u.report_interval_s_max, 60, 7 * 86_400)?;
+                let delta = in_range("uplink.report_delta_bytes_min", u.report_delta_bytes_min, 1, 1 << 40)?;
+                let state_file = u.state_file.unwrap_or_else(|| {
+                    let mut name = raw.data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                    name.push(".uplink-meter.json");
+                    raw.data_dir.with_file_name(name)
+                });
+                Some(UplinkConfig {
+                    meter_id: u.meter_id,
+                    key_file: u.key_file,
+                    iccid,
+                    interfaces: u.interfaces,
+                    read_interval: Duration::from_secs(read_s),
+                    policy: countersign_meter::ReportPolicy {
+                        delta_bytes_min: delta,
+                        interval_s_min: u32::try_from(read_s).unwrap_or(u32::MAX),
+                        interval_s_max: report_s,
+                    },
+                    sysfs_net: u.sysfs_net,
+                    state_file,
+                })
+            }
+        };
         Ok(Self {
             gateway_id: raw.gateway_id,
             gateway_key_file: raw.gateway_key_file,
@@ -362,6 +472,7 @@ impl AgentConfig {
             quota_bytes,
             http_timeout: Duration::from_millis(timeout_ms),
             listen,
+            uplink,
         })
     }
 }
@@ -391,6 +502,23 @@ endpoint_url = "http://127.0.0.1:8080/"
 
     fn err(extra: &str) -> String {
         AgentConfig::from_toml_str(&format!("{MIN}{extra}")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn uplink_section() {
+        let c = AgentConfig::from_toml_str(&format!(
+            "{MIN}[uplink]\nmeter_id = 9\nkey_file = \"/k2\"\niccid = \"89882280666000099990\"\ninterfaces = [\"wwan0\"]\n"
+        ))
+        .unwrap();
+        let u = c.uplink.unwrap();
+        assert_eq!(u.iccid, 8_988_228_066_600_009_999);
+        assert_eq!(u.state_file, PathBuf::from("/d.uplink-meter.json"));
+        assert!(err(
+            "[uplink]\nmeter_id = 9\nkey_file = \"/k2\"\niccid = \"123\"\ninterfaces = [\"wwan0\"]\n"
+        )
+        .contains("uplink.iccid"));
+        assert!(err("[uplink]\nmeter_id = 9\nkey_file = \"/k2\"\niccid = \"8988228066600009999\"\ninterfaces = [\"../x\"]\n")
+            .contains("uplink.interfaces"));
     }
 
     #[test]

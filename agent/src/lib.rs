@@ -11,6 +11,7 @@
 //! - [`status`]: live state and what "healthy" means (pure).
 //! - [`pipeline`]: the MQTT, commit and upload tasks and their supervisor.
 //! - [`http`]: `/health`, `/metrics`, `/status`.
+//! - [`uplink`]: metering the gateway's own cellular uplink as a local meter.
 //! - [`salvage`]: recovering reports from a database moved aside as corrupt.
 
 pub mod backoff;
@@ -21,6 +22,7 @@ pub mod pipeline;
 pub mod salvage;
 pub mod status;
 pub mod store;
+pub mod uplink;
 
 pub use config::AgentConfig;
 pub use pipeline::{open_buffer, run, run_observed, AgentError};

@@ -59,6 +59,8 @@ const STORE_RETRY_MS_MAX: u64 = 30_000;
 const SHUTDOWN_ACK_WAIT_MS: u64 = 2000;
 /// How often a committer held back by the quota looks again.
 const QUOTA_RECHECK_MS: u64 = 250;
+/// How often an idle uploader looks for reports that did not come through the committer.
+const UPLOAD_IDLE_POLL_MS: u64 = 2000;
 /// How often the durable generation is written beside the database (two fsyncs each).
 const GENERATION_REMEMBER_MS: u64 = 5000;
 
@@ -74,6 +76,9 @@ pub enum AgentError {
     /// The HTTP client could not be built (TLS set-up).
     #[error("http client: {0}")]
     Http(String),
+    /// The uplink meter could not start (key, state file).
+    #[error(transparent)]
+    Uplink(#[from] crate::uplink::UplinkError),
     /// The status listener could not bind its address.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -154,7 +159,27 @@ pub async fn run_observed(
                 status: status.clone(),
                 buffer: slot.clone(),
             };
-            Some(tokio::spawn(crate::http::serve(l, ctx, http_stop_rx)))
+            Some(tokio::spawn(crate::http::serve(l, ctx, http_stop_rx.clone())))
+        }
+        None => None,
+    };
+    let mut uplink = match &config.uplink {
+        Some(u) => {
+            let key = countersign_protocol::keys::read_secret(&u.key_file)?;
+            let meter = crate::uplink::UplinkMeter::boot(
+                u.meter_id,
+                key,
+                u.iccid,
+                &u.interfaces,
+                u.sysfs_net.clone(),
+                u.state_file.clone(),
+                u.policy,
+            )?;
+            info!(meter_id = u.meter_id, epoch = meter.epoch(), interfaces = ?u.interfaces, "metering the uplink");
+            Some(tokio::spawn(
+                uplink_task(meter, u.read_interval, slot.clone(), http_stop_rx.clone())
+                    .instrument(info_span!("uplink", meter_id = u.meter_id)),
+            ))
         }
         None => None,
     };
@@ -187,6 +212,11 @@ pub async fn run_observed(
             Exit::StoreFault
         });
         if exit == Exit::Stopped {
+            // The uplink's last report goes into the buffer before the final flush.
+            let _ = http_stop_tx.send(true);
+            if let Some(t) = uplink.take() {
+                let _ = t.await;
+            }
             match buffer.flush().await {
                 Ok(()) => {
                     if let Err(e) = buffer.remember_generation() {
@@ -228,6 +258,49 @@ pub async fn run_observed(
         let _ = t.await;
     }
     info!("agent stopped");
+    Ok(())
+}
+
+/// Reads the uplink's counters every `every`; a report the policy wants goes into the buffer,
+/// is flushed, and only then is the meter checkpointed. At stop: one last report.
+async fn uplink_task(
+    mut meter: crate::uplink::UplinkMeter,
+    every: Duration,
+    slot: BufferSlot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = until_true(&mut stop) => true,
+        };
+        let buffer = slot.lock().ok().and_then(|g| g.clone());
+        // While the store is being reopened the counters keep counting; the next report
+        // covers the gap.
+        if let Some(buffer) = buffer {
+            if let Err(e) = uplink_report(&mut meter, &buffer, stopping).await {
+                warn!(error = %e, "uplink report not buffered; the next one covers it");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+async fn uplink_report(
+    meter: &mut crate::uplink::UplinkMeter,
+    buffer: &Buffer,
+    force: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Some(report) = meter.tick(now_ms() / 1000, force)? else { return Ok(()) };
+    let (r, _) = countersign_meter::Report::decode(&report).map_err(|e| e.to_string())?;
+    buffer.put_report(r.id(), now_ms(), &report)?;
+    buffer.flush().await?;
+    meter.checkpoint()?;
+    debug!(seq = r.seq, up = r.used.up, down = r.used.down, "uplink report buffered");
     Ok(())
 }
 
@@ -651,8 +724,11 @@ async fn upload_task(mut u: Uploader) {
             Err(e) => return u.store_fault("cannot read pending reports", &e),
         };
         if batch.is_empty() {
+            // Woken by commits; the idle poll picks up reports that enter the buffer another
+            // way (the uplink meter, a salvage).
             tokio::select! {
                 _ = u.committed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(UPLOAD_IDLE_POLL_MS)) => {}
                 _ = until_true(&mut u.stop) => return,
             }
             // Let a few more commits land so batches are not one report each.

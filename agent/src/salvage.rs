@@ -22,6 +22,8 @@ const RECEIVED_MS_MIN: u64 = 1_577_836_800_000;
 const RECEIVED_MS_MAX: u64 = 4_102_444_800_000;
 /// Files larger than this are not scanned (a gateway's buffer is far smaller).
 pub const SCAN_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
+/// Attempts to open a database whose lock is still held, 50 ms apart.
+const SLED_LOCK_RETRIES: u32 = 40;
 /// Most candidates one salvage returns.
 pub const CANDIDATES_MAX: usize = 10_000_000;
 
@@ -59,7 +61,16 @@ pub enum SalvageError {
 /// Recovers what it can from the database directory `dir`.
 pub fn salvage(dir: &Path) -> Result<(Method, Vec<Candidate>), SalvageError> {
     let mut found = BTreeSet::new();
-    let opened = std::panic::catch_unwind(|| Buffer::open(dir, 8 * 1024 * 1024));
+    let open = || std::panic::catch_unwind(|| Buffer::open(dir, 8 * 1024 * 1024));
+    let mut opened = open();
+    // A database closed a moment ago may still be locked by sled's background thread.
+    for _ in 0..SLED_LOCK_RETRIES {
+        if !matches!(opened, Ok(Err(crate::store::StoreError::Open { source: sled::Error::Io(_), .. }))) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        opened = open();
+    }
     let mut sled_opened = false;
     if let Ok(Ok(b)) = opened {
         if let Ok(batch) = b.next_batch(CANDIDATES_MAX, usize::MAX) {

@@ -75,6 +75,11 @@ impl Cloud {
                 public.trim(),
             ],
         )?;
+        self.register_meters(dir, meters)
+    }
+
+    /// Registers meter keys through `countersign-cloud register-meter`.
+    pub fn register_meters(&self, dir: &Path, meters: &[(u64, [u8; 32], u64)]) -> Result<()> {
         for (meter_id, key, _) in meters {
             let path = dir.join(format!("meter-{meter_id}.key"));
             if !path.exists() {

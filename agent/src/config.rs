@@ -158,6 +158,9 @@ struct RawMqtt {
     keep_alive_s: u64,
     username: Option<String>,
     password: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
 }
 
 impl Default for RawMqtt {
@@ -170,6 +173,9 @@ impl Default for RawMqtt {
             keep_alive_s: 30,
             username: None,
             password: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -252,6 +258,41 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     /// Optional username and password.
     pub credentials: Option<(String, String)>,
+    /// MQTT over TLS (rustls, ring), when a CA is configured.
+    pub tls: Option<MqttTls>,
+}
+
+/// TLS towards the broker: the CA that signed the broker's certificate, and optionally a
+/// client certificate.
+#[derive(Clone, Debug)]
+pub struct MqttTls {
+    /// PEM of the CA certificate(s).
+    pub ca_pem: Vec<u8>,
+    /// PEM of the client certificate chain and its private key.
+    pub client_auth: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Largest PEM file read for TLS settings.
+const PEM_FILE_BYTES_MAX: u64 = 256 * 1024;
+
+fn read_pem(key: &'static str, path: &Path, secret: bool) -> Result<Vec<u8>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+    if meta.len() > PEM_FILE_BYTES_MAX {
+        return Err(invalid(key, format!("{} is larger than {PEM_FILE_BYTES_MAX} bytes", path.display())));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if secret && mode & 0o077 != 0 {
+        return Err(invalid(
+            key,
+            format!("{} is readable by others (mode {mode:o}); run chmod 600 on it", path.display()),
+        ));
+    }
+    let pem = std::fs::read(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+    if !pem.windows(10).any(|w| w == b"-----BEGIN") {
+        return Err(invalid(key, format!("{} is not PEM", path.display())));
+    }
+    Ok(pem)
 }
 
 /// Batch upload settings.
@@ -375,6 +416,26 @@ impl AgentConfig {
             (Some(_), None) => return Err(invalid("mqtt.password", "is required with mqtt.username")),
             (None, Some(_)) => return Err(invalid("mqtt.username", "is required with mqtt.password")),
         };
+        let tls = match (m.ca_file, m.client_cert_file, m.client_key_file) {
+            (None, None, None) => None,
+            (None, _, _) => return Err(invalid("mqtt.ca_file", "is required for MQTT over TLS")),
+            (Some(ca), cert, key) => {
+                let client_auth = match (cert, key) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => Some((
+                        read_pem("mqtt.client_cert_file", &c, false)?,
+                        read_pem("mqtt.client_key_file", &k, true)?,
+                    )),
+                    (Some(_), None) => {
+                        return Err(invalid("mqtt.client_key_file", "is required with mqtt.client_cert_file"))
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid("mqtt.client_cert_file", "is required with mqtt.client_key_file"))
+                    }
+                };
+                Some(MqttTls { ca_pem: read_pem("mqtt.ca_file", &ca, false)?, client_auth })
+            }
+        };
         let b = raw.batch;
         let records_max = in_range("batch.records_max", b.records_max, 1, BATCH_RECORDS_MAX)?;
         let bytes_max = in_range("batch.bytes_max", b.bytes_max, 1024, BATCH_BYTES_MAX)?;
@@ -458,6 +519,7 @@ impl AgentConfig {
                 topic: m.topic,
                 keep_alive: Duration::from_secs(keep_alive_s),
                 credentials,
+                tls,
             },
             batch: BatchConfig {
                 records_max,
@@ -531,6 +593,8 @@ endpoint_url = "http://127.0.0.1:8080/"
         assert!(err("[store]\nquota_bytes = 1\n").contains("store.quota_bytes"));
         assert!(err("[batch]\nbatches_per_s_max = 0\n").contains("batch.batches_per_s_max"));
         assert!(err("[mqtt]\nusername = \"u\"\n").contains("mqtt.password"));
+        assert!(err("[mqtt]\nclient_cert_file = \"/c\"\n").contains("mqtt.ca_file"));
+        assert!(err("[mqtt]\nca_file = \"/nonexistent.pem\"\n").contains("mqtt.ca_file"));
         let missing = AgentConfig::from_toml_str("gateway_id = 1\n").unwrap_err().to_string();
         assert!(missing.contains("gateway_key_file"), "{missing}");
         let bad_type = AgentConfig::from_toml_str(&MIN.replace("gateway_id = 1", "gateway_id = \"x\""))

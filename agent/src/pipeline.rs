@@ -375,6 +375,15 @@ async fn run_pipeline(
     if let Some((u, p)) = &config.mqtt.credentials {
         opts.set_credentials(u.clone(), p.clone());
     }
+    if let Some(tls) = &config.mqtt.tls {
+        // rustls with the ring provider installed at start; the broker's name is checked
+        // against `mqtt.host`.
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
+            ca: tls.ca_pem.clone(),
+            alpn: None,
+            client_auth: tls.client_auth.clone(),
+        }));
+    }
     let (client, eventloop) = AsyncClient::new(opts, MQTT_REQUESTS_MAX);
     let (tx, rx) = mpsc::channel(INGEST_QUEUE_REPORTS_MAX);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -62,6 +62,11 @@ fn mosquitto_bin() -> Result<&'static str> {
 impl Mosquitto {
     /// Starts a broker on `port`, persisting to `dir`.
     pub async fn start(port: u16, dir: &Path) -> Result<Self> {
+        Self::start_with(port, dir, "").await
+    }
+
+    /// [`Mosquitto::start`] with more configuration lines (e.g. a TLS listener).
+    pub async fn start_with(port: u16, dir: &Path, extra: &str) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         // Started as root, mosquitto switches to the `mosquitto` user, which cannot write
         // persistence into a root-owned temporary directory: the broker would then forget
@@ -73,7 +78,7 @@ impl Mosquitto {
         // reports queued for an agent that is down. The same goes for production brokers.
         let conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-             max_queued_messages 0\nmax_inflight_messages 1000\nautosave_interval 1\nlog_dest file {}/mosquitto.log\n{user_line}",
+             max_queued_messages 0\nmax_inflight_messages 1000\nautosave_interval 1\nlog_dest file {}/mosquitto.log\n{user_line}{extra}",
             dir.display(),
             dir.display()
         );

@@ -164,7 +164,8 @@ async fn chain_with(agent: Exe, seed: u64) -> Result<()> {
         &config,
         format!(
             "gateway_id = 7\ngateway_key_file = \"{gw_key}\"\ndata_dir = \"{}\"\nendpoint_url = \"{}\"\n\
-             [mqtt]\nport = {}\nclient_id = \"cross-agent\"\n[batch]\nlinger_ms = 50\nretry_delay_ms_min = 100\nretry_delay_ms_max = 1000\n",
+             [mqtt]\nport = {}\nclient_id = \"cross-agent\"\n[batch]\nlinger_ms = 50\nretry_delay_ms_min = 100\nretry_delay_ms_max = 1000\n\
+             [http]\nlisten = \"\"\n",
             dir.join("agent-data").display(),
             cloud.url,
             mqtt.port(),

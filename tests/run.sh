@@ -19,6 +19,8 @@ command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
 command -v size >/dev/null || missing+=(binutils)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+# TLS tests make their certificates and serve HTTPS with the openssl command.
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq

@@ -235,12 +235,25 @@ impl Default for RawStore {
 struct RawHttp {
     timeout_ms: u64,
     listen: Option<String>,
+    ca_file: Option<PathBuf>,
+    pin_sha256: Option<Vec<String>>,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self { timeout_ms: 30_000, listen: Some(LISTEN_DEFAULT.to_owned()) }
+        Self { timeout_ms: 30_000, listen: Some(LISTEN_DEFAULT.to_owned()), ca_file: None, pin_sha256: None }
     }
+}
+
+/// Whom the agent trusts to be the endpoint over HTTPS.
+#[derive(Clone, Debug)]
+pub enum EndpointTrust {
+    /// The built-in public roots.
+    SystemRoots,
+    /// Only this CA (PEM), e.g. a provider's private CA.
+    Ca(Vec<u8>),
+    /// Only server certificates with these SHA-256 digests (of the DER).
+    Pinned(Vec<[u8; 32]>),
 }
 
 /// MQTT settings.
@@ -351,6 +364,8 @@ pub struct AgentConfig {
     pub listen: Option<SocketAddr>,
     /// Metering of the gateway's own uplink, if configured.
     pub uplink: Option<UplinkConfig>,
+    /// Who may answer as the endpoint over HTTPS.
+    pub endpoint_trust: EndpointTrust,
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -465,6 +480,29 @@ impl AgentConfig {
                     .map_err(|e| invalid("http.listen", format!("'{s}' is not an address: {e}")))?,
             ),
         };
+        let endpoint_trust = match (raw.http.ca_file, raw.http.pin_sha256) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "http.pin_sha256",
+                    "set either http.ca_file or http.pin_sha256, not both",
+                ))
+            }
+            (Some(ca), None) => EndpointTrust::Ca(read_pem("http.ca_file", &ca, false)?),
+            (None, Some(pins)) => {
+                if pins.is_empty() {
+                    return Err(invalid("http.pin_sha256", "list at least one sha256"));
+                }
+                let mut out = Vec::with_capacity(pins.len());
+                for p in &pins {
+                    let mut d = [0u8; 32];
+                    hex::decode_to_slice(p.trim().replace(':', ""), &mut d)
+                        .map_err(|_| invalid("http.pin_sha256", format!("'{p}' is not 32 bytes of hex")))?;
+                    out.push(d);
+                }
+                EndpointTrust::Pinned(out)
+            }
+            (None, None) => EndpointTrust::SystemRoots,
+        };
         let uplink = match raw.uplink {
             None => None,
             Some(u) => {
@@ -535,6 +573,7 @@ impl AgentConfig {
             http_timeout: Duration::from_millis(timeout_ms),
             listen,
             uplink,
+            endpoint_trust,
         })
     }
 }
@@ -594,6 +633,8 @@ endpoint_url = "http://127.0.0.1:8080/"
         assert!(err("[batch]\nbatches_per_s_max = 0\n").contains("batch.batches_per_s_max"));
         assert!(err("[mqtt]\nusername = \"u\"\n").contains("mqtt.password"));
         assert!(err("[mqtt]\nclient_cert_file = \"/c\"\n").contains("mqtt.ca_file"));
+        assert!(err("[http]\npin_sha256 = [\"zz\"]\n").contains("http.pin_sha256"));
+        assert!(err("[http]\nca_file = \"/nonexistent.pem\"\n").contains("http.ca_file"));
         assert!(err("[mqtt]\nca_file = \"/nonexistent.pem\"\n").contains("mqtt.ca_file"));
         let missing = AgentConfig::from_toml_str("gateway_id = 1\n").unwrap_err().to_string();
         assert!(missing.contains("gateway_key_file"), "{missing}");

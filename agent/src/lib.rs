@@ -10,6 +10,7 @@
 //! - [`backoff`]: retry delays with jitter (pure).
 //! - [`status`]: live state and what "healthy" means (pure).
 //! - [`pipeline`]: the MQTT, commit and upload tasks and their supervisor.
+//! - [`tls`]: HTTPS trust towards the endpoint (roots, private CA, pinned certificate).
 //! - [`http`]: `/health`, `/metrics`, `/status`.
 //! - [`uplink`]: metering the gateway's own cellular uplink as a local meter.
 //! - [`salvage`]: recovering reports from a database moved aside as corrupt.
@@ -22,6 +23,7 @@ pub mod pipeline;
 pub mod salvage;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod uplink;
 
 pub use config::AgentConfig;

@@ -194,7 +194,7 @@ async fn send_candidates(
     candidates: &[countersign_agent::salvage::Candidate],
 ) -> Result<std::collections::BTreeMap<String, u64>> {
     use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, RecordOutcome, RecordRef};
-    let http = reqwest::Client::builder().timeout(c.http_timeout).build()?;
+    let http = countersign_agent::tls::http_client(c)?;
     let url = format!("{}{}", c.endpoint_url, countersign_protocol::BATCHES_PATH);
     let mut counts = std::collections::BTreeMap::new();
     let reports: Vec<(u64, Vec<u8>)> = candidates

@@ -140,10 +140,7 @@ pub async fn run_observed(
     // Ignore the error: a host program may already have installed the same provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let key = countersign_protocol::keys::read_gateway_key(&config.gateway_key_file)?;
-    let http = reqwest::Client::builder()
-        .timeout(config.http_timeout)
-        .build()
-        .map_err(|e| AgentError::Http(e.to_string()))?;
+    let http = crate::tls::http_client(&config).map_err(|e| AgentError::Http(e.to_string()))?;
     let slot: BufferSlot = Arc::new(Mutex::new(None));
     let mut buffer = open_buffer(&config, &status)?;
     let (http_stop_tx, http_stop_rx) = watch::channel(false);

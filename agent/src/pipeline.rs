@@ -39,12 +39,8 @@ use crate::store::{Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX
 /// Capacity of the queue between the MQTT event loop and the committer: the event loop waits
 /// when it is full, which is how a slow disk slows the intake.
 pub const INGEST_QUEUE_REPORTS_MAX: usize = 4096;
-/// Capacity of rumqttc's request channel (acks, subscribes). A broker can have at most
-/// 65 535 QoS 1 messages unacked towards us (packet ids are 16 bits), so a channel this large
-/// never makes the committer wait on an ack; that is what keeps the committer draining the
-/// ingest queue, the event loop polling, and the whole loop free of deadlock even when a
-/// broker ignores its in-flight window (Mosquitto floods a resumed session's backlog).
-/// The channel only takes memory for what it holds (≤ 65 536 small acks).
+/// Capacity of rumqttc's request channel (acks, subscribes). The committer never waits on
+/// it (see `send_acks`): acks that do not fit wait in the committer's own backlog.
 const MQTT_REQUESTS_MAX: usize = u16::MAX as usize + 1;
 /// Largest MQTT packet accepted: far above a report, so an oversized payload reaches the
 /// quarantine instead of breaking the connection (and being redelivered forever).
@@ -59,6 +55,10 @@ const STORE_RETRY_MS_MAX: u64 = 30_000;
 const SHUTDOWN_ACK_WAIT_MS: u64 = 2000;
 /// How often a committer held back by the quota looks again.
 const QUOTA_RECHECK_MS: u64 = 250;
+/// Most acks kept waiting for room in the event loop's request channel (≈ 64 B each).
+const ACK_BACKLOG_MAX: usize = 1 << 20;
+/// How often waiting acks are retried while no report arrives.
+const ACK_RETRY_MS: u64 = 5;
 /// How often an idle uploader looks for reports that did not come through the committer.
 const UPLOAD_IDLE_POLL_MS: u64 = 2000;
 /// How often the durable generation is written beside the database (two fsyncs each).
@@ -564,10 +564,62 @@ async fn commit_task(mut c: Committer, done: watch::Sender<bool>) {
     let _ = done.send(true);
 }
 
+/// A publish reduced to what an ack needs (QoS and packet id), so the backlog stays small.
+fn ack_of(p: &Publish) -> Publish {
+    let mut a = Publish::new("", p.qos, Vec::new());
+    a.pkid = p.pkid;
+    a
+}
+
+/// Hands acks to the MQTT event loop without waiting, in receive order. What does not fit
+/// stays in `acks` for the next round: the committer must keep draining the ingest queue, or
+/// the event loop (which also writes the acks) would wait on it for ever. rumqttc writes one
+/// request per poll while it reads publishes by the bunch, and a broker that floods a resumed
+/// session ignores its in-flight window, so acks can lag far behind during a backlog.
+async fn send_acks(c: &mut Committer, acks: &mut std::collections::VecDeque<Publish>) {
+    while let Some(a) = acks.front() {
+        match c.client.try_ack(a) {
+            Ok(()) => {
+                acks.pop_front();
+            }
+            Err(rumqttc::ClientError::TryRequest(_)) if acks.len() < ACK_BACKLOG_MAX => return,
+            Err(rumqttc::ClientError::TryRequest(_)) => {
+                // Past the backlog bound: wait for room rather than grow further.
+                warn!(backlog = acks.len(), "ack backlog at its bound; waiting for the broker connection");
+                if c.client.ack(a).await.is_err() {
+                    acks.clear();
+                    return;
+                }
+                acks.pop_front();
+            }
+            // The event loop is gone: the broker redelivers unacked reports after a restart.
+            Err(e) => {
+                debug!(error = %e, "acks not sent");
+                acks.clear();
+                return;
+            }
+        }
+    }
+}
+
 async fn commit_loop(c: &mut Committer) {
     let mut group: Vec<Received> = Vec::with_capacity(c.config.commit.reports_max);
+    let mut acks: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
     let mut remembered = tokio::time::Instant::now();
-    while let Some(first) = c.rx.recv().await {
+    loop {
+        let first = if acks.is_empty() {
+            c.rx.recv().await
+        } else {
+            // Acks are waiting for room: retry them every few ms while no report comes.
+            tokio::select! {
+                r = c.rx.recv() => r,
+                _ = tokio::time::sleep(Duration::from_millis(ACK_RETRY_MS)) => {
+                    send_acks(c, &mut acks).await;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { break };
         group.push(first);
         // Natural group commit: whatever queued up while the last flush ran shares this one.
         while group.len() < c.config.commit.reports_max {
@@ -613,11 +665,9 @@ async fn commit_loop(c: &mut Committer) {
             }
         }
         for r in group.drain(..) {
-            // Fails only if the event loop is gone; the broker then redelivers after restart.
-            if let Err(e) = c.client.ack(&r.publish).await {
-                debug!(error = %e, "ack not sent");
-            }
+            acks.push_back(ack_of(&r.publish));
         }
+        send_acks(c, &mut acks).await;
         c.committed.notify_one();
     }
 }

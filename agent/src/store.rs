@@ -255,9 +255,16 @@ impl Buffer {
     }
 
     /// Makes every earlier write durable (fsync).
+    ///
+    /// Runs sled's blocking `flush` on tokio's blocking pool: sled 0.34's `flush_async` can
+    /// lose its wake-up under load and hang for ever (sled issues #1241, #1308; the agent
+    /// benchmark reproduced it with a 100 000-report backlog).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let g = self.generation.load(Ordering::Relaxed);
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Io(sled::Error::Io(std::io::Error::other(e.to_string()))))??;
         self.durable_generation.fetch_max(g, Ordering::Relaxed);
         Ok(())
     }

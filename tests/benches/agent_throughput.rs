@@ -181,6 +181,15 @@ fn cpu_ms() -> u64 {
 }
 
 fn child(role: Role) -> Result<()> {
+    // BENCH_LOG=<file> writes the agent's log there, to see inside a run.
+    if let Ok(path) = std::env::var("BENCH_LOG") {
+        let file = std::fs::File::create(path)?;
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("countersign_agent=debug,rumqttc=debug"))
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .init();
+    }
     let port: u16 = std::env::var("BENCH_PORT")?.parse()?;
     let dir = std::path::PathBuf::from(std::env::var("BENCH_DIR")?);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

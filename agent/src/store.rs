@@ -43,6 +43,8 @@ const BATCH_SEQ_KEY: &[u8] = b"batch_seq";
 const GENERATION_KEY: &[u8] = b"generation";
 /// The sidecar file that remembers a durable generation, inside the data directory.
 pub const GENERATION_FILE: &str = "generation";
+/// Longest a flush may take before it counts as a store fault.
+pub const FLUSH_TIMEOUT_MS: u64 = 30_000;
 /// At most this much of a quarantined payload is kept (its length is always kept).
 pub const QUARANTINE_PAYLOAD_BYTES_MAX: usize = 4096;
 
@@ -256,15 +258,26 @@ impl Buffer {
 
     /// Makes every earlier write durable (fsync).
     ///
-    /// Runs sled's blocking `flush` on tokio's blocking pool: sled 0.34's `flush_async` can
-    /// lose its wake-up under load and hang for ever (sled issues #1241, #1308; the agent
-    /// benchmark reproduced it with a 100 000-report backlog).
+    /// sled's `flush_async`, because it reports a failed background write (a full disk)
+    /// where the blocking `flush` was seen to return `Ok` (the fault suite lost acked reports
+    /// that way). It has been reported to hang under load (sled #1241, #1308), so it is
+    /// bounded: a flush that takes longer than [`FLUSH_TIMEOUT_MS`] is a store fault, and
+    /// nothing it covers is acked.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let g = self.generation.load(Ordering::Relaxed);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        match tokio::time::timeout(std::time::Duration::from_millis(FLUSH_TIMEOUT_MS), self.db.flush_async())
             .await
-            .map_err(|e| StoreError::Io(sled::Error::Io(std::io::Error::other(e.to_string()))))??;
+        {
+            Ok(r) => {
+                r?;
+            }
+            Err(_) => {
+                return Err(StoreError::Io(sled::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("sled flush took longer than {FLUSH_TIMEOUT_MS} ms"),
+                ))))
+            }
+        }
         self.durable_generation.fetch_max(g, Ordering::Relaxed);
         Ok(())
     }

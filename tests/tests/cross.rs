@@ -9,18 +9,17 @@
 //! `COUNTERSIGN_REQUIRE_CROSS=1` (set by `tests/run.sh`, which builds them first): then a
 //! missing binary or emulator is a failure.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use countersign_e2e::broker::Mosquitto;
-use countersign_e2e::fleet::{Faults, Fleet, Outgoing};
+use countersign_e2e::fleet::{Faults, Fleet};
+use countersign_e2e::free_port;
 use countersign_e2e::procs::{target_dir, Exe, Proc};
 use countersign_e2e::publisher::Publisher;
-use countersign_e2e::{free_port, wait_for_port};
-use countersign_meter::Totals;
+use countersign_e2e::stack::{publish_all, Cloud};
 
 /// Set to 1 to turn a missing cross build into a failure instead of a skip.
 const REQUIRE_ENV: &str = "COUNTERSIGN_REQUIRE_CROSS";
@@ -59,43 +58,6 @@ fn cross_agent(triple: &str, runner: &[&str], in_ci: bool) -> Result<Option<Exe>
     }
 }
 
-struct Cloud {
-    _proc: Proc,
-    url: String,
-    token_file: String,
-    token: String,
-}
-
-async fn start_cloud(cloud: &Exe, dir: &Path) -> Result<Cloud> {
-    let token_file = dir.join("admin.token");
-    cloud.run_ok(&["keygen-token", "--out", &token_file.display().to_string()])?;
-    let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
-    let port = free_port()?;
-    let config = dir.join("cloud.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nadmin_token_file = \"{}\"\n",
-            dir.join("cloud-data").display(),
-            token_file.display()
-        ),
-    )?;
-    let proc = Proc::spawn_exe(
-        cloud,
-        &["serve", "--config", &config.display().to_string()],
-        &dir.join("cloud.log"),
-    )?;
-    if !wait_for_port(port, Duration::from_secs(20)).await {
-        bail!("endpoint did not listen: {}", proc.log_text());
-    }
-    Ok(Cloud {
-        _proc: proc,
-        url: format!("http://127.0.0.1:{port}"),
-        token_file: token_file.display().to_string(),
-        token,
-    })
-}
-
 /// Starts the agent and waits until it is subscribed (fresh session) or has resumed its
 /// session.
 async fn start_agent(agent: &Exe, config: &str, log: &Path) -> Result<Proc> {
@@ -118,43 +80,13 @@ async fn start_agent(agent: &Exe, config: &str, log: &Path) -> Result<Proc> {
     }
 }
 
-async fn publish_all(p: &mut Publisher, out: &[Outgoing]) -> Result<()> {
-    for o in out {
-        p.publish(&o.topic, &o.payload).await?;
-    }
-    p.wait_acked(Duration::from_secs(30)).await
-}
-
-async fn usage_sims(cloud: &Cloud) -> Result<(BTreeMap<u64, Totals>, u64)> {
-    let v: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/v1/usage/sims", cloud.url))
-        .bearer_auth(&cloud.token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let mut sims = BTreeMap::new();
-    for s in v["sims"].as_array().context("no sims")? {
-        let iccid: u64 = s["iccid"].as_str().context("iccid")?.parse()?;
-        sims.insert(
-            iccid,
-            Totals {
-                up: s["up_bytes"].as_u64().context("up")?,
-                down: s["down_bytes"].as_u64().context("down")?,
-            },
-        );
-    }
-    Ok((sims, v["total_bytes"].as_u64().context("total")?))
-}
-
 /// The whole chain with the cross-built `agent`: exact totals across a kill -9, then a clean
 /// stop and `inspect` on the emulated target.
 async fn chain_with(agent: Exe, seed: u64) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let mqtt = Mosquitto::start(free_port()?, &dir.join("mosquitto")).await?;
-    let cloud = start_cloud(&Exe::workspace("countersign-cloud")?, dir).await?;
+    let cloud = Cloud::start(dir).await?;
     let host_cloud = Exe::workspace("countersign-cloud")?;
 
     // Before anything else: the emulated agent opens (creates) its sled database and answers.
@@ -190,21 +122,7 @@ async fn chain_with(agent: Exe, seed: u64) -> Result<()> {
         public.trim(),
     ])?;
     let mut fleet = Fleet::new(6, 700, seed, 1_790_000_000, Faults { reboot: 0.05, ..Faults::default() });
-    for (meter_id, key, _) in fleet.meters() {
-        let path = dir.join(format!("meter-{meter_id}.key"));
-        countersign_protocol::keys::write_secret(&path, &key)?;
-        host_cloud.run_ok(&[
-            "register-meter",
-            "--endpoint",
-            &cloud.url,
-            "--token-file",
-            &cloud.token_file,
-            "--meter-id",
-            &meter_id.to_string(),
-            "--key-file",
-            &path.display().to_string(),
-        ])?;
-    }
+    cloud.register_meters(dir, &fleet.meters())?;
 
     let log = dir.join("agent.log");
     let mut running = start_agent(&agent, &config, &log).await?;
@@ -224,14 +142,7 @@ async fn chain_with(agent: Exe, seed: u64) -> Result<()> {
     publish_all(&mut devices, &fleet.finish()).await?;
 
     let truth = fleet.truth_per_iccid();
-    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
-    let (sims, total) = loop {
-        let (sims, total) = usage_sims(&cloud).await?;
-        if total == fleet.truth_total_bytes() || tokio::time::Instant::now() > deadline {
-            break (sims, total);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let (sims, total) = cloud.wait_for_total(fleet.truth_total_bytes(), DELIVERY_TIMEOUT).await?;
     assert_eq!(sims, truth, "per-SIM totals differ (agent log: {})", running.log_text());
     assert_eq!(total, fleet.truth_total_bytes());
     assert!(fleet.stats().reports > 0 && fleet.stats().dropped > 0 && fleet.stats().duplicated > 0);

@@ -34,6 +34,11 @@ pub const HTTP_TIMEOUT_MS_MAX: u64 = 5 * 60 * 1000;
 pub const QUOTA_BYTES_MIN: u64 = 256 * 1024;
 /// Largest buffer quota.
 pub const QUOTA_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
+/// Default free space kept on the buffer's filesystem: room for sled to finish a few
+/// segments (512 KiB each) and a snapshot after the agent stops acking.
+pub const DISK_FREE_BYTES_MIN_DEFAULT: u64 = 16 * 1024 * 1024;
+/// Largest reserve of free space that can be configured.
+pub const DISK_FREE_BYTES_MIN_MAX: u64 = 64 * 1024 * 1024 * 1024;
 /// Fastest upload rate that can be configured after an outage.
 pub const BATCHES_PER_S_MAX: u32 = 1000;
 /// Default address of the `/health`, `/metrics` and `/status` listener.
@@ -222,11 +227,16 @@ impl Default for RawCommit {
 struct RawStore {
     cache_capacity_bytes: u64,
     quota_bytes: u64,
+    disk_free_bytes_min: u64,
 }
 
 impl Default for RawStore {
     fn default() -> Self {
-        Self { cache_capacity_bytes: 16 * 1024 * 1024, quota_bytes: 128 * 1024 * 1024 }
+        Self {
+            cache_capacity_bytes: 16 * 1024 * 1024,
+            quota_bytes: 128 * 1024 * 1024,
+            disk_free_bytes_min: DISK_FREE_BYTES_MIN_DEFAULT,
+        }
     }
 }
 
@@ -357,6 +367,10 @@ pub struct AgentConfig {
     /// Most logical bytes the buffer may hold before the agent stops acking (the broker then
     /// keeps the reports). sled's files take about 2.5× this on disk.
     pub quota_bytes: u64,
+    /// Free space the agent leaves on the buffer's filesystem: below it, it stops acking as at
+    /// the quota, and it does not reopen a failed database until this much is free. 0 turns
+    /// the reserve off (sled then meets the full disk itself, which the agent survives).
+    pub disk_free_bytes_min: u64,
     /// Request timeout towards the endpoint.
     pub http_timeout: Duration,
     /// Address of the `/health`, `/metrics` and `/status` listener; `None` when disabled
@@ -471,6 +485,8 @@ impl AgentConfig {
         )?;
         let quota_bytes =
             in_range("store.quota_bytes", raw.store.quota_bytes, QUOTA_BYTES_MIN, QUOTA_BYTES_MAX)?;
+        let disk_free_bytes_min =
+            in_range("store.disk_free_bytes_min", raw.store.disk_free_bytes_min, 0, DISK_FREE_BYTES_MIN_MAX)?;
         let timeout_ms = in_range("http.timeout_ms", raw.http.timeout_ms, 100, HTTP_TIMEOUT_MS_MAX)?;
         let listen = match raw.http.listen {
             None => None,
@@ -570,6 +586,7 @@ impl AgentConfig {
             commit: CommitConfig { reports_max, delay: Duration::from_millis(delay_ms) },
             cache_capacity_bytes: cache,
             quota_bytes,
+            disk_free_bytes_min,
             http_timeout: Duration::from_millis(timeout_ms),
             listen,
             uplink,
@@ -596,6 +613,7 @@ endpoint_url = "http://127.0.0.1:8080/"
         assert_eq!(c.mqtt.topic, "countersign/v1/reports/+");
         assert_eq!(c.endpoint_url, "http://127.0.0.1:8080");
         assert_eq!(c.cache_capacity_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.disk_free_bytes_min, DISK_FREE_BYTES_MIN_DEFAULT);
         assert_eq!(c.listen, Some(LISTEN_DEFAULT.parse().unwrap()));
         let off = AgentConfig::from_toml_str(&format!("{MIN}[http]\nlisten = \"\"\n")).unwrap();
         assert_eq!(off.listen, None);
@@ -630,6 +648,9 @@ endpoint_url = "http://127.0.0.1:8080/"
         assert!(err("[store]\ncache_capacity_bytes = 5\n").contains("store.cache_capacity_bytes"));
         assert!(err("[http]\nlisten = \"nope\"\n").contains("http.listen"));
         assert!(err("[store]\nquota_bytes = 1\n").contains("store.quota_bytes"));
+        assert!(err("[store]\ndisk_free_bytes_min = -1\n").contains("disk_free_bytes_min"));
+        assert!(err(&format!("[store]\ndisk_free_bytes_min = {}\n", DISK_FREE_BYTES_MIN_MAX + 1))
+            .contains("store.disk_free_bytes_min"));
         assert!(err("[batch]\nbatches_per_s_max = 0\n").contains("batch.batches_per_s_max"));
         assert!(err("[mqtt]\nusername = \"u\"\n").contains("mqtt.password"));
         assert!(err("[mqtt]\nclient_cert_file = \"/c\"\n").contains("mqtt.ca_file"));

@@ -85,7 +85,7 @@ async fn metrics(State(ctx): State<StatusCtx>) -> Response {
 /// Prometheus text exposition of a snapshot. Pure.
 pub fn render_metrics(s: &StatusSnapshot, quota_bytes: u64, healthy: bool, subscribed: bool) -> String {
     let b = |v: bool| u64::from(v);
-    let rows: [(&str, &str, &str, u64); 14] = [
+    let rows: [(&str, &str, &str, u64); 15] = [
         ("buffered_reports", "gauge", "Reports waiting for the endpoint.", s.buffered_reports),
         ("buffer_bytes", "gauge", "Logical bytes in the buffer.", s.buffer_bytes),
         ("quota_bytes", "gauge", "Configured buffer quota.", quota_bytes),
@@ -104,6 +104,7 @@ pub fn render_metrics(s: &StatusSnapshot, quota_bytes: u64, healthy: bool, subsc
         ("broker_connected", "gauge", "1 when connected to the broker.", b(s.broker_connected && subscribed)),
         ("store_failing", "gauge", "1 when the database refuses writes.", b(s.store_failing)),
         ("over_quota", "gauge", "1 when the buffer is at its quota.", b(s.over_quota)),
+        ("disk_low", "gauge", "1 when free disk space is below the reserve.", b(s.disk_low)),
         ("healthy", "gauge", "1 when /health answers 200.", b(healthy)),
     ];
     let mut out = String::new();

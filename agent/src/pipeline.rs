@@ -63,6 +63,103 @@ const ACK_RETRY_MS: u64 = 5;
 const UPLOAD_IDLE_POLL_MS: u64 = 2000;
 /// How often the durable generation is written beside the database (two fsyncs each).
 const GENERATION_REMEMBER_MS: u64 = 5000;
+/// Least free space before the database is (re)opened, whatever the configured reserve:
+/// sled writes a snapshot and a segment at open, and a failed open on a full disk leaves
+/// debris behind (see `store` module docs).
+pub const REOPEN_FREE_BYTES_MIN: u64 = 1024 * 1024;
+/// How often the agent looks at the free space while it waits for some.
+const DISK_RECHECK_MS: u64 = 1000;
+
+/// Why the committer holds a group of reports back (unacked, so the broker keeps them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The buffer would pass its quota of logical bytes.
+    Quota,
+    /// The filesystem has less free space than the configured reserve.
+    DiskLow,
+}
+
+/// Whether a group costing `cost_bytes` may be written now. Pure. `free_bytes` is `None`
+/// when the free space could not be read (the store's own errors then speak); a reserve of
+/// 0 turns the disk check off.
+pub fn hold_reason(
+    buffered_bytes: u64,
+    cost_bytes: u64,
+    quota_bytes: u64,
+    free_bytes: Option<u64>,
+    reserve_bytes: u64,
+) -> Option<Hold> {
+    if buffered_bytes.saturating_add(cost_bytes) > quota_bytes {
+        return Some(Hold::Quota);
+    }
+    match free_bytes {
+        Some(free) if reserve_bytes > 0 && free < reserve_bytes => Some(Hold::DiskLow),
+        _ => None,
+    }
+}
+
+/// The directory whose filesystem holds the buffer: the data directory, or its parent
+/// before the data directory exists.
+fn buffer_fs(config: &AgentConfig) -> &Path {
+    let dir = config.data_dir.as_path();
+    if dir.exists() {
+        dir
+    } else {
+        dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+}
+
+/// Free bytes on the buffer's filesystem, also recorded in `status`.
+fn look_at_disk(config: &AgentConfig, status: &AgentStatus) -> Option<u64> {
+    match crate::store::free_bytes(buffer_fs(config)) {
+        Ok(free) => {
+            status.disk_free_bytes.store(free, Ordering::Relaxed);
+            Some(free)
+        }
+        Err(e) => {
+            debug!(error = %e, "cannot read the free space of the buffer's filesystem");
+            None
+        }
+    }
+}
+
+/// Waits until the buffer's filesystem has room to open the database. Returns false if
+/// shutdown came first.
+async fn wait_for_space<F: Future<Output = ()>>(
+    config: &AgentConfig,
+    status: &AgentStatus,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> bool {
+    let need = config.disk_free_bytes_min.max(REOPEN_FREE_BYTES_MIN);
+    let mut waiting = false;
+    loop {
+        match look_at_disk(config, status) {
+            Some(free) if free < need => {
+                if !waiting {
+                    waiting = true;
+                    status.disk_low.store(true, Ordering::Relaxed);
+                    warn!(
+                        free_bytes = free,
+                        need_bytes = need,
+                        data_dir = %config.data_dir.display(),
+                        "disk full; waiting for free space before opening the database (the broker keeps the reports)"
+                    );
+                }
+            }
+            _ => {
+                if waiting {
+                    status.disk_low.store(false, Ordering::Relaxed);
+                    info!("free space is back; opening the database");
+                }
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(DISK_RECHECK_MS)) => {}
+            _ = shutdown.as_mut() => return false,
+        }
+    }
+}
 
 /// Errors that stop the agent at start-up. Runtime faults are retried, not returned.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +239,11 @@ pub async fn run_observed(
     let key = countersign_protocol::keys::read_gateway_key(&config.gateway_key_file)?;
     let http = crate::tls::http_client(&config).map_err(|e| AgentError::Http(e.to_string()))?;
     let slot: BufferSlot = Arc::new(Mutex::new(None));
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A full disk at start is waited out, not a reason to exit (and be restarted in a loop).
+    if !wait_for_space(&config, &status, &mut shutdown).await {
+        return Ok(());
+    }
     let mut buffer = open_buffer(&config, &status)?;
     let (http_stop_tx, http_stop_rx) = watch::channel(false);
     let listener = match config.listen {
@@ -180,7 +282,6 @@ pub async fn run_observed(
         }
         None => None,
     };
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff =
         Backoff::new(Duration::from_millis(STORE_RETRY_MS_MIN), Duration::from_millis(STORE_RETRY_MS_MAX));
     'incarnations: loop {
@@ -235,6 +336,10 @@ pub async fn run_observed(
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = &mut shutdown => break 'incarnations,
+            }
+            // Opening sled on a full disk fails and leaves debris; wait for room first.
+            if !wait_for_space(&config, &status, &mut shutdown).await {
+                break 'incarnations;
             }
             match open_buffer(&config, &status) {
                 Ok(b) => {
@@ -672,31 +777,49 @@ async fn commit_loop(c: &mut Committer) {
     }
 }
 
-/// Holds the group while the buffer is at its quota. Returns false if asked to stop.
+/// Holds the group while the buffer is at its quota or the disk below its reserve. Returns
+/// false if asked to stop.
 async fn wait_for_quota(c: &mut Committer, group: &[Received]) -> bool {
     let cost: u64 = group.iter().map(|r| Buffer::report_cost_bytes(r.publish.payload.len())).sum();
-    let mut held = false;
-    while c.buffer.logical_bytes().saturating_add(cost) > c.config.quota_bytes {
-        if !held {
-            held = true;
-            c.status.over_quota.store(true, Ordering::Relaxed);
-            c.status.commits_held.fetch_add(1, Ordering::Relaxed);
-            warn!(
-                buffer_bytes = c.buffer.logical_bytes(),
-                quota_bytes = c.config.quota_bytes,
-                "buffer at quota; not acking until uploads free space (the broker keeps the reports)"
-            );
+    let mut held: Option<Hold> = None;
+    loop {
+        let free = look_at_disk(&c.config, &c.status);
+        let hold = hold_reason(
+            c.buffer.logical_bytes(),
+            cost,
+            c.config.quota_bytes,
+            free,
+            c.config.disk_free_bytes_min,
+        );
+        if hold != held {
+            c.status.over_quota.store(hold == Some(Hold::Quota), Ordering::Relaxed);
+            c.status.disk_low.store(hold == Some(Hold::DiskLow), Ordering::Relaxed);
+            match hold {
+                Some(Hold::Quota) => warn!(
+                    buffer_bytes = c.buffer.logical_bytes(),
+                    quota_bytes = c.config.quota_bytes,
+                    "buffer at quota; not acking until uploads free space (the broker keeps the reports)"
+                ),
+                Some(Hold::DiskLow) => warn!(
+                    free_bytes = free.unwrap_or(0),
+                    reserve_bytes = c.config.disk_free_bytes_min,
+                    "disk nearly full; not acking until space is freed (the broker keeps the reports)"
+                ),
+                None => info!(buffer_bytes = c.buffer.logical_bytes(), "room again; acking resumes"),
+            }
+            if held.is_none() {
+                c.status.commits_held.fetch_add(1, Ordering::Relaxed);
+            }
+            held = hold;
+        }
+        if hold.is_none() {
+            return true;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(QUOTA_RECHECK_MS)) => {}
             _ = until_true(&mut c.stop) => return false,
         }
     }
-    if held {
-        c.status.over_quota.store(false, Ordering::Relaxed);
-        info!(buffer_bytes = c.buffer.logical_bytes(), "below quota again; acking resumes");
-    }
-    true
 }
 
 async fn write_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usize), StoreError> {
@@ -899,6 +1022,17 @@ async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Upload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_at_quota_and_below_the_disk_reserve() {
+        assert_eq!(hold_reason(90, 10, 100, Some(1 << 30), 1 << 20), None, "exactly at the quota fits");
+        assert_eq!(hold_reason(91, 10, 100, Some(1 << 30), 1 << 20), Some(Hold::Quota));
+        assert_eq!(hold_reason(u64::MAX, 1, 100, None, 0), Some(Hold::Quota), "no overflow");
+        assert_eq!(hold_reason(0, 10, 100, Some((1 << 20) - 1), 1 << 20), Some(Hold::DiskLow));
+        assert_eq!(hold_reason(0, 10, 100, Some(1 << 20), 1 << 20), None);
+        assert_eq!(hold_reason(0, 10, 100, Some(0), 0), None, "a reserve of 0 turns the check off");
+        assert_eq!(hold_reason(0, 10, 100, None, 1 << 20), None, "unknown free space does not hold");
+    }
 
     #[test]
     fn corrupt_db_goes_beside_the_original() {

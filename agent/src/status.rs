@@ -16,7 +16,7 @@ pub const SYNC_STALE_S_MAX: u64 = 15 * 60;
 const ERROR_TEXT_BYTES_MAX: usize = 512;
 
 /// Live state of a running agent, updated by its tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AgentStatus {
     /// Connected to the broker now.
     pub connected: AtomicBool,
@@ -41,12 +41,40 @@ pub struct AgentStatus {
     pub store_failing: AtomicBool,
     /// The buffer is at its quota: nothing is being acked until uploads free space.
     pub over_quota: AtomicBool,
+    /// Free space on the buffer's filesystem is below the reserve: nothing is being acked.
+    pub disk_low: AtomicBool,
+    /// Free bytes on the buffer's filesystem at the last look (`u64::MAX`: not looked yet).
+    pub disk_free_bytes: AtomicU64,
     /// Logical bytes buffered now (keys and values of pending and quarantined entries).
     pub buffer_bytes: AtomicU64,
     /// Groups of reports the committer held back because of the quota or a failing store.
     pub commits_held: AtomicU64,
     last_error: Mutex<Option<String>>,
     moved_aside: Mutex<Option<String>>,
+}
+
+impl Default for AgentStatus {
+    fn default() -> Self {
+        Self {
+            connected: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            reports_committed: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
+            records_delivered: AtomicU64::new(0),
+            batches_delivered: AtomicU64::new(0),
+            upload_failures: AtomicU64::new(0),
+            last_sync_ms: AtomicU64::new(0),
+            failing_since_ms: AtomicU64::new(0),
+            store_failing: AtomicBool::new(false),
+            over_quota: AtomicBool::new(false),
+            disk_low: AtomicBool::new(false),
+            disk_free_bytes: AtomicU64::new(u64::MAX),
+            buffer_bytes: AtomicU64::new(0),
+            commits_held: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            moved_aside: Mutex::new(None),
+        }
+    }
 }
 
 impl AgentStatus {
@@ -94,6 +122,8 @@ impl AgentStatus {
                 .then(|| now_ms.saturating_sub(failing_since_ms) / 1000),
             store_failing: self.store_failing.load(Ordering::Relaxed),
             over_quota: self.over_quota.load(Ordering::Relaxed),
+            disk_low: self.disk_low.load(Ordering::Relaxed),
+            disk_free_bytes: Some(self.disk_free_bytes.load(Ordering::Relaxed)).filter(|b| *b != u64::MAX),
             buffer_bytes: self.buffer_bytes.load(Ordering::Relaxed),
             reports_committed: self.reports_committed.load(Ordering::Relaxed),
             quarantined: self.quarantined.load(Ordering::Relaxed),
@@ -130,6 +160,10 @@ pub struct StatusSnapshot {
     pub store_failing: bool,
     /// The buffer is at its quota.
     pub over_quota: bool,
+    /// Free space on the buffer's filesystem is below the reserve (`store.disk_free_bytes_min`).
+    pub disk_low: bool,
+    /// Free bytes on the buffer's filesystem at the last look.
+    pub disk_free_bytes: Option<u64>,
     /// Logical bytes buffered.
     pub buffer_bytes: u64,
     /// Reports made durable since start.
@@ -172,6 +206,12 @@ impl Health {
         if s.over_quota {
             problems.push("store: buffer at quota; not acking reports until uploads free space".to_owned());
         }
+        if s.disk_low {
+            let free = s.disk_free_bytes.map_or_else(|| "unknown".to_owned(), |b| b.to_string());
+            problems.push(format!(
+                "store: disk nearly full ({free} bytes free, below the reserve); not acking reports"
+            ));
+        }
         if let Some(f) = s.endpoint_failing_for_s.filter(|f| *f >= SYNC_STALE_S_MAX) {
             problems.push(format!("endpoint: uploads failing for {f} s"));
         }
@@ -200,12 +240,13 @@ mod tests {
         let st = AgentStatus::default();
         st.store_failing.store(true, Ordering::Relaxed);
         st.over_quota.store(true, Ordering::Relaxed);
+        st.disk_low.store(true, Ordering::Relaxed);
         st.failing_since_ms.store(1, Ordering::Relaxed);
         st.set_moved_aside("/x.corrupt".into());
         let h = Health::of(&st.snapshot(1, 5, Some(0), (SYNC_STALE_S_MAX + 1) * 1000));
         assert!(!h.healthy);
         let text = h.problems.join("\n");
-        for needle in ["broker", "disk full", "quota", "uploads failing", "salvage"] {
+        for needle in ["broker", "disk full", "quota", "disk nearly full", "uploads failing", "salvage"] {
             assert!(text.contains(needle), "{needle} missing in {text}");
         }
     }

@@ -28,7 +28,20 @@
 //! # Limits
 //!
 //! The page cache is bounded by `store.cache_capacity_bytes`. sled's space amplification is
-//! real (about 2.5× the live data); the disk quota of the agent is a later piece of work.
+//! real (about 2.5× the live data): the agent's quota counts logical bytes
+//! ([`Buffer::logical_bytes`]) and, separately, keeps a reserve of free space on the
+//! filesystem ([`free_bytes`]) so sled rarely meets a full disk at all.
+//!
+//! # Full disks and sled 0.34.7
+//!
+//! sled writes a snapshot as `snap.<lsn>.generating` and renames it when complete, but at
+//! open it reads the newest `snap.*` file *including* an unfinished `.generating` one
+//! (sled issue #1527). A snapshot cut short by a full disk (or a crash) then makes the
+//! next open fail with `Corruption { at: None }` although nothing else is damaged — and a
+//! database refused as corrupt is moved aside, with every report in it. [`Buffer::open`]
+//! therefore removes unfinished snapshots first: sled falls back to the last complete
+//! snapshot and replays its log, exactly the recovery a crash mid-snapshot needs. The
+//! generation check below still catches a database that lost durable data.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +60,40 @@ pub const GENERATION_FILE: &str = "generation";
 pub const FLUSH_TIMEOUT_MS: u64 = 30_000;
 /// At most this much of a quarantined payload is kept (its length is always kept).
 pub const QUARANTINE_PAYLOAD_BYTES_MAX: usize = 4096;
+/// Suffix of a snapshot sled has not finished writing (see the module docs).
+const SNAPSHOT_UNFINISHED_SUFFIX: &str = ".generating";
+/// Most directory entries looked at for unfinished snapshots (sled keeps a handful).
+const DB_DIR_ENTRIES_MAX: usize = 10_000;
+
+/// Bytes an unprivileged process can still write on the filesystem holding `path` (which
+/// must exist).
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Removes the snapshots sled began but did not finish under `dir`; returns their paths.
+/// Safe because a finished snapshot is always renamed away from the suffix, and sled keeps
+/// the previous snapshot until then (see the module docs).
+pub fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.take(DB_DIR_ENTRIES_MAX) {
+        let path = entry?.path();
+        let unfinished = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.starts_with("snap.") && n.ends_with(SNAPSHOT_UNFINISHED_SUFFIX) && path.is_file()
+        });
+        if unfinished {
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
 
 /// Why the buffer failed.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +197,9 @@ impl Buffer {
     /// Opens (or creates) the database under `dir` with a bounded page cache.
     pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open { path: dir.display().to_string(), source };
+        for path in remove_unfinished_snapshots(dir).map_err(|e| open_err(sled::Error::Io(e)))? {
+            tracing::warn!(path = %path.display(), "removed a snapshot sled had not finished (full disk or crash)");
+        }
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity_bytes)

@@ -123,14 +123,15 @@ fn look_at_disk(config: &AgentConfig, status: &AgentStatus) -> Option<u64> {
     }
 }
 
-/// Waits until the buffer's filesystem has room to open the database. Returns false if
-/// shutdown came first.
+/// Waits until the buffer's filesystem has room to open the database
+/// ([`REOPEN_FREE_BYTES_MIN`]; the reserve only governs acking, so that a gateway short of
+/// space still uploads what it holds). Returns false if shutdown came first.
 async fn wait_for_space<F: Future<Output = ()>>(
     config: &AgentConfig,
     status: &AgentStatus,
     shutdown: &mut std::pin::Pin<&mut F>,
 ) -> bool {
-    let need = config.disk_free_bytes_min.max(REOPEN_FREE_BYTES_MIN);
+    let need = REOPEN_FREE_BYTES_MIN;
     let mut waiting = false;
     loop {
         match look_at_disk(config, status) {

@@ -4,8 +4,9 @@
 //! Faults injected while at least 100 000 reports flow: kill -9 of the agent at random
 //! moments (at least 50 times), a Mosquitto restart, the endpoint answering 503, 500 and
 //! hanging past the agent's timeout, the agent's disk filling up (a tmpfs of its own, when
-//! running as root; opt-in with COUNTERSIGN_FAULTS_DISK=1 until it passes reliably), and its
-//! database file corrupted. The invariant checked at the end:
+//! running as root: once with the free-space reserve off, so sled itself meets the full disk,
+//! once with the reserve on, so the agent stops acking before sled does), and its database
+//! file corrupted. The invariant checked after every phase and at the end:
 //! every report the broker accepted is counted exactly once at the endpoint (exact per-SIM
 //! totals), and the agent is forwarding again after every fault.
 
@@ -124,8 +125,13 @@ struct Figures {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_report_counted_exactly_once_under_faults() -> Result<()> {
     let started = Instant::now();
-    let tmp = tempfile::tempdir()?;
+    // COUNTERSIGN_KEEP_TMP=1 keeps logs and databases for a post-mortem.
+    let tmp = tempfile::Builder::new()
+        .prefix("countersign-faults")
+        .disable_cleanup(std::env::var_os("COUNTERSIGN_KEEP_TMP").is_some())
+        .tempdir()?;
     let dir = tmp.path();
+    eprintln!("fault suite working directory: {}", dir.display());
     let mut rng = rand::rngs::StdRng::seed_from_u64(4242);
     let mut mqtt = Mosquitto::start(free_port()?, &dir.join("mosquitto")).await?;
     let cloud = Cloud::start(dir).await?;
@@ -142,15 +148,7 @@ async fn every_accepted_report_counted_exactly_once_under_faults() -> Result<()>
         countersign_cloud::client::register_meter(&http, &cloud.url, &cloud.token, meter_id, &key).await?;
     }
 
-    // The full-disk phase is opt-in until it passes reliably: with uploads held back while the
-    // disk is full, the endpoint has come up short after recovery (see ARCHITECTURE.md,
-    // "Open faults"). COUNTERSIGN_FAULTS_DISK=1 runs it.
-    let disk = if std::env::var_os("COUNTERSIGN_FAULTS_DISK").is_some() {
-        SmallDisk::mount(&dir.join("disk"))?
-    } else {
-        eprintln!("FAULT SUITE: the full-disk phase is NOT run (set COUNTERSIGN_FAULTS_DISK=1); it is a known open fault");
-        None
-    };
+    let disk = SmallDisk::mount(&dir.join("disk"))?;
     let data_dir = match &disk {
         Some(d) => d.dir.join("agent-data"),
         None => dir.join("agent-data"),
@@ -160,7 +158,9 @@ async fn every_accepted_report_counted_exactly_once_under_faults() -> Result<()>
         &data_dir,
         mqtt.port(),
         &proxy.url,
-        "[batch]\nlinger_ms = 20\nretry_delay_ms_min = 50\nretry_delay_ms_max = 500\nbatches_per_s_max = 200\n",
+        // The free-space reserve starts off, so the first full-disk phase reaches sled.
+        "[batch]\nlinger_ms = 20\nretry_delay_ms_min = 50\nretry_delay_ms_max = 500\nbatches_per_s_max = 200\n\
+         [store]\ndisk_free_bytes_min = 0\n",
     )?;
     let mut agent = setup.start().await?;
     let mut devices = Publisher::connect("fault-devices", mqtt.port());
@@ -224,33 +224,41 @@ async fn every_accepted_report_counted_exactly_once_under_faults() -> Result<()>
 
     check_phase("broker restart", &cloud, &ledger, started).await?;
 
-    // Phase 4: the disk fills up while reports keep coming; then space comes back.
+    // Phase 4: the disk fills up while reports keep coming; then space comes back. Uploads are
+    // held back meanwhile, so the buffer must grow: sled reuses the space of delivered
+    // reports, and a buffer that does not grow might never touch the full disk.
     if let Some(d) = &disk {
-        // Uploads are held back meanwhile, so the buffer must grow: sled reuses the space of
-        // delivered reports, and a buffer that does not grow might never touch the full disk.
-        proxy.set(Mode::Unavailable);
-        let filler = d.fill()?;
+        // 4a: no reserve, so sled's own writes fail (ENOSPC), the store fault path.
+        published += disk_full_phase(
+            d,
+            &proxy,
+            &setup,
+            &mut agent,
+            &mut fleet,
+            &mut devices,
+            &mut ledger,
+            "store_failing",
+        )
+        .await
+        .context("full disk, reserve off")?;
         f.disk_full += 1;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut noticed = false;
-        while !noticed && Instant::now() < deadline {
-            let out = fleet.step();
-            for o in &out {
-                devices.publish(&o.topic, &o.payload).await?;
-            }
-            published += out.len() as u64;
-            ledger.add(&out);
-            ledger.add(&out);
-            ledger.add(&out);
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            noticed = setup.status().await.is_some_and(|s| s["store_failing"] == true);
-        }
-        assert!(noticed, "the agent never reported the full disk: {}", tail(&setup.log));
-        assert!(agent.is_running(), "the agent died on a full disk: {}", tail(&setup.log));
-        std::fs::remove_file(filler)?;
-        proxy.set(Mode::Pass);
-        devices.wait_acked(Duration::from_secs(120)).await?;
-        wait_drained(&setup, Duration::from_secs(90)).await.context("after the disk was freed")?;
+        check_phase("disk full (sled meets it)", &cloud, &ledger, started).await?;
+        // 4b: the default reserve, so the agent stops acking before sled meets the full disk.
+        assert!(agent.terminate(), "agent did not stop cleanly before the reserve phase");
+        let text = std::fs::read_to_string(&setup.config)?;
+        std::fs::write(&setup.config, text.replace("disk_free_bytes_min = 0\n", ""))?;
+        agent = setup.start().await?;
+        published +=
+            disk_full_phase(d, &proxy, &setup, &mut agent, &mut fleet, &mut devices, &mut ledger, "disk_low")
+                .await
+                .context("full disk, default reserve")?;
+        f.disk_full += 1;
+        let s = setup.status().await.context("no status after the reserve phase")?;
+        assert_eq!(s["store_failing"], false, "the reserve should have kept sled off the full disk: {s}");
+    } else {
+        eprintln!(
+            "FAULT SUITE: not root, so the full-disk phases are NOT run (tests/run.sh runs as root in CI)"
+        );
     }
 
     check_phase("disk full", &cloud, &ledger, started).await?;
@@ -307,6 +315,52 @@ async fn every_accepted_report_counted_exactly_once_under_faults() -> Result<()>
     assert!(agent.terminate(), "agent did not stop cleanly at the end");
     devices.close().await;
     Ok(())
+}
+
+/// Fills the agent's disk while reports keep coming and uploads are refused, until the agent's
+/// status shows `flag`; then frees the space and waits until everything is delivered.
+#[allow(clippy::too_many_arguments)]
+async fn disk_full_phase(
+    d: &SmallDisk,
+    proxy: &FaultProxy,
+    setup: &AgentSetup,
+    agent: &mut countersign_e2e::procs::Proc,
+    fleet: &mut Fleet,
+    devices: &mut Publisher,
+    ledger: &mut Ledger,
+    flag: &str,
+) -> Result<u64> {
+    proxy.set(Mode::Unavailable);
+    let filler = d.fill()?;
+    let mut published = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut noticed = false;
+    while !noticed && Instant::now() < deadline {
+        let out = fleet.step();
+        for o in &out {
+            devices.publish(&o.topic, &o.payload).await?;
+        }
+        published += out.len() as u64;
+        ledger.add(&out);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        noticed = setup.status().await.is_some_and(|s| s[flag] == true);
+    }
+    if !noticed {
+        bail!("the agent never reported {flag} on the full disk: {}", tail(&setup.log));
+    }
+    let h: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{}/health", setup.status_port)).await?.json().await?;
+    if h["healthy"] != false {
+        bail!("health must report the full disk: {h}");
+    }
+    if !agent.is_running() {
+        bail!("the agent died on a full disk: {}", tail(&setup.log));
+    }
+    std::fs::remove_file(filler)?;
+    proxy.set(Mode::Pass);
+    devices.wait_acked(Duration::from_secs(120)).await?;
+    wait_drained(setup, Duration::from_secs(90)).await.context("after the disk was freed")?;
+    Ok(published)
 }
 
 /// Waits until the agent is connected and has nothing left to send.

@@ -313,6 +313,10 @@ pub enum DecodeError {
     UnknownCounter(u8),
     /// Extra counters repeat or are out of order, or there are too many.
     BadExtras,
+    /// The fields decode, but not from their one canonical encoding (an overlong varint,
+    /// say): a meter never writes that, and accepting it would give one report many byte
+    /// strings.
+    NonCanonical,
 }
 
 impl DecodeError {
@@ -326,6 +330,7 @@ impl DecodeError {
             DecodeError::BadTimeQuality => "bad_time_quality",
             DecodeError::UnknownCounter(_) => "unknown_counter",
             DecodeError::BadExtras => "bad_extras",
+            DecodeError::NonCanonical => "non_canonical",
         }
     }
 }
@@ -340,6 +345,7 @@ impl core::fmt::Display for DecodeError {
             DecodeError::BadTimeQuality => f.write_str("report time has an unknown clock quality"),
             DecodeError::UnknownCounter(c) => write!(f, "unknown extra counter kind {c}"),
             DecodeError::BadExtras => f.write_str("extra counters repeated, unordered or too many"),
+            DecodeError::NonCanonical => f.write_str("report fields are not in their canonical encoding"),
         }
     }
 }
@@ -483,6 +489,13 @@ impl Report {
             used: Totals { up: h.used_up, down: h.used_down },
             extras,
         };
+        // One report, one byte string: re-encode and compare (found by the fuzz target
+        // `report_decode`: postcard reads overlong varints).
+        let mut again = [0u8; REPORT_BYTES_MAX];
+        let n = report.encode_body(&mut again).map_err(|_| DecodeError::NonCanonical)?;
+        if again.get(..n) != Some(body) {
+            return Err(DecodeError::NonCanonical);
+        }
         Ok((report, body))
     }
 }
@@ -641,6 +654,23 @@ mod tests {
         r.extras.push(ExtraCounter { kind: CounterKind::SmsSent, base: 0, used: 1 }).unwrap();
         let mut buf = [0u8; REPORT_BYTES_MAX];
         assert_eq!(r.encode(&KEY, &mut buf), Err(ReportError::ExtrasUnordered));
+    }
+
+    #[test]
+    fn overlong_varints_are_refused() {
+        // Found by the fuzz target `report_decode`: meter_id 0x3fff written as ff ff 00
+        // (overlong) instead of ff 7f.
+        let mut buf = [0u8; REPORT_BYTES_MAX];
+        let mut r = typical();
+        r.meter_id = 0x3fff;
+        let n = r.encode(&KEY, &mut buf).unwrap();
+        assert_eq!(&buf[1..3], &[0xff, 0x7f]);
+        let mut bad = [0u8; REPORT_BYTES_MAX + 1];
+        bad[..2].copy_from_slice(&[buf[0], 0xff]);
+        bad[2..4].copy_from_slice(&[0xff, 0x00]);
+        bad[4..n + 1].copy_from_slice(&buf[3..n]);
+        assert_eq!(Report::decode(&bad[..n + 1]).err(), Some(DecodeError::NonCanonical));
+        assert!(Report::decode(&buf[..n]).is_ok());
     }
 
     proptest::proptest! {

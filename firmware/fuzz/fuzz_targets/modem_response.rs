@@ -2,7 +2,7 @@
 //! modem or a noisy line sends. The same property runs on stable in the crate's proptest
 //! `modem::tests::parser_never_panics`.
 //!
-//! Run: `cd firmware/fuzz && cargo +nightly fuzz run modem_response`.
+//! Run: `tests/fuzz.sh` (all targets) or `cd firmware/fuzz && cargo fuzz run modem_response`.
 #![no_main]
 
 use countersign_meter::modem::{parse_response, ModemProfile};

@@ -12,6 +12,7 @@
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
 //! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
+//! - [`billing`]: plans applied to derived usage, wallet debits and alerts decided (pure).
 //! - [`carrier`]: carrier usage import (1NCE JSON, CSV, session records), exact MB parsing.
 //! - [`reconcile`]: device vs carrier per SIM-day under a provider model.
 //! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
@@ -25,6 +26,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod billing;
 pub mod carrier;
 pub mod client;
 pub mod config;

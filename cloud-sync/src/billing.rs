@@ -521,35 +521,101 @@ pub fn decide_topup(
     })
 }
 
-/// The book after `decision` was stored: the same bookkeeping the stores do.
-pub fn apply_run(
-    book: &mut WalletBook,
+/// A recorded alert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertRecord {
+    /// 1, 2, … per wallet.
+    pub seq: u64,
+    /// What fired.
+    pub alert: WalletAlert,
+    /// When, Unix seconds.
+    pub raised_at_s: i64,
+}
+
+/// What a store writes for one wallet, in one transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalletWrite {
+    /// (group, period) rows to insert or replace, with their new absolute amounts.
+    pub debits: Vec<BookedDebit>,
+    /// A top-up to insert under its id.
+    pub topup: Option<(String, Topup)>,
+    /// Alerts to record.
+    pub alerts: Vec<AlertRecord>,
+    /// The conditions that hold now.
+    pub active: BTreeSet<AlertCondition>,
+    /// The wallet's alert count after the write.
+    pub alert_seq: u64,
+    /// When the usage priced was read (kept as it was for a top-up).
+    pub usage_as_of_ms: Option<i64>,
+}
+
+/// The write that stores `decision` (read under the lock, from `book`).
+pub fn run_write(
+    book: &WalletBook,
     decision: &RunDecision,
     usage_as_of_ms: i64,
     now_s: i64,
-) -> Result<(), BillingError> {
-    for c in &decision.changes {
-        let key = (c.group.clone(), c.period.start);
-        let debits = book.debits.get(&key).map_or(0, |b| b.debits).saturating_add(1);
-        book.debits.insert(
-            key,
-            BookedDebit {
-                group: c.group.clone(),
-                plan_id: c.plan_id.clone(),
-                period: c.period,
-                debited_micros: c.charge_micros,
-                debits,
-                updated_at_s: now_s,
-            },
-        );
+) -> Result<WalletWrite, BillingError> {
+    let debits = decision
+        .changes
+        .iter()
+        .map(|c| BookedDebit {
+            group: c.group.clone(),
+            plan_id: c.plan_id.clone(),
+            period: c.period,
+            debited_micros: c.charge_micros,
+            debits: book
+                .debits
+                .get(&(c.group.clone(), c.period.start))
+                .map_or(0, |b| b.debits)
+                .saturating_add(1),
+            updated_at_s: now_s,
+        })
+        .collect();
+    let mut seq = book.alert_seq;
+    let mut alerts = Vec::with_capacity(decision.alerts.len());
+    for a in &decision.alerts {
+        seq = seq.checked_add(1).ok_or(BillingError::Overflow("alert sequence"))?;
+        alerts.push(AlertRecord { seq, alert: a.clone(), raised_at_s: now_s });
     }
-    book.alert_seq = book
-        .alert_seq
-        .checked_add(decision.alerts.len() as u64)
-        .ok_or(BillingError::Overflow("alert sequence"))?;
-    book.active = decision.active_after.clone();
-    book.usage_as_of_ms = Some(usage_as_of_ms);
-    Ok(())
+    Ok(WalletWrite {
+        debits,
+        topup: None,
+        alerts,
+        active: decision.active_after.clone(),
+        alert_seq: seq,
+        usage_as_of_ms: Some(usage_as_of_ms),
+    })
+}
+
+/// The write that books a top-up `decision` allowed.
+pub fn topup_write(
+    book: &WalletBook,
+    topup_id: &str,
+    topup: Topup,
+    active_after: BTreeSet<AlertCondition>,
+) -> WalletWrite {
+    WalletWrite {
+        debits: Vec::new(),
+        topup: Some((topup_id.to_owned(), topup)),
+        alerts: Vec::new(),
+        active: active_after,
+        alert_seq: book.alert_seq,
+        usage_as_of_ms: book.usage_as_of_ms,
+    }
+}
+
+/// `book` after `write` was stored: the same bookkeeping the stores do.
+pub fn apply_write(book: &mut WalletBook, write: &WalletWrite) {
+    for d in &write.debits {
+        book.debits.insert((d.group.clone(), d.period.start), d.clone());
+    }
+    if let Some((id, t)) = &write.topup {
+        book.topups.insert(id.clone(), t.clone());
+    }
+    book.active = write.active.clone();
+    book.alert_seq = write.alert_seq;
+    book.usage_as_of_ms = write.usage_as_of_ms;
 }
 
 #[cfg(test)]
@@ -605,7 +671,9 @@ overdraft_limit = "10"
         let (items, _) = items_by_assignment(cfg, usage).unwrap();
         let charges = customer_period_charges(cfg, &items, "acme", today, book).unwrap();
         let d = decide_run(&wallet_cfg(cfg), book, &charges).unwrap();
-        apply_run(book, &d, 0, 0).unwrap();
+        let w = run_write(book, &d, 0, 0).unwrap();
+        assert_eq!(w.alerts.len(), d.alerts.len());
+        apply_write(book, &w);
         d
     }
 

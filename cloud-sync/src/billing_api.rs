@@ -1288,7 +1288,12 @@ iccids = ["8988280666000000001"]
         let csv = charges_csv(&reply).unwrap();
         let rows: Vec<&str> = csv.lines().collect();
         assert_eq!(rows.len(), 1 + 1 + 3 + 1, "{csv}");
-        assert!(rows[1].contains(",usage,\"raw 600000000001 B rounded up to 1024 B per sim_day (1 units) to 600000001024 B;"), "{csv}");
+        assert!(
+            rows[1].contains(
+                ",usage,\"raw 600000000001 B rounded up to 1024 B per sim_day (1 units) to 600000001024 B;"
+            ),
+            "{csv}"
+        );
         assert_eq!(
             rows[3],
             "acme,fleet,field-example,USD,2026-11-01,2026-12-01,tier,tier 2: 100 GB < usage ≤ 500 GB,400000000000,GB,1000000000,80000,32000000,32.000000,half_up_to_1_micro_per_line"

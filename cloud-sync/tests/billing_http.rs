@@ -108,6 +108,10 @@ async fn start(config: &CloudConfig) -> Server {
     }
     let endpoint = endpoint.expect("endpoint starts");
     assert!(endpoint.billing().is_some(), "the plans file is loaded at start");
+    serve(endpoint).await
+}
+
+async fn serve(endpoint: Endpoint) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -345,4 +349,126 @@ async fn periodic_billing_debits_on_its_own() {
     assert!(debited >= 4_000_000, "{debited}");
     let _ = stop.send(());
     tokio::time::timeout(std::time::Duration::from_secs(5), task).await.unwrap().unwrap();
+}
+
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Two real `countersign-cloud serve` processes on one PostgreSQL, both asked to bill at the
+/// same moment round after round while usage grows (sent to either): the wallet is debited
+/// exactly the charge and each alert is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_endpoint_processes_on_one_postgres_bill_once() {
+    let db = countersign_cloud::postgres::testing::TestDatabase::create().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    write_secret(&token_file, &TOKEN).unwrap();
+    // No active_since: nothing is charged before the first usage.
+    std::fs::write(dir.path().join("plans.toml"), PLANS.replace("active_since = \"2026-11-01\"\n", ""))
+        .unwrap();
+    let mut processes = Vec::new();
+    let mut bases = Vec::new();
+    for i in 0..2 {
+        let port = free_port();
+        let config = dir.path().join(format!("cloud-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data-{i}\"\nadmin_token_file = \"admin.token\"\n\
+                 [store]\nbackend = \"postgres\"\npostgres_url = \"{}\"\npostgres_pool_connections = 2\n\
+                 [billing]\nplans_file = \"plans.toml\"\nrun_interval_s = 86400\n",
+                db.url()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_countersign-cloud"))
+            .args(["serve", "--config", path(&config)])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        processes.push(Process(child));
+        bases.push(format!("http://127.0.0.1:{port}"));
+    }
+    let http = reqwest::Client::new();
+    for base in &bases {
+        let up = async {
+            loop {
+                if http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), up).await.expect("endpoint up");
+    }
+    let token = hex::encode(TOKEN);
+    let gw = SigningKey::from_bytes(&[0x42; 32]);
+    client::register_gateway(&http, &bases[0], &token, 7, &gw.verifying_key()).await.unwrap();
+    client::register_meter(&http, &bases[1], &token, 42, &METER_KEY).await.unwrap();
+    let mut debited = 0i64;
+    for round in 1..=10u32 {
+        // 70 GB more each round, on 2 November: up to 700 GB.
+        let used = u64::from(round) * 70 * GB;
+        let base = &bases[usize::try_from(round % 2).unwrap()];
+        send(&http, base, batch(&gw, u64::from(round), &[(round, used, "2026-11-02T10:00:00Z")])).await;
+        let (a, b) = tokio::join!(
+            client::billing_run(&http, &bases[0], &token),
+            client::billing_run(&http, &bases[1], &token)
+        );
+        debited += a.unwrap().wallets[0].debited_micros + b.unwrap().wallets[0].debited_micros;
+        let gb = used / GB;
+        let charge = match gb {
+            0..=100 => gb * 100_000,
+            101..=500 => 10_000_000 + (gb - 100) * 80_000,
+            _ => 42_000_000 + (gb - 500) * 60_000,
+        };
+        assert_eq!(debited, i64::try_from(charge).unwrap(), "round {round}");
+    }
+    let w = client::billing_wallets(&http, &bases[1], &token, Some("acme")).await.unwrap();
+    let w = &w.wallets[0];
+    // 700 GB: $10 + $32 + $12.
+    assert_eq!((w.debited_micros, w.balance_micros), (54_000_000, 46_000_000));
+    let alerts: Vec<(u64, Option<i64>)> = w.alerts.iter().map(|a| (a.seq, a.threshold_micros)).collect();
+    assert_eq!(alerts, vec![(1, Some(60_000_000))]);
+    drop(processes);
+}
+
+/// Without a plans file the billing routes say so; the forecast still works with a quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_plans_billing_routes_answer_not_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    write_secret(&token_file, &TOKEN).unwrap();
+    let config = CloudConfig::new(dir.path().join("data"), &token_file);
+    let endpoint = Endpoint::connect(&config).await.unwrap();
+    assert!(endpoint.billing().is_none());
+    let server = serve(endpoint).await;
+    let http = reqwest::Client::new();
+    let token = hex::encode(TOKEN);
+    let e = client::billing_charges(&http, &server.base, &token, &ChargesQuery::default()).await.unwrap_err();
+    assert!(matches!(&e, ClientError::Refused { status: 404, code, .. } if code == "not_configured"), "{e}");
+    let e = client::billing_run(&http, &server.base, &token).await.unwrap_err();
+    assert!(matches!(&e, ClientError::Refused { status: 404, code, .. } if code == "not_configured"), "{e}");
+    let q = billing_api::ForecastQuery {
+        iccid: SIM.parse().unwrap(),
+        quota_bytes: Some(1000),
+        since: Some(date!(2026 - 11 - 01)),
+        as_of: Some(date!(2026 - 11 - 30)),
+        ..Default::default()
+    };
+    let f = client::billing_forecast(&http, &server.base, &token, &q).await.unwrap();
+    assert_eq!((f.time_zone.as_str(), f.used_bytes, f.exhausted_on), ("UTC", 0, None));
+    assert_eq!(f.expires_on, date!(2036 - 10 - 31));
+    server.stop().await;
 }

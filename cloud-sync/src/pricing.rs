@@ -29,6 +29,15 @@
 //!
 //! Prices are per [`Unit`]; decimal and binary units are distinct names, so "GB" always means
 //! 10⁹ bytes and "GiB" 2³⁰, and every line states its `unit_bytes`.
+//!
+//! # The plan file
+//!
+//! [`PricingConfig::from_toml_str`] reads `time_zone` (the IANA zone billing days are cut in,
+//! default UTC), `[[plan]]` (optionally with `lifetime_quota_bytes` and `lifetime_years` for
+//! quota forecasts), `[[assign]]` (customer, group, plan, ICCIDs, optional `active_since`) and
+//! `[[wallet]]` (customer, currency, `opening_credit`, `alert_thresholds`, `overdraft_limit`).
+//! Every error names its key (`wallet[0].currency`). Applying plans to stored usage and
+//! debiting wallets is [`crate::billing`]'s.
 
 use std::collections::BTreeMap;
 

@@ -272,3 +272,121 @@ pub async fn list_tokens(
 ) -> Result<TokenList, ClientError> {
     get_json(http, &url(base_url, ADMIN_TOKENS_PATH), token, &[]).await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Billing
+
+async fn post_for<T: DeserializeOwned, B: Serialize>(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Option<&B>,
+) -> Result<T, ClientError> {
+    let mut request = http.post(url).bearer_auth(token.trim());
+    if let Some(b) = body {
+        request = request.json(b);
+    }
+    let response =
+        request.send().await.map_err(|source| ClientError::Transport { url: url.to_owned(), source })?;
+    check(url, response)
+        .await?
+        .json()
+        .await
+        .map_err(|source| ClientError::BadResponse { url: url.to_owned(), source })
+}
+
+/// Which charges to ask for: one customer and/or group, and `period` (each group's period
+/// containing that day) or `from`/`to` (one range); neither: the periods containing today.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChargesQuery {
+    /// One customer only.
+    pub customer: Option<String>,
+    /// One group only.
+    pub group: Option<String>,
+    /// A day inside the periods to price.
+    pub period: Option<time::Date>,
+    /// First day of an explicit range.
+    pub from: Option<time::Date>,
+    /// Last day of an explicit range (included).
+    pub to: Option<time::Date>,
+}
+
+/// The explained charges per customer and group (`GET /v1/billing/charges`).
+pub async fn billing_charges(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    q: &ChargesQuery,
+) -> Result<crate::billing_api::ChargesReply, ClientError> {
+    let mut query = Vec::new();
+    if let Some(c) = &q.customer {
+        query.push(("customer", c.clone()));
+    }
+    if let Some(g) = &q.group {
+        query.push(("group", g.clone()));
+    }
+    if let Some(p) = q.period {
+        query.push(("period", format_date(p)));
+    }
+    query.extend(range_query(DateRange { from: q.from, to: q.to }));
+    get_json(http, &url(base_url, crate::billing_api::BILLING_CHARGES_PATH), token, &query).await
+}
+
+/// Runs billing now: every prepaid wallet debited by what its periods' charges grew
+/// (`POST /v1/admin/billing/run`).
+pub async fn billing_run(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+) -> Result<crate::billing_api::RunReply, ClientError> {
+    post_for(http, &url(base_url, crate::billing_api::ADMIN_BILLING_RUN_PATH), token, None::<&()>).await
+}
+
+/// Wallets: balance, debits per period, top-ups, alerts (`GET /v1/billing/wallets`).
+pub async fn billing_wallets(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    customer: Option<&str>,
+) -> Result<crate::billing_api::WalletsReply, ClientError> {
+    let query: Vec<(&str, String)> = customer.map(|c| ("customer", c.to_owned())).into_iter().collect();
+    get_json(http, &url(base_url, crate::billing_api::BILLING_WALLETS_PATH), token, &query).await
+}
+
+/// Books a top-up of `amount` (decimal, the wallet's currency) under the caller's
+/// `topup_id`; the same id and amount again is answered `already_booked`.
+pub async fn billing_topup(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    customer: &str,
+    topup_id: &str,
+    amount: &str,
+) -> Result<crate::billing_api::TopupReply, ClientError> {
+    // Customer names are checked to be URL-safe by the endpoint; an unsafe one is refused there.
+    let path = crate::billing_api::ADMIN_WALLET_TOPUPS_PATH.replace("{customer}", customer);
+    let body = crate::billing_api::TopupRequest { topup_id: topup_id.to_owned(), amount: amount.to_owned() };
+    post_for(http, &url(base_url, &path), token, Some(&body)).await
+}
+
+/// When a SIM's lifetime quota runs out at its recent rate (`GET /v1/billing/forecast`).
+pub async fn billing_forecast(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    q: &crate::billing_api::ForecastQuery,
+) -> Result<crate::billing_api::ForecastReply, ClientError> {
+    let mut query = vec![("iccid", q.iccid.to_string())];
+    if let Some(v) = q.quota_bytes {
+        query.push(("quota_bytes", v.to_string()));
+    }
+    for (name, d) in [("since", q.since), ("expires", q.expires), ("as_of", q.as_of)] {
+        if let Some(d) = d {
+            query.push((name, format_date(d)));
+        }
+    }
+    if let Some(w) = q.window_days {
+        query.push(("window_days", w.to_string()));
+    }
+    get_json(http, &url(base_url, crate::billing_api::BILLING_FORECAST_PATH), token, &query).await
+}

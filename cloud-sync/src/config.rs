@@ -15,6 +15,10 @@
 //! [rate_limit]                       # optional: per-gateway token bucket on /v1/batches
 //! records_per_second = 20000         # refill rate, records per second per gateway
 //! burst_records = 100000             # bucket size: what a gateway may send at once
+//!
+//! [billing]                          # optional: plans, prepaid wallets, periodic billing runs
+//! plans_file = "plans.toml"          # [[plan]], [[assign]], [[wallet]], time_zone (see README)
+//! run_interval_s = 300               # optional: seconds between billing runs in `serve`
 //! ```
 //!
 //! With `backend = "postgres"` the `data_dir` is still required (it is where local state
@@ -94,6 +98,30 @@ struct RawConfig {
     admin_token_file: Option<toml::Value>,
     store: Option<RawStore>,
     rate_limit: Option<RawRateLimit>,
+    billing: Option<RawBilling>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBilling {
+    plans_file: Option<toml::Value>,
+    run_interval_s: Option<toml::Value>,
+}
+
+/// Seconds between billing runs inside `serve` when `[billing] run_interval_s` is not given.
+pub const BILLING_RUN_INTERVAL_S_DEFAULT: u64 = 300;
+/// Shortest accepted `billing.run_interval_s`: a run derives all usage, so not more often.
+pub const BILLING_RUN_INTERVAL_S_MIN: u64 = 10;
+/// Longest accepted `billing.run_interval_s`: a prepaid wallet must follow usage within a day.
+pub const BILLING_RUN_INTERVAL_S_MAX: u64 = 86_400;
+
+/// Plans, prepaid wallets and the periodic billing run (`[billing]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BillingSettings {
+    /// The plan file (`plans_file`): `[[plan]]`, `[[assign]]`, `[[wallet]]`, `time_zone`.
+    pub plans_file: PathBuf,
+    /// Seconds between billing runs inside `serve` (`run_interval_s`).
+    pub run_interval_s: u64,
 }
 
 #[derive(Deserialize, Default)]
@@ -167,6 +195,7 @@ pub struct CloudConfig {
     cache_capacity_bytes: u64,
     store_kind: StoreKind,
     rate_limit: RateLimit,
+    billing: Option<BillingSettings>,
 }
 
 impl CloudConfig {
@@ -179,7 +208,22 @@ impl CloudConfig {
             cache_capacity_bytes: CACHE_CAPACITY_BYTES_DEFAULT,
             store_kind: StoreKind::Sled,
             rate_limit: RateLimit::default(),
+            billing: None,
         }
+    }
+
+    /// The same configuration with a plans file, billing at the default interval.
+    pub fn with_plans_file(mut self, plans_file: impl Into<PathBuf>) -> Self {
+        self.billing = Some(BillingSettings {
+            plans_file: plans_file.into(),
+            run_interval_s: BILLING_RUN_INTERVAL_S_DEFAULT,
+        });
+        self
+    }
+
+    /// Plans and wallets, if `[billing]` names a plans file.
+    pub fn billing(&self) -> Option<&BillingSettings> {
+        self.billing.as_ref()
     }
 
     /// The same configuration on another store.
@@ -229,6 +273,21 @@ impl CloudConfig {
         let store = raw.store.unwrap_or_default();
         let store_kind = store_kind(&store)?;
         let rate_limit = rate_limit(raw.rate_limit.unwrap_or_default())?;
+        let billing = match raw.billing {
+            None => None,
+            Some(b) => Some(BillingSettings {
+                plans_file: path_value("billing.plans_file", b.plans_file)?,
+                run_interval_s: match &b.run_interval_s {
+                    None => BILLING_RUN_INTERVAL_S_DEFAULT,
+                    Some(v) => bounded_integer(
+                        "billing.run_interval_s",
+                        v,
+                        BILLING_RUN_INTERVAL_S_MIN,
+                        BILLING_RUN_INTERVAL_S_MAX,
+                    )?,
+                },
+            }),
+        };
         let cache_capacity_bytes = match store.cache_capacity_bytes {
             None => CACHE_CAPACITY_BYTES_DEFAULT,
             Some(toml::Value::Integer(n)) => {
@@ -244,7 +303,7 @@ impl CloudConfig {
                 ))
             }
         };
-        Ok(Self { listen, data_dir, admin_token_file, cache_capacity_bytes, store_kind, rate_limit })
+        Ok(Self { listen, data_dir, admin_token_file, cache_capacity_bytes, store_kind, rate_limit, billing })
     }
 
     /// Reads and validates a config file; relative paths in it are taken relative to its
@@ -262,6 +321,9 @@ impl CloudConfig {
         let base = path.parent().unwrap_or_else(|| Path::new(""));
         config.data_dir = base.join(&config.data_dir);
         config.admin_token_file = base.join(&config.admin_token_file);
+        if let Some(b) = config.billing.as_mut() {
+            b.plans_file = base.join(&b.plans_file);
+        }
         Ok(config)
     }
 
@@ -533,6 +595,27 @@ mod tests {
         assert_eq!(e, "rate_limit.records_per_second: 0 is outside 1..=1000000000");
         let e = err(&format!("{MINIMAL}[rate_limit]\nburst = 1\n"));
         assert!(e.contains("unknown field `burst`"), "{e}");
+    }
+
+    #[test]
+    fn billing_section_parses_and_names_its_keys() {
+        let c = CloudConfig::from_toml_str(&format!("{MINIMAL}[billing]\nplans_file = \"plans.toml\"\n"))
+            .unwrap();
+        let b = c.billing().unwrap();
+        assert_eq!(
+            (b.plans_file.as_path(), b.run_interval_s),
+            (Path::new("plans.toml"), BILLING_RUN_INTERVAL_S_DEFAULT)
+        );
+        assert!(CloudConfig::from_toml_str(MINIMAL).unwrap().billing().is_none());
+        assert_eq!(
+            err(&format!("{MINIMAL}[billing]\nrun_interval_s = 60\n")),
+            "billing.plans_file: required key is missing"
+        );
+        assert_eq!(
+            err(&format!("{MINIMAL}[billing]\nplans_file = \"p\"\nrun_interval_s = 1\n")),
+            "billing.run_interval_s: 1 is outside 10..=86400"
+        );
+        assert!(err(&format!("{MINIMAL}[billing]\nplans = \"p\"\n")).contains("unknown field `plans`"));
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
 //! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
+//! - [`billing`]: plans applied to derived usage, wallet debits and alerts decided (pure).
+//! - [`billing_store`]: wallets, debits per period, top-ups and alerts in both stores.
+//! - [`billing_api`]: [`billing_api::Billing`] (runs, charges, wallets, forecasts) and its routes.
 //! - [`carrier`]: carrier usage import (1NCE JSON, CSV, session records), exact MB parsing.
 //! - [`reconcile`]: device vs carrier per SIM-day under a provider model.
 //! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
@@ -25,6 +28,9 @@
 
 pub mod auth;
 pub mod backend;
+pub mod billing;
+pub mod billing_api;
+pub mod billing_store;
 pub mod carrier;
 pub mod client;
 pub mod config;
@@ -55,4 +61,7 @@ pub enum CloudError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The plans file is missing or invalid; the message names the file and the key.
+    #[error(transparent)]
+    Billing(#[from] billing::BillingError),
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use countersign_cloud::auth::Role;
+use countersign_cloud::billing_api::{self, Billing, ForecastQuery};
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
 use countersign_cloud::lago::{LagoConfig, LagoExporter};
 use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
@@ -23,6 +24,8 @@ use tracing_subscriber::EnvFilter;
 const REQUEST_TIMEOUT_S: u64 = 30;
 /// Seconds between Lago export rounds when the outbox is drained.
 const LAGO_EXPORT_INTERVAL_S: u64 = 10;
+/// How long a command-line billing run may take (it derives all usage) before it is given up.
+const BILLING_RUN_TIMEOUT_S: u64 = 600;
 
 #[derive(Parser)]
 #[command(name = "countersign-cloud", version, about = "Countersign rating endpoint and its admin tools")]
@@ -150,6 +153,112 @@ enum Command {
     },
     #[command(flatten)]
     Rating(RatingCommand),
+    #[command(flatten)]
+    Billing(BillingCommand),
+}
+
+/// Commands of plans, prepaid wallets and forecasts, kept apart for easy merging.
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Validate a plan file ([[plan]], [[assign]], [[wallet]], time_zone) and summarise it.
+    CheckPlans {
+        /// The plan file (TOML).
+        #[arg(long)]
+        plans: PathBuf,
+    },
+    /// Print the explained charges per customer and group for one billing period.
+    Charges {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// A token file: the admin token or a query API token.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// One customer only.
+        #[arg(long)]
+        customer: Option<String>,
+        /// One group only.
+        #[arg(long)]
+        group: Option<String>,
+        /// A day, YYYY-MM-DD: each group's billing period containing it (default: today).
+        #[arg(long, value_parser = date_arg, conflicts_with_all = ["from", "to"])]
+        period: Option<time::Date>,
+        /// First day of an explicit range, priced as one period (with --to).
+        #[arg(long, value_parser = date_arg, requires = "to")]
+        from: Option<time::Date>,
+        /// Last day of an explicit range, included (with --from).
+        #[arg(long, value_parser = date_arg, requires = "from")]
+        to: Option<time::Date>,
+        /// Output format: json, table or csv.
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
+    /// Bill every prepaid wallet now and print what was debited (JSON).
+    BillingRun {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
+    /// Print prepaid wallets: balance, debits per period, top-ups, alerts (JSON).
+    Wallets {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// A token file: the admin token or a query API token.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// One customer only.
+        #[arg(long)]
+        customer: Option<String>,
+    },
+    /// Top up a prepaid wallet; the same --topup-id again books nothing (JSON).
+    Topup {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The customer.
+        #[arg(long)]
+        customer: String,
+        /// Your idempotency key for this top-up (A-Z a-z 0-9 . _ -, at most 64).
+        #[arg(long)]
+        topup_id: String,
+        /// Decimal amount in the wallet's currency, e.g. 25.00.
+        #[arg(long)]
+        amount: String,
+    },
+    /// Forecast when a SIM's lifetime quota runs out at its recent rate (JSON).
+    Forecast {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// A token file: the admin token or a query API token.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The SIM, as decimal digits.
+        #[arg(long, value_parser = iccid_arg)]
+        iccid: u64,
+        /// The quota (default: the SIM's plan's lifetime_quota_bytes).
+        #[arg(long)]
+        quota_bytes: Option<u64>,
+        /// First day of the lifetime (default: the group's active_since, else first usage).
+        #[arg(long, value_parser = date_arg)]
+        since: Option<time::Date>,
+        /// Last day of the lifetime (default: since + the plan's lifetime_years, or 10 years).
+        #[arg(long, value_parser = date_arg)]
+        expires: Option<time::Date>,
+        /// Days the rate is averaged over (default 30).
+        #[arg(long)]
+        window_days: Option<u32>,
+        /// The day the forecast is made on (default: today in the billing zone).
+        #[arg(long, value_parser = date_arg)]
+        as_of: Option<time::Date>,
+    },
 }
 
 /// Commands of the rating work (settlement, reconciliation), kept apart for easy merging.
@@ -281,9 +390,14 @@ async fn run(command: Command) -> Result<()> {
     match command {
         Command::Serve { config, lago_config } => serve(&config, lago_config.as_deref()).await,
         Command::Rating(c) => rating(c).await,
+        Command::Billing(c) => billing(c).await,
         Command::CheckConfig { config } => {
             let c = CloudConfig::load(&config).with_context(|| format!("config {}", config.display()))?;
             c.read_admin_token().with_context(|| format!("config {}", config.display()))?;
+            if let Some(b) = c.billing() {
+                billing_api::load_plans(&b.plans_file)
+                    .with_context(|| format!("config {}", config.display()))?;
+            }
             println!("config ok");
             Ok(())
         }
@@ -367,31 +481,122 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen())
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen()))?;
-    let Some(lago_path) = lago_config else {
-        return endpoint.serve(listener, shutdown_signal()).await.context("serving");
-    };
-    let lago = LagoConfig::load(lago_path).with_context(|| format!("lago config {}", lago_path.display()))?;
-    let countersign_cloud::StoreBackend::Sled(store) = endpoint.store() else {
-        anyhow::bail!("--lago-config: the Lago export needs the embedded store; not yet on postgres");
-    };
-    let exporter = LagoExporter::new(store, lago).context("lago exporter")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let export =
-        tokio::spawn(exporter.run(Duration::from_secs(LAGO_EXPORT_INTERVAL_S), stopped(stop_rx.clone())));
+    let export = match lago_config {
+        None => None,
+        Some(lago_path) => {
+            let lago = LagoConfig::load(lago_path)
+                .with_context(|| format!("lago config {}", lago_path.display()))?;
+            let countersign_cloud::StoreBackend::Sled(store) = endpoint.store() else {
+                anyhow::bail!("--lago-config: the Lago export needs the embedded store; not yet on postgres");
+            };
+            let exporter = LagoExporter::new(store, lago).context("lago exporter")?;
+            Some(tokio::spawn(
+                exporter.run(Duration::from_secs(LAGO_EXPORT_INTERVAL_S), stopped(stop_rx.clone())),
+            ))
+        }
+    };
+    // Periodic billing whenever a plans file is configured (interval: billing.run_interval_s).
+    let billing = endpoint.billing().cloned().map(|b: std::sync::Arc<Billing>| {
+        tracing::info!(interval_s = b.run_interval().as_secs(), "periodic billing");
+        tokio::spawn(b.run_periodically(endpoint.store().clone(), stopped(stop_rx.clone())))
+    });
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     let served = endpoint.serve(listener, stopped(stop_rx)).await.context("serving");
-    match export.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "lago export stopped"),
-        Err(e) => tracing::error!(error = %e, "lago export task failed"),
+    if let Some(export) = export {
+        match export.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "lago export stopped"),
+            Err(e) => tracing::error!(error = %e, "lago export task failed"),
+        }
+    }
+    if let Some(task) = billing {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "periodic billing task failed");
+        }
     }
     served
+}
+
+async fn billing(command: BillingCommand) -> Result<()> {
+    match command {
+        BillingCommand::CheckPlans { plans } => {
+            let p = billing_api::load_plans(&plans)?;
+            println!(
+                "plans ok: {} plan(s), {} group(s), {} SIM(s), {} wallet(s), days in {}",
+                p.plans.len(),
+                p.assignments.len(),
+                p.assigned_sims(),
+                p.wallets.len(),
+                p.time_zone
+            );
+            Ok(())
+        }
+        BillingCommand::Charges { endpoint, token_file, customer, group, period, from, to, format } => {
+            if !matches!(format.as_str(), "json" | "table" | "csv") {
+                anyhow::bail!("--format: expected json, table or csv, got '{format}'");
+            }
+            let token = read_token(&token_file)?;
+            let q = client::ChargesQuery { customer, group, period, from, to };
+            let r =
+                client::billing_charges(&http()?, &endpoint, &token, &q).await.context("charges query")?;
+            match format.as_str() {
+                "csv" => print!("{}", billing_api::charges_csv(&r).context("encoding csv")?),
+                "table" => print!("{}", billing_api::charges_table(&r)),
+                _ => print(&r)?,
+            }
+            Ok(())
+        }
+        BillingCommand::BillingRun { endpoint, token_file } => {
+            let token = read_token(&token_file)?;
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(BILLING_RUN_TIMEOUT_S))
+                .build()
+                .context("building the HTTP client")?;
+            print(&client::billing_run(&http, &endpoint, &token).await.context("billing run")?)
+        }
+        BillingCommand::Wallets { endpoint, token_file, customer } => {
+            let token = read_token(&token_file)?;
+            print(
+                &client::billing_wallets(&http()?, &endpoint, &token, customer.as_deref())
+                    .await
+                    .context("wallets query")?,
+            )
+        }
+        BillingCommand::Topup { endpoint, token_file, customer, topup_id, amount } => {
+            let token = read_token(&token_file)?;
+            print(
+                &client::billing_topup(&http()?, &endpoint, &token, &customer, &topup_id, &amount)
+                    .await
+                    .with_context(|| format!("top-up {topup_id} of {customer}"))?,
+            )
+        }
+        BillingCommand::Forecast {
+            endpoint,
+            token_file,
+            iccid,
+            quota_bytes,
+            since,
+            expires,
+            window_days,
+            as_of,
+        } => {
+            let token = read_token(&token_file)?;
+            let q = ForecastQuery { iccid, quota_bytes, since, expires, window_days, as_of };
+            print(&client::billing_forecast(&http()?, &endpoint, &token, &q).await.context("forecast")?)
+        }
+    }
+}
+
+fn print<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v).context("encoding the answer")?);
+    Ok(())
 }
 
 /// Reads a 1NCE JSON argument: `ICCID=FILE`, or `FILE` whose stem is the ICCID.

@@ -155,6 +155,12 @@ CREATE TABLE api_tokens (
 );
 ",
     },
+    // Version 3 is another branch's; this one touches no table of it (see billing_store.rs).
+    Migration {
+        version: 4,
+        name: "billing wallets, debits per period, top-ups, alerts",
+        sql: crate::billing_store::PG_BILLING_MIGRATION_SQL,
+    },
 ];
 
 /// The 64 bits of a u64 as an i64 (two's complement), for a `BIGINT` column.
@@ -909,6 +915,35 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
         config.get_dbname().unwrap_or("(default)"),
         config.get_user().unwrap_or("(default)")
     )
+}
+
+// Access for the billing tables (`billing_store.rs`), kept apart from the core store above
+// so that the two can change independently.
+impl PgStore {
+    /// The connection pool, for modules that own tables of their own.
+    pub(crate) fn billing_pool(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+/// [`db_error`] for the billing tables.
+pub(crate) fn billing_db_error(e: tokio_postgres::Error) -> StoreError {
+    db_error(e)
+}
+
+/// [`pool_error`] for the billing tables.
+pub(crate) fn billing_pool_error(e: PoolError) -> StoreError {
+    pool_error(e)
+}
+
+/// A `records` row (`meter_id, epoch, seq, received_ms, report`) as the derivation sees it.
+pub(crate) fn billing_usage_record(row: &Row) -> Result<UsageRecord, StoreError> {
+    usage_record(row)
+}
+
+/// Adds one meter's derivation into a running total.
+pub(crate) fn billing_merge(total: &mut DailyUsage, part: DailyUsage) -> Result<(), UsageError> {
+    merge(total, part)
 }
 
 /// Throwaway databases for tests and benchmarks: `CREATE DATABASE cs_test_<random>` on the

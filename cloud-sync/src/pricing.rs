@@ -29,6 +29,15 @@
 //!
 //! Prices are per [`Unit`]; decimal and binary units are distinct names, so "GB" always means
 //! 10⁹ bytes and "GiB" 2³⁰, and every line states its `unit_bytes`.
+//!
+//! # The plan file
+//!
+//! [`PricingConfig::from_toml_str`] reads `time_zone` (the IANA zone billing days are cut in,
+//! default UTC), `[[plan]]` (optionally with `lifetime_quota_bytes` and `lifetime_years` for
+//! quota forecasts), `[[assign]]` (customer, group, plan, ICCIDs, optional `active_since`) and
+//! `[[wallet]]` (customer, currency, `opening_credit`, `alert_thresholds`, `overdraft_limit`).
+//! Every error names its key (`wallet[0].currency`). Applying plans to stored usage and
+//! debiting wallets is [`crate::billing`]'s.
 
 use std::collections::BTreeMap;
 
@@ -61,6 +70,14 @@ pub const USAGE_ITEMS_MAX: usize = 10_000_000;
 pub const FORECAST_WINDOW_DAYS_MAX: u32 = 366;
 /// How each line's money is rounded, as stated on the line.
 pub const MONEY_ROUNDING: &str = "half_up_to_1_micro_per_line";
+/// Longest customer, group or top-up name, in bytes (they appear in URLs and store keys).
+pub const NAME_BYTES_MAX: usize = 64;
+/// Wallets one configuration may define.
+pub const WALLETS_MAX: usize = 4096;
+/// Longest lifetime a plan's quota may be valid for, in years.
+pub const LIFETIME_YEARS_MAX: u32 = 30;
+/// The time zone billing days are cut in when a plan file names none.
+pub const BILLING_TIME_ZONE_DEFAULT: &str = "UTC";
 
 /// Why pricing failed. None is recoverable by retrying: the plan or the input must change.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -306,6 +323,36 @@ pub struct Plan {
     pub rounding: Rounding,
     /// Billing periods.
     pub cycle: BillingCycle,
+    /// A lifetime quota (e.g. 500 MB over 10 years) the plan's SIMs are forecast against.
+    pub lifetime: Option<LifetimeQuota>,
+}
+
+/// A lifetime data quota: `quota_bytes` over `years` from a SIM's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LifetimeQuota {
+    /// Bytes the SIM may use over the whole lifetime.
+    pub quota_bytes: u64,
+    /// Years the quota is valid for.
+    pub years: u32,
+}
+
+impl LifetimeQuota {
+    /// The last day of a lifetime that starts on `since`; `None` beyond the calendar.
+    pub fn last_day(self, since: Date) -> Option<Date> {
+        let months = i32::try_from(self.years).ok()?.checked_mul(12)?;
+        add_months_clamped(since, months)?.previous_day()
+    }
+}
+
+/// `date` moved by `months`, the day clamped to the target month's length (29 February plus
+/// a year is 28 February).
+pub fn add_months_clamped(date: Date, months: i32) -> Option<Date> {
+    let index = date.year().checked_mul(12)?.checked_add(i32::from(u8::from(date.month())) - 1)?;
+    let target = index.checked_add(months)?;
+    let month = time::Month::try_from(u8::try_from(target.rem_euclid(12) + 1).ok()?).ok()?;
+    let year = target.div_euclid(12);
+    let day = date.day().min(month.length(year));
+    Date::from_calendar_date(year, month, day).ok()
 }
 
 /// One usage item to price: a session or a day of one SIM.
@@ -563,7 +610,38 @@ pub struct PricingConfig {
     pub plans: BTreeMap<String, Plan>,
     /// Assignments, in file order.
     pub assignments: Vec<Assignment>,
+    /// Prepaid wallets by customer.
+    pub wallets: BTreeMap<String, WalletConfig>,
+    /// IANA zone billing days are cut in (`time_zone`, default UTC), checked to exist.
+    pub time_zone: String,
     by_iccid: BTreeMap<u64, usize>,
+}
+
+/// A customer's prepaid credit wallet, as configured (`[[wallet]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalletConfig {
+    /// The customer whose charges it pays.
+    pub customer: String,
+    /// Its currency: the currency of every plan of the customer.
+    pub currency: String,
+    /// Credit before any top-up, micro-units (`opening_credit`).
+    pub opening_micros: i64,
+    /// Balances at or below which an alert fires (`alert_thresholds`), micro-units.
+    pub thresholds_micros: Vec<i64>,
+    /// How far below zero the balance may go before the SIMs should be barred
+    /// (`overdraft_limit`), micro-units.
+    pub overdraft_limit_micros: i64,
+}
+
+impl WalletConfig {
+    /// The wallet at `balance_micros`, with this configuration's thresholds and limit.
+    pub fn wallet(&self, balance_micros: i64) -> Wallet {
+        Wallet {
+            balance_micros,
+            overdraft_limit_micros: self.overdraft_limit_micros,
+            thresholds_micros: self.thresholds_micros.clone(),
+        }
+    }
 }
 
 /// A customer or SIM group under one plan.
@@ -577,15 +655,32 @@ pub struct Assignment {
     pub plan: String,
     /// The SIMs.
     pub iccids: Vec<u64>,
+    /// The day the group's SIMs were activated (`active_since`): billing periods (and their
+    /// flat fees) start there, and lifetime quotas are counted from it.
+    pub active_since: Option<Date>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPricing {
+    time_zone: Option<String>,
     #[serde(default)]
     plan: Vec<RawPlan>,
     #[serde(default)]
     assign: Vec<RawAssign>,
+    #[serde(default)]
+    wallet: Vec<RawWallet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWallet {
+    customer: String,
+    currency: String,
+    opening_credit: Option<String>,
+    #[serde(default)]
+    alert_thresholds: Vec<String>,
+    overdraft_limit: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -605,6 +700,8 @@ struct RawPlan {
     rounding_scope: Option<RoundingScope>,
     billing_cycle: Option<String>,
     billing_anchor_day: Option<u8>,
+    lifetime_quota_bytes: Option<u64>,
+    lifetime_years: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -621,6 +718,7 @@ struct RawAssign {
     group: String,
     plan: String,
     iccids: Vec<String>,
+    active_since: Option<String>,
 }
 
 fn money_at(key: String, text: &str) -> Result<u64, PricingError> {
@@ -730,7 +828,27 @@ fn plan_from_raw(i: usize, r: RawPlan) -> Result<Plan, PricingError> {
             return Err(invalid(format!("{key}.billing_cycle"), format!("'{other}' is not daily or monthly")))
         }
     };
+    let lifetime = match (r.lifetime_quota_bytes, r.lifetime_years) {
+        (None, None) => None,
+        (Some(quota_bytes), years) => {
+            let years = years.unwrap_or(10);
+            if quota_bytes == 0 {
+                return Err(invalid(format!("{key}.lifetime_quota_bytes"), "must be above 0"));
+            }
+            if !(1..=LIFETIME_YEARS_MAX).contains(&years) {
+                return Err(invalid(
+                    format!("{key}.lifetime_years"),
+                    format!("expected 1 to {LIFETIME_YEARS_MAX}"),
+                ));
+            }
+            Some(LifetimeQuota { quota_bytes, years })
+        }
+        (None, Some(_)) => {
+            return Err(invalid(format!("{key}.lifetime_years"), "needs lifetime_quota_bytes"))
+        }
+    };
     Ok(Plan {
+        lifetime,
         id: r.id,
         currency: r.currency,
         unit,
@@ -747,6 +865,86 @@ fn plan_from_raw(i: usize, r: RawPlan) -> Result<Plan, PricingError> {
             scope: r.rounding_scope.unwrap_or(RoundingScope::SimDay),
         },
         cycle,
+    })
+}
+
+/// Checks a customer, group or top-up name: 1 to [`NAME_BYTES_MAX`] of `A-Z a-z 0-9 . _ -`
+/// (names appear in URL paths and store keys).
+pub fn check_name(key: &str, name: &str) -> Result<(), PricingError> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_BYTES_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("'{name}': expected 1 to {NAME_BYTES_MAX} of A-Z a-z 0-9 . _ -")))
+    }
+}
+
+fn signed_money_at(key: String, text: &str) -> Result<i64, PricingError> {
+    let micros = money_at(key.clone(), text)?;
+    i64::try_from(micros).map_err(|_| invalid(key, "too large"))
+}
+
+fn wallet_from_raw(
+    i: usize,
+    w: RawWallet,
+    plans: &BTreeMap<String, Plan>,
+    assignments: &[Assignment],
+) -> Result<WalletConfig, PricingError> {
+    let key = format!("wallet[{i}]");
+    check_name(&format!("{key}.customer"), &w.customer)?;
+    let mine: Vec<&Assignment> = assignments.iter().filter(|a| a.customer == w.customer).collect();
+    if mine.is_empty() {
+        return Err(invalid(
+            format!("{key}.customer"),
+            format!("no [[assign]] names customer '{}': a wallet pays a customer's plans", w.customer),
+        ));
+    }
+    for a in mine {
+        let currency = plans.get(&a.plan).map(|p| p.currency.as_str()).unwrap_or_default();
+        if currency != w.currency {
+            return Err(invalid(
+                format!("{key}.currency"),
+                format!(
+                    "'{}' differs from '{currency}' of plan '{}' (group '{}'): a wallet pays in one currency",
+                    w.currency, a.plan, a.group
+                ),
+            ));
+        }
+    }
+    let opening_micros = w
+        .opening_credit
+        .as_deref()
+        .map(|t| signed_money_at(format!("{key}.opening_credit"), t))
+        .transpose()?
+        .unwrap_or(0);
+    let overdraft_limit_micros = w
+        .overdraft_limit
+        .as_deref()
+        .map(|t| signed_money_at(format!("{key}.overdraft_limit"), t))
+        .transpose()?
+        .unwrap_or(0);
+    if w.alert_thresholds.len() > WALLET_THRESHOLDS_MAX {
+        return Err(invalid(
+            format!("{key}.alert_thresholds"),
+            format!("at most {WALLET_THRESHOLDS_MAX} thresholds"),
+        ));
+    }
+    let mut thresholds_micros = Vec::with_capacity(w.alert_thresholds.len());
+    for (j, t) in w.alert_thresholds.iter().enumerate() {
+        let t = signed_money_at(format!("{key}.alert_thresholds[{j}]"), t)?;
+        if thresholds_micros.contains(&t) {
+            return Err(invalid(format!("{key}.alert_thresholds[{j}]"), "listed twice"));
+        }
+        thresholds_micros.push(t);
+    }
+    Ok(WalletConfig {
+        customer: w.customer,
+        currency: w.currency,
+        opening_micros,
+        thresholds_micros,
+        overdraft_limit_micros,
     })
 }
 
@@ -772,14 +970,33 @@ impl PricingConfig {
             }
             plans.insert(p.id.clone(), p);
         }
-        let mut assignments = Vec::new();
+        let time_zone = raw.time_zone.unwrap_or_else(|| BILLING_TIME_ZONE_DEFAULT.to_owned());
+        crate::usage::time_zone(&time_zone).map_err(|e| invalid("time_zone", e.to_string()))?;
+        let mut assignments: Vec<Assignment> = Vec::new();
         let mut by_iccid = BTreeMap::new();
         let mut count = 0usize;
         for (i, a) in raw.assign.into_iter().enumerate() {
             let key = format!("assign[{i}]");
+            check_name(&format!("{key}.customer"), &a.customer)?;
+            check_name(&format!("{key}.group"), &a.group)?;
             if !plans.contains_key(&a.plan) {
                 return Err(invalid(format!("{key}.plan"), format!("no plan '{}'", a.plan)));
             }
+            if let Some(j) = assignments.iter().position(|b| b.customer == a.customer && b.group == a.group) {
+                return Err(invalid(
+                    format!("{key}.group"),
+                    format!("customer '{}' already has a group '{}' (assign[{j}])", a.customer, a.group),
+                ));
+            }
+            let active_since = a
+                .active_since
+                .as_deref()
+                .map(|s| {
+                    crate::server::parse_date(s).ok_or_else(|| {
+                        invalid(format!("{key}.active_since"), format!("'{s}' is not a date (YYYY-MM-DD)"))
+                    })
+                })
+                .transpose()?;
             count = count.saturating_add(a.iccids.len());
             if count > ASSIGNED_ICCIDS_MAX {
                 return Err(invalid(
@@ -791,14 +1008,50 @@ impl PricingConfig {
             for (j, s) in a.iccids.iter().enumerate() {
                 let iccid = crate::server::parse_iccid(s)
                     .ok_or_else(|| invalid(format!("{key}.iccids[{j}]"), format!("'{s}' is not an ICCID")))?;
-                if by_iccid.insert(iccid, assignments.len()).is_some() {
-                    return Err(invalid(format!("{key}.iccids[{j}]"), format!("{s} is assigned twice")));
+                if let Some(other) = by_iccid.insert(iccid, assignments.len()) {
+                    let place = match assignments.get(other) {
+                        Some(o) => {
+                            format!("group '{}' of customer '{}' (assign[{other}])", o.group, o.customer)
+                        }
+                        None => "this group already".to_owned(),
+                    };
+                    return Err(invalid(format!("{key}.iccids[{j}]"), format!("{s} is already in {place}")));
                 }
                 iccids.push(iccid);
             }
-            assignments.push(Assignment { customer: a.customer, group: a.group, plan: a.plan, iccids });
+            assignments.push(Assignment {
+                customer: a.customer,
+                group: a.group,
+                plan: a.plan,
+                iccids,
+                active_since,
+            });
         }
-        Ok(Self { plans, assignments, by_iccid })
+        if raw.wallet.len() > WALLETS_MAX {
+            return Err(invalid("wallet", format!("more than {WALLETS_MAX} wallets")));
+        }
+        let mut wallets = BTreeMap::new();
+        for (i, w) in raw.wallet.into_iter().enumerate() {
+            let w = wallet_from_raw(i, w, &plans, &assignments)?;
+            if wallets.contains_key(&w.customer) {
+                return Err(invalid(
+                    format!("wallet[{i}].customer"),
+                    format!("customer '{}' has a wallet already", w.customer),
+                ));
+            }
+            wallets.insert(w.customer.clone(), w);
+        }
+        Ok(Self { plans, assignments, wallets, time_zone, by_iccid })
+    }
+
+    /// The index in [`PricingConfig::assignments`] of the SIM's assignment.
+    pub fn assignment_index_of(&self, iccid: u64) -> Option<usize> {
+        self.by_iccid.get(&iccid).copied()
+    }
+
+    /// Every SIM assigned, over all assignments.
+    pub fn assigned_sims(&self) -> usize {
+        self.by_iccid.len()
     }
 
     /// The assignment (customer, group, plan) of a SIM.
@@ -854,6 +1107,68 @@ pub enum WalletAlert {
         /// The limit.
         overdraft_limit_micros: i64,
     },
+}
+
+/// What a wallet alert is about; it holds while the balance stays on its side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AlertCondition {
+    /// The balance is at or below this threshold, micro-units.
+    Threshold(i64),
+    /// The balance is below zero.
+    Overdrawn,
+    /// The balance is below minus the overdraft limit.
+    OverdraftLimitExceeded,
+}
+
+impl AlertCondition {
+    /// A stable text form for stores: `threshold:<micros>`, `overdrawn`, `overdraft_limit_exceeded`.
+    pub fn key(self) -> String {
+        match self {
+            AlertCondition::Threshold(t) => format!("threshold:{t}"),
+            AlertCondition::Overdrawn => "overdrawn".to_owned(),
+            AlertCondition::OverdraftLimitExceeded => "overdraft_limit_exceeded".to_owned(),
+        }
+    }
+
+    /// The inverse of [`AlertCondition::key`].
+    pub fn from_key(key: &str) -> Option<Self> {
+        match key {
+            "overdrawn" => Some(AlertCondition::Overdrawn),
+            "overdraft_limit_exceeded" => Some(AlertCondition::OverdraftLimitExceeded),
+            other => other.strip_prefix("threshold:")?.parse().ok().map(AlertCondition::Threshold),
+        }
+    }
+}
+
+impl WalletAlert {
+    /// The condition that raised it.
+    pub fn condition(&self) -> AlertCondition {
+        match self {
+            WalletAlert::ThresholdCrossed { threshold_micros, .. } => {
+                AlertCondition::Threshold(*threshold_micros)
+            }
+            WalletAlert::Overdrawn { .. } => AlertCondition::Overdrawn,
+            WalletAlert::OverdraftLimitExceeded { .. } => AlertCondition::OverdraftLimitExceeded,
+        }
+    }
+
+    /// `threshold_crossed`, `overdrawn` or `overdraft_limit_exceeded`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WalletAlert::ThresholdCrossed { .. } => "threshold_crossed",
+            WalletAlert::Overdrawn { .. } => "overdrawn",
+            WalletAlert::OverdraftLimitExceeded { .. } => "overdraft_limit_exceeded",
+        }
+    }
+
+    /// The balance when it was raised.
+    pub fn balance_micros(&self) -> i64 {
+        match self {
+            WalletAlert::ThresholdCrossed { balance_micros, .. }
+            | WalletAlert::Overdrawn { balance_micros }
+            | WalletAlert::OverdraftLimitExceeded { balance_micros, .. } => *balance_micros,
+        }
+    }
 }
 
 /// A prepaid credit wallet.
@@ -927,6 +1242,42 @@ impl Wallet {
             tracing::warn!(alert = ?a, "wallet alert");
         }
         Ok(alerts)
+    }
+
+    /// The alert conditions that hold at the current balance: each threshold the balance is
+    /// at or below, below zero, below minus the overdraft limit. An alert fires when its
+    /// condition starts to hold (the same crossings [`Wallet::debit`] reports); a billing run
+    /// keeps the set durably so that each crossing alerts once, and a top-up that lifts the
+    /// balance re-arms what no longer holds.
+    pub fn conditions(&self) -> std::collections::BTreeSet<AlertCondition> {
+        let mut out: std::collections::BTreeSet<AlertCondition> = self
+            .thresholds_micros
+            .iter()
+            .filter(|t| self.balance_micros <= **t)
+            .map(|t| AlertCondition::Threshold(*t))
+            .collect();
+        if self.overdrawn() {
+            out.insert(AlertCondition::Overdrawn);
+        }
+        if self.limit_exceeded() {
+            out.insert(AlertCondition::OverdraftLimitExceeded);
+        }
+        out
+    }
+
+    /// The alert `condition` raises at the current balance.
+    pub fn alert(&self, condition: AlertCondition) -> WalletAlert {
+        let balance_micros = self.balance_micros;
+        match condition {
+            AlertCondition::Threshold(threshold_micros) => {
+                WalletAlert::ThresholdCrossed { threshold_micros, balance_micros }
+            }
+            AlertCondition::Overdrawn => WalletAlert::Overdrawn { balance_micros },
+            AlertCondition::OverdraftLimitExceeded => WalletAlert::OverdraftLimitExceeded {
+                balance_micros,
+                overdraft_limit_micros: self.overdraft_limit_micros,
+            },
+        }
     }
 
     /// Adds credit.
@@ -1242,6 +1593,102 @@ iccids = []"#,
     }
 
     #[test]
+    fn wallets_time_zone_and_lifetime_quotas_parse_and_errors_name_the_key() {
+        let base = r#"
+time_zone = "Europe/Berlin"
+
+[[plan]]
+id = "usd"
+currency = "USD"
+model = "per_unit"
+price = "1"
+lifetime_quota_bytes = 524288000
+lifetime_years = 10
+
+[[plan]]
+id = "eur"
+currency = "EUR"
+model = "per_unit"
+price = "1"
+
+[[assign]]
+customer = "acme"
+group = "a"
+plan = "usd"
+iccids = ["8988280666000000001"]
+active_since = "2026-02-28"
+"#;
+        let wallet = "[[wallet]]\ncustomer = \"acme\"\ncurrency = \"USD\"\nopening_credit = \"100.50\"\nalert_thresholds = [\"50\", \"10\"]\noverdraft_limit = \"5\"\n";
+        let cfg = PricingConfig::from_toml_str(&format!("{base}{wallet}")).unwrap();
+        assert_eq!(cfg.time_zone, "Europe/Berlin");
+        let w = &cfg.wallets["acme"];
+        assert_eq!((w.opening_micros, w.overdraft_limit_micros), (100_500_000, 5_000_000));
+        assert_eq!(w.thresholds_micros, vec![50_000_000, 10_000_000]);
+        let a = cfg.assignment_of(8_988_280_666_000_000_001).unwrap();
+        assert_eq!(a.active_since, Some(date!(2026 - 02 - 28)));
+        let life = cfg.plans["usd"].lifetime.unwrap();
+        assert_eq!(life, LifetimeQuota { quota_bytes: 500 * 1024 * 1024, years: 10 });
+        assert_eq!(life.last_day(date!(2026 - 02 - 28)), Some(date!(2036 - 02 - 27)));
+        assert_eq!(add_months_clamped(date!(2028 - 02 - 29), 12), Some(date!(2029 - 02 - 28)));
+        assert_eq!(PricingConfig::from_toml_str(base).unwrap().time_zone, "Europe/Berlin");
+        assert_eq!(PricingConfig::from_toml_str("").unwrap().time_zone, BILLING_TIME_ZONE_DEFAULT);
+
+        let cases = [
+            (format!("{base}[[wallet]]\ncustomer = \"acme\"\ncurrency = \"EUR\"\n"), "wallet[0].currency"),
+            (format!("{base}[[wallet]]\ncustomer = \"nobody\"\ncurrency = \"USD\"\n"), "wallet[0].customer"),
+            (format!("{base}{wallet}{wallet}"), "wallet[1].customer"),
+            (format!("{base}[[wallet]]\ncustomer = \"acme\"\ncurrency = \"USD\"\nopening_credit = \"-1\"\n"), "wallet[0].opening_credit"),
+            (format!("{base}[[wallet]]\ncustomer = \"acme\"\ncurrency = \"USD\"\nalert_thresholds = [\"1\", \"1\"]\n"), "wallet[0].alert_thresholds[1]"),
+            (base.replace("Europe/Berlin", "Mars/Olympus"), "time_zone"),
+            (base.replace("2026-02-28", "2026-02-30"), "assign[0].active_since"),
+            (base.replace("lifetime_years = 10", "lifetime_years = 31"), "plan[0].lifetime_years"),
+            (base.replace("lifetime_quota_bytes = 524288000", ""), "plan[0].lifetime_years"),
+            (base.replace("customer = \"acme\"", "customer = \"a b\""), "assign[0].customer"),
+            (
+                format!("{base}[[assign]]\ncustomer = \"acme\"\ngroup = \"b\"\nplan = \"eur\"\niccids = [\"8988280666000000001\"]\n"),
+                "assign[1].iccids[0]",
+            ),
+            (
+                format!("{base}[[assign]]\ncustomer = \"acme\"\ngroup = \"a\"\nplan = \"eur\"\niccids = []\n"),
+                "assign[1].group",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = PricingConfig::from_toml_str(&text).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("{key}: ")), "{key}: got {e}");
+        }
+        let e = PricingConfig::from_toml_str(&format!(
+            "{base}[[assign]]\ncustomer = \"other\"\ngroup = \"b\"\nplan = \"eur\"\niccids = [\"8988280666000000001\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "assign[1].iccids[0]: 8988280666000000001 is already in group 'a' of customer 'acme' (assign[0])"
+        );
+    }
+
+    #[test]
+    fn alert_conditions_round_trip_and_match_debit_crossings() {
+        for c in
+            [AlertCondition::Threshold(-3), AlertCondition::Overdrawn, AlertCondition::OverdraftLimitExceeded]
+        {
+            assert_eq!(AlertCondition::from_key(&c.key()), Some(c));
+        }
+        assert_eq!(AlertCondition::from_key("threshold:x"), None);
+        let mut w = Wallet::new(10, 5, vec![8, 2]).unwrap();
+        let before = w.conditions();
+        let fired = w.debit(9).unwrap();
+        let newly: std::collections::BTreeSet<AlertCondition> =
+            w.conditions().difference(&before).copied().collect();
+        assert_eq!(
+            fired.iter().map(WalletAlert::condition).collect::<std::collections::BTreeSet<_>>(),
+            newly
+        );
+        assert_eq!(newly.len(), 2);
+        assert_eq!(w.alert(AlertCondition::Threshold(8)), fired[0]);
+    }
+
+    #[test]
     fn money_parses_exactly() {
         assert_eq!(parse_money_micros("0.10"), Ok(100_000));
         assert_eq!(parse_money_micros("12"), Ok(12_000_000));
@@ -1339,6 +1786,7 @@ iccids = []"#,
             included_bytes: 0,
             rounding: Rounding { increment_bytes: 1, scope: RoundingScope::SimDay },
             cycle: BillingCycle::Daily,
+            lifetime: None,
         }
     }
 

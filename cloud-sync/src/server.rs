@@ -221,7 +221,7 @@ pub fn parse_iccid(text: &str) -> Option<u64> {
     text.parse().ok()
 }
 
-mod json_date {
+pub(crate) mod json_date {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
     use time::Date;
 
@@ -235,7 +235,7 @@ mod json_date {
     }
 }
 
-mod json_opt_date {
+pub(crate) mod json_opt_date {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
     use time::Date;
 
@@ -256,7 +256,7 @@ mod json_opt_date {
     }
 }
 
-mod json_iccid {
+pub(crate) mod json_iccid {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(iccid: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -272,7 +272,7 @@ mod json_iccid {
 
 /// An error answer: status, stable code, message.
 #[derive(Debug)]
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     error: String,
@@ -280,11 +280,11 @@ struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, error: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, error: impl Into<String>) -> Self {
         Self { status, code, error: error.into(), retry_after_s: None }
     }
 
-    fn bad_request(error: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", error)
     }
 }
@@ -365,10 +365,12 @@ fn ingest_error(e: IngestError) -> ApiError {
 }
 
 #[derive(Clone)]
-struct AppState {
-    store: StoreBackend,
+pub(crate) struct AppState {
+    pub(crate) store: StoreBackend,
     token: Arc<AdminToken>,
     limiter: Arc<RateLimiter>,
+    /// Plans and wallets, when a plans file is configured.
+    pub(crate) billing: Option<Arc<crate::billing_api::Billing>>,
 }
 
 /// One route of the API, as `openapi.yaml` names it.
@@ -382,17 +384,17 @@ pub struct ApiRoute {
 
 /// Builds a router and, from the same calls, the table of its routes, so the table cannot
 /// drift from what is served.
-struct Routes {
+pub(crate) struct Routes {
     router: Router<AppState>,
     table: Vec<ApiRoute>,
 }
 
 impl Routes {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { router: Router::new(), table: Vec::new() }
     }
 
-    fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
+    pub(crate) fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
@@ -423,6 +425,7 @@ pub struct Endpoint {
     store: StoreBackend,
     token: Arc<AdminToken>,
     limiter: Arc<RateLimiter>,
+    billing: Option<Arc<crate::billing_api::Billing>>,
 }
 
 impl Endpoint {
@@ -437,18 +440,23 @@ impl Endpoint {
             .into());
         }
         let token = config.read_admin_token()?;
+        let billing = crate::billing_api::Billing::from_cloud_config(config)?;
         let store = Store::open(config.data_dir(), config.cache_capacity_bytes())?;
         Ok(Self::with_backend(StoreBackend::Sled(store), token)
-            .with_rate_limiter(RateLimiter::new(config.rate_limit())))
+            .with_rate_limiter(RateLimiter::new(config.rate_limit()))
+            .with_billing(billing))
     }
 
     /// Reads the admin token and opens or connects to the store `config` selects, applying
     /// PostgreSQL migrations.
     pub async fn connect(config: &CloudConfig) -> Result<Endpoint, CloudError> {
         let token = config.read_admin_token()?;
+        let billing = crate::billing_api::Billing::from_cloud_config(config)?;
         let store = StoreBackend::open(config).await?;
         tracing::info!(store = store.kind(), "store open");
-        Ok(Self::with_backend(store, token).with_rate_limiter(RateLimiter::new(config.rate_limit())))
+        Ok(Self::with_backend(store, token)
+            .with_rate_limiter(RateLimiter::new(config.rate_limit()))
+            .with_billing(billing))
     }
 
     /// An endpoint over an already open sled store, with the default rate limit.
@@ -462,7 +470,19 @@ impl Endpoint {
             store,
             token: Arc::new(token),
             limiter: Arc::new(RateLimiter::new(crate::config::RateLimit::default())),
+            billing: None,
         }
+    }
+
+    /// The same endpoint with plans and wallets (`None`: the billing routes answer 404).
+    pub fn with_billing(mut self, billing: Option<crate::billing_api::Billing>) -> Endpoint {
+        self.billing = billing.map(Arc::new);
+        self
+    }
+
+    /// Plans and wallets, if configured (e.g. for the periodic billing run).
+    pub fn billing(&self) -> Option<&Arc<crate::billing_api::Billing>> {
+        self.billing.as_ref()
     }
 
     /// The same endpoint with another rate limiter.
@@ -477,13 +497,18 @@ impl Endpoint {
     }
 
     fn routes(&self) -> (Router, Vec<ApiRoute>) {
-        let state =
-            AppState { store: self.store.clone(), token: self.token.clone(), limiter: self.limiter.clone() };
+        let state = AppState {
+            store: self.store.clone(),
+            token: self.token.clone(),
+            limiter: self.limiter.clone(),
+            billing: self.billing.clone(),
+        };
         let mut query = Routes::new()
             .add("get", USAGE_PATH, get_usage)
             .add("get", USAGE_SIMS_PATH, get_usage_sims)
             .add("get", USAGE_DAYS_PATH, get_usage_days)
-            .add("get", USAGE_LEDGER_PATH, get_usage_ledger);
+            .add("get", USAGE_LEDGER_PATH, get_usage_ledger)
+            .merge(crate::billing_api::query_routes());
         query.router = query.router.route_layer(middleware::from_fn_with_state(state.clone(), require_query));
         let mut admin = Routes::new()
             .add("post", ADMIN_METERS_PATH, post_meter)
@@ -491,7 +516,8 @@ impl Endpoint {
             .add("get", ADMIN_TOKENS_PATH, get_tokens)
             .add("post", ADMIN_TOKENS_PATH, post_token)
             .add("delete", ADMIN_TOKEN_PATH, delete_token)
-            .add("post", ADMIN_SETTLE_PATH, post_settle);
+            .add("post", ADMIN_SETTLE_PATH, post_settle)
+            .merge(crate::billing_api::admin_routes());
         admin.router = admin.router.route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
         let mut batches = Routes::new().add("post", BATCHES_PATH, post_batch);
         batches.router = batches.router.layer(DefaultBodyLimit::max(BATCH_BYTES_MAX));

@@ -20,6 +20,29 @@ use serde_json::Value;
 const SPEC: &str = include_str!("../openapi.yaml");
 const TOKEN: [u8; 32] = [0x5a; 32];
 const NOON_S: u64 = 1_795_521_600;
+const PLANS: &str = r#"
+[[plan]]
+id = "field-example"
+currency = "USD"
+unit = "GB"
+model = "graduated"
+tiers = [{ up_to = 100, price = "0.10" }, { up_to = 500, price = "0.08" }, { price = "0.06" }]
+flat_fee = "1.50"
+included_bytes = 100
+rounding_increment_bytes = 1024
+
+[[assign]]
+customer = "acme"
+group = "fleet"
+plan = "field-example"
+iccids = ["8988280666000000001"]
+
+[[wallet]]
+customer = "acme"
+currency = "USD"
+opening_credit = "10"
+alert_thresholds = ["9"]
+"#;
 
 fn spec() -> Value {
     serde_yaml::from_str(SPEC).unwrap()
@@ -116,6 +139,8 @@ fn validate(spec: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), Str
                 }
             }
         }
+        Some("boolean") if !v.is_boolean() => return Err(format!("{at}: not a boolean")),
+        Some("boolean") => {}
         Some("array") => {
             let items = v.as_array().ok_or(format!("{at}: not an array"))?;
             for (i, item) in items.iter().enumerate() {
@@ -288,10 +313,13 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
     let token_file = dir.path().join("admin.token");
     write_secret(&token_file, &TOKEN).unwrap();
     // A small bucket: 10 records, refilled at 1 record/s, so the third batch of 4 waits.
+    let plans = dir.path().join("plans.toml");
+    std::fs::write(&plans, PLANS).unwrap();
     let config = CloudConfig::from_toml_str(&format!(
-        "data_dir = '{}'\nadmin_token_file = '{}'\n[rate_limit]\nrecords_per_second = 1\nburst_records = 10\n",
+        "data_dir = '{}'\nadmin_token_file = '{}'\n[rate_limit]\nrecords_per_second = 1\nburst_records = 10\n[billing]\nplans_file = '{}'\n",
         dir.path().join("data").display(),
-        token_file.display()
+        token_file.display(),
+        plans.display()
     ))
     .unwrap();
     let endpoint = Endpoint::connect(&config).await.unwrap();
@@ -458,6 +486,65 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
     assert_eq!(s, 200, "{v}");
     let (s, v, _) = c.call("get", "/v1/usage/ledger", "/v1/usage/ledger", Some(&query), None).await;
     assert_eq!(s, 200, "{v}");
+    // Billing: charges, a run (debits and an alert), wallets, top-ups, a forecast.
+    let ch = "/v1/billing/charges";
+    let (s, v, _) = c.call("get", ch, "/v1/billing/charges?period=2026-11-24", Some(&query), None).await;
+    assert_eq!((s, v["charges"][0]["total"].as_str()), (200, Some("1.500000")), "{v}");
+    assert_eq!(v["charges"][0]["rounding"]["rounded_bytes"], 2048, "{v}");
+    let (s, v, _) = c
+        .call(
+            "get",
+            ch,
+            "/v1/billing/charges?customer=acme&from=2026-11-01&to=2026-11-30",
+            Some(&query),
+            None,
+        )
+        .await;
+    assert_eq!((s, v["totals"][0]["total_micros"].as_u64()), (200, Some(1_500_000)), "{v}");
+    assert_eq!(c.call("get", ch, "/v1/billing/charges?from=2026-11-01", Some(&query), None).await.0, 400);
+    assert_eq!(c.call("get", ch, "/v1/billing/charges?customer=nobody", Some(&query), None).await.0, 404);
+    let run = "/v1/admin/billing/run";
+    assert_eq!(c.call("post", run, run, Some(&query), None).await.0, 403);
+    let (s, v, _) = c.call("post", run, run, Some(&admin), None).await;
+    assert_eq!(s, 200, "{v}");
+    // The $1.50 flat fee of every period from November on takes the balance below 9.
+    assert_eq!(v["wallets"][0]["alerts"][0]["alert"], "threshold_crossed", "{v}");
+    let w = "/v1/billing/wallets";
+    let (s, v, _) = c.call("get", w, w, Some(&query), None).await;
+    assert_eq!((s, v["wallets"][0]["alerts"].as_array().map(Vec::len)), (200, Some(1)), "{v}");
+    assert_eq!(c.call("get", w, "/v1/billing/wallets?customer=nobody", Some(&query), None).await.0, 404);
+    let t = "/v1/admin/wallets/{customer}/topups";
+    let topup = serde_json::json!({"topup_id": "pay-1", "amount": "5.00"});
+    let tp = "/v1/admin/wallets/acme/topups";
+    assert_eq!(c.call("post", t, tp, Some(&admin), Some(Body::Json(topup.clone()))).await.0, 201);
+    assert_eq!(c.call("post", t, tp, Some(&admin), Some(Body::Json(topup.clone()))).await.0, 200);
+    assert_eq!(c.call("post", t, tp, Some(&query), Some(Body::Json(topup.clone()))).await.0, 403);
+    let other = serde_json::json!({"topup_id": "pay-1", "amount": "6"});
+    assert_eq!(c.call("post", t, tp, Some(&admin), Some(Body::Json(other))).await.0, 409);
+    let bad = serde_json::json!({"topup_id": "pay 2", "amount": "6"});
+    assert_eq!(c.call("post", t, tp, Some(&admin), Some(Body::Json(bad))).await.0, 400);
+    let nobody = "/v1/admin/wallets/nobody/topups";
+    assert_eq!(c.call("post", t, nobody, Some(&admin), Some(Body::Json(topup))).await.0, 404);
+    let f = "/v1/billing/forecast";
+    let (s, v, _) = c
+        .call(
+            "get",
+            f,
+            "/v1/billing/forecast?iccid=8988280666000000001&quota_bytes=524288000&as_of=2026-11-24",
+            Some(&query),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["quota_source"].as_str(), v["used_bytes"].as_u64()),
+        (200, Some("parameter"), Some(1110)),
+        "{v}"
+    );
+    assert_eq!(
+        c.call("get", f, "/v1/billing/forecast?iccid=8988280666000000001", Some(&query), None).await.0,
+        400
+    );
+    assert_eq!(c.call("get", f, "/v1/billing/forecast", Some(&query), None).await.0, 400);
     assert_eq!(c.call("get", "/v1/usage", "/v1/usage?iccid=x", Some(&query), None).await.0, 400);
     assert_eq!(c.call("get", "/v1/usage/sims", "/v1/usage/sims?to=x", Some(&query), None).await.0, 400);
     assert_eq!(

@@ -1,0 +1,1339 @@
+//! Billing as a service of the endpoint: [`Billing`] (a validated plan file) runs billing,
+//! prices charges, shows wallets, books top-ups and forecasts lifetime quotas over the store;
+//! the routes below expose it. The decisions are [`crate::billing`]'s, the persistence
+//! [`crate::billing_store`]'s.
+//!
+//! | route                                         | auth  | answer                        |
+//! | --------------------------------------------- | ----- | ----------------------------- |
+//! | `GET /v1/billing/charges`                     | query | [`ChargesReply`]              |
+//! | `GET /v1/billing/wallets`                     | query | [`WalletsReply`]              |
+//! | `GET /v1/billing/forecast`                    | query | [`ForecastReply`]             |
+//! | `POST /v1/admin/billing/run`                  | admin | [`RunReply`]                  |
+//! | `POST /v1/admin/wallets/{customer}/topups`    | admin | [`TopupReply`], 201 or 200    |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use time::Date;
+
+use crate::backend::StoreBackend;
+use crate::billing::{
+    charges, customer_period_charges, decide_run, decide_topup, items_by_assignment, run_write, topup_write,
+    AlertRecord, BillingError, GroupCharge, PeriodSelector, RunDecision, Topup, TopupDecision,
+    FORECAST_LIFETIME_YEARS_DEFAULT, FORECAST_WINDOW_DAYS_DEFAULT, WALLET_ALERTS_LISTED_MAX,
+};
+use crate::config::CloudConfig;
+use crate::pricing::{
+    check_name, forecast_quota, format_micros, parse_money_micros, LifetimeQuota, PricingConfig,
+    PricingError, WalletAlert, PLAN_FILE_BYTES_MAX,
+};
+use crate::server::{
+    format_date, json_date, json_iccid, json_opt_date, parse_date, parse_iccid, ApiError, AppState, Routes,
+};
+use crate::usage::{time_zone, zone_date, TimeZone};
+
+/// Path of the charges query.
+pub const BILLING_CHARGES_PATH: &str = "/v1/billing/charges";
+/// Path of the wallets query.
+pub const BILLING_WALLETS_PATH: &str = "/v1/billing/wallets";
+/// Path of the quota forecast.
+pub const BILLING_FORECAST_PATH: &str = "/v1/billing/forecast";
+/// Path of a billing run.
+pub const ADMIN_BILLING_RUN_PATH: &str = "/v1/admin/billing/run";
+/// Path of a wallet's top-ups, axum/OpenAPI template.
+pub const ADMIN_WALLET_TOPUPS_PATH: &str = "/v1/admin/wallets/{customer}/topups";
+
+/// A validated plan file, ready to bill. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Billing {
+    pricing: Arc<PricingConfig>,
+    tz: TimeZone,
+    plans_file: PathBuf,
+    run_interval: Duration,
+    /// One run at a time per process (the periodic one and those asked over HTTP); across
+    /// processes the wallet locks keep runs apart.
+    running: tokio::sync::Mutex<()>,
+}
+
+/// Reads and validates a plan file; errors name the file and the key.
+pub fn load_plans(path: &Path) -> Result<PricingConfig, BillingError> {
+    let err = |reason: String| BillingError::PlansFile { path: path.to_owned(), reason };
+    let len = std::fs::metadata(path).map_err(|e| err(format!("cannot be read: {e}")))?.len();
+    if len > PLAN_FILE_BYTES_MAX as u64 {
+        return Err(err(format!("{len} bytes, more than the {PLAN_FILE_BYTES_MAX} a plan file may have")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot be read: {e}")))?;
+    PricingConfig::from_toml_str(&text).map_err(|e| err(e.to_string()))
+}
+
+impl Billing {
+    /// Billing over validated plans, running every `run_interval` inside `serve`.
+    pub fn new(
+        pricing: PricingConfig,
+        plans_file: PathBuf,
+        run_interval: Duration,
+    ) -> Result<Self, BillingError> {
+        let tz = time_zone(&pricing.time_zone)?;
+        Ok(Self { pricing: Arc::new(pricing), tz, plans_file, run_interval, running: Default::default() })
+    }
+
+    /// Reads the plan file `config` names (`[billing] plans_file`), if any.
+    pub fn from_cloud_config(config: &CloudConfig) -> Result<Option<Self>, BillingError> {
+        let Some(b) = config.billing() else { return Ok(None) };
+        let pricing = load_plans(&b.plans_file)?;
+        tracing::info!(
+            plans_file = %b.plans_file.display(),
+            plans = pricing.plans.len(),
+            groups = pricing.assignments.len(),
+            sims = pricing.assigned_sims(),
+            wallets = pricing.wallets.len(),
+            time_zone = %pricing.time_zone,
+            "plans loaded"
+        );
+        Ok(Some(Self::new(pricing, b.plans_file.clone(), Duration::from_secs(b.run_interval_s))?))
+    }
+
+    /// The plans.
+    pub fn pricing(&self) -> &PricingConfig {
+        &self.pricing
+    }
+
+    /// The plan file the plans were read from.
+    pub fn plans_file(&self) -> &Path {
+        &self.plans_file
+    }
+
+    /// Seconds between periodic runs.
+    pub fn run_interval(&self) -> Duration {
+        self.run_interval
+    }
+
+    fn today(&self, now: jiff::Timestamp) -> Result<Date, BillingError> {
+        zone_date(now, &self.tz).ok_or(BillingError::Overflow("today's date"))
+    }
+
+    /// Prices every period up to today of every prepaid customer and debits each wallet by
+    /// the difference to what was debited before (see [`crate::billing`]). One transaction
+    /// per wallet under its lock; alerts are recorded and logged once.
+    pub async fn run(&self, store: &StoreBackend, now: jiff::Timestamp) -> Result<RunReply, BillingError> {
+        let _one_at_a_time = self.running.lock().await;
+        let today = self.today(now)?;
+        let (daily, usage_as_of_ms) = store.billing_daily_usage(&self.tz, None).await?;
+        let (items, _) = items_by_assignment(&self.pricing, &daily)?;
+        let now_s = now.as_second();
+        let mut wallets = Vec::with_capacity(self.pricing.wallets.len());
+        for w in self.pricing.wallets.values() {
+            let (pricing, items) = (&self.pricing, &items);
+            let outcome = store
+                .with_wallet(&w.customer, &w.currency, |book| {
+                    let balance = book.balance_micros(w)?;
+                    if book.usage_as_of_ms.is_some_and(|t| t > usage_as_of_ms) {
+                        // A run that read fresher usage billed this wallet already.
+                        return Ok((None, RunOutcome::Skipped { balance_micros: balance }));
+                    }
+                    let charges = customer_period_charges(pricing, items, &w.customer, today, book)?;
+                    let d = decide_run(w, book, &charges)?;
+                    if d.changes.is_empty() && d.alerts.is_empty() && d.active_after == book.active {
+                        return Ok((None, RunOutcome::Decided(d, Vec::new())));
+                    }
+                    let write = run_write(book, &d, usage_as_of_ms, now_s)?;
+                    let alerts = write.alerts.clone();
+                    Ok((Some(write), RunOutcome::Decided(d, alerts)))
+                })
+                .await?;
+            let json = match outcome {
+                RunOutcome::Skipped { balance_micros } => {
+                    tracing::info!(customer = %w.customer, "wallet billed by a fresher run already");
+                    WalletRunJson {
+                        customer: w.customer.clone(),
+                        currency: w.currency.clone(),
+                        skipped: true,
+                        balance_before_micros: balance_micros,
+                        balance_after_micros: balance_micros,
+                        balance_after: format_micros(balance_micros.into()),
+                        debited_micros: 0,
+                        changes: Vec::new(),
+                        alerts: Vec::new(),
+                    }
+                }
+                RunOutcome::Decided(d, alerts) => {
+                    let debited_micros = d.debited_micros()?;
+                    for a in &alerts {
+                        log_alert(&w.customer, a);
+                    }
+                    if !d.changes.is_empty() {
+                        tracing::info!(
+                            customer = %w.customer,
+                            periods = d.changes.len(),
+                            debited_micros,
+                            balance_micros = d.balance_after_micros,
+                            "wallet debited"
+                        );
+                    }
+                    run_json(&w.customer, &w.currency, &d, debited_micros, &alerts)
+                }
+            };
+            wallets.push(json);
+        }
+        Ok(RunReply { as_of: today, usage_as_of_ms, wallets })
+    }
+
+    /// Runs billing at once and then every [`Billing::run_interval`] until `stop` completes.
+    /// A failed run is logged and retried at the next tick (a wallet is never debited twice,
+    /// so retrying is always safe).
+    pub async fn run_periodically(
+        self: Arc<Self>,
+        store: StoreBackend,
+        stop: impl std::future::Future<Output = ()> + Send,
+    ) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(self.run_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                _ = tick.tick() => {}
+            }
+            match self.run(&store, jiff::Timestamp::now()).await {
+                Ok(r) => tracing::debug!(wallets = r.wallets.len(), "billing run"),
+                Err(e) => tracing::error!(error = %e, recoverable = e.is_recoverable(), "billing run failed"),
+            }
+        }
+        tracing::info!("periodic billing stopped");
+    }
+
+    /// The charges of one period per group (all groups, or of one customer and/or group).
+    pub async fn charges(
+        &self,
+        store: &StoreBackend,
+        selector: Option<PeriodSelector>,
+        customer: Option<&str>,
+        group: Option<&str>,
+        now: jiff::Timestamp,
+    ) -> Result<ChargesReply, BillingError> {
+        if let Some(c) = customer {
+            if !self.pricing.assignments.iter().any(|a| a.customer == c) {
+                return Err(BillingError::UnknownCustomer(c.to_owned()));
+            }
+        }
+        let today = self.today(now)?;
+        let selector = selector.unwrap_or(PeriodSelector::Containing(today));
+        let (daily, _) = store.billing_daily_usage(&self.tz, None).await?;
+        let (items, unassigned_sims) = items_by_assignment(&self.pricing, &daily)?;
+        let list = charges(&self.pricing, &items, selector, customer, group)?;
+        let mut totals: Vec<CustomerTotalJson> = Vec::new();
+        for c in &list {
+            let t =
+                match totals.iter_mut().find(|t| t.customer == c.customer && t.currency == c.charge.currency)
+                {
+                    Some(t) => t,
+                    None => {
+                        totals.push(CustomerTotalJson {
+                            customer: c.customer.clone(),
+                            currency: c.charge.currency.clone(),
+                            total_micros: 0,
+                            total: String::new(),
+                        });
+                        totals.last_mut().ok_or(BillingError::Overflow("totals"))?
+                    }
+                };
+            t.total_micros = t
+                .total_micros
+                .checked_add(c.charge.total_micros)
+                .ok_or(BillingError::Overflow("customer total"))?;
+        }
+        for t in &mut totals {
+            t.total = format_micros(t.total_micros.into());
+        }
+        let (period, from, to) = match selector {
+            PeriodSelector::Containing(d) => (Some(d), None, None),
+            PeriodSelector::Range { from, to } => (None, Some(from), Some(to)),
+        };
+        Ok(ChargesReply {
+            time_zone: self.pricing.time_zone.clone(),
+            period,
+            from,
+            to,
+            unassigned_sims,
+            charges: list.iter().map(|c| charge_json(c, today)).collect(),
+            totals,
+        })
+    }
+
+    /// Every wallet (or one customer's): balance, debits per period, top-ups, recent alerts.
+    pub async fn wallets(
+        &self,
+        store: &StoreBackend,
+        customer: Option<&str>,
+    ) -> Result<WalletsReply, BillingError> {
+        if let Some(c) = customer {
+            if !self.pricing.wallets.contains_key(c) {
+                return Err(BillingError::NoWallet(c.to_owned()));
+            }
+        }
+        let mut out = Vec::new();
+        for w in self.pricing.wallets.values().filter(|w| customer.is_none_or(|c| c == w.customer)) {
+            let book = store.wallet_book(&w.customer).await?;
+            let alerts = store.wallet_alerts(&w.customer, WALLET_ALERTS_LISTED_MAX).await?;
+            let balance_micros = book.balance_micros(w)?;
+            let wallet = w.wallet(balance_micros);
+            out.push(WalletJson {
+                customer: w.customer.clone(),
+                currency: w.currency.clone(),
+                opening_credit_micros: w.opening_micros,
+                topups_micros: book.topups_micros()?,
+                debited_micros: book.debited_micros()?,
+                balance_micros,
+                balance: format_micros(balance_micros.into()),
+                alert_thresholds_micros: w.thresholds_micros.clone(),
+                overdraft_limit_micros: w.overdraft_limit_micros,
+                overdrawn: wallet.overdrawn(),
+                overdraft_limit_exceeded: wallet.limit_exceeded(),
+                active_alerts: book.active.iter().map(|c| c.key()).collect(),
+                usage_as_of_ms: book.usage_as_of_ms,
+                debits: book
+                    .debits
+                    .values()
+                    .map(|d| PeriodDebitJson {
+                        group: d.group.clone(),
+                        plan_id: d.plan_id.clone(),
+                        period: PeriodJson { start: d.period.start, end: d.period.end },
+                        debited_micros: d.debited_micros,
+                        debited: format_micros(d.debited_micros.into()),
+                        debits: d.debits,
+                        updated_at_s: d.updated_at_s,
+                    })
+                    .collect(),
+                topups: book
+                    .topups
+                    .iter()
+                    .map(|(id, t)| TopupJson {
+                        topup_id: id.clone(),
+                        amount_micros: t.amount_micros,
+                        booked_at_s: t.at_s,
+                    })
+                    .collect(),
+                alerts: alerts.iter().map(alert_json).collect(),
+            });
+        }
+        Ok(WalletsReply { wallets: out })
+    }
+
+    /// Books a top-up under the caller's id; the same id and amount again changes nothing.
+    pub async fn top_up(
+        &self,
+        store: &StoreBackend,
+        customer: &str,
+        topup_id: &str,
+        amount_micros: i64,
+        now: jiff::Timestamp,
+    ) -> Result<TopupReply, BillingError> {
+        check_name("topup_id", topup_id).map_err(|e| BillingError::BadRequest(e.to_string()))?;
+        let w =
+            self.pricing.wallets.get(customer).ok_or_else(|| BillingError::NoWallet(customer.to_owned()))?;
+        let at_s = now.as_second();
+        let (status, balance_micros) = store
+            .with_wallet(customer, &w.currency, |book| {
+                match decide_topup(w, book, topup_id, amount_micros)? {
+                    TopupDecision::Book { balance_after_micros, active_after } => {
+                        let write = topup_write(book, topup_id, Topup { amount_micros, at_s }, active_after);
+                        Ok((Some(write), (TopupStatus::Booked, balance_after_micros)))
+                    }
+                    TopupDecision::AlreadyBooked { balance_micros } => {
+                        Ok((None, (TopupStatus::AlreadyBooked, balance_micros)))
+                    }
+                }
+            })
+            .await?;
+        tracing::info!(customer, topup_id, amount_micros, status = ?status, balance_micros, "wallet top-up");
+        Ok(TopupReply {
+            customer: customer.to_owned(),
+            topup_id: topup_id.to_owned(),
+            status,
+            amount_micros,
+            balance_micros,
+            balance: format_micros(balance_micros.into()),
+        })
+    }
+}
+
+enum RunOutcome {
+    Skipped { balance_micros: i64 },
+    Decided(RunDecision, Vec<AlertRecord>),
+}
+
+fn log_alert(customer: &str, a: &AlertRecord) {
+    let threshold_micros = match a.alert {
+        WalletAlert::ThresholdCrossed { threshold_micros, .. } => Some(threshold_micros),
+        _ => None,
+    };
+    tracing::warn!(
+        customer,
+        alert = a.alert.kind(),
+        seq = a.seq,
+        threshold_micros,
+        balance_micros = a.alert.balance_micros(),
+        "wallet alert"
+    );
+}
+
+/// What a quota forecast is asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForecastQuery {
+    /// The SIM.
+    pub iccid: u64,
+    /// The quota; default: the SIM's plan's `lifetime_quota_bytes`.
+    pub quota_bytes: Option<u64>,
+    /// First day of the lifetime; default: the group's `active_since`, else the SIM's first
+    /// day of usage.
+    pub since: Option<Date>,
+    /// Last day of the lifetime; default: `since` plus the plan's `lifetime_years` (or
+    /// [`FORECAST_LIFETIME_YEARS_DEFAULT`]) minus one day.
+    pub expires: Option<Date>,
+    /// Days the rate is averaged over; default [`FORECAST_WINDOW_DAYS_DEFAULT`].
+    pub window_days: Option<u32>,
+    /// The day the forecast is made on; default today in the billing zone.
+    pub as_of: Option<Date>,
+}
+
+/// When the SIM's lifetime quota runs out at its recent rate ([`forecast_quota`]). Works
+/// without plans when the quota is given (days are then UTC).
+pub async fn forecast(
+    billing: Option<&Billing>,
+    store: &StoreBackend,
+    q: ForecastQuery,
+    now: jiff::Timestamp,
+) -> Result<ForecastReply, BillingError> {
+    let utc = TimeZone::UTC;
+    let (tz, tz_name) = match billing {
+        Some(b) => (&b.tz, b.pricing.time_zone.clone()),
+        None => (&utc, "UTC".to_owned()),
+    };
+    let assignment = billing.and_then(|b| b.pricing.assignment_of(q.iccid).ok());
+    let plan = billing.zip(assignment).and_then(|(b, a)| b.pricing.plans.get(&a.plan));
+    let lifetime = plan.and_then(|p| p.lifetime);
+    let (quota_bytes, quota_source) = match (q.quota_bytes, lifetime) {
+        (Some(q), _) => (q, "parameter"),
+        (None, Some(l)) => (l.quota_bytes, "plan"),
+        (None, None) => {
+            return Err(BillingError::BadRequest(format!(
+                "quota_bytes: required, iccid {} has no plan with lifetime_quota_bytes",
+                q.iccid
+            )))
+        }
+    };
+    let (daily, _) = store.billing_daily_usage(tz, Some(q.iccid)).await?;
+    let mut days = Vec::with_capacity(daily.len());
+    for ((_, date), t) in &daily {
+        days.push((*date, t.sum().ok_or(BillingError::Overflow("daily usage"))?));
+    }
+    let since =
+        q.since.or(assignment.and_then(|a| a.active_since)).or(days.first().map(|(d, _)| *d)).ok_or_else(
+            || {
+                BillingError::BadRequest(format!(
+                    "since: required, iccid {} has no usage and no active_since",
+                    q.iccid
+                ))
+            },
+        )?;
+    let years = lifetime.map_or(FORECAST_LIFETIME_YEARS_DEFAULT, |l| l.years);
+    let expires = match q.expires {
+        Some(e) => e,
+        None => LifetimeQuota { quota_bytes, years }
+            .last_day(since)
+            .ok_or(BillingError::Overflow("lifetime end"))?,
+    };
+    let as_of = match q.as_of {
+        Some(d) => d,
+        None => zone_date(now, tz).ok_or(BillingError::Overflow("today's date"))?,
+    };
+    let window = q.window_days.unwrap_or(FORECAST_WINDOW_DAYS_DEFAULT);
+    let f = forecast_quota(quota_bytes, since, expires, as_of, window, &days).map_err(|e| match e {
+        PricingError::Forecast(m) => BillingError::BadRequest(m.to_owned()),
+        other => other.into(),
+    })?;
+    Ok(ForecastReply {
+        iccid: q.iccid,
+        time_zone: tz_name,
+        plan_id: plan.map(|p| p.id.clone()),
+        quota_source: quota_source.to_owned(),
+        quota_bytes: f.quota_bytes,
+        since,
+        as_of,
+        used_bytes: f.used_bytes,
+        remaining_bytes: f.remaining_bytes,
+        window_days: f.window_days,
+        window_bytes: f.window_bytes,
+        exhausted_on: f.exhausted_on,
+        expires_on: f.expires_on,
+        runs_out_before_expiry: f.runs_out_before_expiry,
+        sustainable_bytes_per_day: f.sustainable_bytes_per_day,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON
+
+/// A billing period: `start` included, `end` excluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodJson {
+    /// First day.
+    #[serde(with = "json_date")]
+    pub start: Date,
+    /// First day after the period.
+    #[serde(with = "json_date")]
+    pub end: Date,
+}
+
+/// How usage was rounded before pricing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundingJson {
+    /// Usage is rounded up to a multiple of this …
+    pub increment_bytes: u64,
+    /// … per `session`, `sim_day` or `sim_period` (device usage has no sessions: a SIM-day is
+    /// its finest unit, so `session` rounds each SIM-day).
+    pub scope: String,
+    /// Rounding units.
+    pub rounding_units: u64,
+    /// Usage before rounding.
+    pub raw_bytes: u64,
+    /// Usage after rounding.
+    pub rounded_bytes: u64,
+}
+
+/// One line of a charge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineJson {
+    /// `flat_fee`, `per_unit`, `tier`, `volume` or `package`.
+    pub kind: String,
+    /// What the line prices, e.g. "tier 2: 100 GB < usage ≤ 500 GB".
+    pub description: String,
+    /// Bytes priced on the line.
+    pub quantity_bytes: u64,
+    /// The unit's name ("GB"), or "package"/"period".
+    pub unit: String,
+    /// Bytes per unit.
+    pub unit_bytes: u64,
+    /// Price per unit, micro-units.
+    pub unit_price_micros: u64,
+    /// Amount, micro-units.
+    pub amount_micros: u64,
+    /// Amount as a decimal string with 6 fraction digits.
+    pub amount: String,
+    /// How the amount was rounded.
+    pub money_rounding: String,
+}
+
+/// The charge of one group for one period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupChargeJson {
+    /// The customer.
+    pub customer: String,
+    /// The group.
+    pub group: String,
+    /// The plan.
+    pub plan_id: String,
+    /// ISO currency code.
+    pub currency: String,
+    /// SIMs in the group.
+    pub sims: usize,
+    /// The period priced.
+    pub period: PeriodJson,
+    /// Whether the period has not ended yet (the charge so far).
+    pub in_progress: bool,
+    /// Usage rounding.
+    pub rounding: RoundingJson,
+    /// Allowance deducted before pricing.
+    pub included_bytes: u64,
+    /// Bytes priced after the allowance.
+    pub billable_bytes: u64,
+    /// The lines; their amounts add up to `total_micros`.
+    pub lines: Vec<LineJson>,
+    /// Total, micro-units.
+    pub total_micros: u64,
+    /// Total as a decimal string.
+    pub total: String,
+}
+
+/// One customer's total in one currency.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerTotalJson {
+    /// The customer.
+    pub customer: String,
+    /// ISO currency code.
+    pub currency: String,
+    /// Σ of the customer's group totals, micro-units.
+    pub total_micros: u64,
+    /// The same as a decimal string.
+    pub total: String,
+}
+
+/// Answer of `GET /v1/billing/charges`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargesReply {
+    /// IANA zone the days were cut in.
+    pub time_zone: String,
+    /// The day whose period each group was priced for (`null` with `from`/`to`).
+    #[serde(with = "json_opt_date")]
+    pub period: Option<Date>,
+    /// First day of an explicit range.
+    #[serde(with = "json_opt_date")]
+    pub from: Option<Date>,
+    /// Last day of an explicit range (included).
+    #[serde(with = "json_opt_date")]
+    pub to: Option<Date>,
+    /// SIMs with usage but no assignment (not charged).
+    pub unassigned_sims: usize,
+    /// Per customer and group.
+    pub charges: Vec<GroupChargeJson>,
+    /// Per customer and currency.
+    pub totals: Vec<CustomerTotalJson>,
+}
+
+fn charge_json(c: &GroupCharge, today: Date) -> GroupChargeJson {
+    let ch = &c.charge;
+    GroupChargeJson {
+        customer: c.customer.clone(),
+        group: c.group.clone(),
+        plan_id: ch.plan_id.clone(),
+        currency: ch.currency.clone(),
+        sims: c.sims,
+        period: PeriodJson { start: ch.period.start, end: ch.period.end },
+        in_progress: ch.period.end > today,
+        rounding: RoundingJson {
+            increment_bytes: ch.rounding.increment_bytes,
+            scope: match ch.rounding.scope {
+                crate::pricing::RoundingScope::Session => "session",
+                crate::pricing::RoundingScope::SimDay => "sim_day",
+                crate::pricing::RoundingScope::SimPeriod => "sim_period",
+            }
+            .to_owned(),
+            rounding_units: ch.rounding.rounding_units,
+            raw_bytes: ch.rounding.raw_bytes,
+            rounded_bytes: ch.rounding.rounded_bytes,
+        },
+        included_bytes: ch.included_bytes,
+        billable_bytes: ch.billable_bytes,
+        lines: ch
+            .lines
+            .iter()
+            .map(|l| LineJson {
+                kind: l.kind.to_owned(),
+                description: l.description.clone(),
+                quantity_bytes: l.quantity_bytes,
+                unit: l.unit.clone(),
+                unit_bytes: l.unit_bytes,
+                unit_price_micros: l.unit_price_micros,
+                amount_micros: l.amount_micros,
+                amount: format_micros(l.amount_micros.into()),
+                money_rounding: l.money_rounding.to_owned(),
+            })
+            .collect(),
+        total_micros: ch.total_micros,
+        total: format_micros(ch.total_micros.into()),
+    }
+}
+
+/// One (group, period) a run changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitChangeJson {
+    /// The group.
+    pub group: String,
+    /// The plan.
+    pub plan_id: String,
+    /// The period.
+    pub period: PeriodJson,
+    /// The period's charge now, micro-units.
+    pub charge_micros: i64,
+    /// Debited for it before.
+    pub previously_micros: i64,
+    /// Debited by this run (negative: credited back).
+    pub delta_micros: i64,
+}
+
+/// An alert.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertJson {
+    /// 1, 2, … per wallet.
+    pub seq: u64,
+    /// `threshold_crossed`, `overdrawn` or `overdraft_limit_exceeded`.
+    pub alert: String,
+    /// The threshold crossed (threshold alerts).
+    pub threshold_micros: Option<i64>,
+    /// The overdraft limit (limit alerts).
+    pub overdraft_limit_micros: Option<i64>,
+    /// The balance when it fired.
+    pub balance_micros: i64,
+    /// When, Unix seconds.
+    pub raised_at_s: i64,
+}
+
+fn alert_json(a: &AlertRecord) -> AlertJson {
+    let (threshold_micros, overdraft_limit_micros) = match a.alert {
+        WalletAlert::ThresholdCrossed { threshold_micros, .. } => (Some(threshold_micros), None),
+        WalletAlert::Overdrawn { .. } => (None, None),
+        WalletAlert::OverdraftLimitExceeded { overdraft_limit_micros, .. } => {
+            (None, Some(overdraft_limit_micros))
+        }
+    };
+    AlertJson {
+        seq: a.seq,
+        alert: a.alert.kind().to_owned(),
+        threshold_micros,
+        overdraft_limit_micros,
+        balance_micros: a.alert.balance_micros(),
+        raised_at_s: a.raised_at_s,
+    }
+}
+
+/// What a run did to one wallet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletRunJson {
+    /// The customer.
+    pub customer: String,
+    /// The wallet's currency.
+    pub currency: String,
+    /// A run that read fresher usage had billed the wallet already; nothing was done.
+    pub skipped: bool,
+    /// Balance before, micro-units.
+    pub balance_before_micros: i64,
+    /// Balance after, micro-units.
+    pub balance_after_micros: i64,
+    /// Balance after, decimal.
+    pub balance_after: String,
+    /// Σ of this run's deltas (negative: credited).
+    pub debited_micros: i64,
+    /// Periods whose debit changed.
+    pub changes: Vec<DebitChangeJson>,
+    /// Alerts this run recorded.
+    pub alerts: Vec<AlertJson>,
+}
+
+fn run_json(
+    customer: &str,
+    currency: &str,
+    d: &RunDecision,
+    debited_micros: i64,
+    alerts: &[AlertRecord],
+) -> WalletRunJson {
+    WalletRunJson {
+        customer: customer.to_owned(),
+        currency: currency.to_owned(),
+        skipped: false,
+        balance_before_micros: d.balance_before_micros,
+        balance_after_micros: d.balance_after_micros,
+        balance_after: format_micros(d.balance_after_micros.into()),
+        debited_micros,
+        changes: d
+            .changes
+            .iter()
+            .map(|c| DebitChangeJson {
+                group: c.group.clone(),
+                plan_id: c.plan_id.clone(),
+                period: PeriodJson { start: c.period.start, end: c.period.end },
+                charge_micros: c.charge_micros,
+                previously_micros: c.previously_micros,
+                delta_micros: c.delta_micros,
+            })
+            .collect(),
+        alerts: alerts.iter().map(alert_json).collect(),
+    }
+}
+
+/// Answer of `POST /v1/admin/billing/run`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunReply {
+    /// Today in the billing zone: periods up to the one containing it were priced.
+    #[serde(with = "json_date")]
+    pub as_of: Date,
+    /// When the usage priced was read, Unix milliseconds.
+    pub usage_as_of_ms: i64,
+    /// Per prepaid customer.
+    pub wallets: Vec<WalletRunJson>,
+}
+
+/// What is debited for one (group, period).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodDebitJson {
+    /// The group.
+    pub group: String,
+    /// The plan that priced it last.
+    pub plan_id: String,
+    /// The period.
+    pub period: PeriodJson,
+    /// Debited so far (the period's charge at the last run), micro-units.
+    pub debited_micros: i64,
+    /// The same as a decimal string.
+    pub debited: String,
+    /// Runs that changed it.
+    pub debits: u32,
+    /// When it last changed, Unix seconds.
+    pub updated_at_s: i64,
+}
+
+/// A booked top-up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopupJson {
+    /// The caller's id.
+    pub topup_id: String,
+    /// Amount, micro-units.
+    pub amount_micros: i64,
+    /// When, Unix seconds.
+    pub booked_at_s: i64,
+}
+
+/// One wallet in [`WalletsReply`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletJson {
+    /// The customer.
+    pub customer: String,
+    /// ISO currency code.
+    pub currency: String,
+    /// Configured opening credit, micro-units.
+    pub opening_credit_micros: i64,
+    /// Σ top-ups.
+    pub topups_micros: i64,
+    /// Σ debited over all periods.
+    pub debited_micros: i64,
+    /// `opening + top-ups − debited`.
+    pub balance_micros: i64,
+    /// The same as a decimal string.
+    pub balance: String,
+    /// Configured thresholds.
+    pub alert_thresholds_micros: Vec<i64>,
+    /// Configured overdraft limit.
+    pub overdraft_limit_micros: i64,
+    /// Balance below zero.
+    pub overdrawn: bool,
+    /// Balance below minus the overdraft limit: bar the SIMs.
+    pub overdraft_limit_exceeded: bool,
+    /// Alert conditions holding since the last run or top-up (`threshold:<micros>`,
+    /// `overdrawn`, `overdraft_limit_exceeded`).
+    pub active_alerts: Vec<String>,
+    /// When the usage of the last run that changed the wallet was read, Unix ms.
+    pub usage_as_of_ms: Option<i64>,
+    /// Debited per (group, period).
+    pub debits: Vec<PeriodDebitJson>,
+    /// Top-ups by id.
+    pub topups: Vec<TopupJson>,
+    /// The newest alerts (up to 1000), oldest first.
+    pub alerts: Vec<AlertJson>,
+}
+
+/// Answer of `GET /v1/billing/wallets`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletsReply {
+    /// By customer.
+    pub wallets: Vec<WalletJson>,
+}
+
+/// Body of `POST /v1/admin/wallets/{customer}/topups`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopupRequest {
+    /// The caller's idempotency key, 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    pub topup_id: String,
+    /// Decimal amount in the wallet's currency ("25.00"), above 0.
+    pub amount: String,
+}
+
+/// What a top-up did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopupStatus {
+    /// Booked now (201).
+    Booked,
+    /// Booked before with the same amount (200).
+    AlreadyBooked,
+}
+
+/// Answer of a top-up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopupReply {
+    /// The customer.
+    pub customer: String,
+    /// The id.
+    pub topup_id: String,
+    /// What it did.
+    pub status: TopupStatus,
+    /// Amount, micro-units.
+    pub amount_micros: i64,
+    /// Balance after, micro-units.
+    pub balance_micros: i64,
+    /// The same as a decimal string.
+    pub balance: String,
+}
+
+/// Answer of `GET /v1/billing/forecast`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForecastReply {
+    /// The SIM.
+    #[serde(with = "json_iccid")]
+    pub iccid: u64,
+    /// IANA zone the days were cut in.
+    pub time_zone: String,
+    /// The SIM's plan, if it has one.
+    pub plan_id: Option<String>,
+    /// `parameter` or `plan`.
+    pub quota_source: String,
+    /// The quota.
+    pub quota_bytes: u64,
+    /// First day of the lifetime.
+    #[serde(with = "json_date")]
+    pub since: Date,
+    /// The day the forecast is made on.
+    #[serde(with = "json_date")]
+    pub as_of: Date,
+    /// Used from `since` to `as_of`.
+    pub used_bytes: u64,
+    /// Quota minus used (0 when exhausted).
+    pub remaining_bytes: u64,
+    /// Days averaged.
+    pub window_days: u32,
+    /// Bytes in the window.
+    pub window_bytes: u64,
+    /// Day the quota runs out at the window's rate; `null` at rate 0.
+    #[serde(with = "json_opt_date")]
+    pub exhausted_on: Option<Date>,
+    /// Last day of the lifetime.
+    #[serde(with = "json_date")]
+    pub expires_on: Date,
+    /// Whether it runs out before it expires.
+    pub runs_out_before_expiry: bool,
+    /// Bytes a day that would last exactly until expiry.
+    pub sustainable_bytes_per_day: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSV and table output of charges (for the CLI)
+
+/// Charges as CSV: per group a `usage` row (rounding), one row per line, and a `total` row.
+pub fn charges_csv(reply: &ChargesReply) -> Result<String, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "customer",
+        "group",
+        "plan_id",
+        "currency",
+        "period_start",
+        "period_end",
+        "kind",
+        "description",
+        "quantity_bytes",
+        "unit",
+        "unit_bytes",
+        "unit_price_micros",
+        "amount_micros",
+        "amount",
+        "money_rounding",
+    ])?;
+    for c in &reply.charges {
+        let head = [
+            c.customer.clone(),
+            c.group.clone(),
+            c.plan_id.clone(),
+            c.currency.clone(),
+            format_date(c.period.start),
+            format_date(c.period.end),
+        ];
+        let r = &c.rounding;
+        let usage = format!(
+            "raw {} B rounded up to {} B per {} ({} units) to {} B; {} B included, {} B billable",
+            r.raw_bytes,
+            r.increment_bytes,
+            r.scope,
+            r.rounding_units,
+            r.rounded_bytes,
+            c.included_bytes,
+            c.billable_bytes
+        );
+        let mut row: Vec<String> = head.to_vec();
+        row.extend([
+            "usage".into(),
+            usage,
+            r.rounded_bytes.to_string(),
+            "B".into(),
+            "1".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        w.write_record(&row)?;
+        for l in &c.lines {
+            let mut row: Vec<String> = head.to_vec();
+            row.extend([
+                l.kind.clone(),
+                l.description.clone(),
+                l.quantity_bytes.to_string(),
+                l.unit.clone(),
+                l.unit_bytes.to_string(),
+                l.unit_price_micros.to_string(),
+                l.amount_micros.to_string(),
+                l.amount.clone(),
+                l.money_rounding.clone(),
+            ]);
+            w.write_record(&row)?;
+        }
+        let mut row: Vec<String> = head.to_vec();
+        row.extend([
+            "total".into(),
+            String::new(),
+            c.billable_bytes.to_string(),
+            String::new(),
+            String::new(),
+            String::new(),
+            c.total_micros.to_string(),
+            c.total.clone(),
+            String::new(),
+        ]);
+        w.write_record(&row)?;
+    }
+    let bytes = w.into_inner().map_err(|e| e.into_error())?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Charges as a table for people.
+pub fn charges_table(reply: &ChargesReply) -> String {
+    let mut out = String::new();
+    for c in &reply.charges {
+        let last = c.period.end.previous_day().unwrap_or(c.period.end);
+        out.push_str(&format!(
+            "{} / {}  plan {}  {} to {}{}  {} SIM(s)  {}\n",
+            c.customer,
+            c.group,
+            c.plan_id,
+            format_date(c.period.start),
+            format_date(last),
+            if c.in_progress { " (in progress)" } else { "" },
+            c.sims,
+            c.currency
+        ));
+        let r = &c.rounding;
+        out.push_str(&format!(
+            "  usage     {} B raw, rounded up to {} B per {} ({} units): {} B; {} B included, {} B billable\n",
+            r.raw_bytes, r.increment_bytes, r.scope, r.rounding_units, r.rounded_bytes, c.included_bytes, c.billable_bytes
+        ));
+        for l in &c.lines {
+            let price = if l.kind == "flat_fee" {
+                format!("{} per period", format_micros(l.unit_price_micros.into()))
+            } else {
+                format!("{} per {} ({} B)", format_micros(l.unit_price_micros.into()), l.unit, l.unit_bytes)
+            };
+            out.push_str(&format!(
+                "  {:<9} {:<40} {:>16} B  {:<32} {:>16}\n",
+                l.kind, l.description, l.quantity_bytes, price, l.amount
+            ));
+        }
+        out.push_str(&format!("  {:<9} {:>119}\n\n", "total", format!("{} {}", c.total, c.currency)));
+    }
+    for t in &reply.totals {
+        out.push_str(&format!("customer {} total: {} {}\n", t.customer, t.total, t.currency));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+/// Routes that need a query token.
+pub(crate) fn query_routes() -> Routes {
+    Routes::new()
+        .add("get", BILLING_CHARGES_PATH, get_charges)
+        .add("get", BILLING_WALLETS_PATH, get_wallets)
+        .add("get", BILLING_FORECAST_PATH, get_forecast)
+}
+
+/// Routes that need an admin token.
+pub(crate) fn admin_routes() -> Routes {
+    Routes::new().add("post", ADMIN_BILLING_RUN_PATH, post_run).add(
+        "post",
+        ADMIN_WALLET_TOPUPS_PATH,
+        post_topup,
+    )
+}
+
+impl From<BillingError> for ApiError {
+    fn from(e: BillingError) -> Self {
+        match e {
+            BillingError::Store(s) => s.into(),
+            BillingError::NotConfigured => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_configured", e.to_string())
+            }
+            BillingError::NoWallet(_) | BillingError::UnknownCustomer(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            BillingError::TopupConflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            BillingError::TooManyTopups(_) => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_topups", e.to_string())
+            }
+            BillingError::BadRequest(m) => ApiError::bad_request(m),
+            other => {
+                tracing::error!(error = %other, "billing failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "billing_error", other.to_string())
+            }
+        }
+    }
+}
+
+fn billing_of(state: &AppState) -> Result<&Billing, ApiError> {
+    state.billing.as_deref().ok_or_else(|| BillingError::NotConfigured.into())
+}
+
+fn opt_date(name: &str, v: Option<&str>) -> Result<Option<Date>, ApiError> {
+    match v {
+        None | Some("") => Ok(None),
+        Some(s) => parse_date(s).map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!("{name}: expected a date as YYYY-MM-DD, got '{s}'"))
+        }),
+    }
+}
+
+fn opt_name(name: &str, v: Option<&str>) -> Result<Option<String>, ApiError> {
+    match v {
+        None | Some("") => Ok(None),
+        Some(s) => {
+            check_name(name, s).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(Some(s.to_owned()))
+        }
+    }
+}
+
+/// Query of `GET /v1/billing/charges`; strings so that errors can name the parameter.
+#[derive(Debug, Deserialize)]
+struct ChargesParams {
+    customer: Option<String>,
+    group: Option<String>,
+    period: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `period` (a day: each group's period containing it), or `from` and `to` together (one
+/// range priced as one period), or neither (the periods containing today).
+fn selector(p: &ChargesParams) -> Result<Option<PeriodSelector>, ApiError> {
+    let period = opt_date("period", p.period.as_deref())?;
+    let from = opt_date("from", p.from.as_deref())?;
+    let to = opt_date("to", p.to.as_deref())?;
+    match (period, from, to) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            Err(ApiError::bad_request("period: give either period or from and to, not both"))
+        }
+        (Some(d), None, None) => Ok(Some(PeriodSelector::Containing(d))),
+        (None, Some(from), Some(to)) if from <= to => Ok(Some(PeriodSelector::Range { from, to })),
+        (None, Some(f), Some(t)) => {
+            Err(ApiError::bad_request(format!("from: {} is after to {}", format_date(f), format_date(t))))
+        }
+        (None, Some(_), None) => Err(ApiError::bad_request("to: required with from")),
+        (None, None, Some(_)) => Err(ApiError::bad_request("from: required with to")),
+        (None, None, None) => Ok(None),
+    }
+}
+
+async fn get_charges(
+    State(state): State<AppState>,
+    query: Result<Query<ChargesParams>, QueryRejection>,
+) -> Result<Json<ChargesReply>, ApiError> {
+    let p = query.map(|Query(p)| p).map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let billing = billing_of(&state)?;
+    let sel = selector(&p)?;
+    let customer = opt_name("customer", p.customer.as_deref())?;
+    let group = opt_name("group", p.group.as_deref())?;
+    let reply = billing
+        .charges(&state.store, sel, customer.as_deref(), group.as_deref(), jiff::Timestamp::now())
+        .await?;
+    Ok(Json(reply))
+}
+
+#[derive(Debug, Deserialize)]
+struct WalletsParams {
+    customer: Option<String>,
+}
+
+async fn get_wallets(
+    State(state): State<AppState>,
+    query: Result<Query<WalletsParams>, QueryRejection>,
+) -> Result<Json<WalletsReply>, ApiError> {
+    let p = query.map(|Query(p)| p).map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let billing = billing_of(&state)?;
+    let customer = opt_name("customer", p.customer.as_deref())?;
+    Ok(Json(billing.wallets(&state.store, customer.as_deref()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ForecastParams {
+    iccid: Option<String>,
+    quota_bytes: Option<String>,
+    since: Option<String>,
+    expires: Option<String>,
+    window_days: Option<String>,
+    as_of: Option<String>,
+}
+
+fn opt_number<T: std::str::FromStr>(name: &str, v: Option<&str>) -> Result<Option<T>, ApiError> {
+    match v {
+        None | Some("") => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|_| {
+            ApiError::bad_request(format!("{name}: expected a non-negative integer, got '{s}'"))
+        }),
+    }
+}
+
+async fn get_forecast(
+    State(state): State<AppState>,
+    query: Result<Query<ForecastParams>, QueryRejection>,
+) -> Result<Json<ForecastReply>, ApiError> {
+    let p = query.map(|Query(p)| p).map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let iccid = match p.iccid.as_deref() {
+        None | Some("") => return Err(ApiError::bad_request("iccid: required")),
+        Some(s) => {
+            parse_iccid(s).ok_or_else(|| ApiError::bad_request(format!("iccid: '{s}' is not an ICCID")))?
+        }
+    };
+    let q = ForecastQuery {
+        iccid,
+        quota_bytes: opt_number("quota_bytes", p.quota_bytes.as_deref())?,
+        since: opt_date("since", p.since.as_deref())?,
+        expires: opt_date("expires", p.expires.as_deref())?,
+        window_days: opt_number("window_days", p.window_days.as_deref())?,
+        as_of: opt_date("as_of", p.as_of.as_deref())?,
+    };
+    Ok(Json(forecast(state.billing.as_deref(), &state.store, q, jiff::Timestamp::now()).await?))
+}
+
+async fn post_run(State(state): State<AppState>) -> Result<Json<RunReply>, ApiError> {
+    let billing = state.billing.clone().ok_or_else(|| ApiError::from(BillingError::NotConfigured))?;
+    let store = state.store.clone();
+    // On its own task: a client that goes away must not cancel a run between two wallets.
+    let run = tokio::spawn(async move { billing.run(&store, jiff::Timestamp::now()).await });
+    let reply = run.await.map_err(|e| {
+        tracing::error!(error = %e, "billing run task failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "billing run task failed")
+    })??;
+    Ok(Json(reply))
+}
+
+async fn post_topup(
+    State(state): State<AppState>,
+    customer: Result<UrlPath<String>, PathRejection>,
+    body: Result<Json<TopupRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<TopupReply>), ApiError> {
+    let UrlPath(customer) =
+        customer.map_err(|r| ApiError::bad_request(format!("customer: {}", r.body_text())))?;
+    check_name("customer", &customer).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let body = body.map(|Json(b)| b).map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let amount =
+        parse_money_micros(&body.amount).ok().and_then(|m| i64::try_from(m).ok()).ok_or_else(|| {
+            ApiError::bad_request(format!("amount: '{}' is not a decimal amount above 0", body.amount))
+        })?;
+    let billing = billing_of(&state)?;
+    let reply =
+        billing.top_up(&state.store, &customer, &body.topup_id, amount, jiff::Timestamp::now()).await?;
+    let status = match reply.status {
+        TopupStatus::Booked => StatusCode::CREATED,
+        TopupStatus::AlreadyBooked => StatusCode::OK,
+    };
+    Ok((status, Json(reply)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn charges_csv_and_table_state_every_line() {
+        let cfg = PricingConfig::from_toml_str(
+            r#"
+[[plan]]
+id = "field-example"
+currency = "USD"
+unit = "GB"
+model = "graduated"
+tiers = [{ up_to = 100, price = "0.10" }, { up_to = 500, price = "0.08" }, { price = "0.06" }]
+rounding_increment_bytes = 1024
+
+[[assign]]
+customer = "acme"
+group = "fleet"
+plan = "field-example"
+iccids = ["8988280666000000001"]
+"#,
+        )
+        .unwrap();
+        let items = vec![vec![crate::pricing::UsageItem {
+            iccid: 8_988_280_666_000_000_001,
+            date: date!(2026 - 11 - 10),
+            bytes: 600_000_000_001,
+        }]];
+        let list =
+            charges(&cfg, &items, PeriodSelector::Containing(date!(2026 - 11 - 10)), None, None).unwrap();
+        let reply = ChargesReply {
+            time_zone: "UTC".into(),
+            period: Some(date!(2026 - 11 - 10)),
+            from: None,
+            to: None,
+            unassigned_sims: 0,
+            charges: list.iter().map(|c| charge_json(c, date!(2026 - 12 - 02))).collect(),
+            totals: vec![],
+        };
+        let csv = charges_csv(&reply).unwrap();
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(rows.len(), 1 + 1 + 3 + 1, "{csv}");
+        assert!(
+            rows[1].contains(
+                ",usage,\"raw 600000000001 B rounded up to 1024 B per sim_day (1 units) to 600000001024 B;"
+            ),
+            "{csv}"
+        );
+        assert_eq!(
+            rows[3],
+            "acme,fleet,field-example,USD,2026-11-01,2026-12-01,tier,tier 2: 100 GB < usage ≤ 500 GB,400000000000,GB,1000000000,80000,32000000,32.000000,half_up_to_1_micro_per_line"
+        );
+        assert!(rows[5].ends_with(",total,,600000001024,,,,48000000,48.000000,"), "{}", rows[5]);
+        let table = charges_table(&reply);
+        assert!(
+            table.contains("acme / fleet  plan field-example  2026-11-01 to 2026-11-30  1 SIM(s)  USD"),
+            "{table}"
+        );
+        assert!(table.contains("48.000000 USD"), "{table}");
+        assert!(!reply.charges[0].in_progress);
+    }
+
+    #[test]
+    fn charges_parameters_are_one_period_or_one_range() {
+        let p = |period: Option<&str>, from: Option<&str>, to: Option<&str>| ChargesParams {
+            customer: None,
+            group: None,
+            period: period.map(Into::into),
+            from: from.map(Into::into),
+            to: to.map(Into::into),
+        };
+        assert_eq!(selector(&p(None, None, None)).unwrap(), None);
+        assert_eq!(
+            selector(&p(Some("2026-11-10"), None, None)).unwrap(),
+            Some(PeriodSelector::Containing(date!(2026 - 11 - 10)))
+        );
+        assert_eq!(
+            selector(&p(None, Some("2026-11-01"), Some("2026-11-01"))).unwrap(),
+            Some(PeriodSelector::Range { from: date!(2026 - 11 - 01), to: date!(2026 - 11 - 01) })
+        );
+        for bad in [
+            p(Some("2026-11-10"), Some("2026-11-01"), None),
+            p(None, Some("2026-11-01"), None),
+            p(None, None, Some("2026-11-01")),
+            p(None, Some("2026-11-02"), Some("2026-11-01")),
+            p(Some("2026-13-01"), None, None),
+        ] {
+            assert!(selector(&bad).is_err());
+        }
+    }
+}

@@ -14,6 +14,8 @@ step "system packages"
 missing=()
 [ -x /usr/sbin/mosquitto ] || [ -x /usr/bin/mosquitto ] || missing+=(mosquitto)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+# libFuzzer (the fuzz targets) is C++.
+command -v c++ >/dev/null || missing+=(g++)
 # The firmware end-to-end test boots the board image in QEMU; `size` measures its footprint.
 command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
 command -v size >/dev/null || missing+=(binutils)
@@ -102,7 +104,7 @@ step "board image lints (thumbv7em-none-eabihf)"
 (cd firmware/boards/mps2-an386 && COUNTERSIGN_METER_ID=1 \
   COUNTERSIGN_METER_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n') cargo clippy --release --bins -- -D warnings)
 step "shell scripts: shellcheck"
-shellcheck tests/run.sh .ci/run cross/*.sh
+shellcheck tests/run.sh tests/fuzz.sh tests/footprint.sh .ci/run cross/*.sh
 shellcheck -s sh cross/deb/postinst cross/deb/prerm cross/deb/postrm
 echo "clean"
 
@@ -129,6 +131,9 @@ cargo build --workspace --bins
 # built above, so their QEMU tests must run, not skip.
 step "tests"
 COUNTERSIGN_REQUIRE_CROSS=1 cargo test --workspace
+
+step "fuzz: every decoder and parser target, ${FUZZ_SECONDS:-20} s each"
+tests/fuzz.sh
 
 step "demo: 100 devices end to end (debug build)"
 cargo run -q -p countersign-e2e --bin countersign-demo -- --devices 100 --hours 48

@@ -371,10 +371,8 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
         return endpoint.serve(listener, shutdown_signal()).await.context("serving");
     };
     let lago = LagoConfig::load(lago_path).with_context(|| format!("lago config {}", lago_path.display()))?;
-    let countersign_cloud::StoreBackend::Sled(store) = endpoint.store() else {
-        anyhow::bail!("--lago-config: the Lago export needs the embedded store; not yet on postgres");
-    };
-    let exporter = LagoExporter::new(store, lago).context("lago exporter")?;
+    // On PostgreSQL every process runs an exporter; one at a time is active (export lock).
+    let exporter = LagoExporter::new(endpoint.store(), lago).context("lago exporter")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

@@ -70,8 +70,11 @@ use ed25519_dalek::VerifyingKey;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
+pub mod lago;
+pub mod ledger;
+
 use crate::store::{InsertOutcome, NewRecord, Registration, StoreError, StoredRecord};
-use crate::usage::{derive_daily, DailyUsage, UsageError, UsageRecord};
+use crate::usage::{derive_daily, derive_daily_in, DailyUsage, TimeZone, UsageError, UsageRecord};
 
 /// Connections a pool opens at most when `store.postgres_pool_connections` is not given.
 pub const PG_POOL_CONNECTIONS_DEFAULT: usize = 8;
@@ -155,6 +158,56 @@ CREATE TABLE api_tokens (
 );
 ",
     },
+    Migration {
+        version: 3,
+        name: "settlement ledger, lago outbox",
+        sql: "
+CREATE TABLE ledger_meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE ledger_settled (
+    iccid BIGINT NOT NULL,
+    day DATE NOT NULL,
+    up_bytes BIGINT NOT NULL,
+    down_bytes BIGINT NOT NULL,
+    settled_at_s BIGINT NOT NULL,
+    PRIMARY KEY (iccid, day)
+);
+CREATE TABLE ledger_adjustments (
+    iccid BIGINT NOT NULL,
+    day DATE NOT NULL,
+    seq BIGINT NOT NULL CHECK (seq BETWEEN 1 AND 4294967295),
+    delta_up_bytes BIGINT NOT NULL,
+    delta_down_bytes BIGINT NOT NULL,
+    made_at_s BIGINT NOT NULL,
+    PRIMARY KEY (iccid, day, seq)
+);
+CREATE TABLE lago_planned (
+    iccid BIGINT NOT NULL,
+    meter_id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL CHECK (epoch BETWEEN 0 AND 4294967295),
+    seq BIGINT NOT NULL CHECK (seq BETWEEN 0 AND 4294967295),
+    export_seq BIGINT NOT NULL CHECK (export_seq >= 0),
+    PRIMARY KEY (iccid, meter_id, epoch, seq)
+);
+CREATE INDEX lago_planned_export_seq ON lago_planned (export_seq);
+CREATE TABLE lago_outbox (
+    iccid BIGINT NOT NULL,
+    export_seq BIGINT NOT NULL CHECK (export_seq >= 0),
+    event BYTEA NOT NULL,
+    PRIMARY KEY (iccid, export_seq)
+);
+CREATE INDEX lago_outbox_export_seq ON lago_outbox (export_seq);
+CREATE TABLE lago_epoch_max (
+    meter_id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL CHECK (epoch BETWEEN 0 AND 4294967295),
+    up_bytes BIGINT NOT NULL,
+    down_bytes BIGINT NOT NULL,
+    PRIMARY KEY (meter_id, epoch)
+);
+",
+    },
 ];
 
 /// The 64 bits of a u64 as an i64 (two's complement), for a `BIGINT` column.
@@ -174,8 +227,10 @@ fn u32_from_sql(column: &str, v: i64) -> Result<u32, StoreError> {
 fn db_error(e: tokio_postgres::Error) -> StoreError {
     // Connection loss, resource exhaustion, shutdown, and aborted transactions go away by
     // themselves; a constraint or syntax error does not.
+    // A lock wait past `lock_timeout` (55P03) is as transient: the holder finishes.
     let recoverable = match e.code() {
         None => true,
+        Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => true,
         Some(code) => {
             let class = code.code().get(..2).unwrap_or("");
             matches!(class, "08" | "53" | "57" | "40" | "58")
@@ -226,6 +281,9 @@ impl KeyCache {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// The pool's connection settings, for the connections that must not come from the pool
+    /// (one holding a session advisory lock).
+    config: Arc<tokio_postgres::Config>,
     cache: Arc<Mutex<KeyCache>>,
     /// Where it connects, without credentials, for logs and errors.
     target: Arc<str>,
@@ -265,8 +323,11 @@ impl PgStore {
             config.application_name("countersign-cloud");
         }
         config.connect_timeout(Duration::from_secs(PG_CONNECT_TIMEOUT_S));
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(pool_connections.clamp(1, PG_POOL_CONNECTIONS_MAX))
             .runtime(Runtime::Tokio1)
@@ -274,7 +335,7 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(PG_POOL_WAIT_S)))
             .build()
             .map_err(|e| StoreError::Database(format!("connection pool: {e}")))?;
-        let store = Self { pool, cache: Arc::default(), target: target.into() };
+        let store = Self { pool, config: Arc::new(config), cache: Arc::default(), target: target.into() };
         store.migrate().await.map_err(|e| match e {
             StoreError::DatabaseUnavailable(m) => {
                 StoreError::DatabaseUnavailable(format!("{}: {m}", store.target))
@@ -623,6 +684,20 @@ impl PgStore {
     /// Streams the records meter by meter, so memory is bounded by the largest meter's
     /// history, not by the table.
     pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<DailyUsage, StoreError> {
+        self.derive(iccid, derive_daily).await
+    }
+
+    /// Bytes per (ICCID, day in `tz`), derived with [`derive_daily_in`] exactly as
+    /// [`PgStore::daily_usage`] derives UTC days (same streaming, same per-SIM filter).
+    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: &TimeZone) -> Result<DailyUsage, StoreError> {
+        self.derive(iccid, |records| derive_daily_in(records, tz)).await
+    }
+
+    async fn derive(
+        &self,
+        iccid: Option<u64>,
+        derive: impl Fn(Vec<UsageRecord>) -> Result<DailyUsage, UsageError>,
+    ) -> Result<DailyUsage, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         // A portal needs a transaction; REPEATABLE READ gives the whole scan one snapshot.
         let tx = client
@@ -632,43 +707,26 @@ impl PgStore {
             .start()
             .await
             .map_err(db_error)?;
-        let select = "SELECT meter_id, epoch, seq, received_ms, report FROM records";
-        let order = "ORDER BY (meter_id < 0), meter_id, epoch, seq";
-        let portal = match iccid {
-            None => tx.bind(&format!("{select} {order}"), &[]).await,
-            Some(sim) => {
-                tx.bind(
-                    &format!(
-                        "{select} WHERE meter_id IN (SELECT DISTINCT meter_id FROM records WHERE iccid = $1) {order}"
-                    ),
-                    &[&u64_to_sql(sim)],
-                )
-                .await
-            }
-        }
-        .map_err(db_error)?;
         let mut total = DailyUsage::new();
-        let mut meter: Vec<UsageRecord> = Vec::new();
-        loop {
-            let rows = tx.query_portal(&portal, PG_USAGE_FETCH_ROWS).await.map_err(db_error)?;
-            let done = rows.is_empty();
-            for row in &rows {
-                let r = usage_record(row)?;
-                if meter.last().is_some_and(|last| last.id.meter_id != r.id.meter_id) {
-                    merge(&mut total, derive_daily(meter.drain(..))?)?;
-                }
-                meter.push(r);
-            }
-            if done {
-                break;
-            }
-        }
-        merge(&mut total, derive_daily(meter)?)?;
+        for_each_meter(&tx, iccid, |meter| Ok(merge(&mut total, derive(meter)?)?)).await?;
         tx.commit().await.map_err(db_error)?;
         if let Some(sim) = iccid {
             total.retain(|(i, _), _| *i == sim);
         }
         Ok(total)
+    }
+
+    /// A connection of its own, outside the pool, with the pool's settings: for a session
+    /// advisory lock, which must end with the connection rather than go back to the pool.
+    pub(crate) async fn dedicated_connection(&self) -> Result<tokio_postgres::Client, StoreError> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(db_error)?;
+        let target = self.target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(target = %target, error = %e, "dedicated postgres connection ended");
+            }
+        });
+        Ok(client)
     }
 
     /// Stores an API token's SHA-256 under a unique name; committed when this returns.
@@ -884,6 +942,51 @@ fn usage_record(row: &Row) -> Result<UsageRecord, StoreError> {
         )));
     }
     Ok(UsageRecord::from_report(&report, received_ms))
+}
+
+/// Streams the stored records in record id order to `each_meter`, one meter's records at a
+/// time (the unit the derivation needs: an epoch never spans meters), inside `tx` (whose
+/// isolation decides the snapshot). With `iccid`, only the meters that ever named that SIM,
+/// all of their records. Memory: one fetch plus the largest meter's history.
+async fn for_each_meter(
+    tx: &tokio_postgres::Transaction<'_>,
+    iccid: Option<u64>,
+    mut each_meter: impl FnMut(Vec<UsageRecord>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let select = "SELECT meter_id, epoch, seq, received_ms, report FROM records";
+    let order = "ORDER BY (meter_id < 0), meter_id, epoch, seq";
+    let portal = match iccid {
+        None => tx.bind(&format!("{select} {order}"), &[]).await,
+        Some(sim) => {
+            tx.bind(
+                &format!(
+                    "{select} WHERE meter_id IN (SELECT DISTINCT meter_id FROM records WHERE iccid = $1) {order}"
+                ),
+                &[&u64_to_sql(sim)],
+            )
+            .await
+        }
+    }
+    .map_err(db_error)?;
+    let mut meter: Vec<UsageRecord> = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, PG_USAGE_FETCH_ROWS).await.map_err(db_error)?;
+        let done = rows.is_empty();
+        for row in &rows {
+            let r = usage_record(row)?;
+            if meter.last().is_some_and(|last| last.id.meter_id != r.id.meter_id) {
+                each_meter(std::mem::take(&mut meter))?;
+            }
+            meter.push(r);
+        }
+        if done {
+            break;
+        }
+    }
+    if !meter.is_empty() {
+        each_meter(meter)?;
+    }
+    Ok(())
 }
 
 fn merge(total: &mut DailyUsage, part: DailyUsage) -> Result<(), UsageError> {

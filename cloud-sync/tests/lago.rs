@@ -2,7 +2,8 @@
 //! at most 100 events, 422 `no_events` / `too_many_events`, one already-stored
 //! `transaction_id` fails the whole batch with `value_already_exist` at its position, 429 and
 //! 500 on demand. The exporter is restarted mid-run; every record must arrive exactly once with
-//! the right bytes and byte-identical retries.
+//! the right bytes and byte-identical retries. Each test runs on sled and on PostgreSQL; on
+//! PostgreSQL, two exporters share one database as two `serve --lago-config` processes would.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -15,8 +16,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use countersign_cloud::lago::{transaction_id, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH};
-use countersign_cloud::Store;
+use countersign_cloud::lago::{
+    transaction_id, ExportStats, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH,
+};
+use countersign_cloud::postgres::testing::TestDatabase;
+use countersign_cloud::store::NewRecord;
+use countersign_cloud::{PgStore, Store, StoreBackend};
 use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use serde_json::{json, Value};
 
@@ -41,6 +46,8 @@ enum Fault {
 struct Lago {
     /// transaction_id → the event as first stored.
     stored: HashMap<String, Value>,
+    /// transaction_id → how many calls carried it (accepted or not, faults excepted).
+    received: HashMap<String, usize>,
     /// Every call's event count and status.
     calls: Vec<(usize, u16)>,
     /// Retried events whose body differed from the stored one (must stay 0).
@@ -100,6 +107,7 @@ async fn batch(State(lago): State<Shared>, headers: HeaderMap, body: Bytes) -> R
     let mut details = serde_json::Map::new();
     for (i, e) in events.iter().enumerate() {
         let id = e["transaction_id"].as_str().unwrap_or_default().to_owned();
+        *l.received.entry(id.clone()).or_default() += 1;
         if let Some(first) = l.stored.get(&id) {
             if first != e {
                 l.mismatched_retries += 1;
@@ -132,7 +140,7 @@ async fn start_lago() -> (String, Shared) {
     (format!("http://{addr}"), lago)
 }
 
-fn insert(store: &Store, meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, down: u64) {
+fn record(meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, down: u64) -> NewRecord {
     let r = Report {
         meter_id,
         epoch,
@@ -145,27 +153,114 @@ fn insert(store: &Store, meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u6
     };
     let mut buf = [0u8; REPORT_BYTES_MAX];
     let n = r.encode(&KEY, &mut buf).unwrap();
-    store.insert_record(r.id(), 1, NOON_S * 1000, &buf[..n]).unwrap();
+    NewRecord {
+        id: r.id(),
+        iccid,
+        received_ms: NOON_S * 1000,
+        report: bytes::Bytes::copy_from_slice(&buf[..n]),
+    }
 }
+
+/// Stores records as ingest would (durable when this returns).
+async fn insert(store: &StoreBackend, records: Vec<NewRecord>) {
+    let n = records.len();
+    let out = store.insert_batch(1, records).await.unwrap();
+    assert_eq!(out.len(), n);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Sled,
+    Postgres,
+}
+
+/// One test's store: a sled directory, or a throwaway PostgreSQL database.
+struct Env {
+    dir: tempfile::TempDir,
+    db: Option<TestDatabase>,
+}
+
+impl Env {
+    async fn new(kind: Kind) -> Env {
+        let db = match kind {
+            Kind::Sled => None,
+            Kind::Postgres => Some(TestDatabase::create().await.unwrap()),
+        };
+        Env { dir: tempfile::tempdir().unwrap(), db }
+    }
+
+    /// Opens the store, as a (re)starting process does: sled once the previous handle is
+    /// gone, PostgreSQL as one more pool on the same database.
+    async fn open(&self) -> StoreBackend {
+        match &self.db {
+            Some(db) => StoreBackend::Postgres(PgStore::connect(&db.url(), 4).await.unwrap()),
+            None => {
+                // sled's flusher thread may hold the old handle for a moment after the drop.
+                for _ in 0..100 {
+                    if let Ok(s) = Store::open(self.dir.path(), 1024 * 1024) {
+                        return StoreBackend::Sled(s);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("the sled store did not become free");
+            }
+        }
+    }
+}
+
+/// One drain as the active exporter: a restarted process may find the lock of the process it
+/// replaces still held for a moment (PostgreSQL frees it when that connection has closed).
+async fn drain_when_active(exporter: &LagoExporter) -> ExportStats {
+    for _ in 0..200 {
+        let stats = exporter.drain().await.unwrap();
+        if !stats.standby {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the export lock was never freed");
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod on_sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Sled).await
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    every_record_arrives_exactly_once_across_restarts_and_faults,
+    the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter
+);
 
 fn config(base: &str) -> LagoConfig {
     let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned()), (SIM_B, "sub_b".to_owned())].into();
     LagoConfig::new(base, API_KEY, "data_bytes", subs).unwrap()
 }
 
-fn open(dir: &std::path::Path) -> Store {
-    Store::open(dir, 1024 * 1024).unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
+async fn every_record_arrives_exactly_once_across_restarts_and_faults(kind: Kind) {
     let (base, lago) = start_lago().await;
-    let dir = tempfile::tempdir().unwrap();
+    let env = Env::new(kind).await;
     let mut expected_epoch_bytes = BTreeMap::<(u64, u32), u64>::new();
     let mut ids = Vec::new();
     {
-        let store = open(dir.path());
+        let store = env.open().await;
         // 3 meters × 2 epochs × 40 reports; seq 10 of meter 1 epoch 0 arrives later.
+        let mut records = Vec::new();
         for meter in 1..=3u64 {
             for epoch in 0..2u32 {
                 for seq in 0..40u32 {
@@ -173,15 +268,15 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
                     let (up, down) = (u64::from(seq) * 100 + u64::from(epoch), u64::from(seq) * 1000);
                     ids.push(RecordId { meter_id: meter, epoch, seq });
                     if (meter, epoch, seq) != (1, 0, 10) {
-                        insert(&store, meter, epoch, seq, iccid, up, down);
+                        records.push(record(meter, epoch, seq, iccid, up, down));
                     }
                     *expected_epoch_bytes.entry((meter, epoch)).or_default() = up + down;
                 }
             }
         }
         // An unmapped SIM is held back, not sent and not dropped.
-        insert(&store, 9, 0, 0, SIM_UNMAPPED, 5, 5);
-        store.flush().unwrap();
+        records.push(record(9, 0, 0, SIM_UNMAPPED, 5, 5));
+        insert(&store, records).await;
 
         // First run: a 429, a 500, one good call, then a call whose answer is lost, after
         // which Lago stays down.
@@ -202,19 +297,18 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
         assert_eq!(lago.lock().unwrap().stored.len(), 120);
     }
     // Restart: reopen the store, a late report arrives, Lago is back (after a 429).
-    let store = open(dir.path());
-    insert(&store, 1, 0, 10, SIM_A, 1000, 10_000);
-    store.flush().unwrap();
+    let store = env.open().await;
+    insert(&store, vec![record(1, 0, 10, SIM_A, 1000, 10_000)]).await;
     {
         let mut l = lago.lock().unwrap();
         l.down = false;
         l.faults = [Some(Fault::RateLimited)].into();
     }
     let exporter = LagoExporter::new(&store, config(&base)).unwrap();
-    let stats = exporter.drain().await.unwrap();
+    let stats = drain_when_active(&exporter).await;
     assert_eq!(stats.rate_limited, 1);
     assert!(stats.already_existed >= 60, "{stats:?}");
-    assert_eq!(exporter.outbox().pending(), 0);
+    assert_eq!(exporter.pending().await.unwrap(), 0);
 
     {
         let l = lago.lock().unwrap();
@@ -223,7 +317,9 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
     // Once mapped, the held-back record goes too.
     let mut with_unmapped = config(&base);
     with_unmapped.subscriptions.insert(SIM_UNMAPPED, "sub_9".into());
-    let stats = LagoExporter::new(&store, with_unmapped).unwrap().drain().await.unwrap();
+    // (A new exporter: on PostgreSQL the previous one still holds the lock until dropped.)
+    drop(exporter);
+    let stats = drain_when_active(&LagoExporter::new(&store, with_unmapped).unwrap()).await;
     assert_eq!((stats.planned, stats.delivered), (1, 1));
 
     let l = lago.lock().unwrap();
@@ -247,8 +343,7 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
     assert_eq!(l.stored["1-0-11"]["properties"]["bytes"], 1100 + 11_000 - 900 - 9000);
 }
 
-#[tokio::test]
-async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter() {
+async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter(kind: Kind) {
     let (base, lago) = start_lago().await;
     let http = reqwest::Client::new();
     let url = format!("{base}{LAGO_EVENTS_BATCH_PATH}");
@@ -269,13 +364,17 @@ async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter() {
     assert_eq!(lago.lock().unwrap().stored.len(), 1, "a failing batch stores nothing");
 
     // A wrong API key is a refusal: the exporter stops and keeps the events.
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    insert(&store, 1, 0, 0, SIM_A, 1, 1);
+    let env = Env::new(kind).await;
+    let store = env.open().await;
+    insert(&store, vec![record(1, 0, 0, SIM_A, 1, 1)]).await;
     let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned())].into();
     let bad = LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap();
     let exporter = LagoExporter::new(&store, bad).unwrap();
     let e = exporter.drain().await.unwrap_err();
     assert!(matches!(e, LagoError::Refused { status: 401, .. }), "{e}");
-    assert_eq!(exporter.outbox().pending(), 1);
+    assert_eq!(exporter.pending().await.unwrap(), 1);
+    // The failed round gave up the export lock (PostgreSQL): a fixed exporter takes over.
+    let fixed = LagoExporter::new(&store, config(&base)).unwrap();
+    let stats = fixed.drain().await.unwrap();
+    assert_eq!((stats.standby, stats.delivered), (false, 1), "{stats:?}");
 }

@@ -236,10 +236,15 @@ fn db_error(e: tokio_postgres::Error) -> StoreError {
             matches!(class, "08" | "53" | "57" | "40" | "58")
         }
     };
+    // The Display of a server error is only "db error": say what the server said.
+    let message = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
     if recoverable {
-        StoreError::DatabaseUnavailable(e.to_string())
+        StoreError::DatabaseUnavailable(message)
     } else {
-        StoreError::Database(e.to_string())
+        StoreError::Database(message)
     }
 }
 

@@ -378,3 +378,117 @@ async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter(kin
     let stats = fixed.drain().await.unwrap();
     assert_eq!((stats.standby, stats.delivered), (false, 1), "{stats:?}");
 }
+
+/// Records of `meters` meters × 2 epochs × `per_epoch` reports starting at `first_seq`, with
+/// cumulative `used`, on SIM_A and SIM_B.
+fn wave(meters: std::ops::RangeInclusive<u64>, first_seq: u32, per_epoch: u32) -> Vec<NewRecord> {
+    let mut out = Vec::new();
+    for meter in meters {
+        for epoch in 0..2u32 {
+            for seq in first_seq..first_seq + per_epoch {
+                let iccid = if meter % 2 == 0 { SIM_B } else { SIM_A };
+                out.push(record(meter, epoch, seq, iccid, u64::from(seq) * 10 + 1, u64::from(seq) * 100));
+            }
+        }
+    }
+    out
+}
+
+/// One endpoint process's exporter loop: drains every 20 ms, counting what it did.
+fn exporter_loop(exporter: LagoExporter, log: Arc<Mutex<Vec<ExportStats>>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stats = exporter.drain().await.unwrap();
+            log.lock().unwrap().push(stats);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+fn delivered(log: &Mutex<Vec<ExportStats>>) -> usize {
+    log.lock().unwrap().iter().map(|s| s.delivered).sum()
+}
+
+async fn wait_for_stored(lago: &Shared, n: usize) {
+    for _ in 0..1500 {
+        if lago.lock().unwrap().stored.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("lago has {} events, expected {n}", lago.lock().unwrap().stored.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_exporters_on_one_database_deliver_each_record_once() {
+    let (base, lago) = start_lago().await;
+    let env = Env::new(Kind::Postgres).await;
+    // Two endpoint processes on one database, each with its exporter.
+    let (store_a, store_b) = (env.open().await, env.open().await);
+    insert(&store_a, wave(1..=6, 0, 50)).await;
+    let (log_a, log_b) = (Arc::default(), Arc::default());
+    let a = exporter_loop(LagoExporter::new(&store_a, config(&base)).unwrap(), Arc::clone(&log_a));
+    let b = exporter_loop(LagoExporter::new(&store_b, config(&base)).unwrap(), Arc::clone(&log_b));
+    wait_for_stored(&lago, 600).await;
+    // More records while both run, through the other process, some late within their epochs.
+    insert(&store_b, wave(1..=6, 50, 25)).await;
+    insert(&store_b, wave(7..=8, 0, 25)).await;
+    wait_for_stored(&lago, 1000).await;
+    // The round that sent the last events reports once it has removed them.
+    for _ in 0..500 {
+        if delivered(&log_a) + delivered(&log_b) >= 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(LagoExporter::new(&store_a, config(&base)).unwrap().pending().await.unwrap(), 0);
+    // Exactly one of them was active; the other only stood by.
+    let (by_a, by_b) = (delivered(&log_a), delivered(&log_b));
+    assert_eq!(by_a + by_b, 1000, "delivered {by_a} + {by_b}");
+    assert!(by_a == 0 || by_b == 0, "both exporters sent: {by_a} and {by_b}");
+    let (active, standby, standby_log, standby_store) =
+        if by_a > 0 { (a, b, Arc::clone(&log_b), &store_b) } else { (b, a, Arc::clone(&log_a), &store_a) };
+    assert!(standby_log.lock().unwrap().iter().all(|s| s.standby && s.planned == 0));
+
+    // The active process goes away (its connection, and with it the lock): the other takes
+    // over and exports what arrives from then on.
+    active.abort();
+    let _ = active.await;
+    insert(standby_store, wave(9..=10, 0, 50)).await;
+    wait_for_stored(&lago, 1200).await;
+    for _ in 0..500 {
+        if delivered(&standby_log) >= 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(delivered(&standby_log), 200, "the standby exporter did not take over");
+    standby.abort();
+    let _ = standby.await;
+
+    let l = lago.lock().unwrap();
+    assert_eq!(l.stored.len(), 1200);
+    let resent: Vec<_> = l.received.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(resent.is_empty(), "events sent more than once: {resent:?}");
+    assert!(l.calls.iter().all(|(n, s)| *n <= 100 && *s == 200), "{:?}", l.calls);
+    assert_eq!(l.mismatched_retries, 0);
+    // Each epoch's events add up to its highest `used`, whichever exporter planned them.
+    let mut got = BTreeMap::<(u64, u32), u64>::new();
+    for e in l.stored.values() {
+        let id: Vec<u64> =
+            e["transaction_id"].as_str().unwrap().split('-').map(|p| p.parse().unwrap()).collect();
+        *got.entry((id[0], u32::try_from(id[1]).unwrap())).or_default() +=
+            e["properties"]["bytes"].as_u64().unwrap();
+    }
+    for ((meter, _), bytes) in &got {
+        let last = if *meter <= 6 {
+            74u64
+        } else if *meter <= 8 {
+            24
+        } else {
+            49
+        };
+        assert_eq!(*bytes, last * 10 + 1 + last * 100, "meter {meter}");
+    }
+    assert_eq!(got.len(), 20);
+}

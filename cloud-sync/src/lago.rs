@@ -861,6 +861,70 @@ mod tests {
         assert!(matches!(classify_answer(401, &none, b"no", 1), CallOutcome::Refused(401, _)));
     }
 
+    fn usage(seq: u32, up: u64, down: u64) -> UsageRecord {
+        UsageRecord {
+            id: RecordId { meter_id: 10, epoch: 0, seq },
+            iccid: 8_988_280_666_000_000_001,
+            used: Totals { up, down },
+            time: countersign_meter::DeviceTime::wall_clock(
+                countersign_meter::TimeQuality::Network,
+                1_795_521_600,
+            )
+            .unwrap(),
+            received_ms: 0,
+        }
+    }
+
+    #[test]
+    fn planned_bytes_are_the_increment_over_the_exported_maximum() {
+        let bytes = |p: &PlannedEvent| serde_json::from_slice::<LagoEvent>(&p.json).unwrap().properties.bytes;
+        let first = plan_event(&usage(0, 100, 1000), Totals::default(), "sub", "data_bytes").unwrap();
+        assert_eq!((bytes(&first), first.exported_max), (1100, Totals { up: 100, down: 1000 }));
+        // A later report adds only what is new, per direction.
+        let second = plan_event(&usage(2, 150, 1000), first.exported_max, "sub", "data_bytes").unwrap();
+        assert_eq!((bytes(&second), second.exported_max), (50, Totals { up: 150, down: 1000 }));
+        // A report that arrives after a later one adds nothing and lowers nothing.
+        let late = plan_event(&usage(1, 120, 900), second.exported_max, "sub", "data_bytes").unwrap();
+        assert_eq!((bytes(&late), late.exported_max), (0, second.exported_max));
+        // Up going backwards while down moves on counts only the down part.
+        let mixed = plan_event(&usage(3, 10, 1500), late.exported_max, "sub", "data_bytes").unwrap();
+        assert_eq!(bytes(&mixed), 500);
+        let e = plan_event(&usage(0, u64::MAX, 1), Totals::default(), "sub", "c").unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+    }
+
+    #[test]
+    fn steps_follow_the_answer() {
+        let mut b = Backoff::default();
+        let sent = [7, 8, 9];
+        assert_eq!(
+            next_step(CallOutcome::AlreadyExist(vec![0, 2]), &sent, &mut b),
+            Step::Settle { keys: vec![7, 9], already_existed: true }
+        );
+        let waits: Vec<Duration> = (0..12)
+            .map(|_| match next_step(CallOutcome::Retry, &sent, &mut b) {
+                Step::Resend { wait, rate_limited: false } => wait,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(waits[0], Duration::from_millis(LAGO_RETRY_DELAY_MS_MIN));
+        assert_eq!(waits[1], Duration::from_millis(2 * LAGO_RETRY_DELAY_MS_MIN));
+        assert_eq!(waits[11], Duration::from_millis(LAGO_RETRY_DELAY_MS_MAX));
+        assert_eq!(
+            next_step(CallOutcome::RateLimited(Duration::from_secs(3)), &sent, &mut b),
+            Step::Resend { wait: Duration::from_secs(3), rate_limited: true }
+        );
+        assert_eq!(
+            next_step(CallOutcome::Accepted, &sent, &mut b),
+            Step::Settle { keys: sent.to_vec(), already_existed: false }
+        );
+        assert_eq!(b, Backoff::default(), "an accepted call resets the backoff");
+        assert_eq!(
+            next_step(CallOutcome::Refused(401, "no".into()), &sent, &mut b),
+            Step::Stop { status: 401, body: "no".into() }
+        );
+    }
+
     #[test]
     fn config_errors_name_the_key() {
         let e = LagoConfig::new("ftp://x", "k", "data_bytes", BTreeMap::new()).unwrap_err();

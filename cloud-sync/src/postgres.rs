@@ -10,6 +10,19 @@
 //! | `meters`      | `meter_id` → HMAC key                 | reference table           |
 //! | `gateways`    | `gateway_id` → Ed25519 public key     | reference table           |
 //! | `api_tokens`  | `token_sha256` → name, role           | reference table           |
+//! | `ledger_meta` | `name` → value (the ledger's zone)    | reference table           |
+//! | `ledger_settled` | `(iccid, day)`                     | distributed by `iccid`    |
+//! | `ledger_adjustments` | `(iccid, day, seq)`            | distributed by `iccid`    |
+//! | `lago_planned` | `(iccid, meter_id, epoch, seq)` → export seq | distributed by `iccid` |
+//! | `lago_outbox` | `(iccid, export_seq)` → event JSON    | distributed by `iccid`    |
+//! | `lago_epoch_max` | `(meter_id, epoch)` → exported max | distributed by `meter_id` |
+//!
+//! The ledger and the Lago outbox are [`ledger`] and [`lago`] (migration 3); each states how
+//! it stays correct with several endpoint processes on one database: settlement runs one at
+//! a time under a transaction advisory lock, and one Lago exporter at a time is active under
+//! a session advisory lock, primary keys refusing a second booking or plan either way.
+//! `lago_epoch_max` is distributed by meter, not SIM, because an epoch's running maximum spans
+//! the SIM swaps inside it.
 //!
 //! **Why two record tables.** Usage is read per SIM, so `records` is distributed by ICCID;
 //! Citus requires every unique constraint of a distributed table to include its distribution
@@ -52,12 +65,23 @@
 //! SELECT create_reference_table('api_tokens');
 //! SELECT create_distributed_table('records', 'iccid');
 //! SELECT create_distributed_table('record_ids', 'meter_id');
+//! -- migration 3: ledger and Lago outbox
+//! SELECT create_reference_table('ledger_meta');
+//! SELECT create_distributed_table('ledger_settled', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('ledger_adjustments', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('lago_planned', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('lago_outbox', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('lago_epoch_max', 'meter_id', colocate_with => 'record_ids');
 //! ```
 //!
 //! `schema_migrations` stays a local coordinator table. Every statement the store issues keeps
 //! to what Citus runs: no foreign keys between distributed tables, no joins between the two
 //! record tables (an ingest reads them in separate statements), multi-shard transactions for
-//! the two inserts of a batch.
+//! the two inserts of a batch. The only join is the Lago planner's anti-join of `records`
+//! with `lago_planned`, on the full key including `iccid`: co-located, so it runs shard by
+//! shard. A settlement writes `ledger_meta` (a reference table) before its multi-shard
+//! inserts, as Citus requires. Advisory locks are per node: every endpoint process must reach
+//! the same coordinator.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,6 @@
 //! The Lago outbox on PostgreSQL: the same outbox semantics as the sled
 //! [`Outbox`](crate::lago::Outbox), with the same pure decisions
-//! ([`plan_event`](crate::lago::plan_event), [`next_step`](crate::lago::next_step)); only the
+//! ([`crate::lago::plan_event`], [`crate::lago::next_step`]); only the
 //! IO differs.
 //!
 //! | table            | key                               | value                               |

@@ -1,5 +1,5 @@
 //! The settlement ledger on PostgreSQL: the same semantics as the sled
-//! [`Ledger`](crate::ledger::Ledger), with the same pure decision ([`usage::settle`]); only
+//! [`Ledger`](crate::ledger::Ledger), with the same pure decision ([`usage::settle`](crate::usage::settle)); only
 //! the IO differs.
 //!
 //! | table                | key                      | value                                     |
@@ -11,7 +11,7 @@
 //! **Concurrency: one settlement at a time, under a transaction-level advisory lock.** A run
 //! is one READ COMMITTED transaction that first takes `pg_advisory_xact_lock`
 //! ([`PG_LEDGER_LOCK_KEY`]), then reads the zone, derives every record, reads what is
-//! booked, decides with [`usage::settle`], inserts, and commits, which releases the lock. The
+//! booked, decides with [`usage::settle`](crate::usage::settle), inserts, and commits, which releases the lock. The
 //! lock comes first so that every later statement, each with a fresh snapshot, sees all a
 //! previous run committed: two endpoint processes settling at the same moment run one after
 //! the other, and the second books only what the first left (usually nothing). Without it
@@ -24,6 +24,10 @@
 //! unique violation, the whole run rolls back and is run again from the start
 //! ([`PG_TRANSACTION_ATTEMPTS_MAX`]), seeing the other run's bookings; a number computed
 //! as booked + 1 under one snapshot leaves no gap.
+//!
+//! A run waits for the lock at most `lock_timeout` ([`PG_STATEMENT_TIMEOUT_MS`](super::PG_STATEMENT_TIMEOUT_MS)); past it
+//! the caller gets a recoverable "database unavailable" (HTTP 503) and may retry: the run
+//! holding the lock books what there is to book.
 //!
 //! Unlike on sled, the zone of a run that fails is not kept: it is written in the run's
 //! transaction.

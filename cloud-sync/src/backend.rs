@@ -13,9 +13,11 @@ use countersign_meter::{RecordId, METER_KEY_BYTES};
 use ed25519_dalek::VerifyingKey;
 
 use crate::config::{CloudConfig, StoreKind};
+use crate::ledger::{Ledger, LedgerDay, LedgerError};
 use crate::postgres::PgStore;
 use crate::store::{InsertOutcome, NewRecord, Registration, Store, StoreError, StoredRecord};
-use crate::usage::DailyUsage;
+use crate::usage::{DailyUsage, DateRange, Settlement, TimeZone};
+use jiff::Timestamp;
 
 /// One of the two stores. Cheap to clone: clones share the underlying store.
 #[derive(Clone, Debug)]
@@ -136,6 +138,63 @@ impl StoreBackend {
                 blocking(move || s.daily_usage()).await
             }
             Self::Postgres(p) => p.daily_usage(iccid).await,
+        }
+    }
+
+    /// Bytes per (ICCID, day in `tz`); with `iccid`, only that SIM's days, exact (an epoch's
+    /// running maximum spans SIM swaps, so its meters' other records are derived too).
+    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: TimeZone) -> Result<DailyUsage, StoreError> {
+        let mut daily = match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.daily_usage_in(&tz)).await?
+            }
+            Self::Postgres(p) => p.daily_usage_in(iccid, &tz).await?,
+        };
+        if let Some(sim) = iccid {
+            daily.retain(|(i, _), _| *i == sim);
+        }
+        Ok(daily)
+    }
+
+    /// The settlement ledger's zone (`None` before its first settlement) and its booked
+    /// SIM-days, one SIM or all, inside `range`.
+    pub async fn ledger(
+        &self,
+        iccid: Option<u64>,
+        range: DateRange,
+    ) -> Result<(Option<String>, Vec<LedgerDay>), LedgerError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || {
+                    let ledger = Ledger::open(&s)?;
+                    Ok((ledger.zone()?, ledger.days(iccid, range)?))
+                })
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
+            }
+            Self::Postgres(p) => p.ledger_days(iccid, range).await,
+        }
+    }
+
+    /// A settlement run (see [`usage::settle`](crate::usage::settle)): days closed by `now`
+    /// are booked once, changes to booked days become numbered adjustments; durable when it
+    /// returns. On PostgreSQL safe from any number of processes at once.
+    pub async fn settle(
+        &self,
+        tz_name: String,
+        settlement_hours: u32,
+        now: Timestamp,
+    ) -> Result<Settlement, LedgerError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || Ledger::open(&s)?.settle(&tz_name, settlement_hours, now))
+                    .await
+                    .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
+            }
+            Self::Postgres(p) => p.ledger_settle(&tz_name, settlement_hours, now).await,
         }
     }
 

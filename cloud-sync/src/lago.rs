@@ -29,7 +29,20 @@
 //! got through). So a crash anywhere re-sends at worst events Lago already has, with
 //! byte-identical bodies, and Lago's idempotency turns them into no-ops.
 //!
-//! One exporter may run per store (planning is not safe against a second planner).
+//! # Two stores, one exporter
+//!
+//! What to send is decided by pure functions shared by both stores: [`plan_event`] (a
+//! record and its epoch's exported maximum → the event bytes and the new maximum),
+//! [`classify_answer`] (Lago's answer → [`CallOutcome`]) and [`next_step`] (outcome →
+//! settle, resend after a wait, or stop). The IO is thin and per store: [`Outbox`] on sled
+//! (trees above), [`PgOutbox`] on PostgreSQL (tables `lago_planned`, `lago_outbox`,
+//! `lago_epoch_max`; see [`crate::postgres::lago`]). [`LagoExporter`] runs the same loop
+//! over either.
+//!
+//! Only one exporter may plan and send at a time: on sled the store's directory lock makes
+//! that one process; on PostgreSQL the active exporter holds a session advisory lock on a
+//! connection of its own, and every exporter without it stands by (see
+//! [`crate::postgres::lago`]).
 //!
 //! # Errors from Lago
 //!
@@ -47,8 +60,10 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::backend::StoreBackend;
+pub use crate::postgres::lago::PgOutbox;
 use crate::store::{Store, StoreError};
-use crate::usage::attribution_instant;
+use crate::usage::{attribution_instant, UsageRecord};
 
 /// Events per batch call: Lago's documented maximum.
 pub const LAGO_EVENTS_PER_CALL_MAX: usize = 100;
@@ -105,6 +120,15 @@ pub enum LagoError {
     /// The HTTP client could not be built. Not recoverable.
     #[error("http client: {0}")]
     Client(String),
+}
+
+impl LagoError {
+    /// Whether the exporter may try again later without anyone changing anything: the
+    /// store's faults that pass (disk full, database unreachable). Lago's own transient
+    /// answers (429, 5xx) never surface as errors: the exporter retries them itself.
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, LagoError::Store(e) if e.is_recoverable())
+    }
 }
 
 impl From<sled::Error> for LagoError {
@@ -239,6 +263,49 @@ pub fn transaction_id(id: RecordId) -> String {
     format!("{}-{}-{}", id.meter_id, id.epoch, id.seq)
 }
 
+/// One record's event as planned: what the outbox stores and the epoch's new exported
+/// maximum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    /// The event's JSON, stored before the first send and sent verbatim on every retry.
+    pub json: Vec<u8>,
+    /// The epoch's highest `used` exported so far, this record included.
+    pub exported_max: Totals,
+}
+
+/// Plans the event of one record (pure; see "The event" in the module docs): its bytes are
+/// `max(0, used − exported_max)` per direction, summed. `exported_max` is the highest `used`
+/// already exported in the record's epoch (zero for its first).
+pub fn plan_event(
+    record: &UsageRecord,
+    exported_max: Totals,
+    subscription: &str,
+    code: &str,
+) -> Result<PlannedEvent, StoreError> {
+    let timestamp = attribution_instant(&record.time, record.received_ms)
+        .and_then(|t| u64::try_from(t.as_second()).ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("record {}: time out of range", record.id)))?;
+    // Saturating on purpose: this is the rule's max(0, used − exported max).
+    let added = Totals {
+        up: record.used.up.saturating_sub(exported_max.up),
+        down: record.used.down.saturating_sub(exported_max.down),
+    };
+    let bytes =
+        added.sum().ok_or_else(|| StoreError::Corrupt(format!("record {}: bytes overflow", record.id)))?;
+    let event = LagoEvent {
+        transaction_id: transaction_id(record.id),
+        external_subscription_id: subscription.to_owned(),
+        code: code.to_owned(),
+        timestamp,
+        properties: LagoProperties { bytes },
+    };
+    let json =
+        serde_json::to_vec(&event).map_err(|e| StoreError::Corrupt(format!("event does not encode: {e}")))?;
+    let exported_max =
+        Totals { up: exported_max.up.max(record.used.up), down: exported_max.down.max(record.used.down) };
+    Ok(PlannedEvent { json, exported_max })
+}
+
 fn epoch_key(id: RecordId) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&id.meter_id.to_be_bytes());
@@ -263,7 +330,7 @@ fn u64_from(b: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(<[u8; 8]>::try_from(b).map_err(|_| StoreError::Corrupt("lago sequence".into()))?))
 }
 
-/// The Lago outbox in the store: planning and settling, no network.
+/// The Lago outbox in the sled store: planning and settling, no network.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     store: Store,
@@ -302,9 +369,6 @@ impl Outbox {
                 unmapped += 1;
                 continue;
             };
-            let timestamp = attribution_instant(&r.time, r.received_ms)
-                .and_then(|t| u64::try_from(t.as_second()).ok())
-                .ok_or_else(|| StoreError::Corrupt(format!("record {}: time out of range", r.id)))?;
             let ekey = epoch_key(r.id);
             let result = (&self.outbox, &self.planned, &self.epoch_max, &self.meta).transaction(
                 |(outbox, planned_t, epoch_max, meta)| {
@@ -313,32 +377,18 @@ impl Outbox {
                         Some(b) => totals_from(&b).map_err(abort)?,
                         None => Totals::default(),
                     };
-                    // max(0, used − exported max): the module docs' export-order rule.
-                    let added = Totals {
-                        up: r.used.up.saturating_sub(max.up),
-                        down: r.used.down.saturating_sub(max.down),
-                    };
-                    let bytes = added.sum().ok_or_else(|| {
-                        abort(StoreError::Corrupt(format!("record {}: bytes overflow", r.id)))
-                    })?;
-                    let new_max = Totals { up: max.up.max(r.used.up), down: max.down.max(r.used.down) };
+                    let event = plan_event(&r, max, sub, &config.code).map_err(abort)?;
                     let seq = match meta.get(NEXT_SEQ_KEY)? {
                         Some(b) => u64_from(&b).map_err(abort)?,
                         None => 0,
                     };
-                    let event = LagoEvent {
-                        transaction_id: transaction_id(r.id),
-                        external_subscription_id: sub.clone(),
-                        code: config.code.clone(),
-                        timestamp,
-                        properties: LagoProperties { bytes },
-                    };
-                    let json = serde_json::to_vec(&event)
-                        .map_err(|e| abort(StoreError::Corrupt(format!("event does not encode: {e}"))))?;
-                    outbox.insert(&seq.to_be_bytes(), json)?;
+                    let next = seq
+                        .checked_add(1)
+                        .ok_or_else(|| abort(StoreError::Corrupt("lago sequence exhausted".into())))?;
+                    outbox.insert(&seq.to_be_bytes(), event.json)?;
                     planned_t.insert(&key, &seq.to_be_bytes())?;
-                    epoch_max.insert(&ekey, &totals_bytes(new_max))?;
-                    meta.insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes())?;
+                    epoch_max.insert(&ekey, &totals_bytes(event.exported_max))?;
+                    meta.insert(NEXT_SEQ_KEY, &next.to_be_bytes())?;
                     Ok(())
                 },
             );
@@ -471,10 +521,136 @@ pub fn classify_answer(
     }
 }
 
+/// What the exporter does after a call (see [`next_step`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Remove these outbox keys: Lago has their events.
+    Settle {
+        /// The delivered events' keys.
+        keys: Vec<u64>,
+        /// Lago had them already (`value_already_exist`); the rest of the call is resent.
+        already_existed: bool,
+    },
+    /// Send the same events again after `wait`.
+    Resend {
+        /// How long to wait first.
+        wait: Duration,
+        /// Lago answered 429 (else it or the network failed).
+        rate_limited: bool,
+    },
+    /// Lago refused for good; the events stay in the outbox.
+    Stop {
+        /// HTTP status.
+        status: u16,
+        /// The start of Lago's answer.
+        body: String,
+    },
+}
+
+/// Exponential backoff between failed calls: from [`LAGO_RETRY_DELAY_MS_MIN`], doubling to
+/// [`LAGO_RETRY_DELAY_MS_MAX`], back to the start after an accepted call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    delay_ms: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { delay_ms: LAGO_RETRY_DELAY_MS_MIN }
+    }
+}
+
+/// Decides what follows a call that sent the events with keys `sent`, in order (pure).
+pub fn next_step(outcome: CallOutcome, sent: &[u64], backoff: &mut Backoff) -> Step {
+    match outcome {
+        CallOutcome::Accepted => {
+            *backoff = Backoff::default();
+            Step::Settle { keys: sent.to_vec(), already_existed: false }
+        }
+        CallOutcome::AlreadyExist(positions) => Step::Settle {
+            keys: positions.iter().filter_map(|p| sent.get(*p).copied()).collect(),
+            already_existed: true,
+        },
+        CallOutcome::RateLimited(wait) => Step::Resend { wait, rate_limited: true },
+        CallOutcome::Retry => {
+            let wait = Duration::from_millis(backoff.delay_ms);
+            backoff.delay_ms = backoff.delay_ms.saturating_mul(2).min(LAGO_RETRY_DELAY_MS_MAX);
+            Step::Resend { wait, rate_limited: false }
+        }
+        CallOutcome::Refused(status, body) => Step::Stop { status, body },
+    }
+}
+
+/// The outbox of whichever store the endpoint runs on: the thin IO under the shared loop.
+#[derive(Debug)]
+enum OutboxIo {
+    Sled(Outbox),
+    Postgres(PgOutbox),
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LagoError> + Send + 'static,
+) -> Result<T, LagoError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| LagoError::Client(format!("outbox task failed: {e}")))?
+}
+
+impl OutboxIo {
+    /// Whether this exporter may plan and send now (always on sled; on PostgreSQL only while
+    /// it holds the export lock, which this tries to take).
+    async fn acquire(&self) -> Result<bool, LagoError> {
+        match self {
+            Self::Sled(_) => Ok(true),
+            Self::Postgres(p) => p.acquire().await,
+        }
+    }
+
+    /// Gives up the export lock after a failure, so that a healthy exporter can take over.
+    async fn release(&self) {
+        if let Self::Postgres(p) = self {
+            p.release().await;
+        }
+    }
+
+    async fn plan(&self, config: &LagoConfig) -> Result<usize, LagoError> {
+        match self {
+            Self::Sled(o) => {
+                let (o, config) = (o.clone(), config.clone());
+                blocking(move || o.plan(&config)).await
+            }
+            Self::Postgres(p) => p.plan(config).await,
+        }
+    }
+
+    async fn peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, LagoError> {
+        match self {
+            Self::Sled(o) => o.peek(max),
+            Self::Postgres(p) => p.peek(max).await,
+        }
+    }
+
+    async fn settle(&self, delivered: Vec<u64>) -> Result<(), LagoError> {
+        match self {
+            Self::Sled(o) => {
+                let o = o.clone();
+                blocking(move || o.settle(&delivered)).await
+            }
+            Self::Postgres(p) => p.settle(&delivered).await,
+        }
+    }
+
+    async fn pending(&self) -> Result<u64, LagoError> {
+        match self {
+            Self::Sled(o) => u64::try_from(o.pending())
+                .map_err(|_| LagoError::Store(StoreError::Corrupt("outbox length".into()))),
+            Self::Postgres(p) => p.pending().await,
+        }
+    }
+}
+
 /// Forwards the outbox to Lago.
 #[derive(Debug)]
 pub struct LagoExporter {
-    outbox: Outbox,
+    outbox: OutboxIo,
     config: LagoConfig,
     http: reqwest::Client,
     url: String,
@@ -494,23 +670,23 @@ pub struct ExportStats {
     pub rate_limited: usize,
     /// Calls retried after a 5xx or transport error.
     pub retried: usize,
+    /// Another exporter holds the export lock (PostgreSQL): this one did nothing.
+    pub standby: bool,
 }
 
 impl LagoExporter {
-    /// An exporter over `store`.
-    pub fn new(store: &Store, config: LagoConfig) -> Result<Self, LagoError> {
+    /// An exporter over `store`, sled or PostgreSQL.
+    pub fn new(store: &StoreBackend, config: LagoConfig) -> Result<Self, LagoError> {
+        let outbox = match store {
+            StoreBackend::Sled(s) => OutboxIo::Sled(Outbox::open(s)?),
+            StoreBackend::Postgres(p) => OutboxIo::Postgres(PgOutbox::new(p)),
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(LAGO_REQUEST_TIMEOUT_S))
             .build()
             .map_err(|e| LagoError::Client(e.to_string()))?;
         let url = format!("{}{LAGO_EVENTS_BATCH_PATH}", config.base_url);
-        Ok(Self {
-            outbox: Outbox::open(store)?,
-            config,
-            http,
-            url,
-            events_per_call: LAGO_EVENTS_PER_CALL_MAX,
-        })
+        Ok(Self { outbox, config, http, url, events_per_call: LAGO_EVENTS_PER_CALL_MAX })
     }
 
     /// The same exporter sending at most `n` events per call (clamped to 1 to
@@ -521,54 +697,58 @@ impl LagoExporter {
         self
     }
 
-    /// The outbox.
-    pub fn outbox(&self) -> &Outbox {
-        &self.outbox
+    /// Events planned and not yet accepted by Lago (any exporter's, on PostgreSQL).
+    pub async fn pending(&self) -> Result<u64, LagoError> {
+        self.outbox.pending().await
     }
 
     /// Plans new records, then sends until the outbox is empty. Retries 429/5xx/transport
-    /// errors with backoff for as long as it takes; returns on a refusal.
+    /// errors with backoff for as long as it takes; returns on a refusal or a store error,
+    /// giving up the export lock (PostgreSQL). While another exporter holds the lock,
+    /// returns at once with [`ExportStats::standby`] set.
     pub async fn drain(&self) -> Result<ExportStats, LagoError> {
-        let mut stats = ExportStats::default();
-        let outbox = self.outbox.clone();
-        let config = self.config.clone();
-        stats.planned = tokio::task::spawn_blocking(move || outbox.plan(&config))
-            .await
-            .map_err(|e| LagoError::Client(format!("planning task failed: {e}")))??;
-        let mut delay_ms = LAGO_RETRY_DELAY_MS_MIN;
+        if !self.outbox.acquire().await? {
+            tracing::debug!("another exporter holds the lago export lock; standing by");
+            return Ok(ExportStats { standby: true, ..ExportStats::default() });
+        }
+        let drained = self.drain_active().await;
+        if let Err(e) = &drained {
+            tracing::warn!(error = %e, "lago export round failed; giving up the export lock");
+            self.outbox.release().await;
+        }
+        drained
+    }
+
+    async fn drain_active(&self) -> Result<ExportStats, LagoError> {
+        let mut stats = ExportStats { planned: self.outbox.plan(&self.config).await?, ..Default::default() };
+        let mut backoff = Backoff::default();
         loop {
-            let events = self.outbox.peek(self.events_per_call)?;
+            let events = self.outbox.peek(self.events_per_call).await?;
             if events.is_empty() {
                 return Ok(stats);
             }
-            let outcome = self.call(&events).await;
-            match outcome {
-                CallOutcome::Accepted => {
-                    let keys: Vec<u64> = events.iter().map(|(k, _)| *k).collect();
-                    self.outbox.settle(&keys)?;
-                    stats.delivered += keys.len();
-                    delay_ms = LAGO_RETRY_DELAY_MS_MIN;
+            let sent: Vec<u64> = events.iter().map(|(k, _)| *k).collect();
+            match next_step(self.call(&events).await, &sent, &mut backoff) {
+                Step::Settle { keys, already_existed } => {
+                    let n = keys.len();
+                    if already_existed {
+                        tracing::info!(count = n, "lago already has these events; treated as delivered");
+                        stats.already_existed += n;
+                    }
+                    self.outbox.settle(keys).await?;
+                    stats.delivered += n;
                 }
-                CallOutcome::AlreadyExist(positions) => {
-                    let keys: Vec<u64> =
-                        positions.iter().filter_map(|p| events.get(*p).map(|(k, _)| *k)).collect();
-                    tracing::info!(count = keys.len(), "lago already has these events; treated as delivered");
-                    self.outbox.settle(&keys)?;
-                    stats.delivered += keys.len();
-                    stats.already_existed += keys.len();
-                }
-                CallOutcome::RateLimited(wait) => {
+                Step::Resend { wait, rate_limited: true } => {
                     stats.rate_limited += 1;
                     tracing::warn!(wait_ms = wait.as_millis() as u64, "lago rate limit; waiting");
                     tokio::time::sleep(wait).await;
                 }
-                CallOutcome::Retry => {
+                Step::Resend { wait, rate_limited: false } => {
                     stats.retried += 1;
-                    tracing::warn!(delay_ms, "lago unavailable; backing off");
-                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                    delay_ms = (delay_ms * 2).min(LAGO_RETRY_DELAY_MS_MAX);
+                    tracing::warn!(delay_ms = wait.as_millis() as u64, "lago unavailable; backing off");
+                    tokio::time::sleep(wait).await;
                 }
-                CallOutcome::Refused(status, body) => {
+                Step::Stop { status, body } => {
                     tracing::error!(status, %body, "lago refused the batch; events stay in the outbox");
                     return Err(LagoError::Refused { status, body });
                 }
@@ -602,7 +782,8 @@ impl LagoExporter {
         classify_answer(status, &headers, &body, events.len())
     }
 
-    /// Runs [`LagoExporter::drain`] every `interval` until `shutdown` completes.
+    /// Runs [`LagoExporter::drain`] every `interval` until `shutdown` completes. A round that
+    /// fails for a recoverable store fault is retried next round; a refusal ends the run.
     pub async fn run(
         self,
         interval: Duration,
@@ -611,12 +792,15 @@ impl LagoExporter {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                r = self.drain() => {
-                    let stats = r?;
-                    if stats.delivered > 0 {
-                        tracing::info!(?stats, "lago export");
+                r = self.drain() => match r {
+                    Ok(stats) if stats.delivered > 0 => tracing::info!(?stats, "lago export"),
+                    Ok(_) => {}
+                    // The outbox is durable: a store that comes back resumes where it was.
+                    Err(e) if e.is_recoverable() => {
+                        tracing::warn!(error = %e, "lago export round failed; retrying next round");
                     }
-                }
+                    Err(e) => return Err(e),
+                },
                 () = &mut shutdown => return Ok(()),
             }
             tokio::select! {
@@ -675,6 +859,70 @@ mod tests {
         );
         assert_eq!(classify_answer(503, &none, b"", 1), CallOutcome::Retry);
         assert!(matches!(classify_answer(401, &none, b"no", 1), CallOutcome::Refused(401, _)));
+    }
+
+    fn usage(seq: u32, up: u64, down: u64) -> UsageRecord {
+        UsageRecord {
+            id: RecordId { meter_id: 10, epoch: 0, seq },
+            iccid: 8_988_280_666_000_000_001,
+            used: Totals { up, down },
+            time: countersign_meter::DeviceTime::wall_clock(
+                countersign_meter::TimeQuality::Network,
+                1_795_521_600,
+            )
+            .unwrap(),
+            received_ms: 0,
+        }
+    }
+
+    #[test]
+    fn planned_bytes_are_the_increment_over_the_exported_maximum() {
+        let bytes = |p: &PlannedEvent| serde_json::from_slice::<LagoEvent>(&p.json).unwrap().properties.bytes;
+        let first = plan_event(&usage(0, 100, 1000), Totals::default(), "sub", "data_bytes").unwrap();
+        assert_eq!((bytes(&first), first.exported_max), (1100, Totals { up: 100, down: 1000 }));
+        // A later report adds only what is new, per direction.
+        let second = plan_event(&usage(2, 150, 1000), first.exported_max, "sub", "data_bytes").unwrap();
+        assert_eq!((bytes(&second), second.exported_max), (50, Totals { up: 150, down: 1000 }));
+        // A report that arrives after a later one adds nothing and lowers nothing.
+        let late = plan_event(&usage(1, 120, 900), second.exported_max, "sub", "data_bytes").unwrap();
+        assert_eq!((bytes(&late), late.exported_max), (0, second.exported_max));
+        // Up going backwards while down moves on counts only the down part.
+        let mixed = plan_event(&usage(3, 10, 1500), late.exported_max, "sub", "data_bytes").unwrap();
+        assert_eq!(bytes(&mixed), 500);
+        let e = plan_event(&usage(0, u64::MAX, 1), Totals::default(), "sub", "c").unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+    }
+
+    #[test]
+    fn steps_follow_the_answer() {
+        let mut b = Backoff::default();
+        let sent = [7, 8, 9];
+        assert_eq!(
+            next_step(CallOutcome::AlreadyExist(vec![0, 2]), &sent, &mut b),
+            Step::Settle { keys: vec![7, 9], already_existed: true }
+        );
+        let waits: Vec<Duration> = (0..12)
+            .map(|_| match next_step(CallOutcome::Retry, &sent, &mut b) {
+                Step::Resend { wait, rate_limited: false } => wait,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(waits[0], Duration::from_millis(LAGO_RETRY_DELAY_MS_MIN));
+        assert_eq!(waits[1], Duration::from_millis(2 * LAGO_RETRY_DELAY_MS_MIN));
+        assert_eq!(waits[11], Duration::from_millis(LAGO_RETRY_DELAY_MS_MAX));
+        assert_eq!(
+            next_step(CallOutcome::RateLimited(Duration::from_secs(3)), &sent, &mut b),
+            Step::Resend { wait: Duration::from_secs(3), rate_limited: true }
+        );
+        assert_eq!(
+            next_step(CallOutcome::Accepted, &sent, &mut b),
+            Step::Settle { keys: sent.to_vec(), already_existed: false }
+        );
+        assert_eq!(b, Backoff::default(), "an accepted call resets the backoff");
+        assert_eq!(
+            next_step(CallOutcome::Refused(401, "no".into()), &sent, &mut b),
+            Step::Stop { status: 401, body: "no".into() }
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //!
 //! A settled entry is inserted with compare-and-swap against "absent" and never written again;
 //! corrections are new adjustment entries. The ledger's time zone is fixed by its first
-//! settlement: days cut in another zone would not be the same days.
+//! settlement: days cut in another zone would not be the same days. Runs of one process are
+//! serialised by a lock of the store (sled allows one process per store); the PostgreSQL
+//! ledger, for several processes, is [`crate::postgres::ledger`].
 
 use std::collections::BTreeMap;
 
@@ -180,6 +182,7 @@ impl Ledger {
         now: Timestamp,
     ) -> Result<Settlement, LedgerError> {
         let tz = time_zone(tz_name)?;
+        let _one_run_at_a_time = self.store.ledger_lock();
         match self.zone()? {
             Some(z) if z != tz_name => {
                 return Err(LedgerError::ZoneMismatch { ledger: z, asked: tz_name.into() })

@@ -1,6 +1,6 @@
 //! Countersign rating endpoint: verifies signed batches of device reports, deduplicates
-//! them by record id, stores them durably in an embedded sled store, and derives per-SIM,
-//! per-day usage from them.
+//! them by record id, stores them durably (embedded sled, or PostgreSQL shared by several
+//! processes), and derives per-SIM, per-day usage from them.
 //!
 //! - [`config`]: the TOML configuration, validated once.
 //! - [`usage`]: the pure usage derivation (which bytes, which SIM, which day).

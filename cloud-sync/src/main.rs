@@ -490,10 +490,8 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
         Some(lago_path) => {
             let lago = LagoConfig::load(lago_path)
                 .with_context(|| format!("lago config {}", lago_path.display()))?;
-            let countersign_cloud::StoreBackend::Sled(store) = endpoint.store() else {
-                anyhow::bail!("--lago-config: the Lago export needs the embedded store; not yet on postgres");
-            };
-            let exporter = LagoExporter::new(store, lago).context("lago exporter")?;
+            // On PostgreSQL every process runs an exporter; one at a time is active (export lock).
+            let exporter = LagoExporter::new(endpoint.store(), lago).context("lago exporter")?;
             Some(tokio::spawn(
                 exporter.run(Duration::from_secs(LAGO_EXPORT_INTERVAL_S), stopped(stop_rx.clone())),
             ))

@@ -10,6 +10,19 @@
 //! | `meters`      | `meter_id` → HMAC key                 | reference table           |
 //! | `gateways`    | `gateway_id` → Ed25519 public key     | reference table           |
 //! | `api_tokens`  | `token_sha256` → name, role           | reference table           |
+//! | `ledger_meta` | `name` → value (the ledger's zone)    | reference table           |
+//! | `ledger_settled` | `(iccid, day)`                     | distributed by `iccid`    |
+//! | `ledger_adjustments` | `(iccid, day, seq)`            | distributed by `iccid`    |
+//! | `lago_planned` | `(iccid, meter_id, epoch, seq)` → export seq | distributed by `iccid` |
+//! | `lago_outbox` | `(iccid, export_seq)` → event JSON    | distributed by `iccid`    |
+//! | `lago_epoch_max` | `(meter_id, epoch)` → exported max | distributed by `meter_id` |
+//!
+//! The ledger and the Lago outbox are [`ledger`] and [`lago`] (migration 3); each states how
+//! it stays correct with several endpoint processes on one database: settlement runs one at
+//! a time under a transaction advisory lock, and one Lago exporter at a time is active under
+//! a session advisory lock, primary keys refusing a second booking or plan either way.
+//! `lago_epoch_max` is distributed by meter, not SIM, because an epoch's running maximum spans
+//! the SIM swaps inside it.
 //!
 //! **Why two record tables.** Usage is read per SIM, so `records` is distributed by ICCID;
 //! Citus requires every unique constraint of a distributed table to include its distribution
@@ -52,12 +65,23 @@
 //! SELECT create_reference_table('api_tokens');
 //! SELECT create_distributed_table('records', 'iccid');
 //! SELECT create_distributed_table('record_ids', 'meter_id');
+//! -- migration 3: ledger and Lago outbox
+//! SELECT create_reference_table('ledger_meta');
+//! SELECT create_distributed_table('ledger_settled', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('ledger_adjustments', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('lago_planned', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('lago_outbox', 'iccid', colocate_with => 'records');
+//! SELECT create_distributed_table('lago_epoch_max', 'meter_id', colocate_with => 'record_ids');
 //! ```
 //!
 //! `schema_migrations` stays a local coordinator table. Every statement the store issues keeps
 //! to what Citus runs: no foreign keys between distributed tables, no joins between the two
 //! record tables (an ingest reads them in separate statements), multi-shard transactions for
-//! the two inserts of a batch.
+//! the two inserts of a batch. The only join is the Lago planner's anti-join of `records`
+//! with `lago_planned`, on the full key including `iccid`: co-located, so it runs shard by
+//! shard. A settlement writes `ledger_meta` (a reference table) before its multi-shard
+//! inserts, as Citus requires. Advisory locks are per node: every endpoint process must reach
+//! the same coordinator.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -70,8 +94,11 @@ use ed25519_dalek::VerifyingKey;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
+pub mod lago;
+pub mod ledger;
+
 use crate::store::{InsertOutcome, NewRecord, Registration, StoreError, StoredRecord};
-use crate::usage::{derive_daily, DailyUsage, UsageError, UsageRecord};
+use crate::usage::{derive_daily, derive_daily_in, DailyUsage, TimeZone, UsageError, UsageRecord};
 
 /// Connections a pool opens at most when `store.postgres_pool_connections` is not given.
 pub const PG_POOL_CONNECTIONS_DEFAULT: usize = 8;
@@ -155,7 +182,56 @@ CREATE TABLE api_tokens (
 );
 ",
     },
-    // Version 3 is another branch's; this one touches no table of it (see billing_store.rs).
+    Migration {
+        version: 3,
+        name: "settlement ledger, lago outbox",
+        sql: "
+CREATE TABLE ledger_meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE ledger_settled (
+    iccid BIGINT NOT NULL,
+    day DATE NOT NULL,
+    up_bytes BIGINT NOT NULL,
+    down_bytes BIGINT NOT NULL,
+    settled_at_s BIGINT NOT NULL,
+    PRIMARY KEY (iccid, day)
+);
+CREATE TABLE ledger_adjustments (
+    iccid BIGINT NOT NULL,
+    day DATE NOT NULL,
+    seq BIGINT NOT NULL CHECK (seq BETWEEN 1 AND 4294967295),
+    delta_up_bytes BIGINT NOT NULL,
+    delta_down_bytes BIGINT NOT NULL,
+    made_at_s BIGINT NOT NULL,
+    PRIMARY KEY (iccid, day, seq)
+);
+CREATE TABLE lago_planned (
+    iccid BIGINT NOT NULL,
+    meter_id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL CHECK (epoch BETWEEN 0 AND 4294967295),
+    seq BIGINT NOT NULL CHECK (seq BETWEEN 0 AND 4294967295),
+    export_seq BIGINT NOT NULL CHECK (export_seq >= 0),
+    PRIMARY KEY (iccid, meter_id, epoch, seq)
+);
+CREATE INDEX lago_planned_export_seq ON lago_planned (export_seq);
+CREATE TABLE lago_outbox (
+    iccid BIGINT NOT NULL,
+    export_seq BIGINT NOT NULL CHECK (export_seq >= 0),
+    event BYTEA NOT NULL,
+    PRIMARY KEY (iccid, export_seq)
+);
+CREATE INDEX lago_outbox_export_seq ON lago_outbox (export_seq);
+CREATE TABLE lago_epoch_max (
+    meter_id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL CHECK (epoch BETWEEN 0 AND 4294967295),
+    up_bytes BIGINT NOT NULL,
+    down_bytes BIGINT NOT NULL,
+    PRIMARY KEY (meter_id, epoch)
+);
+",
+    },
     Migration {
         version: 4,
         name: "billing wallets, debits per period, top-ups, alerts",
@@ -180,17 +256,24 @@ fn u32_from_sql(column: &str, v: i64) -> Result<u32, StoreError> {
 fn db_error(e: tokio_postgres::Error) -> StoreError {
     // Connection loss, resource exhaustion, shutdown, and aborted transactions go away by
     // themselves; a constraint or syntax error does not.
+    // A lock wait past `lock_timeout` (55P03) is as transient: the holder finishes.
     let recoverable = match e.code() {
         None => true,
+        Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => true,
         Some(code) => {
             let class = code.code().get(..2).unwrap_or("");
             matches!(class, "08" | "53" | "57" | "40" | "58")
         }
     };
+    // The Display of a server error is only "db error": say what the server said.
+    let message = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
     if recoverable {
-        StoreError::DatabaseUnavailable(e.to_string())
+        StoreError::DatabaseUnavailable(message)
     } else {
-        StoreError::Database(e.to_string())
+        StoreError::Database(message)
     }
 }
 
@@ -232,6 +315,9 @@ impl KeyCache {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// The pool's connection settings, for the connections that must not come from the pool
+    /// (one holding a session advisory lock).
+    config: Arc<tokio_postgres::Config>,
     cache: Arc<Mutex<KeyCache>>,
     /// Where it connects, without credentials, for logs and errors.
     target: Arc<str>,
@@ -271,8 +357,11 @@ impl PgStore {
             config.application_name("countersign-cloud");
         }
         config.connect_timeout(Duration::from_secs(PG_CONNECT_TIMEOUT_S));
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(pool_connections.clamp(1, PG_POOL_CONNECTIONS_MAX))
             .runtime(Runtime::Tokio1)
@@ -280,7 +369,7 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(PG_POOL_WAIT_S)))
             .build()
             .map_err(|e| StoreError::Database(format!("connection pool: {e}")))?;
-        let store = Self { pool, cache: Arc::default(), target: target.into() };
+        let store = Self { pool, config: Arc::new(config), cache: Arc::default(), target: target.into() };
         store.migrate().await.map_err(|e| match e {
             StoreError::DatabaseUnavailable(m) => {
                 StoreError::DatabaseUnavailable(format!("{}: {m}", store.target))
@@ -629,6 +718,20 @@ impl PgStore {
     /// Streams the records meter by meter, so memory is bounded by the largest meter's
     /// history, not by the table.
     pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<DailyUsage, StoreError> {
+        self.derive(iccid, derive_daily).await
+    }
+
+    /// Bytes per (ICCID, day in `tz`), derived with [`derive_daily_in`] exactly as
+    /// [`PgStore::daily_usage`] derives UTC days (same streaming, same per-SIM filter).
+    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: &TimeZone) -> Result<DailyUsage, StoreError> {
+        self.derive(iccid, |records| derive_daily_in(records, tz)).await
+    }
+
+    async fn derive(
+        &self,
+        iccid: Option<u64>,
+        derive: impl Fn(Vec<UsageRecord>) -> Result<DailyUsage, UsageError>,
+    ) -> Result<DailyUsage, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         // A portal needs a transaction; REPEATABLE READ gives the whole scan one snapshot.
         let tx = client
@@ -638,43 +741,26 @@ impl PgStore {
             .start()
             .await
             .map_err(db_error)?;
-        let select = "SELECT meter_id, epoch, seq, received_ms, report FROM records";
-        let order = "ORDER BY (meter_id < 0), meter_id, epoch, seq";
-        let portal = match iccid {
-            None => tx.bind(&format!("{select} {order}"), &[]).await,
-            Some(sim) => {
-                tx.bind(
-                    &format!(
-                        "{select} WHERE meter_id IN (SELECT DISTINCT meter_id FROM records WHERE iccid = $1) {order}"
-                    ),
-                    &[&u64_to_sql(sim)],
-                )
-                .await
-            }
-        }
-        .map_err(db_error)?;
         let mut total = DailyUsage::new();
-        let mut meter: Vec<UsageRecord> = Vec::new();
-        loop {
-            let rows = tx.query_portal(&portal, PG_USAGE_FETCH_ROWS).await.map_err(db_error)?;
-            let done = rows.is_empty();
-            for row in &rows {
-                let r = usage_record(row)?;
-                if meter.last().is_some_and(|last| last.id.meter_id != r.id.meter_id) {
-                    merge(&mut total, derive_daily(meter.drain(..))?)?;
-                }
-                meter.push(r);
-            }
-            if done {
-                break;
-            }
-        }
-        merge(&mut total, derive_daily(meter)?)?;
+        for_each_meter(&tx, iccid, |meter| Ok(merge(&mut total, derive(meter)?)?)).await?;
         tx.commit().await.map_err(db_error)?;
         if let Some(sim) = iccid {
             total.retain(|(i, _), _| *i == sim);
         }
         Ok(total)
+    }
+
+    /// A connection of its own, outside the pool, with the pool's settings: for a session
+    /// advisory lock, which must end with the connection rather than go back to the pool.
+    pub(crate) async fn dedicated_connection(&self) -> Result<tokio_postgres::Client, StoreError> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(db_error)?;
+        let target = self.target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(target = %target, error = %e, "dedicated postgres connection ended");
+            }
+        });
+        Ok(client)
     }
 
     /// Stores an API token's SHA-256 under a unique name; committed when this returns.
@@ -890,6 +976,51 @@ fn usage_record(row: &Row) -> Result<UsageRecord, StoreError> {
         )));
     }
     Ok(UsageRecord::from_report(&report, received_ms))
+}
+
+/// Streams the stored records in record id order to `each_meter`, one meter's records at a
+/// time (the unit the derivation needs: an epoch never spans meters), inside `tx` (whose
+/// isolation decides the snapshot). With `iccid`, only the meters that ever named that SIM,
+/// all of their records. Memory: one fetch plus the largest meter's history.
+async fn for_each_meter(
+    tx: &tokio_postgres::Transaction<'_>,
+    iccid: Option<u64>,
+    mut each_meter: impl FnMut(Vec<UsageRecord>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let select = "SELECT meter_id, epoch, seq, received_ms, report FROM records";
+    let order = "ORDER BY (meter_id < 0), meter_id, epoch, seq";
+    let portal = match iccid {
+        None => tx.bind(&format!("{select} {order}"), &[]).await,
+        Some(sim) => {
+            tx.bind(
+                &format!(
+                    "{select} WHERE meter_id IN (SELECT DISTINCT meter_id FROM records WHERE iccid = $1) {order}"
+                ),
+                &[&u64_to_sql(sim)],
+            )
+            .await
+        }
+    }
+    .map_err(db_error)?;
+    let mut meter: Vec<UsageRecord> = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, PG_USAGE_FETCH_ROWS).await.map_err(db_error)?;
+        let done = rows.is_empty();
+        for row in &rows {
+            let r = usage_record(row)?;
+            if meter.last().is_some_and(|last| last.id.meter_id != r.id.meter_id) {
+                each_meter(std::mem::take(&mut meter))?;
+            }
+            meter.push(r);
+        }
+        if done {
+            break;
+        }
+    }
+    if !meter.is_empty() {
+        each_meter(meter)?;
+    }
+    Ok(())
 }
 
 fn merge(total: &mut DailyUsage, part: DailyUsage) -> Result<(), UsageError> {

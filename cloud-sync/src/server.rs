@@ -17,8 +17,9 @@
 //! | `POST /v1/admin/settle`           | admin token      | [`SettleReply`] for a [`SettleRequest`] |
 //! | `GET /health`                     | none             | `{"status":"ok"}`                      |
 //!
-//! Every error is an [`ErrorBody`] with a stable `code`. Blocking work (signature checks,
-//! sled) runs on tokio's blocking pool so the accept loop stays responsive.
+//! Every route runs on either store ([`StoreBackend`]). Every error is an [`ErrorBody`] with a
+//! stable `code`. Blocking work (signature checks, sled) runs on tokio's blocking pool so the
+//! accept loop stays responsive.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -944,26 +945,6 @@ fn zone_range(p: &ZoneParams) -> Result<(Option<u64>, DateRange), ApiError> {
     Ok((iccid, range))
 }
 
-/// Runs blocking work (sled scans) off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        tracing::error!(error = %e, "blocking task failed");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal task failed")
-    })
-}
-
-/// The settlement ledger and time-zone days live in the embedded store for now.
-fn sled_only(store: &StoreBackend) -> Result<crate::store::Store, ApiError> {
-    match store {
-        StoreBackend::Sled(s) => Ok(s.clone()),
-        StoreBackend::Postgres(_) => Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "unsupported_store",
-            "time-zone days and the settlement ledger need the embedded store; not yet on postgres",
-        )),
-    }
-}
-
 fn ledger_error(e: crate::ledger::LedgerError) -> ApiError {
     use crate::ledger::LedgerError;
     match e {
@@ -987,12 +968,7 @@ async fn get_usage_days(
         p.tz.clone().ok_or_else(|| ApiError::bad_request("tz: required, e.g. Europe/Berlin or UTC"))?;
     let tz = crate::usage::time_zone(&tz_name).map_err(|e| ApiError::bad_request(format!("tz: {e}")))?;
     let (iccid, range) = zone_range(&p)?;
-    let store = sled_only(&state.store)?;
-    let daily = blocking(move || -> Result<_, StoreError> {
-        let records: Result<Vec<_>, _> = store.usage_records().collect();
-        Ok(crate::usage::derive_daily_in(records?, &tz)?)
-    })
-    .await??;
+    let daily = state.store.daily_usage_in(iccid, tz).await?;
     let mut days = Vec::new();
     for ((i, date), t) in daily {
         if iccid.is_none_or(|want| want == i) && range.contains(date) {
@@ -1017,13 +993,7 @@ async fn get_usage_ledger(
         return Err(ApiError::bad_request("tz: the ledger's zone is fixed; do not pass it"));
     }
     let (iccid, range) = zone_range(&p)?;
-    let store = sled_only(&state.store)?;
-    let (tz, days) = blocking(move || {
-        let ledger = crate::ledger::Ledger::open(&store)?;
-        Ok::<_, crate::ledger::LedgerError>((ledger.zone()?, ledger.days(iccid, range)?))
-    })
-    .await?
-    .map_err(ledger_error)?;
+    let (tz, days) = state.store.ledger(iccid, range).await.map_err(ledger_error)?;
     let mut out = Vec::with_capacity(days.len());
     for d in days {
         let s = d.settled;
@@ -1058,12 +1028,11 @@ async fn post_settle(
     body: Result<Json<SettleRequest>, JsonRejection>,
 ) -> Result<Json<SettleReply>, ApiError> {
     let body = json_body(body)?;
-    let store = sled_only(&state.store)?;
-    let s = blocking(move || {
-        crate::ledger::Ledger::open(&store)?.settle(&body.tz, body.settlement_hours, jiff::Timestamp::now())
-    })
-    .await?
-    .map_err(ledger_error)?;
+    let s = state
+        .store
+        .settle(body.tz, body.settlement_hours, jiff::Timestamp::now())
+        .await
+        .map_err(ledger_error)?;
     Ok(Json(SettleReply { settled: s.settled.len(), adjustments: s.adjustments.len() }))
 }
 

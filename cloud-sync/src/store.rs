@@ -22,7 +22,7 @@ use countersign_protocol::keys::PUBLIC_KEY_BYTES;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
-use crate::usage::{derive_daily, DailyUsage, UsageError, UsageRecord};
+use crate::usage::{derive_daily, derive_daily_in, DailyUsage, TimeZone, UsageError, UsageRecord};
 
 /// Name of the sled directory inside the configured `data_dir`.
 pub const STORE_DIR_NAME: &str = "sled";
@@ -206,6 +206,9 @@ pub struct Store {
     tokens: sled::Tree,
     /// Serialises token changes: a name must stay unique across the check and the write.
     token_lock: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Serialises settlement runs of this process (the only one that can open the store), as
+    /// the advisory lock does on PostgreSQL: two runs at once would book the same day.
+    ledger_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -221,7 +224,15 @@ impl Store {
         let meters = db.open_tree(METERS_TREE).map_err(open_err)?;
         let gateways = db.open_tree(GATEWAYS_TREE).map_err(open_err)?;
         let tokens = db.open_tree(TOKENS_TREE).map_err(open_err)?;
-        Ok(Self { db, records, meters, gateways, tokens, token_lock: Default::default() })
+        Ok(Self {
+            db,
+            records,
+            meters,
+            gateways,
+            tokens,
+            token_lock: Default::default(),
+            ledger_lock: Default::default(),
+        })
     }
 
     /// Stores a verified report under its record id unless a record with that id exists.
@@ -362,12 +373,38 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Bytes per (ICCID, day in `tz`) over every stored record, streamed in key order
+    /// through [`derive_daily_in`]: O(records), like [`Store::daily_usage`].
+    pub fn daily_usage_in(&self, tz: &TimeZone) -> Result<DailyUsage, StoreError> {
+        let mut failure = None;
+        let records = self.usage_records().map_while(|r| match r {
+            Ok(r) => Some(r),
+            Err(e) => {
+                failure = Some(e);
+                None
+            }
+        });
+        let daily = derive_daily_in(records, tz);
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(daily?)
+    }
+}
+
 /// Access for the modules that keep their own trees beside the records (settlement, Lago
 /// outbox). Kept apart from the core API above so that store backends can differ here.
 impl Store {
     /// The sled database, for multi-tree transactions of the modules that own extra trees.
     pub(crate) fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// Held for a whole settlement run (see [`crate::ledger`]).
+    pub(crate) fn ledger_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A run that panicked wrote nothing or whole entries: the ledger is still valid.
+        self.ledger_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every stored record as the derivation sees it, in record id order. O(records).

@@ -2,7 +2,8 @@
 //! at most 100 events, 422 `no_events` / `too_many_events`, one already-stored
 //! `transaction_id` fails the whole batch with `value_already_exist` at its position, 429 and
 //! 500 on demand. The exporter is restarted mid-run; every record must arrive exactly once with
-//! the right bytes and byte-identical retries.
+//! the right bytes and byte-identical retries. Each test runs on sled and on PostgreSQL; on
+//! PostgreSQL, two exporters share one database as two `serve --lago-config` processes would.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -15,8 +16,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use countersign_cloud::lago::{transaction_id, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH};
-use countersign_cloud::Store;
+use countersign_cloud::lago::{
+    transaction_id, ExportStats, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH,
+};
+use countersign_cloud::postgres::testing::TestDatabase;
+use countersign_cloud::store::NewRecord;
+use countersign_cloud::{PgStore, Store, StoreBackend};
 use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use serde_json::{json, Value};
 
@@ -41,6 +46,8 @@ enum Fault {
 struct Lago {
     /// transaction_id → the event as first stored.
     stored: HashMap<String, Value>,
+    /// transaction_id → how many calls carried it (accepted or not, faults excepted).
+    received: HashMap<String, usize>,
     /// Every call's event count and status.
     calls: Vec<(usize, u16)>,
     /// Retried events whose body differed from the stored one (must stay 0).
@@ -100,6 +107,7 @@ async fn batch(State(lago): State<Shared>, headers: HeaderMap, body: Bytes) -> R
     let mut details = serde_json::Map::new();
     for (i, e) in events.iter().enumerate() {
         let id = e["transaction_id"].as_str().unwrap_or_default().to_owned();
+        *l.received.entry(id.clone()).or_default() += 1;
         if let Some(first) = l.stored.get(&id) {
             if first != e {
                 l.mismatched_retries += 1;
@@ -132,7 +140,7 @@ async fn start_lago() -> (String, Shared) {
     (format!("http://{addr}"), lago)
 }
 
-fn insert(store: &Store, meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, down: u64) {
+fn record(meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, down: u64) -> NewRecord {
     let r = Report {
         meter_id,
         epoch,
@@ -145,27 +153,114 @@ fn insert(store: &Store, meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u6
     };
     let mut buf = [0u8; REPORT_BYTES_MAX];
     let n = r.encode(&KEY, &mut buf).unwrap();
-    store.insert_record(r.id(), 1, NOON_S * 1000, &buf[..n]).unwrap();
+    NewRecord {
+        id: r.id(),
+        iccid,
+        received_ms: NOON_S * 1000,
+        report: bytes::Bytes::copy_from_slice(&buf[..n]),
+    }
 }
+
+/// Stores records as ingest would (durable when this returns).
+async fn insert(store: &StoreBackend, records: Vec<NewRecord>) {
+    let n = records.len();
+    let out = store.insert_batch(1, records).await.unwrap();
+    assert_eq!(out.len(), n);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Sled,
+    Postgres,
+}
+
+/// One test's store: a sled directory, or a throwaway PostgreSQL database.
+struct Env {
+    dir: tempfile::TempDir,
+    db: Option<TestDatabase>,
+}
+
+impl Env {
+    async fn new(kind: Kind) -> Env {
+        let db = match kind {
+            Kind::Sled => None,
+            Kind::Postgres => Some(TestDatabase::create().await.unwrap()),
+        };
+        Env { dir: tempfile::tempdir().unwrap(), db }
+    }
+
+    /// Opens the store, as a (re)starting process does: sled once the previous handle is
+    /// gone, PostgreSQL as one more pool on the same database.
+    async fn open(&self) -> StoreBackend {
+        match &self.db {
+            Some(db) => StoreBackend::Postgres(PgStore::connect(&db.url(), 4).await.unwrap()),
+            None => {
+                // sled's flusher thread may hold the old handle for a moment after the drop.
+                for _ in 0..100 {
+                    if let Ok(s) = Store::open(self.dir.path(), 1024 * 1024) {
+                        return StoreBackend::Sled(s);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("the sled store did not become free");
+            }
+        }
+    }
+}
+
+/// One drain as the active exporter: a restarted process may find the lock of the process it
+/// replaces still held for a moment (PostgreSQL frees it when that connection has closed).
+async fn drain_when_active(exporter: &LagoExporter) -> ExportStats {
+    for _ in 0..200 {
+        let stats = exporter.drain().await.unwrap();
+        if !stats.standby {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the export lock was never freed");
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod on_sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Sled).await
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    every_record_arrives_exactly_once_across_restarts_and_faults,
+    the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter
+);
 
 fn config(base: &str) -> LagoConfig {
     let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned()), (SIM_B, "sub_b".to_owned())].into();
     LagoConfig::new(base, API_KEY, "data_bytes", subs).unwrap()
 }
 
-fn open(dir: &std::path::Path) -> Store {
-    Store::open(dir, 1024 * 1024).unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
+async fn every_record_arrives_exactly_once_across_restarts_and_faults(kind: Kind) {
     let (base, lago) = start_lago().await;
-    let dir = tempfile::tempdir().unwrap();
+    let env = Env::new(kind).await;
     let mut expected_epoch_bytes = BTreeMap::<(u64, u32), u64>::new();
     let mut ids = Vec::new();
     {
-        let store = open(dir.path());
+        let store = env.open().await;
         // 3 meters × 2 epochs × 40 reports; seq 10 of meter 1 epoch 0 arrives later.
+        let mut records = Vec::new();
         for meter in 1..=3u64 {
             for epoch in 0..2u32 {
                 for seq in 0..40u32 {
@@ -173,15 +268,15 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
                     let (up, down) = (u64::from(seq) * 100 + u64::from(epoch), u64::from(seq) * 1000);
                     ids.push(RecordId { meter_id: meter, epoch, seq });
                     if (meter, epoch, seq) != (1, 0, 10) {
-                        insert(&store, meter, epoch, seq, iccid, up, down);
+                        records.push(record(meter, epoch, seq, iccid, up, down));
                     }
                     *expected_epoch_bytes.entry((meter, epoch)).or_default() = up + down;
                 }
             }
         }
         // An unmapped SIM is held back, not sent and not dropped.
-        insert(&store, 9, 0, 0, SIM_UNMAPPED, 5, 5);
-        store.flush().unwrap();
+        records.push(record(9, 0, 0, SIM_UNMAPPED, 5, 5));
+        insert(&store, records).await;
 
         // First run: a 429, a 500, one good call, then a call whose answer is lost, after
         // which Lago stays down.
@@ -202,19 +297,18 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
         assert_eq!(lago.lock().unwrap().stored.len(), 120);
     }
     // Restart: reopen the store, a late report arrives, Lago is back (after a 429).
-    let store = open(dir.path());
-    insert(&store, 1, 0, 10, SIM_A, 1000, 10_000);
-    store.flush().unwrap();
+    let store = env.open().await;
+    insert(&store, vec![record(1, 0, 10, SIM_A, 1000, 10_000)]).await;
     {
         let mut l = lago.lock().unwrap();
         l.down = false;
         l.faults = [Some(Fault::RateLimited)].into();
     }
     let exporter = LagoExporter::new(&store, config(&base)).unwrap();
-    let stats = exporter.drain().await.unwrap();
+    let stats = drain_when_active(&exporter).await;
     assert_eq!(stats.rate_limited, 1);
     assert!(stats.already_existed >= 60, "{stats:?}");
-    assert_eq!(exporter.outbox().pending(), 0);
+    assert_eq!(exporter.pending().await.unwrap(), 0);
 
     {
         let l = lago.lock().unwrap();
@@ -223,7 +317,9 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
     // Once mapped, the held-back record goes too.
     let mut with_unmapped = config(&base);
     with_unmapped.subscriptions.insert(SIM_UNMAPPED, "sub_9".into());
-    let stats = LagoExporter::new(&store, with_unmapped).unwrap().drain().await.unwrap();
+    // (A new exporter: on PostgreSQL the previous one still holds the lock until dropped.)
+    drop(exporter);
+    let stats = drain_when_active(&LagoExporter::new(&store, with_unmapped).unwrap()).await;
     assert_eq!((stats.planned, stats.delivered), (1, 1));
 
     let l = lago.lock().unwrap();
@@ -247,8 +343,7 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults() {
     assert_eq!(l.stored["1-0-11"]["properties"]["bytes"], 1100 + 11_000 - 900 - 9000);
 }
 
-#[tokio::test]
-async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter() {
+async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter(kind: Kind) {
     let (base, lago) = start_lago().await;
     let http = reqwest::Client::new();
     let url = format!("{base}{LAGO_EVENTS_BATCH_PATH}");
@@ -269,13 +364,131 @@ async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter() {
     assert_eq!(lago.lock().unwrap().stored.len(), 1, "a failing batch stores nothing");
 
     // A wrong API key is a refusal: the exporter stops and keeps the events.
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    insert(&store, 1, 0, 0, SIM_A, 1, 1);
+    let env = Env::new(kind).await;
+    let store = env.open().await;
+    insert(&store, vec![record(1, 0, 0, SIM_A, 1, 1)]).await;
     let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned())].into();
     let bad = LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap();
     let exporter = LagoExporter::new(&store, bad).unwrap();
     let e = exporter.drain().await.unwrap_err();
     assert!(matches!(e, LagoError::Refused { status: 401, .. }), "{e}");
-    assert_eq!(exporter.outbox().pending(), 1);
+    assert_eq!(exporter.pending().await.unwrap(), 1);
+    // The failed round gave up the export lock (PostgreSQL): a fixed exporter takes over.
+    let fixed = LagoExporter::new(&store, config(&base)).unwrap();
+    let stats = fixed.drain().await.unwrap();
+    assert_eq!((stats.standby, stats.delivered), (false, 1), "{stats:?}");
+}
+
+/// Records of `meters` meters × 2 epochs × `per_epoch` reports starting at `first_seq`, with
+/// cumulative `used`, on SIM_A and SIM_B.
+fn wave(meters: std::ops::RangeInclusive<u64>, first_seq: u32, per_epoch: u32) -> Vec<NewRecord> {
+    let mut out = Vec::new();
+    for meter in meters {
+        for epoch in 0..2u32 {
+            for seq in first_seq..first_seq + per_epoch {
+                let iccid = if meter % 2 == 0 { SIM_B } else { SIM_A };
+                out.push(record(meter, epoch, seq, iccid, u64::from(seq) * 10 + 1, u64::from(seq) * 100));
+            }
+        }
+    }
+    out
+}
+
+/// One endpoint process's exporter loop: drains every 20 ms, counting what it did.
+fn exporter_loop(exporter: LagoExporter, log: Arc<Mutex<Vec<ExportStats>>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stats = exporter.drain().await.unwrap();
+            log.lock().unwrap().push(stats);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+fn delivered(log: &Mutex<Vec<ExportStats>>) -> usize {
+    log.lock().unwrap().iter().map(|s| s.delivered).sum()
+}
+
+async fn wait_for_stored(lago: &Shared, n: usize) {
+    for _ in 0..1500 {
+        if lago.lock().unwrap().stored.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("lago has {} events, expected {n}", lago.lock().unwrap().stored.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_exporters_on_one_database_deliver_each_record_once() {
+    let (base, lago) = start_lago().await;
+    let env = Env::new(Kind::Postgres).await;
+    // Two endpoint processes on one database, each with its exporter.
+    let (store_a, store_b) = (env.open().await, env.open().await);
+    insert(&store_a, wave(1..=6, 0, 50)).await;
+    let (log_a, log_b) = (Arc::default(), Arc::default());
+    let a = exporter_loop(LagoExporter::new(&store_a, config(&base)).unwrap(), Arc::clone(&log_a));
+    let b = exporter_loop(LagoExporter::new(&store_b, config(&base)).unwrap(), Arc::clone(&log_b));
+    wait_for_stored(&lago, 600).await;
+    // More records while both run, through the other process, some late within their epochs.
+    insert(&store_b, wave(1..=6, 50, 25)).await;
+    insert(&store_b, wave(7..=8, 0, 25)).await;
+    wait_for_stored(&lago, 1000).await;
+    // The round that sent the last events reports once it has removed them.
+    for _ in 0..500 {
+        if delivered(&log_a) + delivered(&log_b) >= 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(LagoExporter::new(&store_a, config(&base)).unwrap().pending().await.unwrap(), 0);
+    // Exactly one of them was active; the other only stood by.
+    let (by_a, by_b) = (delivered(&log_a), delivered(&log_b));
+    assert_eq!(by_a + by_b, 1000, "delivered {by_a} + {by_b}");
+    assert!(by_a == 0 || by_b == 0, "both exporters sent: {by_a} and {by_b}");
+    let (active, standby, standby_log, standby_store) =
+        if by_a > 0 { (a, b, Arc::clone(&log_b), &store_b) } else { (b, a, Arc::clone(&log_a), &store_a) };
+    assert!(standby_log.lock().unwrap().iter().all(|s| s.standby && s.planned == 0));
+
+    // The active process goes away (its connection, and with it the lock): the other takes
+    // over and exports what arrives from then on.
+    active.abort();
+    let _ = active.await;
+    insert(standby_store, wave(9..=10, 0, 50)).await;
+    wait_for_stored(&lago, 1200).await;
+    for _ in 0..500 {
+        if delivered(&standby_log) >= 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(delivered(&standby_log), 200, "the standby exporter did not take over");
+    standby.abort();
+    let _ = standby.await;
+
+    let l = lago.lock().unwrap();
+    assert_eq!(l.stored.len(), 1200);
+    let resent: Vec<_> = l.received.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(resent.is_empty(), "events sent more than once: {resent:?}");
+    assert!(l.calls.iter().all(|(n, s)| *n <= 100 && *s == 200), "{:?}", l.calls);
+    assert_eq!(l.mismatched_retries, 0);
+    // Each epoch's events add up to its highest `used`, whichever exporter planned them.
+    let mut got = BTreeMap::<(u64, u32), u64>::new();
+    for e in l.stored.values() {
+        let id: Vec<u64> =
+            e["transaction_id"].as_str().unwrap().split('-').map(|p| p.parse().unwrap()).collect();
+        *got.entry((id[0], u32::try_from(id[1]).unwrap())).or_default() +=
+            e["properties"]["bytes"].as_u64().unwrap();
+    }
+    for ((meter, _), bytes) in &got {
+        let last = if *meter <= 6 {
+            74u64
+        } else if *meter <= 8 {
+            24
+        } else {
+            49
+        };
+        assert_eq!(*bytes, last * 10 + 1 + last * 100, "meter {meter}");
+    }
+    assert_eq!(got.len(), 20);
 }

@@ -64,7 +64,8 @@ struct Outcome {
 async fn parent() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let port = free_port()?;
-    let _mqtt = Mosquitto::start(port, &tmp.path().join("mosquitto")).await?;
+    let extra = std::env::var("BENCH_MOSQUITTO_EXTRA").unwrap_or_default().replace("\\n", "\n");
+    let _mqtt = Mosquitto::start_with(port, &tmp.path().join("mosquitto"), &extra).await?;
     let payloads = load();
     let mut results = Vec::new();
     for role in ["subscriber", "agent"] {
@@ -230,9 +231,10 @@ async fn agent(port: u16, dir: &std::path::Path) -> Result<(f64, u64)> {
     countersign_protocol::keys::write_secret(&key, &countersign_protocol::keys::generate_meter_key())?;
     let config = countersign_agent::AgentConfig::from_toml_str(&format!(
         "gateway_id = 1\ngateway_key_file = \"{}\"\ndata_dir = \"{}\"\nendpoint_url = \"http://127.0.0.1:1\"\n\
-         [mqtt]\nport = {port}\nclient_id = \"{CLIENT_ID}\"\n[http]\nlisten = \"\"\n[batch]\nretry_delay_ms_min = 1000\n",
+         [mqtt]\nport = {port}\nclient_id = \"{CLIENT_ID}\"\n[http]\nlisten = \"\"\n[batch]\nretry_delay_ms_min = 1000\n{}",
         key.display(),
-        dir.join("agent-data").display()
+        dir.join("agent-data").display(),
+        std::env::var("BENCH_AGENT_TOML").unwrap_or_default().replace("\\n", "\n"),
     ))?;
     let status = Arc::new(countersign_agent::AgentStatus::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

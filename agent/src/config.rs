@@ -218,7 +218,7 @@ struct RawCommit {
 
 impl Default for RawCommit {
     fn default() -> Self {
-        Self { reports_max: 512, delay_ms: 5 }
+        Self { reports_max: COMMIT_REPORTS_MAX, delay_ms: 5 }
     }
 }
 

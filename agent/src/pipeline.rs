@@ -708,24 +708,119 @@ async fn send_acks(c: &mut Committer, acks: &mut std::collections::VecDeque<Publ
     }
 }
 
+/// A group written to sled whose flush is running; acked when the flush returns.
+struct InFlight {
+    flush: tokio::task::JoinHandle<Result<(), StoreError>>,
+    acks: Vec<Publish>,
+    reports: usize,
+    quarantined: usize,
+}
+
+/// What became of a flushed group.
+enum Landed {
+    /// Durable and queued for acking.
+    Acked,
+    /// The flush failed: nothing of it (or after it) is acked; the pipeline must restart.
+    Fault,
+}
+
+type FlushResult = Result<Result<(), StoreError>, tokio::task::JoinError>;
+
+/// Waits for a group's flush and, once durable, queues its acks (in receive order).
+async fn land(
+    c: &mut Committer,
+    mut f: InFlight,
+    acks: &mut std::collections::VecDeque<Publish>,
+    remembered: &mut tokio::time::Instant,
+) -> Landed {
+    let result = (&mut f.flush).await;
+    landed(c, f, result, acks, remembered).await
+}
+
+/// [`land`] once the flush's result is known (its task must not be polled again).
+async fn landed(
+    c: &mut Committer,
+    f: InFlight,
+    result: FlushResult,
+    acks: &mut std::collections::VecDeque<Publish>,
+    remembered: &mut tokio::time::Instant,
+) -> Landed {
+    let result = result.unwrap_or_else(|e| {
+        Err(StoreError::Io(sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}")))))
+    });
+    match result {
+        Ok(()) => {
+            c.status.store_failing.store(false, Ordering::Relaxed);
+            c.status.reports_committed.fetch_add(f.reports as u64, Ordering::Relaxed);
+            c.status.quarantined.fetch_add(f.quarantined as u64, Ordering::Relaxed);
+            c.status.buffer_bytes.store(c.buffer.logical_bytes(), Ordering::Relaxed);
+            debug!(reports = f.reports, quarantined = f.quarantined, "group committed");
+            if remembered.elapsed() >= Duration::from_millis(GENERATION_REMEMBER_MS) {
+                *remembered = tokio::time::Instant::now();
+                if let Err(e) = c.buffer.remember_generation() {
+                    warn!(error = %e, "cannot write the generation file");
+                }
+            }
+            acks.extend(f.acks);
+            send_acks(c, acks).await;
+            c.committed.notify_one();
+            Landed::Acked
+        }
+        Err(e) => {
+            store_fault(c, &e, f.reports + f.quarantined);
+            Landed::Fault
+        }
+    }
+}
+
+fn store_fault(c: &Committer, e: &StoreError, group: usize) {
+    c.status.store_failing.store(true, Ordering::Relaxed);
+    c.status.commits_held.fetch_add(1, Ordering::Relaxed);
+    c.status.set_error(e);
+    error!(error = %e, group, "cannot make reports durable; not acking them");
+    let _ = c.fault.send(true);
+}
+
+/// The committer: gathers a group, writes it, and flushes it while the next group is
+/// gathered and written (two groups at most: one being flushed, one being written). A
+/// group's acks go out only after its own flush returned, and groups are acked in order.
 async fn commit_loop(c: &mut Committer) {
     let mut group: Vec<Received> = Vec::with_capacity(c.config.commit.reports_max);
     let mut acks: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
     let mut remembered = tokio::time::Instant::now();
+    let mut in_flight: Option<InFlight> = None;
     loop {
-        let first = if acks.is_empty() {
-            c.rx.recv().await
-        } else {
+        let first = match in_flight.as_mut() {
+            Some(f) => tokio::select! {
+                // New reports first: they are written while the flush runs, and the flush is
+                // landed right after.
+                biased;
+                r = c.rx.recv() => Ok(r),
+                // The flush returned before a new report came: ack now, not with the next group.
+                res = &mut f.flush => Err(res),
+            },
+            None if acks.is_empty() => Ok(c.rx.recv().await),
             // Acks are waiting for room: retry them every few ms while no report comes.
-            tokio::select! {
-                r = c.rx.recv() => r,
+            None => tokio::select! {
+                r = c.rx.recv() => Ok(r),
                 _ = tokio::time::sleep(Duration::from_millis(ACK_RETRY_MS)) => {
                     send_acks(c, &mut acks).await;
                     continue;
                 }
-            }
+            },
         };
-        let Some(first) = first else { break };
+        let first = match first {
+            Err(res) => {
+                if let Some(f) = in_flight.take() {
+                    if let Landed::Fault = landed(c, f, res, &mut acks, &mut remembered).await {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Ok(None) => break,
+            Ok(Some(r)) => r,
+        };
         group.push(first);
         // Natural group commit: whatever queued up while the last flush ran shares this one.
         while group.len() < c.config.commit.reports_max {
@@ -734,7 +829,10 @@ async fn commit_loop(c: &mut Committer) {
                 Err(_) => break,
             }
         }
-        if group.len() < c.config.commit.reports_max && !c.config.commit.delay.is_zero() {
+        if in_flight.is_none()
+            && group.len() < c.config.commit.reports_max
+            && !c.config.commit.delay.is_zero()
+        {
             let deadline = tokio::time::Instant::now() + c.config.commit.delay;
             while group.len() < c.config.commit.reports_max {
                 match tokio::time::timeout_at(deadline, c.rx.recv()).await {
@@ -744,37 +842,40 @@ async fn commit_loop(c: &mut Committer) {
             }
         }
         if !wait_for_quota(c, &group).await {
-            // Stopping while held: nothing of this group was acked; the broker redelivers.
+            // Stopping while held: this group was not acked (the broker redelivers it); the
+            // one in flight may still be.
+            if let Some(f) = in_flight.take() {
+                let _ = land(c, f, &mut acks, &mut remembered).await;
+            }
             return;
         }
-        match write_group(&c.buffer, &group).await {
-            Ok((reports, quarantined)) => {
-                c.status.store_failing.store(false, Ordering::Relaxed);
-                c.status.reports_committed.fetch_add(reports as u64, Ordering::Relaxed);
-                c.status.quarantined.fetch_add(quarantined as u64, Ordering::Relaxed);
-                c.status.buffer_bytes.store(c.buffer.logical_bytes(), Ordering::Relaxed);
-                debug!(reports, quarantined, "group committed");
-                if remembered.elapsed() >= Duration::from_millis(GENERATION_REMEMBER_MS) {
-                    remembered = tokio::time::Instant::now();
-                    if let Err(e) = c.buffer.remember_generation() {
-                        warn!(error = %e, "cannot write the generation file");
-                    }
-                }
-            }
-            Err(e) => {
-                c.status.store_failing.store(true, Ordering::Relaxed);
-                c.status.commits_held.fetch_add(1, Ordering::Relaxed);
-                c.status.set_error(&e);
-                error!(error = %e, group = group.len(), "cannot make reports durable; not acking them");
-                let _ = c.fault.send(true);
+        let staged = stage_group(&c.buffer, &group);
+        // The previous group's flush covered writes up to its start; this group's writes
+        // need their own flush, started only after that one returned (sled flushes do not
+        // overlap well, and acks must stay in order).
+        if let Some(f) = in_flight.take() {
+            if let Landed::Fault = land(c, f, &mut acks, &mut remembered).await {
                 return;
             }
         }
-        for r in group.drain(..) {
-            acks.push_back(ack_of(&r.publish));
-        }
-        send_acks(c, &mut acks).await;
-        c.committed.notify_one();
+        let (reports, quarantined) = match staged {
+            Ok(n) => n,
+            Err(e) => {
+                store_fault(c, &e, group.len());
+                return;
+            }
+        };
+        in_flight = Some(InFlight {
+            // Covers this group's writes (see `Buffer::flush`); runs while the next is written.
+            flush: tokio::spawn(c.buffer.flush()),
+            acks: group.drain(..).map(|r| ack_of(&r.publish)).collect(),
+            reports,
+            quarantined,
+        });
+    }
+    // The ingest queue closed (stopping): the group in flight is still acked once durable.
+    if let Some(f) = in_flight.take() {
+        let _ = land(c, f, &mut acks, &mut remembered).await;
     }
 }
 
@@ -823,16 +924,14 @@ async fn wait_for_quota(c: &mut Committer, group: &[Received]) -> bool {
     }
 }
 
-async fn write_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usize), StoreError> {
-    let mut reports = 0;
+/// Classifies a group and writes it to sled (not yet durable). Returns (reports, quarantined).
+fn stage_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usize), StoreError> {
+    let mut reports: Vec<(countersign_meter::RecordId, u64, &[u8])> = Vec::with_capacity(group.len());
     let mut quarantined = 0;
     for r in group {
         let p = &r.publish;
         match classify(&p.topic, &p.payload) {
-            Verdict::Report(id) => {
-                buffer.put_report(id, r.received_ms, &p.payload)?;
-                reports += 1;
-            }
+            Verdict::Report(id) => reports.push((id, r.received_ms, &p.payload)),
             Verdict::Quarantine { reason, detail } => {
                 warn!(topic = %p.topic, reason, %detail, bytes = p.payload.len(), "payload quarantined");
                 let keep = &p.payload[..p.payload.len().min(QUARANTINE_PAYLOAD_BYTES_MAX)];
@@ -848,9 +947,11 @@ async fn write_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usiz
             }
         }
     }
+    // One chunk per CHUNK_REPORTS_MAX reports: a sled insert per report is what limited the
+    // committer (the throughput bench showed it).
+    buffer.put_reports(&reports)?;
     buffer.bump_generation()?;
-    buffer.flush().await?;
-    Ok((reports, quarantined))
+    Ok((reports.len(), quarantined))
 }
 
 /// What one upload attempt came to.

@@ -11,7 +11,7 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `pending` | record id, 16 bytes big-endian (meter, epoch, seq) | received_ms u64 BE ‖ original report bytes |
+//! | `chunks` | chunk id, u64 BE (sled `generate_id`: increasing, unique across restarts) | chunk format v1 (below) |
 //! | `quarantine` | sled-generated u64 BE | JSON [`Quarantined`] |
 //! | `rejected` | record id, 16 bytes BE | JSON [`Rejected`] |
 //! | `meta` | `b"batch_seq"` | next batch sequence, u64 BE |
@@ -22,8 +22,19 @@
 //! without complaint and silently misses what it cannot read; a sled generation lower than
 //! the file's is how the agent notices ([`StoreError::LostData`]).
 //!
-//! Keying `pending` by record id makes a redelivered report overwrite itself: duplicates from
-//! the broker cost nothing, and batches go out in (meter, epoch, seq) order.
+//! A chunk holds up to [`CHUNK_REPORTS_MAX`] pending reports of one commit group, in
+//! receive order: version byte `1`, then per report `len` u16 BE (of the report) ‖ record
+//! id, 16 bytes BE ‖ received_ms u64 BE ‖ the original report bytes. One sled insert per
+//! chunk instead of per report is what lets the committer keep up with the broker (sled
+//! costs a few µs per insert whatever the value size). `received_ms ‖ report` stays
+//! contiguous, which is what `salvage` scans raw files for. Batches go out in chunk order,
+//! i.e. receive order; settling a batch removes the chunks it covers whole and rewrites the
+//! one it covers in part without the settled reports.
+//!
+//! A report redelivered by the broker (its ack was lost in a crash) is stored again in a
+//! later chunk: the endpoint answers `duplicate` for the second copy, so it costs bytes,
+//! never a double count. An older database with a `pending` tree keyed by record id (the
+//! layout before chunks) is converted at open.
 //!
 //! # Limits
 //!
@@ -52,6 +63,16 @@ use countersign_protocol::{RecordOutcome, RejectReason};
 use serde::{Deserialize, Serialize};
 
 const RECEIVED_MS_BYTES: usize = 8;
+/// Most reports in one chunk.
+pub const CHUNK_REPORTS_MAX: usize = 64;
+/// Most bytes in one chunk value (a chunk closes before it would pass this).
+pub const CHUNK_BYTES_MAX: usize = 8 * 1024;
+const CHUNK_VERSION: u8 = 1;
+const CHUNK_KEY_BYTES: usize = 8;
+/// Per report in a chunk: length, record id and receive time.
+const ENTRY_HEADER_BYTES: usize = 2 + RECORD_KEY_BYTES + RECEIVED_MS_BYTES;
+/// The tree of the layout before chunks, converted at open.
+const LEGACY_PENDING_TREE: &[u8] = b"pending";
 const BATCH_SEQ_KEY: &[u8] = b"batch_seq";
 const GENERATION_KEY: &[u8] = b"generation";
 /// The sidecar file that remembers a durable generation, inside the data directory.
@@ -135,6 +156,67 @@ pub struct Pending {
     pub received_ms: u64,
     /// The device's original bytes.
     pub report: Vec<u8>,
+    /// Where it is stored: chunk id and position in the chunk.
+    slot: (u64, usize),
+}
+
+/// One report inside a chunk value.
+struct Entry<'a> {
+    id: RecordId,
+    received_ms: u64,
+    report: &'a [u8],
+}
+
+/// The reports of a chunk value, in order; `Err` at the first malformed byte.
+fn chunk_entries(v: &[u8]) -> impl Iterator<Item = Result<Entry<'_>, StoreError>> {
+    let mut rest = match v.split_first() {
+        Some((&CHUNK_VERSION, rest)) => Ok(rest),
+        _ => Err(StoreError::Corrupt("chunk has an unknown version")),
+    };
+    std::iter::from_fn(move || {
+        let r = match &mut rest {
+            Err(e) => {
+                let e = std::mem::replace(e, StoreError::Corrupt("chunk already failed"));
+                rest = Ok(&[]);
+                return Some(Err(e));
+            }
+            Ok(r) => r,
+        };
+        if r.is_empty() {
+            return None;
+        }
+        let bad = StoreError::Corrupt("chunk entry is truncated");
+        let Some((head, tail)) = r.split_at_checked(ENTRY_HEADER_BYTES) else {
+            *r = &[];
+            return Some(Err(bad));
+        };
+        let len = usize::from(u16::from_be_bytes([head[0], head[1]]));
+        let Some(id) = RecordId::from_key(&head[2..2 + RECORD_KEY_BYTES]) else {
+            *r = &[];
+            return Some(Err(StoreError::Corrupt("chunk entry has a bad record id")));
+        };
+        let mut ms = [0u8; RECEIVED_MS_BYTES];
+        ms.copy_from_slice(&head[2 + RECORD_KEY_BYTES..]);
+        let Some((report, tail)) = tail.split_at_checked(len) else {
+            *r = &[];
+            return Some(Err(bad));
+        };
+        *r = tail;
+        Some(Ok(Entry { id, received_ms: u64::from_be_bytes(ms), report }))
+    })
+}
+
+fn push_entry(chunk: &mut Vec<u8>, id: RecordId, received_ms: u64, report: &[u8]) -> Result<(), StoreError> {
+    let len =
+        u16::try_from(report.len()).map_err(|_| StoreError::Corrupt("report longer than a chunk entry"))?;
+    if chunk.is_empty() {
+        chunk.push(CHUNK_VERSION);
+    }
+    chunk.extend_from_slice(&len.to_be_bytes());
+    chunk.extend_from_slice(&id.to_key());
+    chunk.extend_from_slice(&received_ms.to_be_bytes());
+    chunk.extend_from_slice(report);
+    Ok(())
 }
 
 /// A payload from the report topic that is not a usable report, kept for inspection.
@@ -187,7 +269,7 @@ pub struct Buffer {
     bytes: Arc<AtomicU64>,
     pending_count: Arc<AtomicU64>,
     db: sled::Db,
-    pending: sled::Tree,
+    chunks: sled::Tree,
     quarantine: sled::Tree,
     rejected: sled::Tree,
     meta: sled::Tree,
@@ -212,22 +294,34 @@ impl Buffer {
             sidecar: dir.join(GENERATION_FILE),
             bytes: Arc::new(AtomicU64::new(0)),
             pending_count: Arc::new(AtomicU64::new(0)),
-            pending: db.open_tree("pending").map_err(open_err)?,
+            chunks: db.open_tree("chunks").map_err(open_err)?,
             quarantine: db.open_tree("quarantine").map_err(open_err)?,
             rejected: db.open_tree("rejected").map_err(open_err)?,
             meta: db.open_tree("meta").map_err(open_err)?,
             db,
         };
-        // One scan at start; afterwards every write and removal keeps the count.
+        b.convert_legacy_pending().map_err(|e| match e {
+            StoreError::Io(source) => open_err(source),
+            other => other,
+        })?;
+        // One scan at start; afterwards every write and removal keeps the counts.
         let mut bytes = 0u64;
-        for tree in [&b.pending, &b.quarantine] {
+        let mut count = 0u64;
+        for tree in [&b.chunks, &b.quarantine] {
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(open_err)?;
                 bytes = bytes.saturating_add((k.len() + v.len()) as u64);
             }
         }
+        for kv in b.chunks.iter() {
+            let (_, v) = kv.map_err(open_err)?;
+            for e in chunk_entries(&v) {
+                e?;
+                count += 1;
+            }
+        }
         b.bytes.store(bytes, Ordering::Relaxed);
-        b.pending_count.store(b.pending.len() as u64, Ordering::Relaxed);
+        b.pending_count.store(count, Ordering::Relaxed);
         let in_sled = b
             .meta
             .get(GENERATION_KEY)
@@ -255,9 +349,10 @@ impl Buffer {
         self.pending_count.load(Ordering::Relaxed)
     }
 
-    /// Bytes a report adds to [`Buffer::logical_bytes`] when it is new.
+    /// Bytes a report adds to [`Buffer::logical_bytes`] (its share of a chunk's key and
+    /// version byte rounded up to one of each, so the quota check never undercounts).
     pub fn report_cost_bytes(report_len: usize) -> u64 {
-        (RECORD_KEY_BYTES + RECEIVED_MS_BYTES + report_len) as u64
+        (ENTRY_HEADER_BYTES + report_len) as u64 + (CHUNK_KEY_BYTES + 1) as u64
     }
 
     fn grow(&self, n: usize) {
@@ -272,19 +367,67 @@ impl Buffer {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(n as u64)));
     }
 
-    /// Writes a report (not yet durable: see [`Buffer::flush`]).
+    /// Writes one report (not yet durable: see [`Buffer::flush`]).
     pub fn put_report(&self, id: RecordId, received_ms: u64, report: &[u8]) -> Result<(), StoreError> {
-        let mut v = Vec::with_capacity(RECEIVED_MS_BYTES + report.len());
-        v.extend_from_slice(&received_ms.to_be_bytes());
-        v.extend_from_slice(report);
-        let len = RECORD_KEY_BYTES + v.len();
-        match self.pending.insert(id.to_key(), v)? {
-            Some(old) => self.shrink(RECORD_KEY_BYTES + old.len()),
-            None => {
-                self.pending_count.fetch_add(1, Ordering::Relaxed);
+        self.put_reports(&[(id, received_ms, report)])
+    }
+
+    /// Writes reports in receive order, [`CHUNK_REPORTS_MAX`] to a chunk (not yet durable:
+    /// see [`Buffer::flush`]).
+    pub fn put_reports(&self, reports: &[(RecordId, u64, &[u8])]) -> Result<(), StoreError> {
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES_MAX);
+        let mut in_chunk = 0usize;
+        for (i, (id, ms, report)) in reports.iter().enumerate() {
+            push_entry(&mut chunk, *id, *ms, report)?;
+            in_chunk += 1;
+            let next_len = reports.get(i + 1).map(|(_, _, r)| ENTRY_HEADER_BYTES + r.len());
+            let full = in_chunk >= CHUNK_REPORTS_MAX
+                || next_len.is_none_or(|n| chunk.len().saturating_add(n) > CHUNK_BYTES_MAX);
+            if full {
+                self.insert_chunk(&chunk, in_chunk)?;
+                chunk.clear();
+                in_chunk = 0;
             }
         }
-        self.grow(len);
+        Ok(())
+    }
+
+    fn insert_chunk(&self, chunk: &[u8], reports: usize) -> Result<(), StoreError> {
+        let key = self.db.generate_id()?.to_be_bytes();
+        self.chunks.insert(key, chunk)?;
+        self.grow(CHUNK_KEY_BYTES + chunk.len());
+        self.pending_count.fetch_add(reports as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Moves the reports of the layout before chunks (`pending` keyed by record id) into
+    /// chunks, flushes, then drops the old tree. A crash in between leaves both: the reports
+    /// then go out twice, which the endpoint answers as duplicates.
+    fn convert_legacy_pending(&self) -> Result<(), StoreError> {
+        if !self.db.tree_names().iter().any(|n| n.as_ref() == LEGACY_PENDING_TREE) {
+            return Ok(());
+        }
+        let legacy = self.db.open_tree(LEGACY_PENDING_TREE)?;
+        let mut owned: Vec<(RecordId, u64, Vec<u8>)> = Vec::new();
+        for kv in legacy.iter() {
+            let (k, v) = kv?;
+            let id =
+                RecordId::from_key(&k).ok_or(StoreError::Corrupt("legacy pending key is not a record id"))?;
+            if v.len() < RECEIVED_MS_BYTES {
+                return Err(StoreError::Corrupt("legacy pending value shorter than its header"));
+            }
+            let (ms, report) = v.split_at(RECEIVED_MS_BYTES);
+            let mut ms_be = [0u8; RECEIVED_MS_BYTES];
+            ms_be.copy_from_slice(ms);
+            owned.push((id, u64::from_be_bytes(ms_be), report.to_vec()));
+        }
+        let refs: Vec<(RecordId, u64, &[u8])> =
+            owned.iter().map(|(i, m, r)| (*i, *m, r.as_slice())).collect();
+        self.put_reports(&refs)?;
+        self.db.flush()?;
+        self.db.drop_tree(LEGACY_PENDING_TREE)?;
+        self.db.flush()?;
+        tracing::info!(reports = owned.len(), "converted the buffer to the chunk layout");
         Ok(())
     }
 
@@ -299,10 +442,13 @@ impl Buffer {
         Ok(())
     }
 
-    /// Counts one more commit group; made durable by the next flush.
+    /// Counts one more commit group; made durable by the next flush. One caller at a time
+    /// (the committer).
     pub fn bump_generation(&self) -> Result<(), StoreError> {
-        let g = self.generation.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let g = self.generation.load(Ordering::SeqCst).saturating_add(1);
         self.meta.insert(GENERATION_KEY, &g.to_be_bytes())?;
+        // Counted only once written, so a flush that reads the count covers the write.
+        self.generation.store(g, Ordering::SeqCst);
         Ok(())
     }
 
@@ -313,23 +459,31 @@ impl Buffer {
     /// that way). It has been reported to hang under load (sled #1241, #1308), so it is
     /// bounded: a flush that takes longer than [`FLUSH_TIMEOUT_MS`] is a store fault, and
     /// nothing it covers is acked.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        let g = self.generation.load(Ordering::Relaxed);
-        match tokio::time::timeout(std::time::Duration::from_millis(FLUSH_TIMEOUT_MS), self.db.flush_async())
-            .await
-        {
-            Ok(r) => {
-                r?;
+    ///
+    /// What it covers is fixed when it is called, not when it is first polled: the
+    /// generation it will record as durable is read here, so a flush spawned on another task
+    /// never claims commit groups written after the call.
+    pub fn flush(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let g = self.generation.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        let durable = self.durable_generation.clone();
+        async move {
+            match tokio::time::timeout(std::time::Duration::from_millis(FLUSH_TIMEOUT_MS), db.flush_async())
+                .await
+            {
+                Ok(r) => {
+                    r?;
+                }
+                Err(_) => {
+                    return Err(StoreError::Io(sled::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("sled flush took longer than {FLUSH_TIMEOUT_MS} ms"),
+                    ))))
+                }
             }
-            Err(_) => {
-                return Err(StoreError::Io(sled::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("sled flush took longer than {FLUSH_TIMEOUT_MS} ms"),
-                ))))
-            }
+            durable.fetch_max(g, Ordering::SeqCst);
+            Ok(())
         }
-        self.durable_generation.fetch_max(g, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Writes the durable generation to the sidecar file (atomically: temp file, fsync,
@@ -357,7 +511,7 @@ impl Buffer {
         Ok(())
     }
 
-    /// Up to `records_max` pending reports in record-id order whose reports add up to at most
+    /// Up to `records_max` pending reports in receive order whose reports add up to at most
     /// `report_bytes_max` bytes (always at least one, if any is pending).
     pub fn next_batch(
         &self,
@@ -366,30 +520,37 @@ impl Buffer {
     ) -> Result<Vec<Pending>, StoreError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for kv in self.pending.iter() {
+        for kv in self.chunks.iter() {
             let (k, v) = kv?;
-            let id = RecordId::from_key(&k).ok_or(StoreError::Corrupt("pending key is not a record id"))?;
-            if k.len() != RECORD_KEY_BYTES || v.len() < RECEIVED_MS_BYTES {
-                return Err(StoreError::Corrupt("pending value shorter than its header"));
+            let chunk = <[u8; CHUNK_KEY_BYTES]>::try_from(&k[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("chunk key is not 8 bytes"))?;
+            for (index, e) in chunk_entries(&v).enumerate() {
+                let e = e?;
+                let next = bytes.saturating_add(e.report.len());
+                if !out.is_empty() && (out.len() >= records_max || next > report_bytes_max) {
+                    return Ok(out);
+                }
+                bytes = next;
+                out.push(Pending {
+                    id: e.id,
+                    received_ms: e.received_ms,
+                    report: e.report.to_vec(),
+                    slot: (chunk, index),
+                });
             }
-            let (ms, report) = v.split_at(RECEIVED_MS_BYTES);
-            let mut ms_be = [0u8; RECEIVED_MS_BYTES];
-            ms_be.copy_from_slice(ms);
-            let next = bytes.saturating_add(report.len());
-            if !out.is_empty() && (out.len() >= records_max || next > report_bytes_max) {
-                break;
-            }
-            bytes = next;
-            out.push(Pending { id, received_ms: u64::from_be_bytes(ms_be), report: report.to_vec() });
         }
         Ok(out)
     }
 
-    /// Records the endpoint's answer: every record leaves `pending`; refused ones are kept in
-    /// `rejected` with the reason. Not durable until the next flush, which is harmless: a
-    /// record resent after a crash is a duplicate the endpoint recognises.
+    /// Records the endpoint's answer: every record leaves the buffer; refused ones are kept
+    /// in `rejected` with the reason. Chunks covered whole are removed, a chunk covered in
+    /// part is rewritten with the rest, in one atomic sled batch. Not durable until the next
+    /// flush, which is harmless: a record resent after a crash is a duplicate the endpoint
+    /// recognises.
     pub fn settle(&self, batch: &[Pending], outcomes: &[RecordOutcome]) -> Result<(), StoreError> {
-        let mut remove = sled::Batch::default();
+        let mut settled: std::collections::BTreeMap<u64, std::collections::BTreeSet<usize>> =
+            std::collections::BTreeMap::new();
         for (p, o) in batch.iter().zip(outcomes) {
             if let RecordOutcome::Rejected { reason, detail } = o {
                 let r = Rejected {
@@ -402,15 +563,37 @@ impl Buffer {
                     .map_err(|_| StoreError::Corrupt("rejected entry does not serialize"))?;
                 self.rejected.insert(p.id.to_key(), v)?;
             }
-            remove.remove(&p.id.to_key());
+            settled.entry(p.slot.0).or_default().insert(p.slot.1);
         }
-        self.pending.apply_batch(remove)?;
-        let freed: usize = batch.iter().map(|p| RECORD_KEY_BYTES + RECEIVED_MS_BYTES + p.report.len()).sum();
+        let mut changes = sled::Batch::default();
+        let (mut freed, mut added, mut gone) = (0usize, 0usize, 0u64);
+        for (chunk, indices) in &settled {
+            let key = chunk.to_be_bytes();
+            let Some(v) = self.chunks.get(key)? else { continue };
+            let mut rest = Vec::new();
+            let mut total = 0usize;
+            for (i, e) in chunk_entries(&v).enumerate() {
+                let e = e?;
+                total += 1;
+                if !indices.contains(&i) {
+                    push_entry(&mut rest, e.id, e.received_ms, e.report)?;
+                }
+            }
+            freed += CHUNK_KEY_BYTES + v.len();
+            gone += indices.iter().filter(|i| **i < total).count() as u64;
+            if rest.is_empty() {
+                changes.remove(&key);
+            } else {
+                added += CHUNK_KEY_BYTES + rest.len();
+                changes.insert(&key, rest);
+            }
+        }
+        self.chunks.apply_batch(changes)?;
         self.shrink(freed);
-        let n = batch.len() as u64;
+        self.grow(added);
         let _ = self
             .pending_count
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_sub(n)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_sub(gone)));
         Ok(())
     }
 
@@ -426,24 +609,22 @@ impl Buffer {
     /// What the buffer holds now.
     pub fn stats(&self) -> Stats {
         Stats {
-            pending: self.pending.len(),
+            pending: usize::try_from(self.pending_count()).unwrap_or(usize::MAX),
             quarantined: self.quarantine.len(),
             rejected: self.rejected.len(),
         }
     }
 
-    /// Receive time of the oldest pending report. Scans the pending tree: O(pending), meant
-    /// for status queries, not the hot path.
+    /// Receive time of the oldest pending report. Scans the chunks: O(pending), meant for
+    /// status queries, not the hot path.
     pub fn oldest_pending_ms(&self) -> Result<Option<u64>, StoreError> {
         let mut oldest: Option<u64> = None;
-        for kv in self.pending.iter() {
+        for kv in self.chunks.iter() {
             let (_, v) = kv?;
-            let ms = v
-                .get(..RECEIVED_MS_BYTES)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or(StoreError::Corrupt("pending value shorter than its header"))?;
-            oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+            for e in chunk_entries(&v) {
+                let ms = e?.received_ms;
+                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+            }
         }
         Ok(oldest)
     }
@@ -520,27 +701,99 @@ mod tests {
             for s in 0..10 {
                 b.put_report(id(s), 1000 + u64::from(s), &[s as u8; 40]).unwrap();
             }
-            b.put_report(id(3), 1003, &[3u8; 40]).unwrap(); // redelivery: same key
+            b.put_report(id(3), 1003, &[3u8; 40]).unwrap(); // redelivery: a second copy
             b.flush().await.unwrap();
         }
         let b = reopen(dir.path());
-        assert_eq!(b.stats().pending, 10);
+        assert_eq!(b.stats().pending, 11);
         let batch = b.next_batch(4, usize::MAX).unwrap();
-        assert_eq!(batch.iter().map(|p| p.id.seq).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(batch.iter().map(|p| p.id.seq).collect::<Vec<_>>(), vec![0, 1, 2, 3], "receive order");
         assert_eq!(batch[2].received_ms, 1002);
         let mut outcomes = vec![RecordOutcome::Stored; 4];
         outcomes[1] = RecordOutcome::Rejected { reason: RejectReason::BadTag, detail: "bad".into() };
         b.settle(&batch, &outcomes).unwrap();
-        assert_eq!(b.stats(), Stats { pending: 6, quarantined: 0, rejected: 1 });
+        assert_eq!(b.stats(), Stats { pending: 7, quarantined: 0, rejected: 1 });
         assert_eq!(b.rejected().unwrap()[0].0, id(1));
         assert_eq!(b.next_batch(100, 80).unwrap().len(), 2, "byte bound");
         assert_eq!(b.next_batch(100, 1).unwrap().len(), 1, "always at least one");
-        assert_eq!(b.logical_bytes(), 6 * Buffer::report_cost_bytes(40));
-        assert_eq!(b.pending_count(), 6);
-        assert_eq!(b.oldest_pending_ms().unwrap(), Some(1004));
+        assert_eq!(b.pending_count(), 7);
+        assert_eq!(b.oldest_pending_ms().unwrap(), Some(1003));
+        let bytes = b.logical_bytes();
+        assert!(bytes <= 7 * Buffer::report_cost_bytes(40), "{bytes}");
+        let rest = b.next_batch(100, usize::MAX).unwrap();
+        assert_eq!(rest.iter().map(|p| p.id.seq).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8, 9, 3]);
         drop(b);
         let b = reopen(dir.path());
-        assert_eq!(b.logical_bytes(), 6 * Buffer::report_cost_bytes(40), "recounted at open");
+        assert_eq!(b.logical_bytes(), bytes, "recounted at open");
+        assert_eq!(b.pending_count(), 7, "recounted at open");
+    }
+
+    #[tokio::test]
+    async fn chunks_split_and_partial_settles_keep_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(dir.path(), 1 << 20).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..300u32).map(|s| vec![s as u8; 20 + (s as usize % 30)]).collect();
+        let reports: Vec<(RecordId, u64, &[u8])> =
+            payloads.iter().enumerate().map(|(s, p)| (id(s as u32), 5000 + s as u64, p.as_slice())).collect();
+        b.put_reports(&reports).unwrap();
+        assert_eq!(b.chunks.len(), 300usize.div_ceil(CHUNK_REPORTS_MAX));
+        assert_eq!(b.pending_count(), 300);
+        // Batches that cut chunks in the middle, settled in turn.
+        let mut seen = Vec::new();
+        loop {
+            let batch = b.next_batch(50, usize::MAX).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for p in &batch {
+                assert_eq!(p.report, payloads[p.id.seq as usize], "bytes kept exactly");
+                assert_eq!(p.received_ms, 5000 + u64::from(p.id.seq));
+            }
+            seen.extend(batch.iter().map(|p| p.id.seq));
+            b.settle(&batch, &vec![RecordOutcome::Stored; batch.len()]).unwrap();
+        }
+        assert_eq!(seen, (0..300).collect::<Vec<_>>());
+        assert_eq!((b.pending_count(), b.logical_bytes(), b.chunks.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn the_layout_before_chunks_is_converted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let legacy = db.open_tree(LEGACY_PENDING_TREE).unwrap();
+            for s in 0..5u32 {
+                let mut v = (7000 + u64::from(s)).to_be_bytes().to_vec();
+                v.extend_from_slice(&[s as u8; 44]);
+                legacy.insert(id(s).to_key(), v).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let b = reopen(dir.path());
+        assert_eq!(b.pending_count(), 5);
+        let batch = b.next_batch(100, usize::MAX).unwrap();
+        assert_eq!(
+            batch.iter().map(|p| (p.id.seq, p.received_ms)).collect::<Vec<_>>(),
+            (0..5u32).map(|s| (s, 7000 + u64::from(s))).collect::<Vec<_>>()
+        );
+        assert_eq!(batch[4].report, vec![4u8; 44]);
+        assert!(!b.db.tree_names().iter().any(|n| n.as_ref() == LEGACY_PENDING_TREE));
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors_not_panics() {
+        for v in [&[][..], &[9u8][..], &[1, 0][..], &[1, 0, 5, 0, 0, 0][..]] {
+            let r: Result<Vec<_>, _> = chunk_entries(v).map(|e| e.map(|e| e.report.len())).collect();
+            assert!(r.is_err(), "{v:?}");
+        }
+        assert_eq!(chunk_entries(&[1]).count(), 0, "an empty chunk has no entries");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn chunk_decoding_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = chunk_entries(&bytes).take(1000).count();
+        }
     }
 
     #[test]

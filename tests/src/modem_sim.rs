@@ -63,6 +63,14 @@ pub struct SimState {
     pub clock_unix: u64,
     /// Commands the modem did not know (should stay empty).
     pub unknown: Vec<String>,
+    /// Set by the test: the next this many `AT+QMTPUB` fail (`+QMTPUB: …,2`) without reaching
+    /// the broker, as when the radio link drops mid-publish.
+    pub drop_publishes: u32,
+    /// Set by the test: how long the modem holds each `+QMTPUB` result after the PUBACK (a
+    /// slow network), in ms.
+    pub publish_delay_ms: u64,
+    /// Publishes that failed during the current boot (dropped on purpose or unacked).
+    pub failed_publishes: usize,
 }
 
 /// The modem and the QEMU process it talks to; QEMU is killed (power cut) on drop.
@@ -107,6 +115,7 @@ impl ModemSim {
             s.answers.clear();
             s.delivered.clear();
             s.delivered_before_deact = None;
+            s.failed_publishes = 0;
             s.pdp_deact_requested = false;
             s.traffic_on = true;
         }
@@ -305,14 +314,25 @@ impl Modem {
         let mut payload = vec![0u8; len];
         input.read_exact(&mut payload)?;
         self.send("\r\nOK\r\n")?;
+        let (drop, delay_ms) = {
+            let mut s = self.state()?;
+            let drop = s.drop_publishes > 0;
+            s.drop_publishes = s.drop_publishes.saturating_sub(1);
+            (drop, s.publish_delay_ms)
+        };
         let delivered = match &mut self.mqtt {
+            _ if drop => false,
             Some(m) => {
                 m.client.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, payload.clone())?;
                 m.acks.recv_timeout(PUBACK_TIMEOUT).is_ok()
             }
             None => false,
         };
+        if delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+        }
         if !delivered {
+            self.state()?.failed_publishes += 1;
             return self.send(&format!("\r\n+QMTPUB: {idx},{msg_id},2\r\n"));
         }
         {

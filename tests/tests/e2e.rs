@@ -271,6 +271,18 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
     for boot in 0..2 {
         let sim = tokio::task::block_in_place(|| -> Result<ModemSim> {
             let sim = ModemSim::boot(&elf, &board_dir, mqtt.port(), ICCID20, state.clone())?;
+            // A slow network on the first boot, then a publish lost on the air: the next
+            // cumulative report covers it.
+            if boot == 0 {
+                sim.wait_for("the first report", Duration::from_secs(60), |s| !s.delivered.is_empty())?;
+                {
+                    let mut s = state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                    s.publish_delay_ms = 1500;
+                    s.drop_publishes = 1;
+                }
+                sim.wait_for("a dropped publish", Duration::from_secs(90), |s| s.failed_publishes >= 1)?;
+                state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.publish_delay_ms = 0;
+            }
             // Several policy reports while traffic flows (delta or max interval)...
             sim.wait_for("three reports", Duration::from_secs(90), |s| s.delivered.len() >= 3)?;
             // ...then the data context goes down: the firmware reports on demand.
@@ -285,20 +297,21 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
             })?;
             Ok(sim)
         })?;
-        let (first_answer, fin, first_report) = {
+        let (first_answer, fin, first_report, failed) = {
             let s = state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
             assert!(s.unknown.is_empty(), "firmware sent unknown commands: {:?}", s.unknown);
             let i = s.delivered_before_deact.context("deact index")?;
-            (s.answers[0], s.delivered[i].clone(), s.delivered[0].report.clone())
+            (s.answers[0], s.delivered[i].clone(), s.delivered[0].report.clone(), s.failed_publishes)
         };
+        assert_eq!(failed, usize::from(boot == 0), "boot {boot}: publishes lost on the air");
         // Power cut while the device sleeps after its on-demand report.
         sim.power_cut();
         let r = &fin.report;
         assert_eq!(r.iccid, ICCID);
         assert_eq!(
             r.seq as usize + 1,
-            state.lock().map(|s| s.delivered.len()).unwrap_or(0),
-            "seq counts reports"
+            state.lock().map(|s| s.delivered.len()).unwrap_or(0) + failed,
+            "seq counts reports, delivered or lost"
         );
         // The modem counted exactly this much between the first reading and the final report.
         let counted = Totals {

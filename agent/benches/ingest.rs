@@ -1,5 +1,5 @@
-//! The agent's durable ingest path without the network: classify each payload, write it to
-//! sled, and flush once per group, as the committer does before acking.
+//! The agent's durable ingest path without the network: classify each payload, write the
+//! group to sled in chunks, and flush once per group, as the committer does before acking.
 //!
 //! `cargo bench -p countersign-agent --bench ingest` prints reports/s per group size.
 
@@ -36,19 +36,22 @@ fn payloads() -> Vec<(String, Vec<u8>)> {
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let input = payloads();
-    for group in [1usize, 16, 128, 512] {
+    for group in [1usize, 16, 128, 512, 4096] {
         let dir = tempfile::tempdir().expect("tempdir");
         let buffer = Buffer::open(dir.path(), 16 << 20).expect("open");
         let n = if group == 1 { 2000 } else { input.len() };
         let t = Instant::now();
         rt.block_on(async {
             for chunk in input[..n].chunks(group) {
+                // As the committer does: classify the group, write it in chunks, one flush.
+                let mut reports = Vec::with_capacity(chunk.len());
                 for (topic, payload) in chunk {
                     match classify(topic, payload) {
-                        Verdict::Report(id) => buffer.put_report(id, 0, payload).expect("put"),
+                        Verdict::Report(id) => reports.push((id, 0u64, payload.as_slice())),
                         Verdict::Quarantine { reason, .. } => panic!("bench payload quarantined: {reason}"),
                     }
                 }
+                buffer.put_reports(&reports).expect("put");
                 buffer.flush().await.expect("flush");
             }
         });

@@ -53,7 +53,7 @@ use crate::billing::{AlertRecord, BillingError, BookedDebit, Topup, WalletBook, 
 use crate::postgres::{billing_db_error, billing_pool_error, PgStore};
 use crate::pricing::{AlertCondition, BillingPeriod, WalletAlert};
 use crate::store::{Store, StoreError};
-use crate::usage::{derive_daily_in, DailyUsage, TimeZone, UsageRecord};
+use crate::usage::{derive_daily_in, DailyUsage, TimeZone};
 
 /// The PostgreSQL tables of billing, applied as migration 4 (independent of every other
 /// migration after 2: it creates only `billing_*` tables and references none).
@@ -550,7 +550,7 @@ async fn pg_daily_usage(
     tz: &TimeZone,
     iccid: Option<u64>,
 ) -> Result<(DailyUsage, i64), StoreError> {
-    use crate::postgres::{billing_merge, billing_usage_record, u64_to_sql, PG_USAGE_FETCH_ROWS};
+    use crate::postgres::billing_merge;
     let mut client = p.billing_pool().get().await.map_err(billing_pool_error)?;
     // REPEATABLE READ: one snapshot for the whole scan, taken by the first statement, which
     // also reads the database's clock: "usage as of" is the same instant for every process.
@@ -567,38 +567,12 @@ async fn pg_daily_usage(
         .map_err(billing_db_error)?
         .try_get(0)
         .map_err(billing_db_error)?;
-    let select = "SELECT meter_id, epoch, seq, received_ms, report FROM records";
-    let order = "ORDER BY (meter_id < 0), meter_id, epoch, seq";
-    let portal = match iccid {
-        None => tx.bind(&format!("{select} {order}"), &[]).await,
-        Some(sim) => {
-            tx.bind(
-                &format!(
-                    "{select} WHERE meter_id IN (SELECT DISTINCT meter_id FROM records WHERE iccid = $1) {order}"
-                ),
-                &[&u64_to_sql(sim)],
-            )
-            .await
-        }
-    }
-    .map_err(billing_db_error)?;
     let mut total = DailyUsage::new();
-    let mut meter: Vec<UsageRecord> = Vec::new();
-    loop {
-        let rows = tx.query_portal(&portal, PG_USAGE_FETCH_ROWS).await.map_err(billing_db_error)?;
-        let done = rows.is_empty();
-        for row in &rows {
-            let r = billing_usage_record(row)?;
-            if meter.last().is_some_and(|last| last.id.meter_id != r.id.meter_id) {
-                billing_merge(&mut total, derive_daily_in(meter.drain(..), tz)?)?;
-            }
-            meter.push(r);
-        }
-        if done {
-            break;
-        }
-    }
-    billing_merge(&mut total, derive_daily_in(meter, tz)?)?;
+    // The same meter-by-meter stream as the usage routes, inside this snapshot.
+    crate::postgres::billing_for_each_meter(&tx, iccid, |meter| {
+        Ok(billing_merge(&mut total, derive_daily_in(meter, tz)?)?)
+    })
+    .await?;
     tx.commit().await.map_err(billing_db_error)?;
     if let Some(sim) = iccid {
         total.retain(|(i, _), _| *i == sim);

@@ -1067,9 +1067,13 @@ pub(crate) fn billing_pool_error(e: PoolError) -> StoreError {
     pool_error(e)
 }
 
-/// A `records` row (`meter_id, epoch, seq, received_ms, report`) as the derivation sees it.
-pub(crate) fn billing_usage_record(row: &Row) -> Result<UsageRecord, StoreError> {
-    usage_record(row)
+/// [`for_each_meter`] for the billing store, inside its own snapshot.
+pub(crate) async fn billing_for_each_meter(
+    tx: &tokio_postgres::Transaction<'_>,
+    iccid: Option<u64>,
+    each_meter: impl FnMut(Vec<UsageRecord>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for_each_meter(tx, iccid, each_meter).await
 }
 
 /// Adds one meter's derivation into a running total.

@@ -15,6 +15,10 @@ use countersign_cloud::store::NewRecord;
 use countersign_cloud::{Store, StoreBackend};
 use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 
+#[macro_use]
+mod common;
+use common::Kind;
+
 const KEY: [u8; 32] = [5u8; 32];
 const SIM: u64 = 8_988_280_666_000_000_007;
 const GB: u64 = 1_000_000_000;
@@ -171,28 +175,15 @@ async fn wallet_runs_debit_the_charge_once_across_restarts(env: Env) {
     assert_eq!(seqs, vec![1, 2]);
 }
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod on_sled {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::sled().await).await
-                }
-            )*
-        }
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::postgres().await).await
-                }
-            )*
-        }
-    };
+async fn env(kind: Kind) -> Env {
+    match kind {
+        Kind::Sled => sled().await,
+        Kind::Postgres => postgres().await,
+    }
 }
 
-on_both_stores!(wallet_runs_debit_the_charge_once_across_restarts);
+on_both_stores!(setup = env;
+    wallet_runs_debit_the_charge_once_across_restarts);
 
 /// Two processes' worth of endpoints (own pools, own `Billing`) on one database run billing
 /// at the same moment, round after round as usage grows: the wallet is debited exactly the

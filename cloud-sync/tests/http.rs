@@ -22,6 +22,10 @@ use ed25519_dalek::SigningKey;
 use time::macros::date;
 use time::Date;
 
+#[macro_use]
+mod common;
+use common::Kind;
+
 const TOKEN: [u8; 32] = [0x5a; 32];
 const GATEWAY_ID: u64 = 1;
 const METER_A: u64 = 10;
@@ -41,12 +45,6 @@ fn gateway_key() -> SigningKey {
     SigningKey::from_bytes(&[0x42; 32])
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Sled,
-    Postgres,
-}
-
 /// Where one test's endpoint keeps its state: a temp dir, and a database on PostgreSQL.
 struct Env {
     dir: tempfile::TempDir,
@@ -55,34 +53,9 @@ struct Env {
 
 impl Env {
     async fn new(kind: Kind) -> Env {
-        let db = match kind {
-            Kind::Sled => None,
-            Kind::Postgres => Some(TestDatabase::create().await.unwrap()),
-        };
-        Env { dir: tempfile::tempdir().unwrap(), db }
+        let (dir, db) = common::state_for(kind).await;
+        Env { dir, db }
     }
-}
-
-/// Defines one `#[tokio::test]` per store for an `async fn(Kind)`.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sled {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Sled).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Postgres).await
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(

@@ -25,6 +25,10 @@ use countersign_cloud::{PgStore, Store, StoreBackend};
 use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use serde_json::{json, Value};
 
+#[macro_use]
+mod common;
+use common::{insert, Kind};
+
 const API_KEY: &str = "lago_test_key";
 const KEY: [u8; 32] = [7u8; 32];
 const SIM_A: u64 = 8_988_280_666_000_000_001;
@@ -161,19 +165,6 @@ fn record(meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, down: u64) -
     }
 }
 
-/// Stores records as ingest would (durable when this returns).
-async fn insert(store: &StoreBackend, records: Vec<NewRecord>) {
-    let n = records.len();
-    let out = store.insert_batch(1, records).await.unwrap();
-    assert_eq!(out.len(), n);
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Sled,
-    Postgres,
-}
-
 /// One test's store: a sled directory, or a throwaway PostgreSQL database.
 struct Env {
     dir: tempfile::TempDir,
@@ -182,11 +173,8 @@ struct Env {
 
 impl Env {
     async fn new(kind: Kind) -> Env {
-        let db = match kind {
-            Kind::Sled => None,
-            Kind::Postgres => Some(TestDatabase::create().await.unwrap()),
-        };
-        Env { dir: tempfile::tempdir().unwrap(), db }
+        let (dir, db) = common::state_for(kind).await;
+        Env { dir, db }
     }
 
     /// Opens the store, as a (re)starting process does: sled once the previous handle is
@@ -219,27 +207,6 @@ async fn drain_when_active(exporter: &LagoExporter) -> ExportStats {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the export lock was never freed");
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod on_sled {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Sled).await
-                }
-            )*
-        }
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Postgres).await
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(

@@ -18,6 +18,10 @@ use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MA
 use countersign_protocol::keys::write_secret;
 use time::macros::date;
 
+#[macro_use]
+mod common;
+use common::{insert, Kind};
+
 const TOKEN: [u8; 32] = [0x5a; 32];
 const SIM: u64 = 8_988_280_666_000_000_001;
 /// A second SIM that meter 1 swaps to (see `zone_days_of_one_sim_are_exact_across_a_swap`).
@@ -48,18 +52,6 @@ fn unix_s(at: &str) -> u64 {
     u64::try_from(at.parse::<jiff::Timestamp>().unwrap().as_second()).unwrap()
 }
 
-async fn insert(store: &StoreBackend, records: Vec<NewRecord>) {
-    let n = records.len();
-    let out = store.insert_batch(1, records).await.unwrap();
-    assert_eq!(out.len(), n);
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Sled,
-    Postgres,
-}
-
 /// One test's state: a temp dir with the admin token (and sled), a database on PostgreSQL.
 struct Env {
     dir: tempfile::TempDir,
@@ -68,11 +60,7 @@ struct Env {
 
 impl Env {
     async fn new(kind: Kind) -> Env {
-        let db = match kind {
-            Kind::Sled => None,
-            Kind::Postgres => Some(TestDatabase::create().await.unwrap()),
-        };
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, db) = common::state_for(kind).await;
         write_secret(&dir.path().join("admin.token"), &TOKEN).unwrap();
         Env { dir, db }
     }
@@ -103,27 +91,6 @@ async fn serve(
         let _ = stopped.await;
     }));
     (base, stop, task)
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod on_sled {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Sled).await
-                }
-            )*
-        }
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Postgres).await
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(zone_days_settlement_and_ledger, zone_days_of_one_sim_are_exact_across_a_swap);

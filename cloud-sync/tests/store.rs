@@ -12,6 +12,10 @@ use countersign_cloud::{Store, StoreBackend, StoreError};
 use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use ed25519_dalek::SigningKey;
 
+#[macro_use]
+mod common;
+use common::Kind;
+
 const KEY: [u8; 32] = [5u8; 32];
 const SIM: u64 = 8_988_280_666_000_000_007;
 const OTHER_SIM: u64 = 8_988_280_666_000_000_008;
@@ -52,28 +56,15 @@ async fn postgres() -> Env {
     Env { _dir: tempfile::tempdir().unwrap(), _db: Some(db), store: StoreBackend::Postgres(store) }
 }
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod on_sled {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::sled().await).await
-                }
-            )*
-        }
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::postgres().await).await
-                }
-            )*
-        }
-    };
+async fn env(kind: Kind) -> Env {
+    match kind {
+        Kind::Sled => sled().await,
+        Kind::Postgres => postgres().await,
+    }
 }
 
-on_both_stores!(
+on_both_stores!(setup = env;
+
     insert_dedupes_and_refuses_conflicts,
     registry_is_idempotent_and_never_overwritten,
     usage_spans_meters_and_sims,

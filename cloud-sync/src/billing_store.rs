@@ -179,13 +179,7 @@ impl StoreBackend {
             }
             Self::Postgres(p) => {
                 let mut client = p.billing_pool().get().await.map_err(billing_pool_error)?;
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await
-                    .map_err(billing_db_error)?;
+                let tx = crate::postgres::read_snapshot(&mut client).await?;
                 let book = pg_book(&tx, customer, false).await?.map(|(_, b)| b).unwrap_or_default();
                 tx.commit().await.map_err(billing_db_error)?;
                 Ok(book)
@@ -554,13 +548,7 @@ async fn pg_daily_usage(
     let mut client = p.billing_pool().get().await.map_err(billing_pool_error)?;
     // REPEATABLE READ: one snapshot for the whole scan, taken by the first statement, which
     // also reads the database's clock: "usage as of" is the same instant for every process.
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(billing_db_error)?;
+    let tx = crate::postgres::read_snapshot(&mut client).await?;
     let as_of: i64 = tx
         .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint", &[])
         .await

@@ -734,13 +734,7 @@ impl PgStore {
     ) -> Result<DailyUsage, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         // A portal needs a transaction; REPEATABLE READ gives the whole scan one snapshot.
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db_error)?;
+        let tx = read_snapshot(&mut client).await?;
         let mut total = DailyUsage::new();
         for_each_meter(&tx, iccid, |meter| Ok(merge(&mut total, derive(meter)?)?)).await?;
         tx.commit().await.map_err(db_error)?;
@@ -1065,6 +1059,20 @@ pub(crate) fn billing_db_error(e: tokio_postgres::Error) -> StoreError {
 /// [`pool_error`] for the billing tables.
 pub(crate) fn billing_pool_error(e: PoolError) -> StoreError {
     pool_error(e)
+}
+
+/// A read-only REPEATABLE READ transaction: one snapshot for every statement in it (a
+/// portal scan, or reads that must agree with each other).
+pub(crate) async fn read_snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db_error)
 }
 
 /// [`for_each_meter`] for the billing store, inside its own snapshot.

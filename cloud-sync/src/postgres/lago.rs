@@ -134,13 +134,7 @@ impl PgOutbox {
             .map_err(db_error)?;
         let mut next_seq = sql_seq(next)?;
         let mut reader = self.store.pool.get().await.map_err(pool_error)?;
-        let snapshot = reader
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db_error)?;
+        let snapshot = super::read_snapshot(&mut reader).await?;
         let portal = snapshot.bind(UNPLANNED_SQL, &[]).await.map_err(db_error)?;
         let page_rows = i32::try_from(LAGO_PLAN_RECORDS_PER_FLUSH_MAX).unwrap_or(i32::MAX);
         let (mut planned, mut unmapped) = (0usize, 0usize);

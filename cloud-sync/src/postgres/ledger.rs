@@ -182,13 +182,7 @@ impl PgStore {
         range: DateRange,
     ) -> Result<(Option<String>, Vec<LedgerDay>), LedgerError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db_error)?;
+        let tx = super::read_snapshot(&mut client).await?;
         let zone = read_zone(&tx).await?;
         let days = read_days(&tx, iccid, range).await?;
         tx.commit().await.map_err(db_error)?;

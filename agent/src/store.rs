@@ -167,43 +167,53 @@ struct Entry<'a> {
     report: &'a [u8],
 }
 
-/// The reports of a chunk value, in order; `Err` at the first malformed byte.
-fn chunk_entries(v: &[u8]) -> impl Iterator<Item = Result<Entry<'_>, StoreError>> {
-    let mut rest = match v.split_first() {
-        Some((&CHUNK_VERSION, rest)) => Ok(rest),
-        _ => Err(StoreError::Corrupt("chunk has an unknown version")),
-    };
-    std::iter::from_fn(move || {
-        let r = match &mut rest {
-            Err(e) => {
-                let e = std::mem::replace(e, StoreError::Corrupt("chunk already failed"));
-                rest = Ok(&[]);
-                return Some(Err(e));
-            }
-            Ok(r) => r,
-        };
-        if r.is_empty() {
-            return None;
-        }
-        let bad = StoreError::Corrupt("chunk entry is truncated");
-        let Some((head, tail)) = r.split_at_checked(ENTRY_HEADER_BYTES) else {
-            *r = &[];
-            return Some(Err(bad));
-        };
+/// The reports of a chunk value, in order; one `Err` at the first malformed byte, then the end.
+fn chunk_entries(v: &[u8]) -> ChunkEntries<'_> {
+    match v.split_first() {
+        Some((&CHUNK_VERSION, rest)) => ChunkEntries { rest, bad_version: false },
+        _ => ChunkEntries { rest: &[], bad_version: true },
+    }
+}
+
+/// Iterator of [`chunk_entries`].
+struct ChunkEntries<'a> {
+    rest: &'a [u8],
+    bad_version: bool,
+}
+
+impl<'a> ChunkEntries<'a> {
+    fn entry(&mut self) -> Result<Entry<'a>, StoreError> {
+        let truncated = StoreError::Corrupt("chunk entry is truncated");
+        let (head, tail) = self.rest.split_at_checked(ENTRY_HEADER_BYTES).ok_or(truncated)?;
         let len = usize::from(u16::from_be_bytes([head[0], head[1]]));
-        let Some(id) = RecordId::from_key(&head[2..2 + RECORD_KEY_BYTES]) else {
-            *r = &[];
-            return Some(Err(StoreError::Corrupt("chunk entry has a bad record id")));
-        };
+        let id = RecordId::from_key(&head[2..2 + RECORD_KEY_BYTES])
+            .ok_or(StoreError::Corrupt("chunk entry has a bad record id"))?;
         let mut ms = [0u8; RECEIVED_MS_BYTES];
         ms.copy_from_slice(&head[2 + RECORD_KEY_BYTES..]);
-        let Some((report, tail)) = tail.split_at_checked(len) else {
-            *r = &[];
-            return Some(Err(bad));
-        };
-        *r = tail;
-        Some(Ok(Entry { id, received_ms: u64::from_be_bytes(ms), report }))
-    })
+        let (report, tail) =
+            tail.split_at_checked(len).ok_or(StoreError::Corrupt("chunk entry is truncated"))?;
+        self.rest = tail;
+        Ok(Entry { id, received_ms: u64::from_be_bytes(ms), report })
+    }
+}
+
+impl<'a> Iterator for ChunkEntries<'a> {
+    type Item = Result<Entry<'a>, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if std::mem::take(&mut self.bad_version) {
+            return Some(Err(StoreError::Corrupt("chunk has an unknown version")));
+        }
+        if self.rest.is_empty() {
+            return None;
+        }
+        let e = self.entry();
+        if e.is_err() {
+            // Nothing after a malformed entry can be trusted.
+            self.rest = &[];
+        }
+        Some(e)
+    }
 }
 
 fn push_entry(chunk: &mut Vec<u8>, id: RecordId, received_ms: u64, report: &[u8]) -> Result<(), StoreError> {
@@ -307,18 +317,17 @@ impl Buffer {
         // One scan at start; afterwards every write and removal keeps the counts.
         let mut bytes = 0u64;
         let mut count = 0u64;
-        for tree in [&b.chunks, &b.quarantine] {
-            for kv in tree.iter() {
-                let (k, v) = kv.map_err(open_err)?;
-                bytes = bytes.saturating_add((k.len() + v.len()) as u64);
-            }
-        }
         for kv in b.chunks.iter() {
-            let (_, v) = kv.map_err(open_err)?;
+            let (k, v) = kv.map_err(open_err)?;
+            bytes = bytes.saturating_add((k.len() + v.len()) as u64);
             for e in chunk_entries(&v) {
                 e?;
                 count += 1;
             }
+        }
+        for kv in b.quarantine.iter() {
+            let (k, v) = kv.map_err(open_err)?;
+            bytes = bytes.saturating_add((k.len() + v.len()) as u64);
         }
         b.bytes.store(bytes, Ordering::Relaxed);
         b.pending_count.store(count, Ordering::Relaxed);

@@ -67,7 +67,7 @@ async fn health(State(ctx): State<StatusCtx>) -> Response {
 }
 
 async fn status(State(ctx): State<StatusCtx>) -> Json<StatusSnapshot> {
-    // The oldest-age scan walks the pending tree: fine on demand, kept off /metrics.
+    // The oldest-age scan walks every buffered chunk: fine on demand, kept off /metrics.
     let ctx2 = ctx.clone();
     match tokio::task::spawn_blocking(move || ctx2.snapshot(true)).await {
         Ok(s) => Json(s),

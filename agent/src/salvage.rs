@@ -1,6 +1,6 @@
 //! Getting reports out of a database the agent moved aside as corrupt.
 //!
-//! sled is asked to open it and its `pending` tree is read; and, because sled may open a
+//! sled is asked to open it and its pending reports are read; and, because sled may open a
 //! damaged database and silently miss part of it, the files are also scanned byte by byte
 //! for what a pending value looks like: a plausible big-endian receive time in milliseconds
 //! followed by a report that decodes. The union of both is returned.

@@ -34,7 +34,7 @@ use crate::backoff::Backoff;
 use crate::classify::{classify, Verdict};
 use crate::config::AgentConfig;
 use crate::status::AgentStatus;
-use crate::store::{Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX};
+use crate::store::{secure_data_dir, Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX};
 
 /// Capacity of the queue between the MQTT event loop and the committer: the event loop waits
 /// when it is full, which is how a slow disk slows the intake.
@@ -239,6 +239,11 @@ pub async fn run_observed(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let key = countersign_protocol::keys::read_gateway_key(&config.gateway_key_file)?;
     let http = crate::tls::http_client(&config).map_err(|e| AgentError::Http(e.to_string()))?;
+    // Reports are buffered here: other users must neither read nor alter them.
+    secure_data_dir(&config.data_dir)?;
+    if let Some(u) = &config.uplink {
+        crate::store::check_state_file(&u.state_file)?;
+    }
     let slot: BufferSlot = Arc::new(Mutex::new(None));
     let mut shutdown = std::pin::pin!(shutdown);
     // A full disk at start is waited out, not a reason to exit (and be restarted in a loop).
@@ -414,7 +419,7 @@ pub fn open_buffer(config: &AgentConfig, status: &AgentStatus) -> Result<Buffer,
     let dir = &config.data_dir;
     let attempt = || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Buffer::open(dir, config.cache_capacity_bytes)
+            Buffer::open_with(dir, config.cache_capacity_bytes, config.side_limits)
         }))
     };
     let why = match attempt() {
@@ -445,6 +450,7 @@ pub fn open_buffer(config: &AgentConfig, status: &AgentStatus) -> Result<Buffer,
     );
     std::fs::rename(dir, &aside).map_err(|e| StoreError::Io(sled::Error::Io(e)))?;
     status.set_moved_aside(aside.display().to_string());
+    secure_data_dir(dir)?;
     match attempt() {
         Ok(r) => r,
         Err(_) => Err(StoreError::Corrupt("sled panicked while creating a fresh database")),

@@ -106,6 +106,56 @@ const SNAPSHOT_UNFINISHED_SUFFIX: &str = ".generating";
 /// Most directory entries looked at for unfinished snapshots (sled keeps a handful).
 const DB_DIR_ENTRIES_MAX: usize = 10_000;
 
+/// Permission bits that make an existing data directory unsafe: anything for others, or
+/// write for the group. Group read is allowed because the package gives the agent its own
+/// group (`StateDirectoryMode=0750`); others must not read buffered reports or write them.
+pub const DATA_DIR_MODE_FORBIDDEN: u32 = 0o027;
+/// Mode of a data directory the agent creates.
+pub const DATA_DIR_MODE_CREATED: u32 = 0o700;
+/// Permission bits that make an existing state file unsafe (someone else could rewrite it).
+pub const STATE_FILE_MODE_FORBIDDEN: u32 = 0o022;
+
+/// Whether `mode` has any of the `forbidden` permission bits. Pure.
+pub fn mode_exposed(mode: u32, forbidden: u32) -> bool {
+    mode & forbidden != 0
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, or checks that an existing one is not
+/// open to others ([`DATA_DIR_MODE_FORBIDDEN`]). Called at start, before sled opens it.
+pub fn secure_data_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |e| StoreError::Io(sled::Error::Io(e));
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode_exposed(mode, DATA_DIR_MODE_FORBIDDEN) {
+                return Err(StoreError::Exposed { path: dir.display().to_string(), mode, what: "data directory" });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).mode(DATA_DIR_MODE_CREATED).create(dir).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Checks that an existing state file (the uplink meter's) cannot be written by others.
+pub fn check_state_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode_exposed(mode, STATE_FILE_MODE_FORBIDDEN) {
+                return Err(StoreError::Exposed { path: path.display().to_string(), mode, what: "state file" });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::Io(sled::Error::Io(e))),
+    }
+}
+
 /// Bytes an unprivileged process can still write on the filesystem holding `path` (which
 /// must exist).
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
@@ -147,6 +197,20 @@ pub enum StoreError {
         path: String,
         /// sled's error.
         source: sled::Error,
+    },
+    /// The data directory or a state file is open to other users. Not recoverable by
+    /// retrying: fix the mode (the message says how).
+    #[error(
+        "{what} {path} has mode {mode:04o}: other users could read or alter buffered data; \
+         chmod go-w,o-rwx {path} (0700, or 0750 with the agent's own group)"
+    )]
+    Exposed {
+        /// The directory or file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+        /// What it is.
+        what: &'static str,
     },
     /// A read, write or flush failed (e.g. disk full). Recoverable: retry once the cause clears.
     #[error("agent database i/o: {0}")]
@@ -1047,6 +1111,32 @@ mod tests {
         assert!(kept.iter().all(|(_, r)| r.detail.len() <= REJECTED_DETAIL_BYTES_MAX));
         assert_eq!(b.purge(Purge::All).unwrap(), (0, st.rejected));
         assert_eq!(b.stats().rejected, 0);
+    }
+
+    #[test]
+    fn data_dir_is_created_private_and_an_exposed_one_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        secure_data_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        secure_data_dir(&dir).unwrap();
+        for (mode, ok) in [(0o700, true), (0o750, true), (0o770, false), (0o755, false), (0o701, false)] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = secure_data_dir(&dir);
+            assert_eq!(r.is_ok(), ok, "{mode:o}");
+            if let Err(e) = r {
+                let text = e.to_string();
+                assert!(text.contains(&dir.display().to_string()) && text.contains(&format!("{mode:04o}")), "{text}");
+            }
+        }
+        let f = tmp.path().join("state.json");
+        check_state_file(&f).unwrap();
+        std::fs::write(&f, b"{}").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_state_file(&f).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(check_state_file(&f).unwrap_err().to_string().contains("state file"));
     }
 
     #[test]

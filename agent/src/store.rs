@@ -129,7 +129,11 @@ pub fn secure_data_dir(dir: &Path) -> Result<(), StoreError> {
         Ok(m) => {
             let mode = m.permissions().mode() & 0o7777;
             if mode_exposed(mode, DATA_DIR_MODE_FORBIDDEN) {
-                return Err(StoreError::Exposed { path: dir.display().to_string(), mode, what: "data directory" });
+                return Err(StoreError::Exposed {
+                    path: dir.display().to_string(),
+                    mode,
+                    what: "data directory",
+                });
             }
             Ok(())
         }
@@ -147,7 +151,11 @@ pub fn check_state_file(path: &Path) -> Result<(), StoreError> {
         Ok(m) => {
             let mode = m.permissions().mode() & 0o7777;
             if mode_exposed(mode, STATE_FILE_MODE_FORBIDDEN) {
-                return Err(StoreError::Exposed { path: path.display().to_string(), mode, what: "state file" });
+                return Err(StoreError::Exposed {
+                    path: path.display().to_string(),
+                    mode,
+                    what: "state file",
+                });
             }
             Ok(())
         }
@@ -324,7 +332,10 @@ pub struct SideLimits {
 
 impl Default for SideLimits {
     fn default() -> Self {
-        Self { quarantine_bytes_max: QUARANTINE_BYTES_MAX_DEFAULT, rejected_bytes_max: REJECTED_BYTES_MAX_DEFAULT }
+        Self {
+            quarantine_bytes_max: QUARANTINE_BYTES_MAX_DEFAULT,
+            rejected_bytes_max: REJECTED_BYTES_MAX_DEFAULT,
+        }
     }
 }
 
@@ -422,7 +433,12 @@ impl SideTree {
             let (k, v) = kv?;
             bytes = bytes.saturating_add((k.len() + v.len()) as u64);
         }
-        Ok(Self { tree, bytes: Arc::new(AtomicU64::new(bytes)), bytes_max, dropped: Arc::new(AtomicU64::new(0)) })
+        Ok(Self {
+            tree,
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            bytes_max,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// Inserts, first dropping the oldest entries until the new one fits. An entry larger
@@ -503,8 +519,11 @@ impl Buffer {
             bytes: Arc::new(AtomicU64::new(0)),
             pending_count: Arc::new(AtomicU64::new(0)),
             chunks: db.open_tree("chunks").map_err(open_err)?,
-            quarantine: SideTree::open(db.open_tree("quarantine").map_err(open_err)?, limits.quarantine_bytes_max)
-                .map_err(open_err)?,
+            quarantine: SideTree::open(
+                db.open_tree("quarantine").map_err(open_err)?,
+                limits.quarantine_bytes_max,
+            )
+            .map_err(open_err)?,
             rejected: SideTree::open(db.open_tree("rejected").map_err(open_err)?, limits.rejected_bytes_max)
                 .map_err(open_err)?,
             meta: db.open_tree("meta").map_err(open_err)?,
@@ -1066,7 +1085,9 @@ mod tests {
         assert_eq!(kept.last().unwrap().received_ms, 39, "the newest is kept");
         assert_eq!(kept[0].received_ms, 40 - st.quarantined as u64, "the oldest went first");
         for q in &kept {
-            assert!(q.topic.len() <= QUARANTINE_TOPIC_BYTES_MAX && q.detail.len() <= QUARANTINE_DETAIL_BYTES_MAX);
+            assert!(
+                q.topic.len() <= QUARANTINE_TOPIC_BYTES_MAX && q.detail.len() <= QUARANTINE_DETAIL_BYTES_MAX
+            );
             assert_eq!(q.payload_len, 1 << 30);
         }
         b.flush().await.unwrap();
@@ -1127,7 +1148,10 @@ mod tests {
             assert_eq!(r.is_ok(), ok, "{mode:o}");
             if let Err(e) = r {
                 let text = e.to_string();
-                assert!(text.contains(&dir.display().to_string()) && text.contains(&format!("{mode:04o}")), "{text}");
+                assert!(
+                    text.contains(&dir.display().to_string()) && text.contains(&format!("{mode:04o}")),
+                    "{text}"
+                );
             }
         }
         let f = tmp.path().join("state.json");

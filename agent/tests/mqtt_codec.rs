@@ -60,7 +60,12 @@ fn oversized_publish_is_cut_and_the_packets_behind_it_decode() {
         let pkid = if qos == QoS::AtMostOnce { 0 } else { 7 };
         let big = pattern(LIMIT * 64);
         let before = publish("countersign/v1/reports/1", QoS::AtLeastOnce, 1, vec![1; 10]);
-        let after = publish("countersign/v1/reports/2", qos, if pkid == 0 { 0 } else { pkid + 1 }, vec![2; LIMIT - 40]);
+        let after = publish(
+            "countersign/v1/reports/2",
+            qos,
+            if pkid == 0 { 0 } else { pkid + 1 },
+            vec![2; LIMIT - 40],
+        );
         let wire = encode(&[
             Packet::Publish(before.clone()),
             Packet::Publish(publish("countersign/v1/reports/9", qos, pkid, big.clone())),

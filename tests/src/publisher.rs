@@ -56,7 +56,13 @@ impl Publisher {
 
     /// Queues one QoS 0 publish (the broker does not acknowledge it).
     pub async fn publish_qos0(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
-        self.client.publish(topic, QoS::AtMostOnce, false, payload.to_vec()).await?;
+        self.publish_uncounted(topic, QoS::AtMostOnce, payload).await
+    }
+
+    /// Queues one publish at `qos` that [`Publisher::wait_acked`] does not wait for (QoS 0
+    /// has no ack, QoS 2 ends with PUBCOMP rather than PUBACK).
+    pub async fn publish_uncounted(&mut self, topic: &str, qos: QoS, payload: &[u8]) -> Result<()> {
+        self.client.publish(topic, qos, false, payload.to_vec()).await?;
         Ok(())
     }
 

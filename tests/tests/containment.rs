@@ -188,21 +188,28 @@ async fn an_oversized_qos1_publish_is_quarantined_and_reports_keep_flowing() -> 
     Ok(())
 }
 
-/// The same at QoS 0: nothing to ack, but the connection must survive it all the same.
+/// The same at QoS 0 (nothing to ack, but the connection must survive it all the same) and
+/// at QoS 2 (the agent subscribes at QoS 1, so the broker delivers it at QoS 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_qos0_publish_is_quarantined_and_reports_keep_flowing() -> Result<()> {
+async fn oversized_qos0_and_qos2_publishes_are_quarantined_and_reports_keep_flowing() -> Result<()> {
     let mut s = Stack::start(4, "").await?;
     s.steps(5).await?;
     let big = 4 * MQTT_PACKET_BYTES_MAX + 17;
     let topic = s.report_topic();
     s.devices.publish_qos0(&topic, &vec![0x11; big]).await?;
-    s.steps(5).await?;
+    s.steps(3).await?;
+    s.devices.publish_uncounted(&topic, rumqttc::QoS::ExactlyOnce, &vec![0x22; big + 1]).await?;
+    s.steps(3).await?;
     s.all_reports_arrive().await?;
-    s.wait_metric("countersign_agent_oversized_publishes_total 1").await?;
+    s.wait_metric("countersign_agent_oversized_publishes_total 2").await?;
     let (_, health) = s.get("/health").await?;
     assert!(health.contains("too_large"), "{health}");
     let inspect = s.stop_and_inspect()?;
-    assert_eq!(too_large_entries(&inspect), vec![(big as u64, topic)], "{inspect}");
+    assert_eq!(
+        too_large_entries(&inspect),
+        vec![(big as u64, topic.clone()), (big as u64 + 1, topic)],
+        "{inspect}"
+    );
     Ok(())
 }
 

@@ -250,7 +250,7 @@ async fn send_candidates(
         // Salvage batches get their own sequence space: the high bit marks them in endpoint logs.
         let header =
             BatchHeader { gateway_id: c.gateway_id, batch_seq: (1 << 63) | n as u64, created_ms: now };
-        let mut b = BatchBuilder::new(header.clone());
+        let mut b = BatchBuilder::new(header);
         for (ms, r) in chunk {
             b.push(RecordRef { received_ms: *ms, report: r })?;
         }

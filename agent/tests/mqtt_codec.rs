@@ -19,7 +19,7 @@ fn encode(packets: &[Packet]) -> Vec<u8> {
     let mut enc = Codec::new(usize::MAX, usize::MAX);
     let mut buf = BytesMut::new();
     for p in packets {
-        enc.encode(p.clone(), &mut buf).unwrap();
+        enc.encode(p.clone(), &mut buf).expect("encodes");
     }
     buf.to_vec()
 }
@@ -38,7 +38,7 @@ fn decode_in_steps(wire: &[u8], step: usize) -> (Vec<Packet>, usize) {
     for piece in wire.chunks(step) {
         buf.put_slice(piece);
         high = high.max(buf.len());
-        while let Some(p) = codec.decode(&mut buf).unwrap() {
+        while let Some(p) = codec.decode(&mut buf).expect("decodes") {
             out.push(p);
         }
     }

@@ -16,6 +16,14 @@
 //!   ingest queue and the MQTT event loop is never starved.
 //! - A store failure ends the pipeline without acking; the supervisor reopens the database
 //!   and starts a new pipeline, and the broker redelivers what was not acked.
+//! - No publish the broker accepts stops the intake: one larger than
+//!   [`MQTT_PACKET_BYTES_MAX`] is cut by the (patched) MQTT client to its topic and an
+//!   excerpt, the rest discarded unread, then acked and quarantined as `too_large` like any
+//!   other non-report. Quarantine never counts against the quota.
+//! - The ingest queue is bounded in count and in bytes ([`INGEST_QUEUE_BYTES_MAX`]): when it
+//!   is full the event loop stops reading, whatever the QoS.
+//! - A reply settles only the batch it names, for this gateway, with one result per record
+//!   ([`check_reply`]); anything else is a failed upload.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -503,6 +503,16 @@ impl Buffer {
     /// [`Buffer::open`] with the given space for quarantine and `rejected`.
     pub fn open_with(dir: &Path, cache_capacity_bytes: u64, limits: SideLimits) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open { path: dir.display().to_string(), source };
+        // sled would create a missing directory with the umask's mode (0755, typically), which
+        // `run` then refuses: any command that opens the buffer creates it private.
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DATA_DIR_MODE_CREATED)
+                .create(dir)
+                .map_err(|e| open_err(sled::Error::Io(e)))?;
+        }
         for path in remove_unfinished_snapshots(dir).map_err(|e| open_err(sled::Error::Io(e)))? {
             tracing::warn!(path = %path.display(), "removed a snapshot sled had not finished (full disk or crash)");
         }
@@ -1138,6 +1148,13 @@ mod tests {
     fn data_dir_is_created_private_and_an_exposed_one_refused() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
+        let opened = tmp.path().join("opened");
+        drop(Buffer::open(&opened, 1 << 20).unwrap());
+        assert_eq!(
+            std::fs::metadata(&opened).unwrap().permissions().mode() & 0o777,
+            0o700,
+            "open creates it private"
+        );
         let dir = tmp.path().join("a/b");
         secure_data_dir(&dir).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);

@@ -142,3 +142,62 @@ fn a_packet_id_of_zero_is_refused_when_oversized_too() {
     let mut buf = BytesMut::from(&wire[..]);
     assert!(matches!(codec.decode(&mut buf), Err(rumqttc::Error::PacketIdZero)));
 }
+
+/// The model: what the decoder must yield for a publish, given the limit.
+fn expected(p: &Publish) -> Publish {
+    let remaining = 2 + p.topic.len() + if p.qos == QoS::AtMostOnce { 0 } else { 2 } + p.payload.len();
+    if remaining <= LIMIT {
+        return p.clone();
+    }
+    let mut cut = p.clone();
+    cut.payload = p.payload.slice(..p.payload.len().min(OVERSIZED_PAYLOAD_EXCERPT_BYTES_MAX));
+    cut.truncated_from = Some(p.payload.len());
+    cut
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Any sequence of publishes, some over the limit, read in any step size: the decoder
+    /// yields exactly the model's sequence and never buffers much more than one packet.
+    #[test]
+    fn any_publishes_in_any_reads_decode_as_the_model(
+        sizes in proptest::collection::vec((0usize..3 * LIMIT, 0u8..3, 1usize..40), 1..12),
+        step in 1usize..3000,
+    ) {
+        let publishes: Vec<Publish> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, (n, q, t))| {
+                let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(*q)];
+                let pkid = if qos == QoS::AtMostOnce { 0 } else { i as u16 + 1 };
+                publish(&"t".repeat(*t), qos, pkid, pattern(*n))
+            })
+            .collect();
+        let wire = encode(&publishes.iter().cloned().map(Packet::Publish).collect::<Vec<_>>());
+        let (packets, high) = decode_in_steps(&wire, step);
+        let want: Vec<Packet> = publishes.iter().map(|p| Packet::Publish(expected(p))).collect();
+        proptest::prop_assert_eq!(packets, want);
+        proptest::prop_assert!(high <= LIMIT + 2 * step.max(64) + 64, "buffer reached {}", high);
+    }
+
+    /// Arbitrary bytes never panic the decoder, and it never asks to buffer without bound.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000), step in 1usize..64) {
+        let mut codec = Codec::new(64, 64);
+        let mut buf = BytesMut::new();
+        'feed: for piece in bytes.chunks(step) {
+            buf.put_slice(piece);
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => break 'feed,
+                }
+            }
+            // What the decoder holds: at most one prefix (fixed header, topic, packet id,
+            // excerpt) or one allowed packet, plus the last read.
+            proptest::prop_assert!(buf.len() <= 5 + 2 + 65535 + 2 + OVERSIZED_PAYLOAD_EXCERPT_BYTES_MAX + step);
+        }
+    }
+}

@@ -177,6 +177,7 @@ async fn an_oversized_qos1_publish_is_quarantined_and_reports_keep_flowing() -> 
     assert_eq!(code, 200, "reports flow, so the agent is healthy: {health}");
     assert!(health.contains("too_large") && health.contains(&huge.to_string()), "{health}");
     let hwm = proc_status_bytes(pid, "VmHWM")?;
+    eprintln!("agent RSS before the oversized publishes {rss_before} B, peak {hwm} B");
     assert!(
         hwm < rss_before + (32 << 20),
         "agent peak RSS {hwm} B grew by more than 32 MiB over {rss_before} B for a 64 MiB payload"
@@ -250,6 +251,7 @@ async fn a_qos0_flood_while_the_agent_is_held_does_not_grow_its_memory() -> Resu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let hwm = proc_status_bytes(pid, "VmHWM")?;
+    eprintln!("agent RSS before the flood {rss_before} B, during it at most {rss_max} B, peak {hwm} B");
     assert!(
         hwm < rss_before + (24 << 20) && rss_max < rss_before + (24 << 20),
         "agent memory grew from {rss_before} B to {rss_max} B (peak {hwm} B) under a 64 MiB QoS 0 flood"

@@ -21,6 +21,22 @@ pub enum Verdict {
     },
 }
 
+/// Classifies a publish received on `topic`. `true_len` is set when the payload was larger
+/// than the agent's MQTT packet limit: the MQTT client then passed on only an excerpt, and
+/// the publish is quarantined as `too_large` whatever the excerpt holds.
+pub fn classify_publish(topic: &str, payload: &[u8], true_len: Option<usize>) -> Verdict {
+    match true_len {
+        Some(n) => Verdict::Quarantine {
+            reason: "too_large",
+            detail: format!(
+                "payload is {n} bytes, over the agent's MQTT packet limit; only its first {} bytes were read",
+                payload.len()
+            ),
+        },
+        None => classify(topic, payload),
+    }
+}
+
 /// Classifies a payload received on `topic`.
 pub fn classify(topic: &str, payload: &[u8]) -> Verdict {
     let quarantine = |reason, detail: String| Verdict::Quarantine { reason, detail };
@@ -72,6 +88,19 @@ mod tests {
         assert_eq!(
             classify("countersign/v1/reports/5", &report(5)),
             Verdict::Report(RecordId { meter_id: 5, epoch: 1, seq: 2 })
+        );
+    }
+
+    #[test]
+    fn an_oversized_publish_is_too_large_whatever_its_excerpt() {
+        let v = classify_publish("countersign/v1/reports/5", &report(5), Some(4 << 20));
+        assert!(
+            matches!(&v, Verdict::Quarantine { reason: "too_large", detail } if detail.contains("4194304")),
+            "{v:?}"
+        );
+        assert_eq!(
+            classify_publish("countersign/v1/reports/5", &report(5), None),
+            classify("countersign/v1/reports/5", &report(5))
         );
     }
 

@@ -41,6 +41,10 @@ pub const DISK_FREE_BYTES_MIN_DEFAULT: u64 = 16 * 1024 * 1024;
 pub const DISK_FREE_BYTES_MIN_MAX: u64 = 64 * 1024 * 1024 * 1024;
 /// Fastest upload rate that can be configured after an outage.
 pub const BATCHES_PER_S_MAX: u32 = 1000;
+/// Smallest space for quarantine or `rejected`: a few entries of the largest kind.
+pub const SIDE_BYTES_MIN: u64 = 64 * 1024;
+/// Largest space for quarantine or `rejected`.
+pub const SIDE_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 /// Default address of the `/health`, `/metrics` and `/status` listener.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:9464";
 
@@ -75,6 +79,8 @@ struct RawConfig {
     gateway_key_file: PathBuf,
     data_dir: PathBuf,
     endpoint_url: String,
+    #[serde(default)]
+    allow_plain_http: bool,
     #[serde(default)]
     mqtt: RawMqtt,
     #[serde(default)]
@@ -228,6 +234,8 @@ struct RawStore {
     cache_capacity_bytes: u64,
     quota_bytes: u64,
     disk_free_bytes_min: u64,
+    quarantine_bytes_max: u64,
+    rejected_bytes_max: u64,
 }
 
 impl Default for RawStore {
@@ -236,6 +244,8 @@ impl Default for RawStore {
             cache_capacity_bytes: 16 * 1024 * 1024,
             quota_bytes: 128 * 1024 * 1024,
             disk_free_bytes_min: DISK_FREE_BYTES_MIN_DEFAULT,
+            quarantine_bytes_max: crate::store::QUARANTINE_BYTES_MAX_DEFAULT,
+            rejected_bytes_max: crate::store::REJECTED_BYTES_MAX_DEFAULT,
         }
     }
 }
@@ -354,7 +364,8 @@ pub struct AgentConfig {
     pub gateway_key_file: PathBuf,
     /// Where the sled database lives.
     pub data_dir: PathBuf,
-    /// Base URL of the rating endpoint.
+    /// Base URL of the rating endpoint (`http://` only to a loopback host, or with
+    /// `allow_plain_http`: see [`plain_http_allowed`]).
     pub endpoint_url: String,
     /// MQTT settings.
     pub mqtt: MqttConfig,
@@ -367,6 +378,9 @@ pub struct AgentConfig {
     /// Most logical bytes the buffer may hold before the agent stops acking (the broker then
     /// keeps the reports). sled's files take about 2.5× this on disk.
     pub quota_bytes: u64,
+    /// The own space of quarantine and `rejected` (`store.quarantine_bytes_max`,
+    /// `store.rejected_bytes_max`), outside the quota.
+    pub side_limits: crate::store::SideLimits,
     /// Free space the agent leaves on the buffer's filesystem: below it, it stops acking as at
     /// the quota, and it does not reopen a failed database until this much is free. 0 turns
     /// the reserve off (sled then meets the full disk itself, which the agent survives).
@@ -380,6 +394,30 @@ pub struct AgentConfig {
     pub uplink: Option<UplinkConfig>,
     /// Who may answer as the endpoint over HTTPS.
     pub endpoint_trust: EndpointTrust,
+}
+
+/// Whether `url` may be used: `https://` always, `http://` only to a loopback host
+/// (127.0.0.0/8, ::1, `localhost`) unless `allow_plain_http`. Pure.
+///
+/// Batches are signed, but a reply is not: whoever can answer for the endpoint decides which
+/// reports the agent forgets, so it must be the endpoint (TLS) or a host-local process.
+pub fn plain_http_allowed(url: &str, allow_plain_http: bool) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else { return true };
+    if allow_plain_http {
+        return true;
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // Userinfo is not used by the agent; a host after '@' is the real one.
+    let hostport = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = hostport.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        hostport.split(':').next().unwrap_or("")
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -413,6 +451,13 @@ impl AgentConfig {
             || !(raw.endpoint_url.starts_with("http://") || raw.endpoint_url.starts_with("https://"))
         {
             return Err(invalid("endpoint_url", "must start with http:// or https://"));
+        }
+        if !plain_http_allowed(&raw.endpoint_url, raw.allow_plain_http) {
+            return Err(invalid(
+                "endpoint_url",
+                "plain http:// is allowed only to a loopback host (127.0.0.0/8, ::1, localhost): \
+                 use https://, or set allow_plain_http = true if the network path is protected otherwise",
+            ));
         }
         if raw.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
@@ -487,6 +532,20 @@ impl AgentConfig {
             in_range("store.quota_bytes", raw.store.quota_bytes, QUOTA_BYTES_MIN, QUOTA_BYTES_MAX)?;
         let disk_free_bytes_min =
             in_range("store.disk_free_bytes_min", raw.store.disk_free_bytes_min, 0, DISK_FREE_BYTES_MIN_MAX)?;
+        let side_limits = crate::store::SideLimits {
+            quarantine_bytes_max: in_range(
+                "store.quarantine_bytes_max",
+                raw.store.quarantine_bytes_max,
+                SIDE_BYTES_MIN,
+                SIDE_BYTES_MAX,
+            )?,
+            rejected_bytes_max: in_range(
+                "store.rejected_bytes_max",
+                raw.store.rejected_bytes_max,
+                SIDE_BYTES_MIN,
+                SIDE_BYTES_MAX,
+            )?,
+        };
         let timeout_ms = in_range("http.timeout_ms", raw.http.timeout_ms, 100, HTTP_TIMEOUT_MS_MAX)?;
         let listen = match raw.http.listen {
             None => None,
@@ -586,6 +645,7 @@ impl AgentConfig {
             commit: CommitConfig { reports_max, delay: Duration::from_millis(delay_ms) },
             cache_capacity_bytes: cache,
             quota_bytes,
+            side_limits,
             disk_free_bytes_min,
             http_timeout: Duration::from_millis(timeout_ms),
             listen,
@@ -641,7 +701,43 @@ endpoint_url = "http://127.0.0.1:8080/"
     }
 
     #[test]
+    fn plain_http_only_to_loopback_unless_allowed() {
+        for ok in [
+            "https://rating.example.com",
+            "http://127.0.0.1:8080",
+            "http://127.5.6.7/x",
+            "http://[::1]:80/",
+            "http://localhost:9",
+            "http://LOCALHOST",
+        ] {
+            assert!(plain_http_allowed(ok, false), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:8080",
+            "http://rating.example.com",
+            "http://127.0.0.1.evil.example/",
+            "http://localhost.evil.example",
+            "http://127.0.0.1@evil.example/",
+            "http://[::2]/",
+            "http://",
+        ] {
+            assert!(!plain_http_allowed(bad, false), "{bad}");
+            assert!(plain_http_allowed(bad, true), "{bad}");
+        }
+        let e = AgentConfig::from_toml_str(&MIN.replace("127.0.0.1", "192.0.2.1")).unwrap_err().to_string();
+        assert!(e.contains("endpoint_url") && e.contains("allow_plain_http"), "{e}");
+        let c = AgentConfig::from_toml_str(&format!(
+            "allow_plain_http = true\n{}",
+            MIN.replace("127.0.0.1", "192.0.2.1")
+        ))
+        .unwrap();
+        assert_eq!(c.endpoint_url, "http://192.0.2.1:8080");
+    }
+
+    #[test]
     fn errors_name_the_key() {
+        assert!(err("[store]\nquarantine_bytes_max = 5\n").contains("store.quarantine_bytes_max"));
+        assert!(err("[store]\nrejected_bytes_max = 5\n").contains("store.rejected_bytes_max"));
         assert!(err("[mqtt]\nport = 0\n").contains("mqtt.port"));
         assert!(err("[mqtt]\nportt = 1\n").contains("portt"));
         assert!(err("[batch]\nrecords_max = 0\n").contains("batch.records_max"));

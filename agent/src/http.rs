@@ -85,7 +85,7 @@ async fn metrics(State(ctx): State<StatusCtx>) -> Response {
 /// Prometheus text exposition of a snapshot. Pure.
 pub fn render_metrics(s: &StatusSnapshot, quota_bytes: u64, healthy: bool, subscribed: bool) -> String {
     let b = |v: bool| u64::from(v);
-    let rows: [(&str, &str, &str, u64); 15] = [
+    let rows: [(&str, &str, &str, u64); 20] = [
         ("buffered_reports", "gauge", "Reports waiting for the endpoint.", s.buffered_reports),
         ("buffer_bytes", "gauge", "Logical bytes in the buffer.", s.buffer_bytes),
         ("quota_bytes", "gauge", "Configured buffer quota.", quota_bytes),
@@ -106,12 +106,49 @@ pub fn render_metrics(s: &StatusSnapshot, quota_bytes: u64, healthy: bool, subsc
         ("over_quota", "gauge", "1 when the buffer is at its quota.", b(s.over_quota)),
         ("disk_low", "gauge", "1 when free disk space is below the reserve.", b(s.disk_low)),
         ("healthy", "gauge", "1 when /health answers 200.", b(healthy)),
+        (
+            "oversized_publishes_total",
+            "counter",
+            "Publishes over the MQTT packet limit, acked and quarantined as too_large.",
+            s.oversized_publishes,
+        ),
+        (
+            "oversized_bytes_max",
+            "gauge",
+            "True size of the largest oversized publish.",
+            s.oversized_bytes_max,
+        ),
+        (
+            "quarantine_dropped_total",
+            "counter",
+            "Oldest quarantine entries dropped to make room.",
+            s.quarantine_dropped,
+        ),
+        (
+            "rejected_dropped_total",
+            "counter",
+            "Oldest rejected entries dropped to make room.",
+            s.rejected_dropped,
+        ),
+        (
+            "reply_mismatches_total",
+            "counter",
+            "Endpoint replies not matching the batch sent (nothing settled).",
+            s.reply_mismatches,
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, value) in rows {
         out.push_str(&format!(
             "# HELP countersign_agent_{name} {help}\n# TYPE countersign_agent_{name} {kind}\ncountersign_agent_{name} {value}\n"
         ));
+    }
+    let name = "countersign_agent_quarantined_by_reason_total";
+    out.push_str(&format!("# HELP {name} Payloads quarantined, by reason.\n# TYPE {name} counter\n"));
+    for (reason, n) in &s.quarantined_by_reason {
+        // Reasons are the classifier's own codes; escaped anyway, as label values must be.
+        let reason = reason.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        out.push_str(&format!("{name}{{reason=\"{reason}\"}} {n}\n"));
     }
     out
 }
@@ -127,6 +164,14 @@ mod tests {
         let text = render_metrics(&st.snapshot(3, 5, None, 0), 1024, false, false);
         assert!(text.contains("# TYPE countersign_agent_reports_committed_total counter\ncountersign_agent_reports_committed_total 7\n"));
         assert!(text.contains("countersign_agent_buffered_reports 5\n"));
+        st.count_quarantined(&std::collections::BTreeMap::from([("too_large", 2)]));
+        st.oversized_publishes.store(2, Ordering::Relaxed);
+        let text = render_metrics(&st.snapshot(3, 5, None, 0), 1024, false, false);
+        assert!(
+            text.contains("countersign_agent_quarantined_by_reason_total{reason=\"too_large\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("countersign_agent_oversized_publishes_total 2\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let mut parts = line.split(' ');
             assert!(parts.next().is_some_and(|n| n.starts_with("countersign_agent_")));

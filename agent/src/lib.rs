@@ -9,6 +9,7 @@
 //! - [`store`]: the durable buffer and its on-disk format.
 //! - [`backoff`]: retry delays with jitter (pure).
 //! - [`status`]: live state and what "healthy" means (pure).
+//! - [`evidence`]: rate-limited logging of refusals and escaping of untrusted strings (pure).
 //! - [`pipeline`]: the MQTT, commit and upload tasks and their supervisor.
 //! - [`tls`]: HTTPS trust towards the endpoint (roots, private CA, pinned certificate).
 //! - [`http`]: `/health`, `/metrics`, `/status`.
@@ -18,6 +19,7 @@
 pub mod backoff;
 pub mod classify;
 pub mod config;
+pub mod evidence;
 pub mod http;
 pub mod pipeline;
 pub mod salvage;

@@ -52,6 +52,23 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Empty the quarantine and/or the rejected reports of the stopped agent's database
+    /// (pending reports are never touched). Refused while the agent runs: stop it first.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["quarantine", "rejected", "all"])))]
+    Purge {
+        /// Config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Empty the quarantine.
+        #[arg(long)]
+        quarantine: bool,
+        /// Empty the rejected reports.
+        #[arg(long)]
+        rejected: bool,
+        /// Empty both.
+        #[arg(long)]
+        all: bool,
+    },
     /// Recover reports from a database moved aside as corrupt, and optionally re-send them.
     Salvage {
         /// Config file (for the endpoint and gateway key when sending).
@@ -161,6 +178,33 @@ fn main() -> Result<()> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        Command::Purge { config, quarantine, rejected, all } => {
+            use countersign_agent::store::Purge;
+            let c = AgentConfig::load(&config).context("invalid configuration")?;
+            let which = match (all || (quarantine && rejected), quarantine) {
+                (true, _) => Purge::All,
+                (false, true) => Purge::Quarantine,
+                (false, false) => Purge::Rejected,
+            };
+            // sled locks the database while the agent runs; say so plainly rather than
+            // through sled's lock error.
+            if let Some(addr) = c.listen {
+                if std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).is_ok()
+                {
+                    anyhow::bail!(
+                        "the agent is running (it answers on {addr}); stop it first: purge works on a stopped agent"
+                    );
+                }
+            }
+            let b = Buffer::open_with(&c.data_dir, c.cache_capacity_bytes, c.side_limits).context(
+                "cannot open the database (if the agent is running, stop it first: purge works on a stopped agent)",
+            )?;
+            let (q, r) = b.purge(which)?;
+            println!(
+                "{}",
+                serde_json::json!({"quarantine_removed": q, "rejected_removed": r, "stats": b.stats()})
+            );
+        }
         Command::Salvage { config, from, out, send } => {
             let c = AgentConfig::load(&config).context("invalid configuration")?;
             let (method, candidates) = countersign_agent::salvage::salvage(&from)
@@ -219,6 +263,8 @@ async fn send_candidates(
             );
         }
         let reply: BatchReply = resp.json().await?;
+        countersign_agent::pipeline::check_reply(&reply, c.gateway_id, header.batch_seq, chunk.len())
+            .context("the endpoint's reply does not match the salvage batch")?;
         for r in reply.results {
             let k = match r {
                 RecordOutcome::Stored => "stored".to_owned(),

@@ -16,6 +16,14 @@
 //!   ingest queue and the MQTT event loop is never starved.
 //! - A store failure ends the pipeline without acking; the supervisor reopens the database
 //!   and starts a new pipeline, and the broker redelivers what was not acked.
+//! - No publish the broker accepts stops the intake: one larger than
+//!   [`MQTT_PACKET_BYTES_MAX`] is cut by the (patched) MQTT client to its topic and an
+//!   excerpt, the rest discarded unread, then acked and quarantined as `too_large` like any
+//!   other non-report. Quarantine never counts against the quota.
+//! - The ingest queue is bounded in count and in bytes ([`INGEST_QUEUE_BYTES_MAX`]): when it
+//!   is full the event loop stops reading, whatever the QoS.
+//! - A reply settles only the batch it names, for this gateway, with one result per record
+//!   ([`check_reply`]); anything else is a failed upload.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -23,27 +31,41 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use countersign_meter::report::REPORT_BYTES_MAX;
 use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, ErrorBody, RecordOutcome, RecordRef};
 use ed25519_dalek::SigningKey;
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::classify::{classify, Verdict};
+use crate::classify::{classify_publish, Verdict};
 use crate::config::AgentConfig;
+use crate::evidence::{untrusted, LogLimiter};
 use crate::status::AgentStatus;
-use crate::store::{Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX};
+use crate::store::{secure_data_dir, Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX};
 
 /// Capacity of the queue between the MQTT event loop and the committer: the event loop waits
 /// when it is full, which is how a slow disk slows the intake.
 pub const INGEST_QUEUE_REPORTS_MAX: usize = 4096;
+/// Most payload and topic bytes in that queue (each publish also counts
+/// [`INGEST_ITEM_OVERHEAD_BYTES`]): a flood of large payloads (QoS 0 has no in-flight window)
+/// makes the event loop wait, and the broker and TCP hold the rest, instead of the agent's
+/// memory.
+pub const INGEST_QUEUE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// What one queued publish costs besides its payload and topic.
+pub const INGEST_ITEM_OVERHEAD_BYTES: usize = 128;
+/// Largest endpoint reply read: far above a reply for the largest batch, so an endpoint (or
+/// whoever answers as one) cannot make the agent buffer an unbounded body.
+pub const REPLY_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Capacity of rumqttc's request channel (acks, subscribes). The committer never waits on
 /// it (see `send_acks`): acks that do not fit wait in the committer's own backlog.
 const MQTT_REQUESTS_MAX: usize = u16::MAX as usize + 1;
-/// Largest MQTT packet accepted: far above a report, so an oversized payload reaches the
-/// quarantine instead of breaking the connection (and being redelivered forever).
+/// Largest MQTT packet read whole: far above a report. A larger publish is cut by the
+/// (patched) MQTT client to its topic and a short excerpt, the rest discarded unread, and
+/// is acked and quarantined as `too_large` (it used to break the connection and be
+/// redelivered for ever, wedging the gateway).
 pub const MQTT_PACKET_BYTES_MAX: usize = 256 * 1024;
 /// Backoff bounds for reconnecting to the broker.
 const MQTT_RECONNECT_MS_MIN: u64 = 200;
@@ -89,7 +111,9 @@ pub fn hold_reason(
     free_bytes: Option<u64>,
     reserve_bytes: u64,
 ) -> Option<Hold> {
-    if buffered_bytes.saturating_add(cost_bytes) > quota_bytes {
+    // An empty buffer takes any group: a group larger than the whole quota would otherwise
+    // be held for ever.
+    if buffered_bytes > 0 && buffered_bytes.saturating_add(cost_bytes) > quota_bytes {
         return Some(Hold::Quota);
     }
     match free_bytes {
@@ -202,6 +226,14 @@ pub type BufferSlot = Arc<Mutex<Option<Buffer>>>;
 struct Received {
     publish: Publish,
     received_ms: u64,
+    /// Its share of [`INGEST_QUEUE_BYTES_MAX`], given back when the committer is done with it.
+    _room: OwnedSemaphorePermit,
+}
+
+/// What a publish costs in the ingest queue, in bytes (never more than the whole queue).
+fn ingest_cost(p: &Publish) -> u32 {
+    let n = p.payload.len().saturating_add(p.topic.len()).saturating_add(INGEST_ITEM_OVERHEAD_BYTES);
+    u32::try_from(n.min(INGEST_QUEUE_BYTES_MAX)).unwrap_or(u32::MAX)
 }
 
 /// Now, in Unix milliseconds (0 if the clock is before 1970).
@@ -239,6 +271,11 @@ pub async fn run_observed(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let key = countersign_protocol::keys::read_gateway_key(&config.gateway_key_file)?;
     let http = crate::tls::http_client(&config).map_err(|e| AgentError::Http(e.to_string()))?;
+    // Reports are buffered here: other users must neither read nor alter them.
+    secure_data_dir(&config.data_dir)?;
+    if let Some(u) = &config.uplink {
+        crate::store::check_state_file(&u.state_file)?;
+    }
     let slot: BufferSlot = Arc::new(Mutex::new(None));
     let mut shutdown = std::pin::pin!(shutdown);
     // A full disk at start is waited out, not a reason to exit (and be restarted in a loop).
@@ -414,7 +451,7 @@ pub fn open_buffer(config: &AgentConfig, status: &AgentStatus) -> Result<Buffer,
     let dir = &config.data_dir;
     let attempt = || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Buffer::open(dir, config.cache_capacity_bytes)
+            Buffer::open_with(dir, config.cache_capacity_bytes, config.side_limits)
         }))
     };
     let why = match attempt() {
@@ -445,6 +482,7 @@ pub fn open_buffer(config: &AgentConfig, status: &AgentStatus) -> Result<Buffer,
     );
     std::fs::rename(dir, &aside).map_err(|e| StoreError::Io(sled::Error::Io(e)))?;
     status.set_moved_aside(aside.display().to_string());
+    secure_data_dir(dir)?;
     match attempt() {
         Ok(r) => r,
         Err(_) => Err(StoreError::Corrupt("sled panicked while creating a fresh database")),
@@ -532,6 +570,7 @@ async fn run_pipeline(
             committed,
             stop: stop_rx,
             fault: fault_tx,
+            logs: LogLimiter::default(),
         })
         .instrument(info_span!("upload", gateway_id = config.gateway_id)),
     );
@@ -585,6 +624,8 @@ async fn mqtt_task(
     mut commit_done: watch::Receiver<bool>,
 ) {
     let mut tx = Some(tx);
+    let ingest_room = Arc::new(Semaphore::new(INGEST_QUEUE_BYTES_MAX));
+    let mut logs = LogLimiter::default();
     let mut backoff = Backoff::new(
         Duration::from_millis(MQTT_RECONNECT_MS_MIN),
         Duration::from_millis(MQTT_RECONNECT_MS_MAX),
@@ -615,7 +656,27 @@ async fn mqtt_task(
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let Some(q) = &tx else { continue };
-                    let received = Received { publish, received_ms: now_ms() };
+                    if let Some(size) = publish.truncated_from {
+                        status.oversized_publishes.fetch_add(1, Ordering::Relaxed);
+                        status.oversized_bytes_max.fetch_max(size as u64, Ordering::Relaxed);
+                        if let Some(skipped) = logs.admit("oversized_publish", now_ms()) {
+                            warn!(
+                                topic = %untrusted(&publish.topic),
+                                bytes = size,
+                                limit_bytes = MQTT_PACKET_BYTES_MAX,
+                                qos = publish.qos as u8,
+                                skipped,
+                                "publish over the packet limit: read its first bytes only, quarantining it"
+                            );
+                        }
+                    }
+                    // Waiting here (queue full in count or bytes) is the back-pressure: the
+                    // event loop stops reading, TCP and the broker hold the rest.
+                    let Ok(room) = ingest_room.clone().acquire_many_owned(ingest_cost(&publish)).await else {
+                        tx = None;
+                        continue;
+                    };
+                    let received = Received { publish, received_ms: now_ms(), _room: room };
                     if q.send(received).await.is_err() {
                         tx = None;
                     }
@@ -713,7 +774,7 @@ struct InFlight {
     flush: tokio::task::JoinHandle<Result<(), StoreError>>,
     acks: Vec<Publish>,
     reports: usize,
-    quarantined: usize,
+    quarantined: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// What became of a flushed group.
@@ -752,9 +813,11 @@ async fn landed(
         Ok(()) => {
             c.status.store_failing.store(false, Ordering::Relaxed);
             c.status.reports_committed.fetch_add(f.reports as u64, Ordering::Relaxed);
-            c.status.quarantined.fetch_add(f.quarantined as u64, Ordering::Relaxed);
+            let quarantined: u64 = f.quarantined.values().sum();
+            c.status.quarantined.fetch_add(quarantined, Ordering::Relaxed);
+            c.status.count_quarantined(&f.quarantined);
             c.status.buffer_bytes.store(c.buffer.logical_bytes(), Ordering::Relaxed);
-            debug!(reports = f.reports, quarantined = f.quarantined, "group committed");
+            debug!(reports = f.reports, quarantined, "group committed");
             if remembered.elapsed() >= Duration::from_millis(GENERATION_REMEMBER_MS) {
                 *remembered = tokio::time::Instant::now();
                 if let Err(e) = c.buffer.remember_generation() {
@@ -767,7 +830,7 @@ async fn landed(
             Landed::Acked
         }
         Err(e) => {
-            store_fault(c, &e, f.reports + f.quarantined);
+            store_fault(c, &e, f.reports + f.quarantined.values().sum::<u64>() as usize);
             Landed::Fault
         }
     }
@@ -789,6 +852,7 @@ async fn commit_loop(c: &mut Committer) {
     let mut acks: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
     let mut remembered = tokio::time::Instant::now();
     let mut in_flight: Option<InFlight> = None;
+    let mut logs = LogLimiter::default();
     loop {
         let first = match in_flight.as_mut() {
             Some(f) => tokio::select! {
@@ -849,7 +913,7 @@ async fn commit_loop(c: &mut Committer) {
             }
             return;
         }
-        let staged = stage_group(&c.buffer, &group);
+        let staged = stage_group(&c.buffer, &group, &mut logs);
         // The previous group's flush covered writes up to its start; this group's writes
         // need their own flush, started only after that one returned (sled flushes do not
         // overlap well, and acks must stay in order).
@@ -858,13 +922,19 @@ async fn commit_loop(c: &mut Committer) {
                 return;
             }
         }
-        let (reports, quarantined) = match staged {
+        let Staged { reports, quarantined, quarantine_dropped } = match staged {
             Ok(n) => n,
             Err(e) => {
                 store_fault(c, &e, group.len());
                 return;
             }
         };
+        if quarantine_dropped > 0 {
+            c.status.quarantine_dropped.fetch_add(quarantine_dropped, Ordering::Relaxed);
+            if let Some(skipped) = logs.admit("quarantine_full", now_ms()) {
+                warn!(dropped = quarantine_dropped, skipped, "quarantine full: dropped its oldest entries");
+            }
+        }
         in_flight = Some(InFlight {
             // Covers this group's writes (see `Buffer::flush`); runs while the next is written.
             flush: tokio::spawn(c.buffer.flush()),
@@ -882,7 +952,12 @@ async fn commit_loop(c: &mut Committer) {
 /// Holds the group while the buffer is at its quota or the disk below its reserve. Returns
 /// false if asked to stop.
 async fn wait_for_quota(c: &mut Committer, group: &[Received]) -> bool {
-    let cost: u64 = group.iter().map(|r| Buffer::report_cost_bytes(r.publish.payload.len())).sum();
+    // Only what can become a report counts: quarantine has its own space.
+    let cost: u64 = group
+        .iter()
+        .filter(|r| r.publish.truncated_from.is_none() && r.publish.payload.len() <= REPORT_BYTES_MAX)
+        .map(|r| Buffer::report_cost_bytes(r.publish.payload.len()))
+        .fold(0u64, u64::saturating_add);
     let mut held: Option<Hold> = None;
     loop {
         let free = look_at_disk(&c.config, &c.status);
@@ -924,26 +999,45 @@ async fn wait_for_quota(c: &mut Committer, group: &[Received]) -> bool {
     }
 }
 
-/// Classifies a group and writes it to sled (not yet durable). Returns (reports, quarantined).
-fn stage_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usize), StoreError> {
+/// What staging a group came to.
+struct Staged {
+    reports: usize,
+    quarantined: std::collections::BTreeMap<&'static str, u64>,
+    quarantine_dropped: u64,
+}
+
+/// Classifies a group and writes it to sled (not yet durable). Quarantined payloads are
+/// logged once per reason and then at most once a minute (see [`LogLimiter`]).
+fn stage_group(buffer: &Buffer, group: &[Received], logs: &mut LogLimiter) -> Result<Staged, StoreError> {
     let mut reports: Vec<(countersign_meter::RecordId, u64, &[u8])> = Vec::with_capacity(group.len());
-    let mut quarantined = 0;
+    let mut quarantined = std::collections::BTreeMap::new();
+    let dropped_before = buffer.dropped().quarantine;
     for r in group {
         let p = &r.publish;
-        match classify(&p.topic, &p.payload) {
+        match classify_publish(&p.topic, &p.payload, p.truncated_from) {
             Verdict::Report(id) => reports.push((id, r.received_ms, &p.payload)),
             Verdict::Quarantine { reason, detail } => {
-                warn!(topic = %p.topic, reason, %detail, bytes = p.payload.len(), "payload quarantined");
+                let payload_len = p.truncated_from.unwrap_or(p.payload.len());
+                if let Some(skipped) = logs.admit(reason, r.received_ms) {
+                    warn!(
+                        topic = %untrusted(&p.topic),
+                        reason,
+                        detail = %untrusted(&detail),
+                        bytes = payload_len,
+                        skipped,
+                        "payload quarantined"
+                    );
+                }
                 let keep = &p.payload[..p.payload.len().min(QUARANTINE_PAYLOAD_BYTES_MAX)];
                 buffer.put_quarantine(&Quarantined {
                     received_ms: r.received_ms,
                     topic: p.topic.clone(),
                     reason: reason.to_owned(),
                     detail,
-                    payload_len: p.payload.len(),
+                    payload_len,
                     payload_hex: hex::encode(keep),
                 })?;
-                quarantined += 1;
+                *quarantined.entry(reason).or_insert(0u64) += 1;
             }
         }
     }
@@ -951,7 +1045,58 @@ fn stage_group(buffer: &Buffer, group: &[Received]) -> Result<(usize, usize), St
     // committer (the throughput bench showed it).
     buffer.put_reports(&reports)?;
     buffer.bump_generation()?;
-    Ok((reports.len(), quarantined))
+    let quarantine_dropped = buffer.dropped().quarantine.saturating_sub(dropped_before);
+    Ok(Staged { reports: reports.len(), quarantined, quarantine_dropped })
+}
+
+/// Why an endpoint reply cannot be applied to the batch that was sent. Each is a failed
+/// upload (retried with backoff): nothing is settled, so no report is forgotten on the word
+/// of a reply meant for another batch or gateway.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyMismatch {
+    /// The reply is for another gateway.
+    #[error("reply names gateway {got}, but this is gateway {want}")]
+    Gateway {
+        /// The gateway the reply names.
+        got: u64,
+        /// This gateway.
+        want: u64,
+    },
+    /// The reply is for another batch.
+    #[error("reply names batch {got}, but batch {want} was sent")]
+    BatchSeq {
+        /// The batch the reply names.
+        got: u64,
+        /// The batch sent.
+        want: u64,
+    },
+    /// The reply does not have one result per record sent.
+    #[error("reply has {got} results for {want} records sent")]
+    Results {
+        /// Results in the reply.
+        got: usize,
+        /// Records sent.
+        want: usize,
+    },
+}
+
+/// Whether `reply` answers the batch `batch_seq` of `gateway_id` with `sent` records. Pure.
+pub fn check_reply(
+    reply: &BatchReply,
+    gateway_id: u64,
+    batch_seq: u64,
+    sent: usize,
+) -> Result<(), ReplyMismatch> {
+    if reply.gateway_id != gateway_id {
+        return Err(ReplyMismatch::Gateway { got: reply.gateway_id, want: gateway_id });
+    }
+    if reply.batch_seq != batch_seq {
+        return Err(ReplyMismatch::BatchSeq { got: reply.batch_seq, want: batch_seq });
+    }
+    if reply.results.len() != sent {
+        return Err(ReplyMismatch::Results { got: reply.results.len(), want: sent });
+    }
+    Ok(())
 }
 
 /// What one upload attempt came to.
@@ -972,6 +1117,7 @@ struct Uploader {
     committed: Arc<Notify>,
     stop: watch::Receiver<bool>,
     fault: watch::Sender<bool>,
+    logs: LogLimiter,
 }
 
 impl Uploader {
@@ -1043,8 +1189,21 @@ async fn upload_task(mut u: Uploader) {
         last_post = Some(tokio::time::Instant::now());
         let outcome = post(&u.http, &url, body).instrument(span.clone()).await;
         let _enter = span.enter();
+        let outcome = match outcome {
+            Upload::Done(reply) => match check_reply(&reply, u.config.gateway_id, seq, batch.len()) {
+                Ok(()) => Upload::Done(reply),
+                Err(m) => {
+                    u.status.reply_mismatches.fetch_add(1, Ordering::Relaxed);
+                    Upload::Retry {
+                        why: format!("endpoint reply does not match the batch: {m}; nothing settled"),
+                        after: None,
+                    }
+                }
+            },
+            retry => retry,
+        };
         match outcome {
-            Upload::Done(reply) if reply.results.len() == batch.len() => {
+            Upload::Done(reply) => {
                 let (mut stored, mut dup, mut rejected) = (0, 0, 0);
                 for r in &reply.results {
                     match r {
@@ -1052,13 +1211,28 @@ async fn upload_task(mut u: Uploader) {
                         RecordOutcome::Duplicate => dup += 1,
                         RecordOutcome::Rejected { reason, detail } => {
                             rejected += 1;
-                            warn!(reason = reason.code(), %detail, "endpoint rejected a report");
+                            if let Some(skipped) = u.logs.admit(reason.code(), now_ms()) {
+                                warn!(
+                                    reason = reason.code(),
+                                    detail = %untrusted(detail),
+                                    skipped,
+                                    "endpoint rejected a report"
+                                );
+                            }
                         }
                     }
                 }
+                let dropped_before = u.buffer.dropped().rejected;
                 if let Err(e) = u.buffer.settle(batch, &reply.results) {
                     // The endpoint has the records; resending them later only yields duplicates.
                     return u.store_fault("cannot settle an acknowledged batch", &e);
+                }
+                let dropped = u.buffer.dropped().rejected.saturating_sub(dropped_before);
+                if dropped > 0 {
+                    u.status.rejected_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    if let Some(skipped) = u.logs.admit("rejected_full", now_ms()) {
+                        warn!(dropped, skipped, "rejected reports full: dropped the oldest entries");
+                    }
                 }
                 u.status.records_delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 u.status.batches_delivered.fetch_add(1, Ordering::Relaxed);
@@ -1067,14 +1241,6 @@ async fn upload_task(mut u: Uploader) {
                 u.status.buffer_bytes.store(u.buffer.logical_bytes(), Ordering::Relaxed);
                 info!(stored, duplicate = dup, rejected, "batch delivered");
                 backoff.reset();
-            }
-            Upload::Done(reply) => {
-                let why = format!(
-                    "endpoint answered for {} records of {}; resending",
-                    reply.results.len(),
-                    batch.len()
-                );
-                upload_failed(&mut u, &mut backoff, why, None).await;
             }
             Upload::Retry { why, after } => upload_failed(&mut u, &mut backoff, why, after).await,
         }
@@ -1090,6 +1256,27 @@ async fn upload_failed(u: &mut Uploader, backoff: &mut Backoff, why: String, aft
     u.wait(delay).await;
 }
 
+/// The response body, refused past `max` bytes (read chunk by chunk, never more than `max`
+/// plus one chunk held).
+async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("endpoint reply is larger than {max} bytes"));
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                if body.len().saturating_add(c.len()) > max {
+                    return Err(format!("endpoint reply is larger than {max} bytes"));
+                }
+                body.extend_from_slice(&c);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(format!("reading the reply failed: {e}")),
+        }
+    }
+}
+
 async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Upload {
     let resp = match http.post(url).header("content-type", "application/octet-stream").body(body).send().await
     {
@@ -1103,15 +1290,19 @@ async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Upload {
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
+    let body = match read_bounded(resp, REPLY_BYTES_MAX).await {
+        Ok(b) => b,
+        Err(why) => return Upload::Retry { why, after: retry_after },
+    };
     if status.is_success() {
-        return match resp.json::<BatchReply>().await {
+        return match serde_json::from_slice::<BatchReply>(&body) {
             Ok(r) => Upload::Done(r),
             Err(e) => Upload::Retry { why: format!("unreadable reply: {e}"), after: None },
         };
     }
-    let text = resp.text().await.unwrap_or_default();
-    let why = match serde_json::from_str::<ErrorBody>(&text) {
-        Ok(b) => format!("endpoint answered {status}: {} ({})", b.error, b.code),
+    let why = match serde_json::from_slice::<ErrorBody>(&body) {
+        // The endpoint's words are untrusted text: escaped and cut.
+        Ok(b) => format!("endpoint answered {status}: {} ({})", untrusted(&b.error), untrusted(&b.code)),
         Err(_) => format!("endpoint answered {status}"),
     };
     if status.is_client_error() && status.as_u16() != 429 {
@@ -1134,6 +1325,46 @@ mod tests {
         assert_eq!(hold_reason(0, 10, 100, Some(1 << 20), 1 << 20), None);
         assert_eq!(hold_reason(0, 10, 100, Some(0), 0), None, "a reserve of 0 turns the check off");
         assert_eq!(hold_reason(0, 10, 100, None, 1 << 20), None, "unknown free space does not hold");
+    }
+
+    #[test]
+    fn an_empty_buffer_takes_a_group_larger_than_the_quota() {
+        assert_eq!(hold_reason(0, 1000, 100, None, 0), None);
+        assert_eq!(hold_reason(1, 1000, 100, None, 0), Some(Hold::Quota));
+    }
+
+    #[test]
+    fn a_reply_is_applied_only_to_the_batch_it_names() {
+        let reply = |gateway_id, batch_seq, n| BatchReply {
+            gateway_id,
+            batch_seq,
+            results: vec![RecordOutcome::Stored; n],
+        };
+        assert_eq!(check_reply(&reply(7, 300, 2), 7, 300, 2), Ok(()));
+        assert_eq!(
+            check_reply(&reply(8, 300, 2), 7, 300, 2),
+            Err(ReplyMismatch::Gateway { got: 8, want: 7 })
+        );
+        assert_eq!(
+            check_reply(&reply(7, 299, 2), 7, 300, 2),
+            Err(ReplyMismatch::BatchSeq { got: 299, want: 300 })
+        );
+        assert_eq!(
+            check_reply(&reply(7, 300, 3), 7, 300, 2),
+            Err(ReplyMismatch::Results { got: 3, want: 2 })
+        );
+        assert_eq!(
+            check_reply(&reply(7, 300, 1), 7, 300, 2),
+            Err(ReplyMismatch::Results { got: 1, want: 2 })
+        );
+    }
+
+    #[test]
+    fn ingest_cost_is_bounded_by_the_queue() {
+        let small = Publish::new("t", QoS::AtLeastOnce, vec![0u8; 100]);
+        assert_eq!(ingest_cost(&small) as usize, 101 + INGEST_ITEM_OVERHEAD_BYTES);
+        let huge = Publish::new("t", QoS::AtLeastOnce, vec![0u8; INGEST_QUEUE_BYTES_MAX + 1]);
+        assert_eq!(ingest_cost(&huge) as usize, INGEST_QUEUE_BYTES_MAX);
     }
 
     #[test]

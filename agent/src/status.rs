@@ -4,6 +4,7 @@
 //! combines it with the buffer's counts. [`Health::of`] is a pure function of a snapshot, so
 //! what "healthy" means is tested without an agent.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -49,6 +50,19 @@ pub struct AgentStatus {
     pub buffer_bytes: AtomicU64,
     /// Groups of reports the committer held back because of the quota or a failing store.
     pub commits_held: AtomicU64,
+    /// Publishes larger than the agent's MQTT packet limit (cut by the MQTT client, acked,
+    /// quarantined as `too_large`) since start.
+    pub oversized_publishes: AtomicU64,
+    /// True payload length of the largest of those.
+    pub oversized_bytes_max: AtomicU64,
+    /// Oldest quarantine entries dropped to make room since start.
+    pub quarantine_dropped: AtomicU64,
+    /// Oldest rejected entries dropped to make room since start.
+    pub rejected_dropped: AtomicU64,
+    /// Endpoint replies that did not name this gateway and the batch sent, or did not have
+    /// one result per record: counted as failed uploads, nothing settled.
+    pub reply_mismatches: AtomicU64,
+    quarantined_by_reason: Mutex<BTreeMap<&'static str, u64>>,
     last_error: Mutex<Option<String>>,
     moved_aside: Mutex<Option<String>>,
 }
@@ -71,6 +85,12 @@ impl Default for AgentStatus {
             disk_free_bytes: AtomicU64::new(u64::MAX),
             buffer_bytes: AtomicU64::new(0),
             commits_held: AtomicU64::new(0),
+            oversized_publishes: AtomicU64::new(0),
+            oversized_bytes_max: AtomicU64::new(0),
+            quarantine_dropped: AtomicU64::new(0),
+            rejected_dropped: AtomicU64::new(0),
+            reply_mismatches: AtomicU64::new(0),
+            quarantined_by_reason: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(None),
             moved_aside: Mutex::new(None),
         }
@@ -90,6 +110,17 @@ impl AgentStatus {
         }
         if let Ok(mut g) = self.last_error.lock() {
             *g = Some(s);
+        }
+    }
+
+    /// Counts quarantined payloads by reason (reasons are the classifier's static codes, so
+    /// the map stays small).
+    pub fn count_quarantined(&self, reasons: &BTreeMap<&'static str, u64>) {
+        if let Ok(mut g) = self.quarantined_by_reason.lock() {
+            for (r, n) in reasons {
+                let c = g.entry(r).or_insert(0);
+                *c = c.saturating_add(*n);
+            }
         }
     }
 
@@ -131,6 +162,16 @@ impl AgentStatus {
             batches_delivered: self.batches_delivered.load(Ordering::Relaxed),
             upload_failures: self.upload_failures.load(Ordering::Relaxed),
             commits_held: self.commits_held.load(Ordering::Relaxed),
+            oversized_publishes: self.oversized_publishes.load(Ordering::Relaxed),
+            oversized_bytes_max: self.oversized_bytes_max.load(Ordering::Relaxed),
+            quarantined_by_reason: self
+                .quarantined_by_reason
+                .lock()
+                .map(|g| g.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+                .unwrap_or_default(),
+            quarantine_dropped: self.quarantine_dropped.load(Ordering::Relaxed),
+            rejected_dropped: self.rejected_dropped.load(Ordering::Relaxed),
+            reply_mismatches: self.reply_mismatches.load(Ordering::Relaxed),
             last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
             corrupt_db_moved_to: self.moved_aside.lock().ok().and_then(|g| g.clone()),
         }
@@ -178,6 +219,24 @@ pub struct StatusSnapshot {
     pub upload_failures: u64,
     /// Commit groups held back (quota or store failure) since start.
     pub commits_held: u64,
+    /// Publishes over the MQTT packet limit, quarantined as `too_large`, since start.
+    #[serde(default)]
+    pub oversized_publishes: u64,
+    /// True payload length of the largest of those.
+    #[serde(default)]
+    pub oversized_bytes_max: u64,
+    /// Payloads quarantined since start, by reason.
+    #[serde(default)]
+    pub quarantined_by_reason: BTreeMap<String, u64>,
+    /// Oldest quarantine entries dropped to make room since start.
+    #[serde(default)]
+    pub quarantine_dropped: u64,
+    /// Oldest rejected entries dropped to make room since start.
+    #[serde(default)]
+    pub rejected_dropped: u64,
+    /// Endpoint replies that did not match the batch sent, since start.
+    #[serde(default)]
+    pub reply_mismatches: u64,
     /// The latest error, if any.
     pub last_error: Option<String>,
     /// Where a corrupt database was moved at start-up, if that happened.
@@ -191,6 +250,10 @@ pub struct Health {
     pub healthy: bool,
     /// One line per problem, stable enough to grep.
     pub problems: Vec<String>,
+    /// What was refused or dropped since start without making the agent unhealthy (reports
+    /// keep flowing), one line per cause: an installer should still look.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl Health {
@@ -219,7 +282,32 @@ impl Health {
             problems
                 .push(format!("store: corrupt database moved aside to {p}; run countersign-agent salvage"));
         }
-        Health { healthy: problems.is_empty(), problems }
+        let mut warnings = Vec::new();
+        if s.oversized_publishes > 0 {
+            warnings.push(format!(
+                "mqtt: {} publishes over the packet limit were acked and quarantined as too_large \
+                 (largest {} bytes); see countersign-agent inspect",
+                s.oversized_publishes, s.oversized_bytes_max
+            ));
+        }
+        if s.quarantine_dropped > 0 {
+            warnings.push(format!(
+                "store: quarantine full; {} oldest entries dropped (countersign-agent purge empties it)",
+                s.quarantine_dropped
+            ));
+        }
+        if s.rejected_dropped > 0 {
+            warnings
+                .push(format!("store: rejected reports full; {} oldest entries dropped", s.rejected_dropped));
+        }
+        if s.reply_mismatches > 0 {
+            warnings.push(format!(
+                "endpoint: {} replies did not match the batch sent (gateway, batch_seq or record count); \
+                 nothing was settled from them",
+                s.reply_mismatches
+            ));
+        }
+        Health { healthy: problems.is_empty(), problems, warnings }
     }
 }
 
@@ -247,6 +335,31 @@ mod tests {
         assert!(!h.healthy);
         let text = h.problems.join("\n");
         for needle in ["broker", "disk full", "quota", "disk nearly full", "uploads failing", "salvage"] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_named_as_warnings_without_making_the_agent_unhealthy() {
+        let st = AgentStatus::default();
+        st.connected.store(true, Ordering::Relaxed);
+        assert!(Health::of(&st.snapshot(1, 0, None, 0)).warnings.is_empty());
+        st.oversized_publishes.store(2, Ordering::Relaxed);
+        st.oversized_bytes_max.store(4 << 20, Ordering::Relaxed);
+        st.quarantine_dropped.store(3, Ordering::Relaxed);
+        st.rejected_dropped.store(4, Ordering::Relaxed);
+        st.reply_mismatches.store(5, Ordering::Relaxed);
+        st.count_quarantined(&BTreeMap::from([("too_large", 2)]));
+        st.count_quarantined(&BTreeMap::from([("too_large", 1), ("malformed", 1)]));
+        let s = st.snapshot(1, 0, None, 0);
+        assert_eq!(
+            s.quarantined_by_reason,
+            BTreeMap::from([("malformed".into(), 1), ("too_large".into(), 3)])
+        );
+        let h = Health::of(&s);
+        assert!(h.healthy, "{h:?}");
+        let text = h.warnings.join("\n");
+        for needle in ["too_large", "4194304 bytes", "3 oldest", "4 oldest", "5 replies"] {
             assert!(text.contains(needle), "{needle} missing in {text}");
         }
     }

@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | `chunks` | chunk id, u64 BE (sled `generate_id`: increasing, unique across restarts) | chunk format v1 (below) |
 //! | `quarantine` | sled-generated u64 BE | JSON [`Quarantined`] |
-//! | `rejected` | record id, 16 bytes BE | JSON [`Rejected`] |
+//! | `rejected` | sled-generated u64 BE ‖ record id, 16 bytes BE (before: record id alone) | JSON [`Rejected`] |
 //! | `meta` | `b"batch_seq"` | next batch sequence, u64 BE |
 //! | `meta` | `b"generation"` | commit groups made durable, u64 BE |
 //!
@@ -37,6 +37,14 @@
 //! layout before chunks) is converted at open.
 //!
 //! # Limits
+//!
+//! Quarantine and `rejected` have their own space ([`SideLimits`], `store.quarantine_bytes_max`
+//! and `store.rejected_bytes_max`): when a new entry does not fit, the oldest entries are
+//! dropped and counted ([`Buffer::dropped`]). They never count against the report quota, so
+//! a device publishing garbage cannot hold back anyone's reports; every stored string is
+//! cut to a named limit ([`QUARANTINE_TOPIC_BYTES_MAX`], [`QUARANTINE_DETAIL_BYTES_MAX`],
+//! [`REJECTED_DETAIL_BYTES_MAX`]), so one entry is bounded too. `countersign-agent purge`
+//! empties them (on a stopped agent).
 //!
 //! The page cache is bounded by `store.cache_capacity_bytes`. sled's space amplification is
 //! real (about 2.5× the live data): the agent's quota counts logical bytes
@@ -81,10 +89,80 @@ pub const GENERATION_FILE: &str = "generation";
 pub const FLUSH_TIMEOUT_MS: u64 = 30_000;
 /// At most this much of a quarantined payload is kept (its length is always kept).
 pub const QUARANTINE_PAYLOAD_BYTES_MAX: usize = 4096;
+/// At most this much of a quarantined payload's topic is kept (MQTT allows 65535 bytes).
+pub const QUARANTINE_TOPIC_BYTES_MAX: usize = 256;
+/// At most this much of a quarantine detail is kept.
+pub const QUARANTINE_DETAIL_BYTES_MAX: usize = 512;
+/// At most this much of the endpoint's detail on a rejected report is kept.
+pub const REJECTED_DETAIL_BYTES_MAX: usize = 512;
+/// Default space of the quarantine tree (keys and values); the oldest entries go first.
+pub const QUARANTINE_BYTES_MAX_DEFAULT: u64 = 8 * 1024 * 1024;
+/// Default space of the `rejected` tree (keys and values); the oldest entries go first.
+pub const REJECTED_BYTES_MAX_DEFAULT: u64 = 8 * 1024 * 1024;
+/// Key of a `rejected` entry: insertion order (sled id, u64 BE) then the record id.
+const REJECTED_KEY_BYTES: usize = 8 + RECORD_KEY_BYTES;
 /// Suffix of a snapshot sled has not finished writing (see the module docs).
 const SNAPSHOT_UNFINISHED_SUFFIX: &str = ".generating";
 /// Most directory entries looked at for unfinished snapshots (sled keeps a handful).
 const DB_DIR_ENTRIES_MAX: usize = 10_000;
+
+/// Permission bits that make an existing data directory unsafe: anything for others, or
+/// write for the group. Group read is allowed because the package gives the agent its own
+/// group (`StateDirectoryMode=0750`); others must not read buffered reports or write them.
+pub const DATA_DIR_MODE_FORBIDDEN: u32 = 0o027;
+/// Mode of a data directory the agent creates.
+pub const DATA_DIR_MODE_CREATED: u32 = 0o700;
+/// Permission bits that make an existing state file unsafe (someone else could rewrite it).
+pub const STATE_FILE_MODE_FORBIDDEN: u32 = 0o022;
+
+/// Whether `mode` has any of the `forbidden` permission bits. Pure.
+pub fn mode_exposed(mode: u32, forbidden: u32) -> bool {
+    mode & forbidden != 0
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, or checks that an existing one is not
+/// open to others ([`DATA_DIR_MODE_FORBIDDEN`]). Called at start, before sled opens it.
+pub fn secure_data_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |e| StoreError::Io(sled::Error::Io(e));
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode_exposed(mode, DATA_DIR_MODE_FORBIDDEN) {
+                return Err(StoreError::Exposed {
+                    path: dir.display().to_string(),
+                    mode,
+                    what: "data directory",
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).mode(DATA_DIR_MODE_CREATED).create(dir).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Checks that an existing state file (the uplink meter's) cannot be written by others.
+pub fn check_state_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode_exposed(mode, STATE_FILE_MODE_FORBIDDEN) {
+                return Err(StoreError::Exposed {
+                    path: path.display().to_string(),
+                    mode,
+                    what: "state file",
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::Io(sled::Error::Io(e))),
+    }
+}
 
 /// Bytes an unprivileged process can still write on the filesystem holding `path` (which
 /// must exist).
@@ -127,6 +205,20 @@ pub enum StoreError {
         path: String,
         /// sled's error.
         source: sled::Error,
+    },
+    /// The data directory or a state file is open to other users. Not recoverable by
+    /// retrying: fix the mode (the message says how).
+    #[error(
+        "{what} {path} has mode {mode:04o}: other users could read or alter buffered data; \
+         chmod go-w,o-rwx {path} (0700, or 0750 with the agent's own group)"
+    )]
+    Exposed {
+        /// The directory or file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+        /// What it is.
+        what: &'static str,
     },
     /// A read, write or flush failed (e.g. disk full). Recoverable: retry once the cause clears.
     #[error("agent database i/o: {0}")]
@@ -229,18 +321,60 @@ fn push_entry(chunk: &mut Vec<u8>, id: RecordId, received_ms: u64, report: &[u8]
     Ok(())
 }
 
+/// The own space of the quarantine and `rejected` trees (never part of the report quota).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SideLimits {
+    /// Most bytes (keys and values) the quarantine tree holds.
+    pub quarantine_bytes_max: u64,
+    /// Most bytes (keys and values) the `rejected` tree holds.
+    pub rejected_bytes_max: u64,
+}
+
+impl Default for SideLimits {
+    fn default() -> Self {
+        Self {
+            quarantine_bytes_max: QUARANTINE_BYTES_MAX_DEFAULT,
+            rejected_bytes_max: REJECTED_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// Which side trees `purge` empties.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purge {
+    /// The quarantine tree.
+    Quarantine,
+    /// The `rejected` tree.
+    Rejected,
+    /// Both.
+    All,
+}
+
+/// `s` cut to at most `max` bytes on a char boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// A payload from the report topic that is not a usable report, kept for inspection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantined {
     /// When it arrived, Unix milliseconds.
     pub received_ms: u64,
-    /// The MQTT topic.
+    /// The MQTT topic, cut at [`QUARANTINE_TOPIC_BYTES_MAX`] bytes.
     pub topic: String,
     /// Stable reason code, e.g. `too_long`, `malformed`, `topic_mismatch`.
     pub reason: String,
-    /// Human-readable detail.
+    /// Human-readable detail, cut at [`QUARANTINE_DETAIL_BYTES_MAX`] bytes.
     pub detail: String,
-    /// Length of the payload as received.
+    /// Length of the payload as the device sent it (for a payload over the MQTT packet
+    /// limit, its true length: only an excerpt reached the agent).
     pub payload_len: usize,
     /// The payload in hex, cut at [`QUARANTINE_PAYLOAD_BYTES_MAX`] bytes.
     pub payload_hex: String,
@@ -251,7 +385,7 @@ pub struct Quarantined {
 pub struct Rejected {
     /// Stable reason code from the endpoint.
     pub reason: RejectReason,
-    /// The endpoint's explanation.
+    /// The endpoint's explanation, cut at [`REJECTED_DETAIL_BYTES_MAX`] bytes.
     pub detail: String,
     /// When the gateway received it.
     pub received_ms: u64,
@@ -268,6 +402,80 @@ pub struct Stats {
     pub quarantined: usize,
     /// Reports the endpoint refused.
     pub rejected: usize,
+    /// Bytes the quarantine tree holds (keys and values).
+    pub quarantine_bytes: u64,
+    /// Bytes the `rejected` tree holds (keys and values).
+    pub rejected_bytes: u64,
+}
+
+/// Entries dropped from the side trees to make room, since the buffer was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Dropped {
+    /// Oldest quarantine entries dropped.
+    pub quarantine: u64,
+    /// Oldest rejected entries dropped.
+    pub rejected: u64,
+}
+
+/// One side tree with its own bounded space: the oldest entries (lowest keys) go first.
+#[derive(Clone)]
+struct SideTree {
+    tree: sled::Tree,
+    bytes: Arc<AtomicU64>,
+    bytes_max: u64,
+    dropped: Arc<AtomicU64>,
+}
+
+impl SideTree {
+    fn open(tree: sled::Tree, bytes_max: u64) -> Result<Self, sled::Error> {
+        let mut bytes = 0u64;
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            bytes = bytes.saturating_add((k.len() + v.len()) as u64);
+        }
+        Ok(Self {
+            tree,
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            bytes_max,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Inserts, first dropping the oldest entries until the new one fits. An entry larger
+    /// than the whole space is not kept (counted as dropped). One writer at a time per tree
+    /// (the committer for quarantine, the uploader for `rejected`).
+    fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let len = (key.len() + value.len()) as u64;
+        if len > self.bytes_max {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        while self.bytes.load(Ordering::Relaxed).saturating_add(len) > self.bytes_max {
+            let Some((k, v)) = self.tree.pop_min()? else {
+                // The count drifted (it never should): start again from what is there.
+                self.bytes.store(0, Ordering::Relaxed);
+                break;
+            };
+            self.shrink((k.len() + v.len()) as u64);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(old) = self.tree.insert(key, value)? {
+            self.shrink((key.len() + old.len()) as u64);
+        }
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn shrink(&self, n: u64) {
+        let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(n)));
+    }
+
+    fn clear(&self) -> Result<usize, StoreError> {
+        let n = self.tree.len();
+        self.tree.clear()?;
+        self.bytes.store(0, Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
 /// The agent's durable buffer. One per process; cheap to clone (sled handles are shared).
@@ -280,15 +488,31 @@ pub struct Buffer {
     pending_count: Arc<AtomicU64>,
     db: sled::Db,
     chunks: sled::Tree,
-    quarantine: sled::Tree,
-    rejected: sled::Tree,
+    quarantine: SideTree,
+    rejected: SideTree,
     meta: sled::Tree,
 }
 
 impl Buffer {
-    /// Opens (or creates) the database under `dir` with a bounded page cache.
+    /// Opens (or creates) the database under `dir` with a bounded page cache and the default
+    /// [`SideLimits`].
     pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with(dir, cache_capacity_bytes, SideLimits::default())
+    }
+
+    /// [`Buffer::open`] with the given space for quarantine and `rejected`.
+    pub fn open_with(dir: &Path, cache_capacity_bytes: u64, limits: SideLimits) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open { path: dir.display().to_string(), source };
+        // sled would create a missing directory with the umask's mode (0755, typically), which
+        // `run` then refuses: any command that opens the buffer creates it private.
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DATA_DIR_MODE_CREATED)
+                .create(dir)
+                .map_err(|e| open_err(sled::Error::Io(e)))?;
+        }
         for path in remove_unfinished_snapshots(dir).map_err(|e| open_err(sled::Error::Io(e)))? {
             tracing::warn!(path = %path.display(), "removed a snapshot sled had not finished (full disk or crash)");
         }
@@ -305,8 +529,13 @@ impl Buffer {
             bytes: Arc::new(AtomicU64::new(0)),
             pending_count: Arc::new(AtomicU64::new(0)),
             chunks: db.open_tree("chunks").map_err(open_err)?,
-            quarantine: db.open_tree("quarantine").map_err(open_err)?,
-            rejected: db.open_tree("rejected").map_err(open_err)?,
+            quarantine: SideTree::open(
+                db.open_tree("quarantine").map_err(open_err)?,
+                limits.quarantine_bytes_max,
+            )
+            .map_err(open_err)?,
+            rejected: SideTree::open(db.open_tree("rejected").map_err(open_err)?, limits.rejected_bytes_max)
+                .map_err(open_err)?,
             meta: db.open_tree("meta").map_err(open_err)?,
             db,
         };
@@ -324,10 +553,6 @@ impl Buffer {
                 e?;
                 count += 1;
             }
-        }
-        for kv in b.quarantine.iter() {
-            let (k, v) = kv.map_err(open_err)?;
-            bytes = bytes.saturating_add((k.len() + v.len()) as u64);
         }
         b.bytes.store(bytes, Ordering::Relaxed);
         b.pending_count.store(count, Ordering::Relaxed);
@@ -347,8 +572,9 @@ impl Buffer {
         Ok(b)
     }
 
-    /// Logical bytes buffered: keys and values of pending and quarantined entries. sled's
-    /// files are larger (about 2.5× for this workload), which the quota's docs account for.
+    /// Logical bytes of pending reports (keys and values of chunks): what the quota counts.
+    /// Quarantine and `rejected` have their own bounded space ([`SideLimits`]). sled's files
+    /// are larger (about 2.5× for this workload), which the quota's docs account for.
     pub fn logical_bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
@@ -441,14 +667,38 @@ impl Buffer {
     }
 
     /// Keeps a payload that is not a usable report (not yet durable: see [`Buffer::flush`]).
+    /// Topic, detail and payload excerpt are cut to their limits here; the oldest entries
+    /// are dropped if the quarantine is full.
     pub fn put_quarantine(&self, q: &Quarantined) -> Result<(), StoreError> {
         let id = self.db.generate_id()?;
-        let v =
-            serde_json::to_vec(q).map_err(|_| StoreError::Corrupt("quarantine entry does not serialize"))?;
-        let len = 8 + v.len();
-        self.quarantine.insert(id.to_be_bytes(), v)?;
-        self.grow(len);
-        Ok(())
+        let bounded = Quarantined {
+            received_ms: q.received_ms,
+            topic: cut(&q.topic, QUARANTINE_TOPIC_BYTES_MAX).to_owned(),
+            reason: cut(&q.reason, QUARANTINE_DETAIL_BYTES_MAX).to_owned(),
+            detail: cut(&q.detail, QUARANTINE_DETAIL_BYTES_MAX).to_owned(),
+            payload_len: q.payload_len,
+            payload_hex: cut(&q.payload_hex, 2 * QUARANTINE_PAYLOAD_BYTES_MAX).to_owned(),
+        };
+        let v = serde_json::to_vec(&bounded)
+            .map_err(|_| StoreError::Corrupt("quarantine entry does not serialize"))?;
+        self.quarantine.insert(&id.to_be_bytes(), &v)
+    }
+
+    /// Entries dropped from quarantine and `rejected` to make room since open.
+    pub fn dropped(&self) -> Dropped {
+        Dropped {
+            quarantine: self.quarantine.dropped.load(Ordering::Relaxed),
+            rejected: self.rejected.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Empties quarantine, `rejected` or both, durably. Returns the entries removed
+    /// (quarantine, rejected).
+    pub fn purge(&self, which: Purge) -> Result<(usize, usize), StoreError> {
+        let q = if which != Purge::Rejected { self.quarantine.clear()? } else { 0 };
+        let r = if which != Purge::Quarantine { self.rejected.clear()? } else { 0 };
+        self.db.flush()?;
+        Ok((q, r))
     }
 
     /// Counts one more commit group; made durable by the next flush. One caller at a time
@@ -564,13 +814,16 @@ impl Buffer {
             if let RecordOutcome::Rejected { reason, detail } = o {
                 let r = Rejected {
                     reason: *reason,
-                    detail: detail.clone(),
+                    detail: cut(detail, REJECTED_DETAIL_BYTES_MAX).to_owned(),
                     received_ms: p.received_ms,
                     report_hex: hex::encode(&p.report),
                 };
                 let v = serde_json::to_vec(&r)
                     .map_err(|_| StoreError::Corrupt("rejected entry does not serialize"))?;
-                self.rejected.insert(p.id.to_key(), v)?;
+                let mut key = [0u8; REJECTED_KEY_BYTES];
+                key[..8].copy_from_slice(&self.db.generate_id()?.to_be_bytes());
+                key[8..].copy_from_slice(&p.id.to_key());
+                self.rejected.insert(&key, &v)?;
             }
             settled.entry(p.slot.0).or_default().insert(p.slot.1);
         }
@@ -619,8 +872,10 @@ impl Buffer {
     pub fn stats(&self) -> Stats {
         Stats {
             pending: usize::try_from(self.pending_count()).unwrap_or(usize::MAX),
-            quarantined: self.quarantine.len(),
-            rejected: self.rejected.len(),
+            quarantined: self.quarantine.tree.len(),
+            rejected: self.rejected.tree.len(),
+            quarantine_bytes: self.quarantine.bytes.load(Ordering::Relaxed),
+            rejected_bytes: self.rejected.bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -641,6 +896,7 @@ impl Buffer {
     /// Every quarantined payload, oldest first.
     pub fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
         self.quarantine
+            .tree
             .iter()
             .map(|kv| {
                 let (_, v) = kv?;
@@ -649,14 +905,17 @@ impl Buffer {
             .collect()
     }
 
-    /// Every rejected report, in record-id order.
+    /// Every rejected report: those stored before the own-space layout in record-id order,
+    /// then the others oldest first.
     pub fn rejected(&self) -> Result<Vec<(RecordId, Rejected)>, StoreError> {
         self.rejected
+            .tree
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                let id =
-                    RecordId::from_key(&k).ok_or(StoreError::Corrupt("rejected key is not a record id"))?;
+                let id_key = if k.len() == REJECTED_KEY_BYTES { &k[8..] } else { &k[..] };
+                let id = RecordId::from_key(id_key)
+                    .ok_or(StoreError::Corrupt("rejected key is not a record id"))?;
                 let r = serde_json::from_slice(&v)
                     .map_err(|_| StoreError::Corrupt("rejected entry is not json"))?;
                 Ok((id, r))
@@ -721,7 +980,8 @@ mod tests {
         let mut outcomes = vec![RecordOutcome::Stored; 4];
         outcomes[1] = RecordOutcome::Rejected { reason: RejectReason::BadTag, detail: "bad".into() };
         b.settle(&batch, &outcomes).unwrap();
-        assert_eq!(b.stats(), Stats { pending: 7, quarantined: 0, rejected: 1 });
+        let st = b.stats();
+        assert_eq!((st.pending, st.quarantined, st.rejected), (7, 0, 1));
         assert_eq!(b.rejected().unwrap()[0].0, id(1));
         assert_eq!(b.next_batch(100, 80).unwrap().len(), 2, "byte bound");
         assert_eq!(b.next_batch(100, 1).unwrap().len(), 1, "always at least one");
@@ -803,6 +1063,128 @@ mod tests {
         fn chunk_decoding_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
             let _ = chunk_entries(&bytes).take(1000).count();
         }
+    }
+
+    fn garbage(n: u64, topic: String) -> Quarantined {
+        Quarantined {
+            received_ms: n,
+            topic,
+            reason: "malformed".into(),
+            detail: "d".repeat(10_000),
+            payload_len: 1 << 30,
+            payload_hex: "ab".repeat(QUARANTINE_PAYLOAD_BYTES_MAX),
+        }
+    }
+
+    #[tokio::test]
+    async fn quarantine_has_its_own_bounded_space_and_drops_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = SideLimits { quarantine_bytes_max: 50_000, rejected_bytes_max: 50_000 };
+        let b = Buffer::open_with(dir.path(), 1 << 20, limits).unwrap();
+        b.put_report(id(1), 1, &[1u8; 40]).unwrap();
+        let quota_bytes = b.logical_bytes();
+        for n in 0..40 {
+            b.put_quarantine(&garbage(n, format!("t/{n}/{}", "é".repeat(1000)))).unwrap();
+        }
+        assert_eq!(b.logical_bytes(), quota_bytes, "quarantine is not counted against the quota");
+        let st = b.stats();
+        assert!(st.quarantine_bytes <= 50_000, "{st:?}");
+        assert!(st.quarantined >= 4, "{st:?}");
+        assert_eq!(b.dropped().quarantine, 40 - st.quarantined as u64);
+        let kept = b.quarantined().unwrap();
+        assert_eq!(kept.last().unwrap().received_ms, 39, "the newest is kept");
+        assert_eq!(kept[0].received_ms, 40 - st.quarantined as u64, "the oldest went first");
+        for q in &kept {
+            assert!(
+                q.topic.len() <= QUARANTINE_TOPIC_BYTES_MAX && q.detail.len() <= QUARANTINE_DETAIL_BYTES_MAX
+            );
+            assert_eq!(q.payload_len, 1 << 30);
+        }
+        b.flush().await.unwrap();
+        drop(b);
+        let b = {
+            let mut r = None;
+            for _ in 0..100 {
+                match Buffer::open_with(dir.path(), 1 << 20, limits) {
+                    Ok(b) => {
+                        r = Some(b);
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+            r.expect("reopened")
+        };
+        assert_eq!(b.stats().quarantine_bytes, st.quarantine_bytes, "recounted at open");
+        assert_eq!(b.purge(Purge::Quarantine).unwrap(), (st.quarantined, 0));
+        assert_eq!((b.stats().quarantined, b.stats().quarantine_bytes, b.stats().pending), (0, 0, 1));
+    }
+
+    #[test]
+    fn rejected_has_its_own_bounded_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = SideLimits { quarantine_bytes_max: 1000, rejected_bytes_max: 3000 };
+        let b = Buffer::open_with(dir.path(), 1 << 20, limits).unwrap();
+        let reports: Vec<Vec<u8>> = (0..20u32).map(|s| vec![s as u8; 60]).collect();
+        for (s, r) in reports.iter().enumerate() {
+            b.put_report(id(s as u32), 1, r).unwrap();
+        }
+        let batch = b.next_batch(100, usize::MAX).unwrap();
+        let outcomes: Vec<_> = (0..20)
+            .map(|_| RecordOutcome::Rejected { reason: RejectReason::BadTag, detail: "x".repeat(5000) })
+            .collect();
+        b.settle(&batch, &outcomes).unwrap();
+        let st = b.stats();
+        assert!(st.rejected_bytes <= 3000 && st.rejected > 0, "{st:?}");
+        assert_eq!(b.dropped().rejected, 20 - st.rejected as u64);
+        let kept = b.rejected().unwrap();
+        assert_eq!(kept.last().unwrap().0, id(19), "the newest is kept");
+        assert!(kept.iter().all(|(_, r)| r.detail.len() <= REJECTED_DETAIL_BYTES_MAX));
+        assert_eq!(b.purge(Purge::All).unwrap(), (0, st.rejected));
+        assert_eq!(b.stats().rejected, 0);
+    }
+
+    #[test]
+    fn data_dir_is_created_private_and_an_exposed_one_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let opened = tmp.path().join("opened");
+        drop(Buffer::open(&opened, 1 << 20).unwrap());
+        assert_eq!(
+            std::fs::metadata(&opened).unwrap().permissions().mode() & 0o777,
+            0o700,
+            "open creates it private"
+        );
+        let dir = tmp.path().join("a/b");
+        secure_data_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        secure_data_dir(&dir).unwrap();
+        for (mode, ok) in [(0o700, true), (0o750, true), (0o770, false), (0o755, false), (0o701, false)] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = secure_data_dir(&dir);
+            assert_eq!(r.is_ok(), ok, "{mode:o}");
+            if let Err(e) = r {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&dir.display().to_string()) && text.contains(&format!("{mode:04o}")),
+                    "{text}"
+                );
+            }
+        }
+        let f = tmp.path().join("state.json");
+        check_state_file(&f).unwrap();
+        std::fs::write(&f, b"{}").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_state_file(&f).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(check_state_file(&f).unwrap_err().to_string().contains("state file"));
+    }
+
+    #[test]
+    fn cut_respects_char_boundaries() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
     }
 
     #[test]

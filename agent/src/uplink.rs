@@ -95,7 +95,15 @@ impl CheckpointStore for FileStore {
         let tmp = self.path.with_extension("tmp");
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(self.io())?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Only the agent may rewrite the meter's epoch and totals (checked at start).
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(self.io())?;
             f.write_all(&json).map_err(self.io())?;
             f.sync_all().map_err(self.io())?;
         }

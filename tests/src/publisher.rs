@@ -19,8 +19,16 @@ pub struct Publisher {
 impl Publisher {
     /// Connects with a clean session under `client_id`.
     pub fn connect(client_id: &str, port: u16) -> Self {
+        Self::connect_with(client_id, port, 1 << 20)
+    }
+
+    /// [`Publisher::connect`] sending packets of up to `packet_bytes_max` (Mosquitto accepts
+    /// up to 256 MiB by default).
+    pub fn connect_with(client_id: &str, port: u16, packet_bytes_max: usize) -> Self {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_inflight(100).set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(100)
+            .set_max_packet_size(packet_bytes_max, packet_bytes_max);
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let acked = Arc::new(AtomicU64::new(0));
         let a = acked.clone();
@@ -43,6 +51,18 @@ impl Publisher {
     pub async fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
         self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_vec()).await?;
         self.published += 1;
+        Ok(())
+    }
+
+    /// Queues one QoS 0 publish (the broker does not acknowledge it).
+    pub async fn publish_qos0(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        self.publish_uncounted(topic, QoS::AtMostOnce, payload).await
+    }
+
+    /// Queues one publish at `qos` that [`Publisher::wait_acked`] does not wait for (QoS 0
+    /// has no ack, QoS 2 ends with PUBCOMP rather than PUBACK).
+    pub async fn publish_uncounted(&mut self, topic: &str, qos: QoS, payload: &[u8]) -> Result<()> {
+        self.client.publish(topic, qos, false, payload.to_vec()).await?;
         Ok(())
     }
 

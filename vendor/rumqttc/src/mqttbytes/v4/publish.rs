@@ -10,6 +10,11 @@ pub struct Publish {
     pub topic: String,
     pub pkid: u16,
     pub payload: Bytes,
+    /// Countersign patch: set on an incoming publish larger than the client's maximum
+    /// incoming packet size. `payload` then holds only the first bytes of the payload
+    /// (at most [`OVERSIZED_PAYLOAD_EXCERPT_BYTES_MAX`]) and this is the payload's true
+    /// length; the rest was read off the connection and discarded, never buffered.
+    pub truncated_from: Option<usize>,
 }
 
 impl Publish {
@@ -21,6 +26,7 @@ impl Publish {
             pkid: 0,
             topic: topic.into(),
             payload: Bytes::from(payload.into()),
+            truncated_from: None,
         }
     }
 
@@ -32,6 +38,7 @@ impl Publish {
             pkid: 0,
             topic: topic.into(),
             payload,
+            truncated_from: None,
         }
     }
 
@@ -77,6 +84,7 @@ impl Publish {
             pkid,
             topic,
             payload: bytes,
+            truncated_from: None,
         };
 
         Ok(publish)
@@ -117,7 +125,7 @@ impl fmt::Debug for Publish {
             self.qos,
             self.retain,
             self.pkid,
-            self.payload.len()
+            self.truncated_from.unwrap_or(self.payload.len())
         )
     }
 }
@@ -165,6 +173,7 @@ mod test {
                 topic: "a/b".to_owned(),
                 pkid: 10,
                 payload: Bytes::from(&payload[..]),
+                truncated_from: None,
             }
         );
     }
@@ -201,6 +210,7 @@ mod test {
                 topic: "a/b".to_owned(),
                 pkid: 0,
                 payload: Bytes::from(&[0x01, 0x02][..]),
+                truncated_from: None,
             }
         );
     }
@@ -214,6 +224,7 @@ mod test {
             topic: "a/b".to_owned(),
             pkid: 10,
             payload: Bytes::from(vec![0xF1, 0xF2, 0xF3, 0xF4]),
+            truncated_from: None,
         };
 
         let mut buf = BytesMut::new();
@@ -248,6 +259,7 @@ mod test {
             topic: "a/b".to_owned(),
             pkid: 0,
             payload: Bytes::from(vec![0xE1, 0xE2, 0xE3, 0xE4]),
+            truncated_from: None,
         };
 
         let mut buf = BytesMut::new();

@@ -24,9 +24,9 @@ use time::Date;
 
 use crate::backend::StoreBackend;
 use crate::billing::{
-    charges, customer_faulty_sims, customer_period_charges, decide_run, decide_topup, items_by_assignment, run_write, topup_write,
-    AlertRecord, BillingError, GroupCharge, PeriodSelector, RunDecision, Topup, TopupDecision,
-    FORECAST_LIFETIME_YEARS_DEFAULT, FORECAST_WINDOW_DAYS_DEFAULT, WALLET_ALERTS_LISTED_MAX,
+    charges, customer_faulty_sims, customer_period_charges, decide_run, decide_topup, items_by_assignment,
+    run_write, topup_write, AlertRecord, BillingError, GroupCharge, PeriodSelector, RunDecision, Topup,
+    TopupDecision, FORECAST_LIFETIME_YEARS_DEFAULT, FORECAST_WINDOW_DAYS_DEFAULT, WALLET_ALERTS_LISTED_MAX,
 };
 use crate::config::CloudConfig;
 use crate::pricing::{
@@ -143,7 +143,8 @@ impl Billing {
                     iccids.join(", "),
                     crate::server::ADMIN_FAULTS_PATH
                 );
-                let json = skipped_json(store, w, reason, faulty.into_iter().map(Into::into).collect()).await?;
+                let json =
+                    skipped_json(store, w, reason, faulty.into_iter().map(Into::into).collect()).await?;
                 wallets.push(json);
                 continue;
             }

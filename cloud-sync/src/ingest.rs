@@ -21,9 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use countersign_meter::{
-    verify, CounterKind, Report, TimeQuality, VerifyError, METER_KEY_BYTES,
-};
+use countersign_meter::{verify, CounterKind, Report, TimeQuality, VerifyError, METER_KEY_BYTES};
 use countersign_protocol::{
     open, peek_header, BatchError, BatchHeader, BatchReply, RecordOutcome, RejectReason,
 };
@@ -195,7 +193,10 @@ pub fn validate_report(report: &Report, received_ms: u64, now_ms: u64) -> Result
             }
             CounterKind::AttachedSeconds => Some(match uptime_s {
                 Some(s) => (s, "seconds of uptime"),
-                None => (u64::from(DEVICE_TIME_SECS_MAX).saturating_add(UPTIME_SLACK_S), "seconds a device clock counts"),
+                None => (
+                    u64::from(DEVICE_TIME_SECS_MAX).saturating_add(UPTIME_SLACK_S),
+                    "seconds a device clock counts",
+                ),
             }),
             CounterKind::App(_) => None,
         };
@@ -590,9 +591,12 @@ mod tests {
         let wrong = batch(&reports, &SigningKey::from_bytes(&[12u8; 32]));
         let e = ingest_batch(&store, &wrong, NOW_MS).unwrap_err();
         assert!(matches!(e, IngestError::Batch(BatchError::BadSignature(1))), "{e}");
-        let e =
-            ingest_batch(&store, b"not a batch at all, clearly, not even close to one, no sir, not at all", NOW_MS)
-                .unwrap_err();
+        let e = ingest_batch(
+            &store,
+            b"not a batch at all, clearly, not even close to one, no sir, not at all",
+            NOW_MS,
+        )
+        .unwrap_err();
         assert!(matches!(e, IngestError::Batch(ref b) if !b.is_auth()), "{e}");
         let mut b = BatchBuilder::new(BatchHeader { gateway_id: 2, batch_seq: 0, created_ms: 0 });
         b.push(RecordRef { received_ms: 0, report: &reports[0].1 }).unwrap();
@@ -685,7 +689,10 @@ mod tests {
         let secs = u64::from(up_s) + UPTIME_SLACK_S;
         assert_eq!(extra(CounterKind::SmsSent, EVENTS_PER_DEVICE_SECOND_MAX * secs, uptime), None);
         assert_eq!(extra(CounterKind::SmsSent, EVENTS_PER_DEVICE_SECOND_MAX * secs + 1, uptime), ceiling);
-        assert_eq!(extra(CounterKind::DataSessions, EVENTS_PER_DEVICE_SECOND_MAX * secs + 1, uptime), ceiling);
+        assert_eq!(
+            extra(CounterKind::DataSessions, EVENTS_PER_DEVICE_SECOND_MAX * secs + 1, uptime),
+            ceiling
+        );
         assert_eq!(extra(CounterKind::AttachedSeconds, secs, uptime), None);
         assert_eq!(extra(CounterKind::AttachedSeconds, secs + 1, uptime), ceiling);
         assert_eq!(extra(CounterKind::AttachedSeconds, 1 << 31, network), ceiling);

@@ -705,7 +705,11 @@ async fn rating(command: RatingCommand) -> Result<()> {
             // The endpoint left these SIMs out: their carrier days are not "missing on the
             // device", they cannot be compared.
             for u in &days.underivable {
-                reconcile::mark_underivable(&mut r, u.iccid, format!("device usage cannot be derived: {}", u.reason));
+                reconcile::mark_underivable(
+                    &mut r,
+                    u.iccid,
+                    format!("device usage cannot be derived: {}", u.reason),
+                );
             }
             if format == "csv" {
                 print!("{}", reconcile::to_csv(&r).context("encoding csv")?);

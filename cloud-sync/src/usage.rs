@@ -844,6 +844,99 @@ mod tests {
         ));
     }
 
+    /// Normal records of four meters (meter m reports SIM_A + m only, so each SIM's figures
+    /// come from its own records alone) mixed with adversarial ones: counters at, above and
+    /// far above the ceiling, receive times at the edges of and beyond the calendar, and
+    /// optionally one meter flooding thousands of epochs at the ceiling.
+    fn arb_adversarial() -> impl Strategy<Value = Vec<UsageRecord>> {
+        let normal =
+            (0u64..4, 0u32..3, 0u32..8, 0u64..1 << 40, 0u64..1 << 40, 0u64..5 * DAY_S, any::<bool>());
+        let counter = prop_oneof![
+            0u64..1 << 40,
+            Just(USED_BYTES_PER_EPOCH_MAX),
+            Just(USED_BYTES_PER_EPOCH_MAX + 1),
+            Just(u64::MAX),
+        ];
+        let received_ms = prop_oneof![
+            NOON_S * 1000..(NOON_S + 5 * DAY_S) * 1000,
+            Just(0),
+            Just(ATTRIBUTION_UNIX_S_MAX * 1000 + 999),
+            Just((ATTRIBUTION_UNIX_S_MAX + 1) * 1000),
+            Just(253_402_300_799_000), // 9999-12-31T23:59:59Z, jiff's last UTC second
+            Just(i64::MAX as u64),
+            Just(u64::MAX),
+        ];
+        let adversarial = (0u64..4, 0u32..3, 0u32..8, counter.clone(), counter, received_ms);
+        (
+            proptest::collection::vec(normal, 0..40),
+            proptest::collection::vec(adversarial, 0..4),
+            proptest::option::of((0u64..4, (1u32 << 13) - 2..(1u32 << 13) + 2)),
+        )
+            .prop_map(|(normal, adversarial, flood)| {
+                let mut by_id = BTreeMap::new();
+                for (meter, epoch, seq, up, down, offset_s, network) in normal {
+                    let mut r = rec(meter, epoch, seq, SIM_A + meter, up, down, NOON_S + offset_s);
+                    if !network {
+                        r.time = DeviceTime::uptime(u32::try_from(offset_s).unwrap()).unwrap();
+                        r.received_ms = (NOON_S + offset_s) * 1000;
+                    }
+                    by_id.entry(r.id).or_insert(r);
+                }
+                for (meter, epoch, seq, up, down, received_ms) in adversarial {
+                    let mut r = rec(meter, epoch, seq, SIM_A + meter, up, down, NOON_S);
+                    r.time = DeviceTime::uptime(60).unwrap();
+                    r.received_ms = received_ms;
+                    by_id.insert(r.id, r);
+                }
+                if let Some((meter, epochs)) = flood {
+                    let max = USED_BYTES_PER_EPOCH_MAX;
+                    for e in 0..epochs {
+                        let r = rec(meter, 100 + e, 0, SIM_A + meter, max, max, NOON_S);
+                        by_id.insert(r.id, r);
+                    }
+                }
+                by_id.into_values().collect()
+            })
+    }
+
+    /// The model of one SIM from its own records alone, in 128-bit arithmetic and plain
+    /// day numbers (no date library): its UTC days, or `None` when it is underivable.
+    fn model_sim(records: &[UsageRecord]) -> Option<BTreeMap<Date, Totals>> {
+        let mut max = BTreeMap::<(u64, u32), (u64, u64)>::new();
+        let mut days = BTreeMap::<u64, (u128, u128)>::new();
+        let (mut up, mut down) = (0u128, 0u128);
+        for r in records {
+            let unix_s = match (r.time.quality(), r.time.unix_s()) {
+                (TimeQuality::Network, Some(s)) => s,
+                _ => r.received_ms / 1000,
+            };
+            if unix_s > ATTRIBUTION_UNIX_S_MAX
+                || r.used.up > USED_BYTES_PER_EPOCH_MAX
+                || r.used.down > USED_BYTES_PER_EPOCH_MAX
+            {
+                return None;
+            }
+            let m = max.entry((r.id.meter_id, r.id.epoch)).or_default();
+            let add =
+                (u128::from(r.used.up.saturating_sub(m.0)), u128::from(r.used.down.saturating_sub(m.1)));
+            *m = (m.0.max(r.used.up), m.1.max(r.used.down));
+            let d = days.entry(unix_s / DAY_S).or_default();
+            *d = (d.0 + add.0, d.1 + add.1);
+            (up, down) = (up + add.0, down + add.1);
+        }
+        if up + down > u128::from(u64::MAX) {
+            return None;
+        }
+        let date = |n: u64| Date::from_julian_day(2_440_588 + i32::try_from(n).unwrap()).unwrap();
+        Some(
+            days.into_iter()
+                .map(|(n, (u, d))| {
+                    (date(n), Totals { up: u64::try_from(u).unwrap(), down: u64::try_from(d).unwrap() })
+                })
+                .collect(),
+        )
+    }
+
     proptest! {
         #[test]
         fn total_is_the_sum_of_epoch_maxima_whatever_was_lost_duplicated_or_reordered(
@@ -868,6 +961,35 @@ mod tests {
             prop_assert_eq!(got, model_total(&received));
             // Losing reports can only make the figures less fresh, never larger.
             prop_assert!(got.up <= all.up && got.down <= all.down);
+        }
+
+        #[test]
+        fn every_derivable_sim_is_exact_and_the_others_are_listed(records in arb_adversarial()) {
+            let d = derive_daily(records.clone()).unwrap();
+            for sim in (0..4).map(|m| SIM_A + m) {
+                let own: Vec<UsageRecord> = records.iter().filter(|r| r.iccid == sim).copied().collect();
+                let got: BTreeMap<Date, Totals> =
+                    days_of(&d.daily, sim, DateRange::default()).into_iter().collect();
+                match model_sim(&own) {
+                    Some(want) => {
+                        prop_assert!(d.fault_of(sim).is_none(), "{:?}", d.fault_of(sim));
+                        prop_assert_eq!(got, want);
+                    }
+                    None => {
+                        prop_assert!(got.is_empty());
+                        let f = d.fault_of(sim);
+                        prop_assert!(f.is_some_and(|f| own.iter().any(|r| r.id == f.record)), "{:?}", f);
+                    }
+                }
+            }
+            // Which SIMs are faulty does not depend on the zone; every other SIM's total is
+            // the same in any zone, and any range of its days sums without overflow.
+            let berlin = derive_daily_in(records, &berlin()).unwrap();
+            prop_assert_eq!(berlin.faults.keys().collect::<Vec<_>>(), d.faults.keys().collect::<Vec<_>>());
+            prop_assert_eq!(per_sim(&berlin.daily, DateRange::default()).unwrap(), per_sim(&d.daily, DateRange::default()).unwrap());
+            for t in per_sim(&d.daily, DateRange::default()).unwrap().values() {
+                prop_assert!(t.sum().is_some());
+            }
         }
 
         #[test]

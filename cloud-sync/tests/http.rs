@@ -291,6 +291,7 @@ async fn batches_are_verified_deduplicated_and_rated(kind: Kind) {
         up_bytes: 2500,
         down_bytes: 10_100,
         total_bytes: 12_600,
+        underivable: vec![],
     };
     assert_eq!(sims, expected);
     let raw: serde_json::Value = http

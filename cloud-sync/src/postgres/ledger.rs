@@ -48,8 +48,8 @@ use super::{
 use crate::ledger::{LedgerDay, LedgerError};
 use crate::store::StoreError;
 use crate::usage::{
-    apply_settlement, derive_daily_in, settle, time_zone, Adjustment, Booked, DateRange, Derived,
-    SettledDay, Settlement, TimeZone,
+    apply_settlement, derive_daily_in, settle, time_zone, Adjustment, Booked, DateRange, Derived, SettledDay,
+    Settlement, TimeZone,
 };
 
 /// Key of the transaction advisory lock a settlement run holds (arbitrary, stable: "ledger").
@@ -254,7 +254,8 @@ impl PgStore {
         .map_err(fail)?;
         let mut booked = BTreeMap::<(u64, Date), Booked>::new();
         for day in read_days(&tx, None, DateRange::default()).await.map_err(fail)? {
-            let s = Settlement { settled: vec![day.settled], adjustments: day.adjustments, ..Default::default() };
+            let s =
+                Settlement { settled: vec![day.settled], adjustments: day.adjustments, ..Default::default() };
             apply_settlement(&mut booked, &s).map_err(fail)?;
         }
         let settlement = settle(&fresh, &booked, tz, settlement_hours, now).map_err(fail)?;

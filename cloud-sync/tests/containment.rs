@@ -297,15 +297,12 @@ async fn legacy_records_that_cannot_be_derived_stop_no_other_sim(kind: Kind, bad
         .iter()
         .map(|f| (f["iccid"].as_str().unwrap().to_owned(), f["code"].as_str().unwrap().to_owned()))
         .collect();
-    let want: BTreeMap<String, String> = [
-        (SIM_HUGE, "counter_ceiling"),
-        (SIM_EDGE_TIME, "time_out_of_range"),
-        (SIM_MANY_EPOCHS, "overflow"),
-    ]
-    .into_iter()
-    .filter(|(sim, _)| bad_sims.contains(sim))
-    .map(|(sim, code)| (sim.to_string(), code.to_owned()))
-    .collect();
+    let want: BTreeMap<String, String> =
+        [(SIM_HUGE, "counter_ceiling"), (SIM_EDGE_TIME, "time_out_of_range"), (SIM_MANY_EPOCHS, "overflow")]
+            .into_iter()
+            .filter(|(sim, _)| bad_sims.contains(sim))
+            .map(|(sim, code)| (sim.to_string(), code.to_owned()))
+            .collect();
     assert_eq!(codes, want);
 
     // Settlement in a zone where the edge time is beyond jiff: the good SIM-days settle.

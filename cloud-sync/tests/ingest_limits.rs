@@ -91,19 +91,20 @@ async fn start(kind: Kind) -> (String, StoreBackend, impl Drop) {
     tokio::spawn(endpoint.serve(listener, async {
         let _ = stopped.await;
     }));
-    struct Guard(
-        Option<tokio::sync::oneshot::Sender<()>>,
-        tempfile::TempDir,
-        Option<countersign_cloud::postgres::testing::TestDatabase>,
-    );
+    /// Stops the server when the test ends; keeps the state alive until then.
+    struct Guard {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        _dir: tempfile::TempDir,
+        _db: Option<countersign_cloud::postgres::testing::TestDatabase>,
+    }
     impl Drop for Guard {
         fn drop(&mut self) {
-            if let Some(s) = self.0.take() {
+            if let Some(s) = self.stop.take() {
                 let _ = s.send(());
             }
         }
     }
-    (base, store, Guard(Some(stop), dir, db))
+    (base, store, Guard { stop: Some(stop), _dir: dir, _db: db })
 }
 
 async fn post(base: &str, body: Vec<u8>) -> (u16, serde_json::Value) {

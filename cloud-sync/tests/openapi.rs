@@ -322,7 +322,12 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         plans.display()
     ))
     .unwrap();
-    let endpoint = Endpoint::connect(&config).await.unwrap();
+    // The endpoint's clock at 2026-12-01T00:00:00Z: the reports below are inside its window
+    // whenever the test runs.
+    let endpoint = Endpoint::connect(&config)
+        .await
+        .unwrap()
+        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -483,6 +483,7 @@ mod tests {
     use countersign_meter::{DeviceTime, TimeQuality, Totals, REPORT_BYTES_MAX};
     use countersign_protocol::{BatchBuilder, BatchHeader, RecordRef};
     use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
 
     const METER_KEY: [u8; 32] = [4u8; 32];
     const NOW_MS: u64 = 1_795_521_600_000;
@@ -714,6 +715,44 @@ mod tests {
                 assert!(crate::usage::zone_date(t, &crate::usage::time_zone(z).unwrap()).is_some());
             }
             assert!(crate::usage::record_fault(&UsageRecord::from_report(&r, received_ms)).is_none());
+        }
+    }
+
+    proptest! {
+        /// Whatever report, receive time and clock: what validation accepts derives without a
+        /// fault in every zone and plans as a Lago event (the fuzz target `ingest_check` says
+        /// the same over arbitrary bytes).
+        #[test]
+        fn whatever_validation_accepts_every_later_stage_can_count(
+            now_ms in 0u64..4_000_000_000_000,
+            received in prop_oneof![any::<u64>(), 0u64..2 * RECEIVED_AGE_MS_MAX],
+            secs in 0u32..1 << 30,
+            quality in 0u8..3,
+            up in prop_oneof![any::<u64>(), 0u64..=USED_BYTES_PER_EPOCH_MAX],
+            down in prop_oneof![any::<u64>(), 0u64..=USED_BYTES_PER_EPOCH_MAX],
+        ) {
+            // Half the receive times near the clock, half anywhere.
+            let received_ms = if received < 2 * RECEIVED_AGE_MS_MAX {
+                now_ms.saturating_sub(RECEIVED_AGE_MS_MAX).saturating_add(received)
+            } else {
+                received
+            };
+            let time = match quality {
+                0 => DeviceTime::uptime(secs).unwrap(),
+                1 => DeviceTime::wall_clock(TimeQuality::Rtc, countersign_meter::report::DEVICE_TIME_ORIGIN_UNIX_S + u64::from(secs)).unwrap(),
+                _ => DeviceTime::wall_clock(TimeQuality::Network, countersign_meter::report::DEVICE_TIME_ORIGIN_UNIX_S + u64::from(secs)).unwrap(),
+            };
+            let mut r = base_report(time);
+            r.used = Totals { up, down };
+            if validate_report(&r, received_ms, now_ms).is_ok() {
+                let record = UsageRecord::from_report(&r, received_ms);
+                prop_assert!(crate::usage::record_fault(&record).is_none());
+                for z in ["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago"] {
+                    let d = crate::usage::derive_daily_in([record], &crate::usage::time_zone(z).unwrap()).unwrap();
+                    prop_assert!(d.faults.is_empty());
+                }
+                prop_assert!(crate::lago::plan_event(&record, Totals::default(), "s", "c").is_ok());
+            }
         }
     }
 

@@ -313,13 +313,15 @@ pub(crate) fn plannable(r: &UsageRecord) -> bool {
     match record_fault(r) {
         None => true,
         Some(reason) => {
-            tracing::warn!(
-                iccid = r.iccid,
-                record = %r.id,
-                reason = reason.code(),
-                detail = %reason,
-                "record held back from the lago export: its usage cannot be counted"
-            );
+            if crate::usage::first_report_of(r.iccid, r.id) {
+                tracing::warn!(
+                    iccid = r.iccid,
+                    record = %r.id,
+                    reason = reason.code(),
+                    detail = %reason,
+                    "record held back from the lago export: its usage cannot be counted"
+                );
+            }
             false
         }
     }

@@ -192,6 +192,23 @@ pub fn record_fault(r: &UsageRecord) -> Option<FaultReason> {
     None
 }
 
+/// Distinct faults remembered as logged: each is logged at `warn` once, then at `debug`, and
+/// the memory starts over when full (so a lasting fault is repeated now and then, not on
+/// every query).
+pub const FAULTS_LOGGED_MAX: usize = 4096;
+
+/// Whether `(iccid, record)` is logged for the first time (see [`FAULTS_LOGGED_MAX`]).
+pub(crate) fn first_report_of(iccid: u64, record: RecordId) -> bool {
+    static LOGGED: std::sync::Mutex<std::collections::BTreeSet<(u64, RecordId)>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    // A poisoned set only decides log levels.
+    let mut logged = LOGGED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if logged.len() >= FAULTS_LOGGED_MAX {
+        logged.clear();
+    }
+    logged.insert((iccid, record))
+}
+
 /// Usage of every derivable SIM, and the SIMs that are not derivable.
 ///
 /// Invariant: no SIM in `faults` has a day in `daily`, and for every other SIM the sum of
@@ -214,13 +231,17 @@ impl Derived {
         if self.faults.contains_key(&iccid) {
             return;
         }
-        tracing::warn!(
-            iccid,
-            record = %fault.record,
-            reason = fault.reason.code(),
-            detail = %fault.reason,
-            "usage of a SIM cannot be derived; it is left out and listed as faulty"
-        );
+        if first_report_of(iccid, fault.record) {
+            tracing::warn!(
+                iccid,
+                record = %fault.record,
+                reason = fault.reason.code(),
+                detail = %fault.reason,
+                "usage of a SIM cannot be derived; it is left out and listed as faulty"
+            );
+        } else {
+            tracing::debug!(iccid, record = %fault.record, reason = fault.reason.code(), "sim still underivable");
+        }
         self.faults.insert(iccid, fault);
         self.totals.remove(&iccid);
         let days: Vec<(u64, Date)> =

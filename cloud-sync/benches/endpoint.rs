@@ -151,7 +151,12 @@ async fn run(a: &Args, store: &str) {
         token_file.display()
     ))
     .unwrap();
-    let endpoint = Endpoint::connect(&config).await.unwrap();
+    // The endpoint's clock at 2026-12-01T00:00:00Z: the reports below are inside its window
+    // whenever the test runs.
+    let endpoint = Endpoint::connect(&config)
+        .await
+        .unwrap()
+        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let backend = endpoint.store().clone();
     let gateway_keys: Vec<SigningKey> =
         (0..a.gateways).map(|g| SigningKey::from_bytes(&[g as u8 + 1; 32])).collect();

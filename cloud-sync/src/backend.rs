@@ -16,7 +16,7 @@ use crate::config::{CloudConfig, StoreKind};
 use crate::ledger::{Ledger, LedgerDay, LedgerError};
 use crate::postgres::PgStore;
 use crate::store::{InsertOutcome, NewRecord, Registration, Store, StoreError, StoredRecord};
-use crate::usage::{DailyUsage, DateRange, Settlement, TimeZone};
+use crate::usage::{DateRange, Derived, Settlement, TimeZone};
 use jiff::Timestamp;
 
 /// One of the two stores. Cheap to clone: clones share the underlying store.
@@ -131,7 +131,7 @@ impl StoreBackend {
 
     /// Bytes per (ICCID, UTC day); with `iccid`, at least that SIM's days are exact (others
     /// may be absent).
-    pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<DailyUsage, StoreError> {
+    pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<Derived, StoreError> {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
@@ -143,7 +143,7 @@ impl StoreBackend {
 
     /// Bytes per (ICCID, day in `tz`); with `iccid`, only that SIM's days, exact (an epoch's
     /// running maximum spans SIM swaps, so its meters' other records are derived too).
-    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: TimeZone) -> Result<DailyUsage, StoreError> {
+    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: TimeZone) -> Result<Derived, StoreError> {
         let mut daily = match self {
             Self::Sled(s) => {
                 let s = s.clone();
@@ -152,7 +152,7 @@ impl StoreBackend {
             Self::Postgres(p) => p.daily_usage_in(iccid, &tz).await?,
         };
         if let Some(sim) = iccid {
-            daily.retain(|(i, _), _| *i == sim);
+            daily.retain_sim(sim);
         }
         Ok(daily)
     }

@@ -40,7 +40,7 @@ use crate::pricing::{
     rate, AlertCondition, Assignment, BillingPeriod, Charge, Plan, PricingConfig, PricingError, UsageItem,
     WalletAlert, WalletConfig,
 };
-use crate::usage::{DailyUsage, UsageError};
+use crate::usage::{DailyUsage, SimFault, UsageError};
 
 /// Billing periods one run may price for one group (27 years of daily periods): a bound on
 /// the work, not a limit anyone should meet.
@@ -117,6 +117,10 @@ pub enum BillingError {
     /// A request is not valid (the message names the parameter). Not recoverable by retrying.
     #[error("{0}")]
     BadRequest(String),
+    /// The SIM asked about has usage that cannot be derived (see [`crate::usage::SimFault`]).
+    /// Not recoverable by retrying: its records must be examined.
+    #[error("usage cannot be derived: {0}")]
+    Underivable(SimFault),
 }
 
 impl BillingError {
@@ -124,6 +128,26 @@ impl BillingError {
     pub fn is_recoverable(&self) -> bool {
         matches!(self, BillingError::Store(e) if e.is_recoverable())
     }
+}
+
+/// The SIMs of `customer`'s groups whose usage cannot be derived, by ICCID. A wallet with
+/// any is not billed by a run (neither debited nor credited) until they can be derived
+/// again: its charge would silently drop their usage and credit back what was debited
+/// for it.
+pub fn customer_faulty_sims<'a>(
+    config: &PricingConfig,
+    customer: &str,
+    faults: &'a BTreeMap<u64, SimFault>,
+) -> Vec<&'a SimFault> {
+    let mut out: Vec<&SimFault> = config
+        .assignments
+        .iter()
+        .filter(|a| a.customer == customer)
+        .flat_map(|a| a.iccids.iter().filter_map(|i| faults.get(i)))
+        .collect();
+    out.sort_by_key(|f| f.iccid);
+    out.dedup_by_key(|f| f.iccid);
+    out
 }
 
 /// The usage items of each assignment (index as in [`PricingConfig::assignments`]): one item

@@ -24,9 +24,9 @@ use time::Date;
 
 use crate::backend::StoreBackend;
 use crate::billing::{
-    charges, customer_period_charges, decide_run, decide_topup, items_by_assignment, run_write, topup_write,
-    AlertRecord, BillingError, GroupCharge, PeriodSelector, RunDecision, Topup, TopupDecision,
-    FORECAST_LIFETIME_YEARS_DEFAULT, FORECAST_WINDOW_DAYS_DEFAULT, WALLET_ALERTS_LISTED_MAX,
+    charges, customer_faulty_sims, customer_period_charges, decide_run, decide_topup, items_by_assignment,
+    run_write, topup_write, AlertRecord, BillingError, GroupCharge, PeriodSelector, RunDecision, Topup,
+    TopupDecision, FORECAST_LIFETIME_YEARS_DEFAULT, FORECAST_WINDOW_DAYS_DEFAULT, WALLET_ALERTS_LISTED_MAX,
 };
 use crate::config::CloudConfig;
 use crate::pricing::{
@@ -34,7 +34,8 @@ use crate::pricing::{
     PricingError, WalletAlert, PLAN_FILE_BYTES_MAX,
 };
 use crate::server::{
-    format_date, json_date, json_iccid, json_opt_date, parse_date, parse_iccid, ApiError, AppState, Routes,
+    format_date, json_date, json_iccid, json_opt_date, parse_date, parse_iccid, underivable, ApiError,
+    AppState, Routes, UnderivableSim,
 };
 use crate::usage::{time_zone, zone_date, TimeZone};
 
@@ -124,11 +125,29 @@ impl Billing {
     pub async fn run(&self, store: &StoreBackend, now: jiff::Timestamp) -> Result<RunReply, BillingError> {
         let _one_at_a_time = self.running.lock().await;
         let today = self.today(now)?;
-        let (daily, usage_as_of_ms) = store.billing_daily_usage(&self.tz, None).await?;
-        let (items, _) = items_by_assignment(&self.pricing, &daily)?;
+        let (derived, usage_as_of_ms) = store.billing_daily_usage(&self.tz, None).await?;
+        let (items, _) = items_by_assignment(&self.pricing, &derived.daily)?;
         let now_s = now.as_second();
         let mut wallets = Vec::with_capacity(self.pricing.wallets.len());
         for w in self.pricing.wallets.values() {
+            let faulty = customer_faulty_sims(&self.pricing, &w.customer, &derived.faults);
+            if !faulty.is_empty() {
+                let iccids: Vec<String> = faulty.iter().map(|f| f.iccid.to_string()).collect();
+                tracing::warn!(
+                    customer = %w.customer,
+                    sims = %iccids.join(","),
+                    "wallet not billed: usage of some of its SIMs cannot be derived"
+                );
+                let reason = format!(
+                    "not billed: usage of SIM(s) {} cannot be derived; see {}",
+                    iccids.join(", "),
+                    crate::server::ADMIN_FAULTS_PATH
+                );
+                let json =
+                    skipped_json(store, w, reason, faulty.into_iter().map(Into::into).collect()).await?;
+                wallets.push(json);
+                continue;
+            }
             let (pricing, items) = (&self.pricing, &items);
             let outcome = store
                 .with_wallet(&w.customer, &w.currency, |book| {
@@ -146,7 +165,18 @@ impl Billing {
                     let alerts = write.alerts.clone();
                     Ok((Some(write), RunOutcome::Decided(d, alerts)))
                 })
-                .await?;
+                .await;
+            let outcome = match outcome {
+                Ok(o) => o,
+                // The store is down: every wallet would fail the same way.
+                Err(e) if e.is_recoverable() => return Err(e),
+                // This wallet's own data or plan: it alone is not billed, the others are.
+                Err(e) => {
+                    tracing::error!(customer = %w.customer, error = %e, "wallet not billed");
+                    wallets.push(skipped_json(store, w, format!("not billed: {e}"), Vec::new()).await?);
+                    continue;
+                }
+            };
             let json = match outcome {
                 RunOutcome::Skipped { balance_micros } => {
                     tracing::info!(customer = %w.customer, "wallet billed by a fresher run already");
@@ -154,6 +184,8 @@ impl Billing {
                         customer: w.customer.clone(),
                         currency: w.currency.clone(),
                         skipped: true,
+                        skipped_reason: Some("billed by a run that read fresher usage".into()),
+                        underivable: Vec::new(),
                         balance_before_micros: balance_micros,
                         balance_after_micros: balance_micros,
                         balance_after: format_micros(balance_micros.into()),
@@ -181,7 +213,7 @@ impl Billing {
             };
             wallets.push(json);
         }
-        Ok(RunReply { as_of: today, usage_as_of_ms, wallets })
+        Ok(RunReply { as_of: today, usage_as_of_ms, wallets, underivable: underivable(&derived) })
     }
 
     /// Runs billing at once and then every [`Billing::run_interval`] until `stop` completes.
@@ -224,8 +256,8 @@ impl Billing {
         }
         let today = self.today(now)?;
         let selector = selector.unwrap_or(PeriodSelector::Containing(today));
-        let (daily, _) = store.billing_daily_usage(&self.tz, None).await?;
-        let (items, unassigned_sims) = items_by_assignment(&self.pricing, &daily)?;
+        let (derived, _) = store.billing_daily_usage(&self.tz, None).await?;
+        let (items, unassigned_sims) = items_by_assignment(&self.pricing, &derived.daily)?;
         let list = charges(&self.pricing, &items, selector, customer, group)?;
         let mut totals: Vec<CustomerTotalJson> = Vec::new();
         for c in &list {
@@ -263,6 +295,7 @@ impl Billing {
             unassigned_sims,
             charges: list.iter().map(|c| charge_json(c, today)).collect(),
             totals,
+            underivable: underivable(&derived),
         })
     }
 
@@ -428,9 +461,12 @@ pub async fn forecast(
             )))
         }
     };
-    let (daily, _) = store.billing_daily_usage(tz, Some(q.iccid)).await?;
-    let mut days = Vec::with_capacity(daily.len());
-    for ((_, date), t) in &daily {
+    let (derived, _) = store.billing_daily_usage(tz, Some(q.iccid)).await?;
+    if let Some(f) = derived.fault_of(q.iccid) {
+        return Err(BillingError::Underivable(*f));
+    }
+    let mut days = Vec::with_capacity(derived.daily.len());
+    for ((_, date), t) in &derived.daily {
         days.push((*date, t.sum().ok_or(BillingError::Overflow("daily usage"))?));
     }
     let since =
@@ -594,6 +630,9 @@ pub struct ChargesReply {
     pub charges: Vec<GroupChargeJson>,
     /// Per customer and currency.
     pub totals: Vec<CustomerTotalJson>,
+    /// SIMs whose usage cannot be derived: not in any charge above.
+    #[serde(default)]
+    pub underivable: Vec<UnderivableSim>,
 }
 
 fn charge_json(c: &GroupCharge, today: Date) -> GroupChargeJson {
@@ -699,8 +738,15 @@ pub struct WalletRunJson {
     pub customer: String,
     /// The wallet's currency.
     pub currency: String,
-    /// A run that read fresher usage had billed the wallet already; nothing was done.
+    /// Nothing was done to this wallet (see `skipped_reason`).
     pub skipped: bool,
+    /// Why it was skipped: a run that read fresher usage billed it already, some of its
+    /// SIMs' usage cannot be derived, or its own data or plan failed; `null` when billed.
+    #[serde(default)]
+    pub skipped_reason: Option<String>,
+    /// The customer's SIMs whose usage cannot be derived (the wallet is then skipped).
+    #[serde(default)]
+    pub underivable: Vec<UnderivableSim>,
     /// Balance before, micro-units.
     pub balance_before_micros: i64,
     /// Balance after, micro-units.
@@ -726,6 +772,8 @@ fn run_json(
         customer: customer.to_owned(),
         currency: currency.to_owned(),
         skipped: false,
+        skipped_reason: None,
+        underivable: Vec::new(),
         balance_before_micros: d.balance_before_micros,
         balance_after_micros: d.balance_after_micros,
         balance_after: format_micros(d.balance_after_micros.into()),
@@ -756,6 +804,44 @@ pub struct RunReply {
     pub usage_as_of_ms: i64,
     /// Per prepaid customer.
     pub wallets: Vec<WalletRunJson>,
+    /// Every SIM whose usage cannot be derived (assigned or not).
+    #[serde(default)]
+    pub underivable: Vec<UnderivableSim>,
+}
+
+/// The answer for a wallet a run left alone, with its balance as it stands.
+async fn skipped_json(
+    store: &StoreBackend,
+    w: &crate::pricing::WalletConfig,
+    reason: String,
+    underivable: Vec<UnderivableSim>,
+) -> Result<WalletRunJson, BillingError> {
+    let balance = match store.wallet_book(&w.customer).await.map_err(BillingError::from) {
+        Ok(book) => book.balance_micros(w),
+        Err(e) => Err(e),
+    };
+    let balance = match balance {
+        Ok(b) => b,
+        Err(e) if e.is_recoverable() => return Err(e),
+        // The wallet's own book is unreadable: say so, and bill the others.
+        Err(e) => {
+            tracing::error!(customer = %w.customer, error = %e, "wallet book unreadable");
+            0
+        }
+    };
+    Ok(WalletRunJson {
+        customer: w.customer.clone(),
+        currency: w.currency.clone(),
+        skipped: true,
+        skipped_reason: Some(reason),
+        balance_before_micros: balance,
+        balance_after_micros: balance,
+        balance_after: format_micros(balance.into()),
+        debited_micros: 0,
+        changes: Vec::new(),
+        alerts: Vec::new(),
+        underivable,
+    })
 }
 
 /// What is debited for one (group, period).
@@ -1076,6 +1162,7 @@ impl From<BillingError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "too_many_topups", e.to_string())
             }
             BillingError::BadRequest(m) => ApiError::bad_request(m),
+            BillingError::Underivable(f) => crate::server::underivable_error(&f),
             other => {
                 tracing::error!(error = %other, "billing failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "billing_error", other.to_string())
@@ -1284,6 +1371,7 @@ iccids = ["8988280666000000001"]
             unassigned_sims: 0,
             charges: list.iter().map(|c| charge_json(c, date!(2026 - 12 - 02))).collect(),
             totals: vec![],
+            underivable: vec![],
         };
         let csv = charges_csv(&reply).unwrap();
         let rows: Vec<&str> = csv.lines().collect();

@@ -53,7 +53,7 @@ use crate::billing::{AlertRecord, BillingError, BookedDebit, Topup, WalletBook, 
 use crate::postgres::{billing_db_error, billing_pool_error, PgStore};
 use crate::pricing::{AlertCondition, BillingPeriod, WalletAlert};
 use crate::store::{Store, StoreError};
-use crate::usage::{derive_daily_in, DailyUsage, TimeZone};
+use crate::usage::{derive_daily_in, Derived, TimeZone};
 
 /// The PostgreSQL tables of billing, applied as migration 4 (independent of every other
 /// migration after 2: it creates only `billing_*` tables and references none).
@@ -137,7 +137,7 @@ impl StoreBackend {
         &self,
         tz: &TimeZone,
         iccid: Option<u64>,
-    ) -> Result<(DailyUsage, i64), StoreError> {
+    ) -> Result<(Derived, i64), StoreError> {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
@@ -157,7 +157,7 @@ impl StoreBackend {
                         return Err(e);
                     }
                     if let (Ok(d), Some(sim)) = (daily.as_mut(), iccid) {
-                        d.retain(|(i, _), _| *i == sim);
+                        d.retain_sim(sim);
                     }
                     Ok((daily?, as_of))
                 })
@@ -543,8 +543,7 @@ async fn pg_daily_usage(
     p: &PgStore,
     tz: &TimeZone,
     iccid: Option<u64>,
-) -> Result<(DailyUsage, i64), StoreError> {
-    use crate::postgres::billing_merge;
+) -> Result<(Derived, i64), StoreError> {
     let mut client = p.billing_pool().get().await.map_err(billing_pool_error)?;
     // REPEATABLE READ: one snapshot for the whole scan, taken by the first statement, which
     // also reads the database's clock: "usage as of" is the same instant for every process.
@@ -555,15 +554,16 @@ async fn pg_daily_usage(
         .map_err(billing_db_error)?
         .try_get(0)
         .map_err(billing_db_error)?;
-    let mut total = DailyUsage::new();
+    let mut total = Derived::default();
     // The same meter-by-meter stream as the usage routes, inside this snapshot.
     crate::postgres::billing_for_each_meter(&tx, iccid, |meter| {
-        Ok(billing_merge(&mut total, derive_daily_in(meter, tz)?)?)
+        total.absorb(derive_daily_in(meter, tz)?);
+        Ok(())
     })
     .await?;
     tx.commit().await.map_err(billing_db_error)?;
     if let Some(sim) = iccid {
-        total.retain(|(i, _), _| *i == sim);
+        total.retain_sim(sim);
     }
     Ok((total, as_of))
 }

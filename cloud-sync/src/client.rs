@@ -191,6 +191,15 @@ pub async fn usage_days(
     get_json(http, &url(base_url, crate::server::USAGE_DAYS_PATH), token, &query).await
 }
 
+/// The SIMs whose usage cannot be derived, with the record and the reason (admin token).
+pub async fn faults(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+) -> Result<crate::server::FaultsReply, ClientError> {
+    get_json(http, &url(base_url, crate::server::ADMIN_FAULTS_PATH), token, &[]).await
+}
+
 /// The settlement ledger: settled SIM-days and their adjustments.
 pub async fn usage_ledger(
     http: &reqwest::Client,

@@ -5,7 +5,11 @@
 //! 1. [`open_batch`] (CPU: one Ed25519 check) verifies the batch signature with the gateway's
 //!    key and lists its records as zero-copy slices of the body;
 //! 2. the meter keys of the batch are read from the store in one call;
-//! 3. [`check_records`] (CPU: one HMAC per record) decodes and verifies every report;
+//! 3. [`check_records`] (CPU: one HMAC per record) decodes and verifies every report, and
+//!    [`validate_report`] refuses what a later stage could not count (counters beyond their
+//!    physical ceilings, receive and device times outside a window around the endpoint's
+//!    clock), so that nothing stored can fail a derivation, settlement, billing run or
+//!    export;
 //! 4. the store inserts the verified records in one durable step
 //!    ([`StoreBackend::insert_batch`]: one sled flush, or one PostgreSQL transaction);
 //! 5. [`CheckedBatch::reply`] puts the per-record outcomes back in batch order.
@@ -14,18 +18,196 @@
 //! them synchronously on a sled [`Store`], for tests and tools.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use countersign_meter::{verify, Report, VerifyError, METER_KEY_BYTES};
+use countersign_meter::{verify, CounterKind, Report, TimeQuality, VerifyError, METER_KEY_BYTES};
 use countersign_protocol::{
     open, peek_header, BatchError, BatchHeader, BatchReply, RecordOutcome, RejectReason,
 };
 use ed25519_dalek::VerifyingKey;
 use tracing::Instrument;
 
+use countersign_meter::report::DEVICE_TIME_SECS_MAX;
+
 use crate::backend::StoreBackend;
 use crate::store::{InsertOutcome, NewRecord, Store, StoreError};
-use crate::usage::attribution_date;
+use crate::usage::{
+    attribution_unix_s, record_fault, FaultReason, UsageRecord, BYTES_PER_DEVICE_SECOND_MAX,
+    USED_BYTES_PER_EPOCH_MAX,
+};
+
+/// How far a gateway's receive time (and a batch's creation time) may be ahead of the
+/// endpoint's clock: 5 minutes. NTP keeps gateways within a second; this leaves room for a
+/// drifting clock between syncs, and nothing later.
+pub const RECEIVED_AHEAD_MS_MAX: u64 = 5 * 60 * 1000;
+/// How old a receive time (and a batch's creation time, and a device's network time) may be:
+/// 400 days. The agent has no offline deadline — it buffers up to its quota and the broker
+/// holds the rest — so the window covers more than a year of outage and every billing period
+/// that can still be open; older records are refused (and kept by the agent with the
+/// reason), because they could only rewrite long-invoiced periods.
+pub const RECEIVED_AGE_MS_MAX: u64 = 400 * 24 * 3600 * 1000;
+/// Largest `base` (lifetime total restored at boot) of any counter: 2^62, so that
+/// `base + used` (the cumulative value) always fits in 64 bits.
+pub const BASE_MAX: u64 = 1 << 62;
+/// Most any extra counter (SMS, sessions, attached seconds, application counters) may count
+/// in one epoch: 2^40, a trillion, beyond any device; with it no sum over an epoch overflows.
+pub const EXTRA_USED_PER_EPOCH_MAX: u64 = 1 << 40;
+/// Most SMS or data sessions per second of device uptime: 10. A modem sends at most about
+/// one SMS a second and a PDP activation takes longer than 100 ms.
+pub const EVENTS_PER_DEVICE_SECOND_MAX: u64 = 10;
+/// Seconds of slack added to a device's uptime for the rate ceilings: the modem may have
+/// been attached and counting before the meter's clock started.
+pub const UPTIME_SLACK_S: u64 = 60;
+/// A stored record attributed more than this before the endpoint's clock is counted and
+/// logged as late: it may fall in a settled day, which the ledger then adjusts (never
+/// rewrites). 48 hours, the usual settlement window.
+pub const LATE_ATTRIBUTION_MS: u64 = 48 * 3600 * 1000;
+
+/// The endpoint's clock, Unix milliseconds; injected so that the time checks are testable.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock (0 before 1970, saturating far in the future).
+    pub fn system() -> Self {
+        Self(Arc::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0)
+        }))
+    }
+
+    /// A clock that reads `f`, e.g. a fixed instant in tests.
+    pub fn from_fn(f: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Now, Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({} ms)", self.now_ms())
+    }
+}
+
+/// Why a time is outside the window around the endpoint's clock.
+fn outside_window(what: &str, t_ms: u64, now_ms: u64) -> Option<String> {
+    if t_ms > now_ms.saturating_add(RECEIVED_AHEAD_MS_MAX) {
+        return Some(format!(
+            "{what} {t_ms} ms is {} ms ahead of the endpoint clock ({now_ms} ms); at most {RECEIVED_AHEAD_MS_MAX} ms allowed",
+            t_ms - now_ms
+        ));
+    }
+    if t_ms < now_ms.saturating_sub(RECEIVED_AGE_MS_MAX) {
+        return Some(format!(
+            "{what} {t_ms} ms is {} ms before the endpoint clock ({now_ms} ms); at most {RECEIVED_AGE_MS_MAX} ms allowed",
+            now_ms - t_ms
+        ));
+    }
+    None
+}
+
+/// Whether a batch's creation time is inside the window around the endpoint's clock: the
+/// refusal's text when it is not. A gateway whose clock is that wrong stamps wrong receive
+/// times too, so the whole batch is refused and stays buffered at the gateway.
+pub fn check_created(created_ms: u64, now_ms: u64) -> Result<(), String> {
+    match outside_window("batch creation time", created_ms, now_ms) {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
+/// Everything the later stages rely on, for one verified report: refused (with the reason
+/// the gateway keeps) unless
+///
+/// - the receive time, and a network device time, are within [`RECEIVED_AGE_MS_MAX`] before
+///   and [`RECEIVED_AHEAD_MS_MAX`] after `now_ms` (so the attribution instant every stage
+///   computes with [`crate::usage::attribution_instant`] is a date in every zone);
+/// - each byte counter is at most [`USED_BYTES_PER_EPOCH_MAX`] and, on an uptime clock, at
+///   most [`BYTES_PER_DEVICE_SECOND_MAX`] per second of uptime (plus [`UPTIME_SLACK_S`]);
+/// - each extra counter is at most [`EXTRA_USED_PER_EPOCH_MAX`], SMS and sessions at most
+///   [`EVENTS_PER_DEVICE_SECOND_MAX`] per second of uptime, attached seconds at most the
+///   uptime (plus slack) and never more than a device clock can count;
+/// - every `base` is at most [`BASE_MAX`].
+///
+/// Pure: the clock is a parameter.
+pub fn validate_report(report: &Report, received_ms: u64, now_ms: u64) -> Result<(), (RejectReason, String)> {
+    if let Some(why) = outside_window("gateway receive time", received_ms, now_ms) {
+        return Err((RejectReason::ReceiveTime, why));
+    }
+    if let (TimeQuality::Network, Some(s)) = (report.time.quality(), report.time.unix_s()) {
+        if let Some(why) = outside_window("device network time", s.saturating_mul(1000), now_ms) {
+            return Err((RejectReason::DeviceTime, why));
+        }
+    }
+    let ceiling = |why: String| Err((RejectReason::CounterCeiling, why));
+    match record_fault(&UsageRecord::from_report(report, received_ms)) {
+        None => {}
+        Some(FaultReason::CounterCeiling { .. }) => {
+            return ceiling(format!(
+                "used {} up / {} down bytes exceeds {USED_BYTES_PER_EPOCH_MAX} bytes per epoch",
+                report.used.up, report.used.down
+            ))
+        }
+        // Unreachable inside the window; refused all the same rather than stored.
+        Some(other) => return Err((RejectReason::ReceiveTime, other.to_string())),
+    }
+    let uptime_s = match report.time.quality() {
+        TimeQuality::Uptime => Some(u64::from(report.time.secs()).saturating_add(UPTIME_SLACK_S)),
+        _ => None,
+    };
+    if let Some(s) = uptime_s {
+        let max = BYTES_PER_DEVICE_SECOND_MAX.saturating_mul(s);
+        if report.used.up > max || report.used.down > max {
+            return ceiling(format!(
+                "used {} up / {} down bytes in {} s of uptime exceeds {BYTES_PER_DEVICE_SECOND_MAX} bytes per second",
+                report.used.up,
+                report.used.down,
+                report.time.secs()
+            ));
+        }
+    }
+    if report.base.up > BASE_MAX || report.base.down > BASE_MAX {
+        return ceiling(format!(
+            "base {} up / {} down bytes exceeds {BASE_MAX}",
+            report.base.up, report.base.down
+        ));
+    }
+    for x in &report.extras {
+        let name = x.kind.name();
+        if x.base > BASE_MAX {
+            return ceiling(format!("{name} base {} exceeds {BASE_MAX}", x.base));
+        }
+        if x.used > EXTRA_USED_PER_EPOCH_MAX {
+            return ceiling(format!("{name} used {} exceeds {EXTRA_USED_PER_EPOCH_MAX} per epoch", x.used));
+        }
+        let per_uptime = match x.kind {
+            CounterKind::SmsSent | CounterKind::SmsReceived | CounterKind::DataSessions => {
+                uptime_s.map(|s| (EVENTS_PER_DEVICE_SECOND_MAX.saturating_mul(s), "events per second"))
+            }
+            CounterKind::AttachedSeconds => Some(match uptime_s {
+                Some(s) => (s, "seconds of uptime"),
+                None => (
+                    u64::from(DEVICE_TIME_SECS_MAX).saturating_add(UPTIME_SLACK_S),
+                    "seconds a device clock counts",
+                ),
+            }),
+            CounterKind::App(_) => None,
+        };
+        if let Some((max, unit)) = per_uptime {
+            if x.used > max {
+                return ceiling(format!("{name} used {} exceeds {max} ({unit})", x.used));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Why a batch was refused as a whole; nothing of it was acknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +220,11 @@ pub enum IngestError {
     /// written before the failure answer `duplicate` when the batch is resent.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The batch's creation time is outside the window around the endpoint's clock (the
+    /// gateway's clock is wrong). Not recoverable by resending: the gateway keeps the
+    /// records until its clock is fixed.
+    #[error("{0}")]
+    Clock(String),
 }
 
 /// Counts of what happened to a batch's records, for logs and metrics.
@@ -49,6 +236,12 @@ pub struct IngestSummary {
     pub duplicate: usize,
     /// Refused.
     pub rejected: usize,
+}
+
+/// Unix milliseconds of a report's attribution instant (the same choice of time as
+/// [`crate::usage::attribution_instant`]).
+fn attribution_ms(report: &Report, received_ms: u64) -> u64 {
+    attribution_unix_s(&report.time, received_ms).saturating_mul(1000)
 }
 
 impl IngestSummary {
@@ -110,15 +303,27 @@ pub struct CheckedBatch {
     refusals: Vec<Option<RecordOutcome>>,
     /// The verified records, in batch order.
     pub to_store: Vec<NewRecord>,
+    /// Records to store attributed more than [`LATE_ATTRIBUTION_MS`] before the endpoint's
+    /// clock: they may fall in settled days (the ledger then books adjustments).
+    pub late: usize,
 }
 
-/// Decodes and verifies every report of an opened batch with the meter keys given.
-pub fn check_records(batch: OpenedBatch, keys: &HashMap<u64, [u8; METER_KEY_BYTES]>) -> CheckedBatch {
+/// Decodes and verifies every report of an opened batch with the meter keys given, and
+/// refuses what [`validate_report`] refuses at `now_ms` (the endpoint's clock).
+pub fn check_records(
+    batch: OpenedBatch,
+    keys: &HashMap<u64, [u8; METER_KEY_BYTES]>,
+    now_ms: u64,
+) -> CheckedBatch {
     let mut refusals = Vec::with_capacity(batch.records.len());
     let mut to_store = Vec::with_capacity(batch.records.len());
+    let mut late = 0usize;
     for (received_ms, bytes) in batch.records {
-        match check_record(keys, &bytes, received_ms) {
+        match check_record(keys, &bytes, received_ms, now_ms) {
             Ok(report) => {
+                if attribution_ms(&report, received_ms) < now_ms.saturating_sub(LATE_ATTRIBUTION_MS) {
+                    late = late.saturating_add(1);
+                }
                 refusals.push(None);
                 to_store.push(NewRecord { id: report.id(), iccid: report.iccid, received_ms, report: bytes });
             }
@@ -130,7 +335,16 @@ pub fn check_records(batch: OpenedBatch, keys: &HashMap<u64, [u8; METER_KEY_BYTE
             }
         }
     }
-    CheckedBatch { header: batch.header, refusals, to_store }
+    if late > 0 {
+        tracing::warn!(
+            gateway_id = batch.header.gateway_id,
+            batch_seq = batch.header.batch_seq,
+            late,
+            late_ms = LATE_ATTRIBUTION_MS,
+            "records attributed to days that may be settled; the ledger adjusts them"
+        );
+    }
+    CheckedBatch { header: batch.header, refusals, to_store, late }
 }
 
 impl CheckedBatch {
@@ -184,7 +398,7 @@ async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Resul
 
 /// Verifies and stores one signed batch on either store. The reply is only returned once
 /// every stored record is durable, so a gateway may forget whatever it says.
-pub async fn ingest(store: &StoreBackend, signed: Bytes) -> Result<BatchReply, IngestError> {
+pub async fn ingest(store: &StoreBackend, signed: Bytes, now_ms: u64) -> Result<BatchReply, IngestError> {
     let header = peek_header(&signed)?;
     let span = tracing::info_span!(
         "batch",
@@ -192,18 +406,20 @@ pub async fn ingest(store: &StoreBackend, signed: Bytes) -> Result<BatchReply, I
         batch_seq = header.batch_seq,
         store = store.kind()
     );
-    ingest_opened(store, header, signed).instrument(span).await
+    ingest_opened(store, header, signed, now_ms).instrument(span).await
 }
 
 async fn ingest_opened(
     store: &StoreBackend,
     header: BatchHeader,
     signed: Bytes,
+    now_ms: u64,
 ) -> Result<BatchReply, IngestError> {
     let gateway_key = store.gateway_key(header.gateway_id).await?;
     let opened = cpu(move || open_batch(&signed, gateway_key)).await??;
+    check_created(opened.header.created_ms, now_ms).map_err(IngestError::Clock)?;
     let keys = store.meter_keys(opened.meter_ids()).await?;
-    let mut checked = cpu(move || check_records(opened, &keys)).await?;
+    let mut checked = cpu(move || check_records(opened, &keys, now_ms)).await?;
     let records = std::mem::take(&mut checked.to_store);
     let gateway_id = checked.header.gateway_id;
     // The records go to the store and come back, so that the reply can name conflicts.
@@ -214,19 +430,20 @@ async fn ingest_opened(
 
 /// Verifies and stores one signed batch on a sled store, synchronously, then flushes. The
 /// reply is only returned once every stored record is durable.
-pub fn ingest_batch(store: &Store, signed: &[u8]) -> Result<BatchReply, IngestError> {
+pub fn ingest_batch(store: &Store, signed: &[u8], now_ms: u64) -> Result<BatchReply, IngestError> {
     let signed = Bytes::copy_from_slice(signed);
     let header = peek_header(&signed)?;
     let span = tracing::info_span!("batch", gateway_id = header.gateway_id, batch_seq = header.batch_seq);
     let _entered = span.enter();
     let opened = open_batch(&signed, store.gateway_key(header.gateway_id)?)?;
+    check_created(opened.header.created_ms, now_ms).map_err(IngestError::Clock)?;
     let mut keys = HashMap::new();
     for id in opened.meter_ids() {
         if let Some(k) = store.meter_key(id)? {
             keys.insert(id, k);
         }
     }
-    let checked = check_records(opened, &keys);
+    let checked = check_records(opened, &keys, now_ms);
     let outcomes = store.insert_batch(checked.header.gateway_id, &checked.to_store)?;
     Ok(checked.reply(outcomes)?)
 }
@@ -240,6 +457,7 @@ fn check_record(
     keys: &HashMap<u64, [u8; METER_KEY_BYTES]>,
     bytes: &[u8],
     received_ms: u64,
+    now_ms: u64,
 ) -> Result<Report, RecordOutcome> {
     let meter_id = match Report::decode(bytes) {
         Ok((report, _)) => report.meter_id,
@@ -255,14 +473,7 @@ fn check_record(
         }
         Err(e @ VerifyError::Decode(_)) => return Err(rejected(RejectReason::Malformed, e.to_string())),
     };
-    // A receive time no calendar can hold would make every later usage query fail; such a
-    // gateway clock is broken, and the record is refused rather than stored.
-    if attribution_date(&report.time, received_ms).is_none() {
-        return Err(rejected(
-            RejectReason::Malformed,
-            format!("gateway receive time {received_ms} ms is not a representable date"),
-        ));
-    }
+    validate_report(&report, received_ms, now_ms).map_err(|(reason, detail)| rejected(reason, detail))?;
     Ok(report)
 }
 
@@ -272,6 +483,7 @@ mod tests {
     use countersign_meter::{DeviceTime, TimeQuality, Totals, REPORT_BYTES_MAX};
     use countersign_protocol::{BatchBuilder, BatchHeader, RecordRef};
     use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
 
     const METER_KEY: [u8; 32] = [4u8; 32];
     const NOW_MS: u64 = 1_795_521_600_000;
@@ -350,7 +562,7 @@ mod tests {
             ],
             &gateway(),
         );
-        let reply = ingest_batch(&store, &signed).unwrap();
+        let reply = ingest_batch(&store, &signed, NOW_MS).unwrap();
         assert_eq!((reply.gateway_id, reply.batch_seq), (1, 9));
         let reasons: Vec<_> = reply.results.iter().map(reason).collect();
         assert_eq!(reply.results[0], RecordOutcome::Stored);
@@ -362,7 +574,7 @@ mod tests {
                 Some(RejectReason::BadTag),
                 Some(RejectReason::UnknownMeter),
                 Some(RejectReason::Malformed),
-                Some(RejectReason::Malformed),
+                Some(RejectReason::ReceiveTime),
             ]
         );
         match &reply.results[5] {
@@ -378,16 +590,187 @@ mod tests {
         let (_dir, store) = store();
         let reports = [(NOW_MS, report(5, 0, 10, &METER_KEY))];
         let wrong = batch(&reports, &SigningKey::from_bytes(&[12u8; 32]));
-        let e = ingest_batch(&store, &wrong).unwrap_err();
+        let e = ingest_batch(&store, &wrong, NOW_MS).unwrap_err();
         assert!(matches!(e, IngestError::Batch(BatchError::BadSignature(1))), "{e}");
-        let e =
-            ingest_batch(&store, b"not a batch at all, clearly, not even close to one, no sir, not at all")
-                .unwrap_err();
+        let e = ingest_batch(
+            &store,
+            b"not a batch at all, clearly, not even close to one, no sir, not at all",
+            NOW_MS,
+        )
+        .unwrap_err();
         assert!(matches!(e, IngestError::Batch(ref b) if !b.is_auth()), "{e}");
         let mut b = BatchBuilder::new(BatchHeader { gateway_id: 2, batch_seq: 0, created_ms: 0 });
         b.push(RecordRef { received_ms: 0, report: &reports[0].1 }).unwrap();
-        let e = ingest_batch(&store, &b.sign(&gateway())).unwrap_err();
+        let e = ingest_batch(&store, &b.sign(&gateway()), NOW_MS).unwrap_err();
         assert!(matches!(e, IngestError::Batch(BatchError::UnknownGateway(2))), "{e}");
+        // A batch created outside the window around the endpoint's clock: refused whole.
+        for created_ms in [NOW_MS + RECEIVED_AHEAD_MS_MAX + 1, NOW_MS - RECEIVED_AGE_MS_MAX - 1, 0] {
+            let mut b = BatchBuilder::new(BatchHeader { gateway_id: 1, batch_seq: 0, created_ms });
+            b.push(RecordRef { received_ms: NOW_MS, report: &reports[0].1 }).unwrap();
+            let e = ingest_batch(&store, &b.sign(&gateway()), NOW_MS).unwrap_err();
+            assert!(matches!(e, IngestError::Clock(ref why) if why.contains("batch creation time")), "{e}");
+        }
         assert_eq!(store.record_count(), 0);
+    }
+
+    fn base_report(time: DeviceTime) -> Report {
+        Report {
+            meter_id: 5,
+            epoch: 0,
+            seq: 0,
+            iccid: 8_988_280_666_000_000_001,
+            time,
+            base: Totals::default(),
+            used: Totals { up: 1000, down: 1000 },
+            extras: Default::default(),
+        }
+    }
+
+    fn verdict(r: &Report, received_ms: u64) -> Option<RejectReason> {
+        validate_report(r, received_ms, NOW_MS).err().map(|(reason, detail)| {
+            assert!(!detail.is_empty());
+            reason
+        })
+    }
+
+    #[test]
+    fn receive_and_network_times_must_be_inside_the_window() {
+        let uptime = base_report(DeviceTime::uptime(3600).unwrap());
+        assert_eq!(verdict(&uptime, NOW_MS), None);
+        assert_eq!(verdict(&uptime, NOW_MS + RECEIVED_AHEAD_MS_MAX), None);
+        assert_eq!(verdict(&uptime, NOW_MS + RECEIVED_AHEAD_MS_MAX + 1), Some(RejectReason::ReceiveTime));
+        assert_eq!(verdict(&uptime, NOW_MS - RECEIVED_AGE_MS_MAX), None);
+        assert_eq!(verdict(&uptime, NOW_MS - RECEIVED_AGE_MS_MAX - 1), Some(RejectReason::ReceiveTime));
+        for bad in [0, u64::MAX, u64::MAX / 2, i64::MAX as u64] {
+            assert_eq!(verdict(&uptime, bad), Some(RejectReason::ReceiveTime), "{bad}");
+        }
+        // The receive time is checked whatever the device's clock, network time included.
+        let network = |s: u64| base_report(DeviceTime::wall_clock(TimeQuality::Network, s).unwrap());
+        assert_eq!(verdict(&network(NOW_MS / 1000), u64::MAX), Some(RejectReason::ReceiveTime));
+        let ahead_s = (NOW_MS + RECEIVED_AHEAD_MS_MAX) / 1000 + 1;
+        assert_eq!(verdict(&network(ahead_s), NOW_MS), Some(RejectReason::DeviceTime));
+        let old_s = (NOW_MS - RECEIVED_AGE_MS_MAX) / 1000 - 1;
+        assert_eq!(verdict(&network(old_s), NOW_MS), Some(RejectReason::DeviceTime));
+        assert_eq!(verdict(&network(NOW_MS / 1000 - 86_400), NOW_MS), None);
+        // An RTC time is not trusted for the day, so it is not checked either.
+        let rtc = base_report(DeviceTime::wall_clock(TimeQuality::Rtc, ahead_s + 1_000_000).unwrap());
+        assert_eq!(verdict(&rtc, NOW_MS), None);
+    }
+
+    #[test]
+    fn counters_beyond_their_ceilings_are_refused() {
+        let network = DeviceTime::wall_clock(TimeQuality::Network, NOW_MS / 1000).unwrap();
+        let with = |f: &dyn Fn(&mut Report)| {
+            let mut r = base_report(network);
+            f(&mut r);
+            verdict(&r, NOW_MS)
+        };
+        let ceiling = Some(RejectReason::CounterCeiling);
+        assert_eq!(with(&|r| r.used.up = USED_BYTES_PER_EPOCH_MAX), None);
+        assert_eq!(with(&|r| r.used.up = USED_BYTES_PER_EPOCH_MAX + 1), ceiling);
+        assert_eq!(with(&|r| r.used.down = u64::MAX), ceiling);
+        assert_eq!(with(&|r| r.base.down = BASE_MAX), None);
+        assert_eq!(with(&|r| r.base.down = BASE_MAX + 1), ceiling);
+        // Per second of uptime: 2.5 GB/s with a minute of slack.
+        let up_s = 100u32;
+        let per_s = |used: u64| {
+            let mut r = base_report(DeviceTime::uptime(up_s).unwrap());
+            r.used.down = used;
+            verdict(&r, NOW_MS)
+        };
+        let max = BYTES_PER_DEVICE_SECOND_MAX * (u64::from(up_s) + UPTIME_SLACK_S);
+        assert_eq!(per_s(max), None);
+        assert_eq!(per_s(max + 1), ceiling);
+        let extra = |kind: CounterKind, used: u64, time: DeviceTime| {
+            let mut r = base_report(time);
+            r.extras.push(countersign_meter::ExtraCounter { kind, base: 0, used }).unwrap();
+            verdict(&r, NOW_MS)
+        };
+        let uptime = DeviceTime::uptime(up_s).unwrap();
+        let secs = u64::from(up_s) + UPTIME_SLACK_S;
+        assert_eq!(extra(CounterKind::SmsSent, EVENTS_PER_DEVICE_SECOND_MAX * secs, uptime), None);
+        assert_eq!(extra(CounterKind::SmsSent, EVENTS_PER_DEVICE_SECOND_MAX * secs + 1, uptime), ceiling);
+        assert_eq!(
+            extra(CounterKind::DataSessions, EVENTS_PER_DEVICE_SECOND_MAX * secs + 1, uptime),
+            ceiling
+        );
+        assert_eq!(extra(CounterKind::AttachedSeconds, secs, uptime), None);
+        assert_eq!(extra(CounterKind::AttachedSeconds, secs + 1, uptime), ceiling);
+        assert_eq!(extra(CounterKind::AttachedSeconds, 1 << 31, network), ceiling);
+        assert_eq!(extra(CounterKind::App(3), EXTRA_USED_PER_EPOCH_MAX, network), None);
+        assert_eq!(extra(CounterKind::App(3), EXTRA_USED_PER_EPOCH_MAX + 1, network), ceiling);
+        assert_eq!(extra(CounterKind::SmsReceived, EXTRA_USED_PER_EPOCH_MAX + 1, network), ceiling);
+    }
+
+    #[test]
+    fn nothing_validation_accepts_can_fail_a_later_stage() {
+        // The attribution instant of an accepted record is a date in every zone, through the
+        // very function settlement, billing and the export use.
+        let zones = ["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago", "Europe/Berlin"];
+        for received_ms in [NOW_MS - RECEIVED_AGE_MS_MAX, NOW_MS, NOW_MS + RECEIVED_AHEAD_MS_MAX] {
+            let r = base_report(DeviceTime::uptime(3600).unwrap());
+            assert_eq!(verdict(&r, received_ms), None);
+            let t = crate::usage::attribution_instant(&r.time, received_ms).unwrap();
+            for z in zones {
+                assert!(crate::usage::zone_date(t, &crate::usage::time_zone(z).unwrap()).is_some());
+            }
+            assert!(crate::usage::record_fault(&UsageRecord::from_report(&r, received_ms)).is_none());
+        }
+    }
+
+    proptest! {
+        /// Whatever report, receive time and clock: what validation accepts derives without a
+        /// fault in every zone and plans as a Lago event (the fuzz target `ingest_check` says
+        /// the same over arbitrary bytes).
+        #[test]
+        fn whatever_validation_accepts_every_later_stage_can_count(
+            now_ms in 0u64..4_000_000_000_000,
+            received in prop_oneof![any::<u64>(), 0u64..2 * RECEIVED_AGE_MS_MAX],
+            secs in 0u32..1 << 30,
+            quality in 0u8..3,
+            up in prop_oneof![any::<u64>(), 0u64..=USED_BYTES_PER_EPOCH_MAX],
+            down in prop_oneof![any::<u64>(), 0u64..=USED_BYTES_PER_EPOCH_MAX],
+        ) {
+            // Half the receive times near the clock, half anywhere.
+            let received_ms = if received < 2 * RECEIVED_AGE_MS_MAX {
+                now_ms.saturating_sub(RECEIVED_AGE_MS_MAX).saturating_add(received)
+            } else {
+                received
+            };
+            let time = match quality {
+                0 => DeviceTime::uptime(secs).unwrap(),
+                1 => DeviceTime::wall_clock(TimeQuality::Rtc, countersign_meter::report::DEVICE_TIME_ORIGIN_UNIX_S + u64::from(secs)).unwrap(),
+                _ => DeviceTime::wall_clock(TimeQuality::Network, countersign_meter::report::DEVICE_TIME_ORIGIN_UNIX_S + u64::from(secs)).unwrap(),
+            };
+            let mut r = base_report(time);
+            r.used = Totals { up, down };
+            if validate_report(&r, received_ms, now_ms).is_ok() {
+                let record = UsageRecord::from_report(&r, received_ms);
+                prop_assert!(crate::usage::record_fault(&record).is_none());
+                for z in ["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago"] {
+                    let d = crate::usage::derive_daily_in([record], &crate::usage::time_zone(z).unwrap()).unwrap();
+                    prop_assert!(d.faults.is_empty());
+                }
+                prop_assert!(crate::lago::plan_event(&record, Totals::default(), "s", "c").is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn late_records_are_counted() {
+        let (_dir, store) = store();
+        let old = NOW_MS - 3 * 24 * 3600 * 1000;
+        let signed = batch(
+            &[
+                (NOW_MS, report(5, 0, 10, &METER_KEY)),
+                (old, report_at(5, 1, 11, &METER_KEY, DeviceTime::uptime(60).unwrap())),
+            ],
+            &gateway(),
+        );
+        let opened = open_batch(&Bytes::from(signed), Some(gateway().verifying_key())).unwrap();
+        let keys = HashMap::from([(5, METER_KEY)]);
+        let checked = check_records(opened, &keys, NOW_MS);
+        assert_eq!((checked.to_store.len(), checked.late), (2, 1));
+        drop(store);
     }
 }

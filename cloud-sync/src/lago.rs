@@ -63,7 +63,7 @@ use sled::Transactional;
 use crate::backend::StoreBackend;
 pub use crate::postgres::lago::PgOutbox;
 use crate::store::{Store, StoreError};
-use crate::usage::{attribution_instant, UsageRecord};
+use crate::usage::{attribution_instant, record_fault, UsageRecord};
 
 /// Events per batch call: Lago's documented maximum.
 pub const LAGO_EVENTS_PER_CALL_MAX: usize = 100;
@@ -306,6 +306,27 @@ pub fn plan_event(
     Ok(PlannedEvent { json, exported_max })
 }
 
+/// Whether a record can be planned: one that no derivation can count (see
+/// [`crate::usage::record_fault`]; only legacy data stored before ingest refused such
+/// records) is held back and logged, never planned, and never stops the others.
+pub(crate) fn plannable(r: &UsageRecord) -> bool {
+    match record_fault(r) {
+        None => true,
+        Some(reason) => {
+            if crate::usage::first_report_of(r.iccid, r.id) {
+                tracing::warn!(
+                    iccid = r.iccid,
+                    record = %r.id,
+                    reason = reason.code(),
+                    detail = %reason,
+                    "record held back from the lago export: its usage cannot be counted"
+                );
+            }
+            false
+        }
+    }
+}
+
 fn epoch_key(id: RecordId) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&id.meter_id.to_be_bytes());
@@ -369,6 +390,9 @@ impl Outbox {
                 unmapped += 1;
                 continue;
             };
+            if !plannable(&r) {
+                continue;
+            }
             let ekey = epoch_key(r.id);
             let result = (&self.outbox, &self.planned, &self.epoch_max, &self.meta).transaction(
                 |(outbox, planned_t, epoch_max, meta)| {

@@ -166,7 +166,8 @@ impl Ledger {
     pub fn booked(&self) -> Result<BTreeMap<(u64, Date), Booked>, LedgerError> {
         let mut booked = BTreeMap::new();
         for day in self.days(None, DateRange::default())? {
-            let s = Settlement { settled: vec![day.settled], adjustments: day.adjustments };
+            let s =
+                Settlement { settled: vec![day.settled], adjustments: day.adjustments, ..Default::default() };
             apply_settlement(&mut booked, &s)?;
         }
         Ok(booked)

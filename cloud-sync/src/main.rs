@@ -279,6 +279,16 @@ enum RatingCommand {
         #[arg(long, default_value_t = 48)]
         settlement_hours: u32,
     },
+    /// List the SIMs whose usage cannot be derived (left out of usage, settlement, billing),
+    /// with the record and the reason, as JSON.
+    Faults {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Print the settlement ledger (settled SIM-days and their adjustments) as JSON.
     Ledger {
         /// Endpoint base URL.
@@ -629,6 +639,12 @@ async fn rating(command: RatingCommand) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&r).context("encoding the answer")?);
             Ok(())
         }
+        RatingCommand::Faults { endpoint, token_file } => {
+            let token = read_token(&token_file)?;
+            let r = client::faults(&http()?, &endpoint, &token).await.context("faults query")?;
+            println!("{}", serde_json::to_string_pretty(&r).context("encoding the answer")?);
+            Ok(())
+        }
         RatingCommand::Ledger { endpoint, token_file, iccid, from, to } => {
             let token = read_token(&token_file)?;
             let r = client::usage_ledger(&http()?, &endpoint, &token, iccid, DateRange { from, to })
@@ -684,8 +700,17 @@ async fn rating(command: RatingCommand) -> Result<()> {
                 .context("device usage query")?;
             let device = days.days.iter().map(|d| ((d.iccid, d.date), d.total_bytes)).collect();
             let tolerance = Tolerance { bytes: tolerance_bytes, basis_points: tolerance_bp };
-            let r =
+            let mut r =
                 reconcile::reconcile(&device, &carrier, &model, tolerance, range).context("reconciling")?;
+            // The endpoint left these SIMs out: their carrier days are not "missing on the
+            // device", they cannot be compared.
+            for u in &days.underivable {
+                reconcile::mark_underivable(
+                    &mut r,
+                    u.iccid,
+                    format!("device usage cannot be derived: {}", u.reason),
+                );
+            }
             if format == "csv" {
                 print!("{}", reconcile::to_csv(&r).context("encoding csv")?);
             } else {

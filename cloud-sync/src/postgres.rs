@@ -98,7 +98,7 @@ pub mod lago;
 pub mod ledger;
 
 use crate::store::{InsertOutcome, NewRecord, Registration, StoreError, StoredRecord};
-use crate::usage::{derive_daily, derive_daily_in, DailyUsage, TimeZone, UsageError, UsageRecord};
+use crate::usage::{derive_daily, derive_daily_in, Derived, TimeZone, UsageError, UsageRecord};
 
 /// Connections a pool opens at most when `store.postgres_pool_connections` is not given.
 pub const PG_POOL_CONNECTIONS_DEFAULT: usize = 8;
@@ -717,29 +717,33 @@ impl PgStore {
     ///
     /// Streams the records meter by meter, so memory is bounded by the largest meter's
     /// history, not by the table.
-    pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<DailyUsage, StoreError> {
+    pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<Derived, StoreError> {
         self.derive(iccid, derive_daily).await
     }
 
     /// Bytes per (ICCID, day in `tz`), derived with [`derive_daily_in`] exactly as
     /// [`PgStore::daily_usage`] derives UTC days (same streaming, same per-SIM filter).
-    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: &TimeZone) -> Result<DailyUsage, StoreError> {
+    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: &TimeZone) -> Result<Derived, StoreError> {
         self.derive(iccid, |records| derive_daily_in(records, tz)).await
     }
 
     async fn derive(
         &self,
         iccid: Option<u64>,
-        derive: impl Fn(Vec<UsageRecord>) -> Result<DailyUsage, UsageError>,
-    ) -> Result<DailyUsage, StoreError> {
+        derive: impl Fn(Vec<UsageRecord>) -> Result<Derived, UsageError>,
+    ) -> Result<Derived, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         // A portal needs a transaction; REPEATABLE READ gives the whole scan one snapshot.
         let tx = read_snapshot(&mut client).await?;
-        let mut total = DailyUsage::new();
-        for_each_meter(&tx, iccid, |meter| Ok(merge(&mut total, derive(meter)?)?)).await?;
+        let mut total = Derived::default();
+        for_each_meter(&tx, iccid, |meter| {
+            total.absorb(derive(meter)?);
+            Ok(())
+        })
+        .await?;
         tx.commit().await.map_err(db_error)?;
         if let Some(sim) = iccid {
-            total.retain(|(i, _), _| *i == sim);
+            total.retain_sim(sim);
         }
         Ok(total)
     }
@@ -1017,14 +1021,6 @@ async fn for_each_meter(
     Ok(())
 }
 
-fn merge(total: &mut DailyUsage, part: DailyUsage) -> Result<(), UsageError> {
-    for (key, t) in part {
-        let entry = total.entry(key).or_default();
-        *entry = entry.checked_add(&t).ok_or(UsageError::Overflow { iccid: key.0 })?;
-    }
-    Ok(())
-}
-
 fn describe_target(config: &tokio_postgres::Config) -> String {
     let hosts: Vec<String> = config
         .get_hosts()
@@ -1082,11 +1078,6 @@ pub(crate) async fn billing_for_each_meter(
     each_meter: impl FnMut(Vec<UsageRecord>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     for_each_meter(tx, iccid, each_meter).await
-}
-
-/// Adds one meter's derivation into a running total.
-pub(crate) fn billing_merge(total: &mut DailyUsage, part: DailyUsage) -> Result<(), UsageError> {
-    merge(total, part)
 }
 
 /// Throwaway databases for tests and benchmarks: `CREATE DATABASE cs_test_<random>` on the

@@ -259,6 +259,28 @@ pub struct Reconciliation {
     pub sim_days: Vec<SimDay>,
     /// Counts per class.
     pub summary: Summary,
+    /// What could not be reconciled, and why (not counted in `summary`).
+    pub unreconciled: Vec<Unreconciled>,
+}
+
+/// A SIM or SIM-day left out of a reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unreconciled {
+    /// The SIM.
+    #[serde(serialize_with = "ser_iccid")]
+    pub iccid: u64,
+    /// The day; `null` for the whole SIM.
+    #[serde(serialize_with = "ser_opt_date")]
+    pub date: Option<Date>,
+    /// Why.
+    pub reason: String,
+}
+
+fn ser_opt_date<S: serde::Serializer>(d: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&crate::server::format_date(*d)),
+        None => s.serialize_none(),
+    }
 }
 
 fn signed(a: u64, b: u64) -> Result<i64, ReconcileError> {
@@ -295,7 +317,7 @@ pub fn reconcile(
     }
     let mut summary = Summary::default();
     let mut sim_days = Vec::with_capacity(keys.len());
-    for key in keys {
+    let one_day = |key: (u64, Date)| -> Result<SimDay, ReconcileError> {
         let dev = device.get(&key).copied();
         let car = carrier_by_day.get(&key).copied();
         let sessions = car.and_then(|c| c.sessions).unwrap_or(model.sessions_per_day);
@@ -335,19 +357,11 @@ pub fn reconcile(
             (None, Some(0)) => Class::Matched,
             (None, _) => Class::MissingDevice,
         };
-        let counter = match class {
-            Class::Matched => &mut summary.matched,
-            Class::DeviceOver => &mut summary.device_over,
-            Class::CarrierOver => &mut summary.carrier_over,
-            Class::MissingDevice => &mut summary.missing_device,
-            Class::MissingCarrier => &mut summary.missing_carrier,
-        };
-        *counter += 1;
         let difference_bytes = match (dev, carrier_bytes) {
             (Some(d), Some(c)) => Some(signed(c, d)?),
             _ => None,
         };
-        sim_days.push(SimDay {
+        Ok(SimDay {
             iccid: key.0,
             date: key.1,
             class,
@@ -359,7 +373,30 @@ pub fn reconcile(
             difference_bytes,
             outside_model_bytes: outside,
             tolerance_bytes: tol,
-        });
+        })
+    };
+    let mut unreconciled = Vec::new();
+    for key in keys {
+        match one_day(key) {
+            Ok(day) => {
+                let counter = match day.class {
+                    Class::Matched => &mut summary.matched,
+                    Class::DeviceOver => &mut summary.device_over,
+                    Class::CarrierOver => &mut summary.carrier_over,
+                    Class::MissingDevice => &mut summary.missing_device,
+                    Class::MissingCarrier => &mut summary.missing_carrier,
+                };
+                *counter += 1;
+                sim_days.push(day);
+            }
+            // Figures too large for the model's arithmetic: this SIM-day alone is listed as
+            // not reconciled, the others are.
+            Err(e @ ReconcileError::Overflow(_)) => {
+                tracing::warn!(iccid = key.0, date = %key.1, error = %e, "sim-day not reconciled");
+                unreconciled.push(Unreconciled { iccid: key.0, date: Some(key.1), reason: e.to_string() });
+            }
+            Err(e) => return Err(e),
+        }
     }
     tracing::info!(?summary, provider = %model.name, "reconciled");
     Ok(Reconciliation {
@@ -368,7 +405,25 @@ pub fn reconcile(
         carrier_mb_rounding: crate::carrier::MB_ROUNDING,
         sim_days,
         summary,
+        unreconciled,
     })
+}
+
+/// SIMs (or SIM-days) a reconciliation could not classify: the device side cannot derive
+/// the SIM's usage (see `/v1/admin/faults`), or its figures overflow the model's arithmetic.
+pub fn mark_underivable(r: &mut Reconciliation, iccid: u64, reason: String) {
+    for d in r.sim_days.iter().filter(|d| d.iccid == iccid) {
+        let counter = match d.class {
+            Class::Matched => &mut r.summary.matched,
+            Class::DeviceOver => &mut r.summary.device_over,
+            Class::CarrierOver => &mut r.summary.carrier_over,
+            Class::MissingDevice => &mut r.summary.missing_device,
+            Class::MissingCarrier => &mut r.summary.missing_carrier,
+        };
+        *counter = counter.saturating_sub(1);
+    }
+    r.sim_days.retain(|d| d.iccid != iccid);
+    r.unreconciled.push(Unreconciled { iccid, date: None, reason });
 }
 
 /// The SIM-days as CSV, one row each, with a header; empty cells for absent figures.
@@ -470,6 +525,25 @@ mod tests {
         // A range narrows both sides.
         let one = DateRange { from: Some(d3), to: Some(d3) };
         assert_eq!(reconcile(&device, &carrier, &model, tol, one).unwrap().sim_days.len(), 2);
+    }
+
+    #[test]
+    fn one_sim_day_beyond_the_arithmetic_leaves_the_others_reconciled() {
+        let model = ProviderModel::builtin("1nce").unwrap();
+        let tol = Tolerance { bytes: 1024, basis_points: 0 };
+        let d = date!(2026 - 11 - 01);
+        let device = [((A, d), u64::MAX), ((B, d), 16_000)].into();
+        let carrier = [cday(A, d, 1), cday(B, d, 16_234)];
+        let mut r = reconcile(&device, &carrier, &model, tol, DateRange::default()).unwrap();
+        assert_eq!(r.sim_days.len(), 1);
+        assert_eq!((r.sim_days[0].iccid, r.sim_days[0].class), (B, Class::Matched));
+        assert_eq!(r.unreconciled.len(), 1);
+        assert_eq!((r.unreconciled[0].iccid, r.unreconciled[0].date), (A, Some(d)));
+        assert_eq!(r.summary.matched, 1);
+        mark_underivable(&mut r, B, "faulty".into());
+        assert!(r.sim_days.is_empty());
+        assert_eq!(r.summary, Summary::default());
+        assert_eq!(r.unreconciled[1], Unreconciled { iccid: B, date: None, reason: "faulty".into() });
     }
 
     #[test]

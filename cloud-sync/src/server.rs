@@ -46,7 +46,7 @@ use crate::config::{AdminToken, CloudConfig, ConfigError, StoreKind};
 use crate::ingest::{ingest, IngestError};
 use crate::ratelimit::RateLimiter;
 use crate::store::{Registration, Store, StoreError};
-use crate::usage::{days_of, per_sim, DateRange, UsageError};
+use crate::usage::{days_of, per_sim, DateRange, Derived, SimFault, UsageError};
 use crate::CloudError;
 
 /// Path of the per-SIM usage query.
@@ -129,12 +129,65 @@ pub struct SimsUsage {
     pub to: Option<Date>,
     /// SIMs that reported in the range, sorted by ICCID.
     pub sims: Vec<SimTotal>,
-    /// Bytes sent by all of them.
-    pub up_bytes: u64,
+    /// Bytes sent by all of them (128 bits: a sum over SIMs is not bounded by one SIM's).
+    pub up_bytes: u128,
     /// Bytes received by all of them.
-    pub down_bytes: u64,
+    pub down_bytes: u128,
     /// `up_bytes + down_bytes`.
-    pub total_bytes: u64,
+    pub total_bytes: u128,
+    /// SIMs left out because their usage cannot be derived.
+    #[serde(default)]
+    pub underivable: Vec<UnderivableSim>,
+}
+
+/// A SIM left out of an answer because its usage cannot be derived (see
+/// [`crate::usage::SimFault`]); every other SIM in the answer is exact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnderivableSim {
+    /// The SIM, a decimal string in JSON.
+    #[serde(with = "json_iccid")]
+    pub iccid: u64,
+    /// The record that made it underivable, `meter-epoch-seq`.
+    pub record: String,
+    /// Stable code: `time_out_of_range`, `counter_ceiling` or `overflow`.
+    pub code: String,
+    /// Why, for people.
+    pub reason: String,
+}
+
+impl From<&SimFault> for UnderivableSim {
+    fn from(f: &SimFault) -> Self {
+        Self {
+            iccid: f.iccid,
+            record: format!("{}-{}-{}", f.record.meter_id, f.record.epoch, f.record.seq),
+            code: f.reason.code().to_owned(),
+            reason: f.reason.to_string(),
+        }
+    }
+}
+
+/// The underivable SIMs of a derivation, by ICCID.
+pub fn underivable(d: &Derived) -> Vec<UnderivableSim> {
+    d.faults.values().map(UnderivableSim::from).collect()
+}
+
+/// Path of the list of SIMs whose usage cannot be derived.
+pub const ADMIN_FAULTS_PATH: &str = "/v1/admin/faults";
+
+/// Answer of `GET /v1/admin/faults`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultsReply {
+    /// Every SIM whose usage cannot be derived, by ICCID, with the record and the reason.
+    pub underivable: Vec<UnderivableSim>,
+}
+
+/// The error of a single-SIM answer for a SIM whose usage cannot be derived.
+pub(crate) fn underivable_error(f: &SimFault) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "underivable_sim",
+        format!("usage cannot be derived: {f}; see {ADMIN_FAULTS_PATH}"),
+    )
 }
 
 /// Body of `POST /v1/admin/meters`.
@@ -352,6 +405,7 @@ fn ingest_error(e: IngestError) -> ApiError {
             };
             ApiError::new(status, code, b.to_string())
         }
+        IngestError::Clock(why) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "clock_skew", why),
         // Whatever the store's fault, the gateway keeps the batch and retries: nothing of it
         // was acknowledged.
         IngestError::Store(e) => {
@@ -372,6 +426,8 @@ pub(crate) struct AppState {
     limiter: Arc<RateLimiter>,
     /// Plans and wallets, when a plans file is configured.
     pub(crate) billing: Option<Arc<crate::billing_api::Billing>>,
+    /// The endpoint's clock for ingest's time window.
+    clock: crate::ingest::Clock,
 }
 
 /// One route of the API, as `openapi.yaml` names it.
@@ -427,6 +483,7 @@ pub struct Endpoint {
     token: Arc<AdminToken>,
     limiter: Arc<RateLimiter>,
     billing: Option<Arc<crate::billing_api::Billing>>,
+    clock: crate::ingest::Clock,
 }
 
 impl Endpoint {
@@ -472,7 +529,14 @@ impl Endpoint {
             token: Arc::new(token),
             limiter: Arc::new(RateLimiter::new(crate::config::RateLimit::default())),
             billing: None,
+            clock: crate::ingest::Clock::system(),
         }
+    }
+
+    /// The same endpoint with another clock (ingest's time window; tests).
+    pub fn with_clock(mut self, clock: crate::ingest::Clock) -> Endpoint {
+        self.clock = clock;
+        self
     }
 
     /// The same endpoint with plans and wallets (`None`: the billing routes answer 404).
@@ -503,6 +567,7 @@ impl Endpoint {
             token: self.token.clone(),
             limiter: self.limiter.clone(),
             billing: self.billing.clone(),
+            clock: self.clock.clone(),
         };
         let mut query = Routes::new()
             .add("get", USAGE_PATH, get_usage)
@@ -518,6 +583,7 @@ impl Endpoint {
             .add("post", ADMIN_TOKENS_PATH, post_token)
             .add("delete", ADMIN_TOKEN_PATH, delete_token)
             .add("post", ADMIN_SETTLE_PATH, post_settle)
+            .add("get", ADMIN_FAULTS_PATH, get_faults)
             .merge(crate::billing_api::admin_routes());
         admin.router = admin.router.route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
         let mut batches = Routes::new().add("post", BATCHES_PATH, post_batch);
@@ -663,7 +729,7 @@ async fn post_batch(
         return Err(e);
     }
     let len = body.len();
-    match ingest(&state.store, body).await {
+    match ingest(&state.store, body, state.clock.now_ms()).await {
         Ok(reply) => {
             state.limiter.charge(header.gateway_id, reply.results.len(), Instant::now());
             Ok(Json(reply))
@@ -731,10 +797,13 @@ async fn get_usage(
         })?,
     };
     let range = range_params(&params)?;
-    let daily = state.store.daily_usage(Some(iccid)).await?;
+    let derived = state.store.daily_usage(Some(iccid)).await?;
+    if let Some(f) = derived.fault_of(iccid) {
+        return Err(underivable_error(f));
+    }
     let mut sum = Totals::default();
     let mut days = Vec::new();
-    for (date, t) in days_of(&daily, iccid, range) {
+    for (date, t) in days_of(&derived.daily, iccid, range) {
         sum = sum.checked_add(&t).ok_or(UsageError::Overflow { iccid })?;
         days.push(DayUsage {
             date,
@@ -765,11 +834,13 @@ async fn get_usage_sims(
         )));
     }
     let range = range_params(&params)?;
-    let daily = state.store.daily_usage(None).await?;
-    let mut sum = Totals::default();
+    let derived = state.store.daily_usage(None).await?;
+    let (mut up, mut down) = (0u128, 0u128);
     let mut sims = Vec::new();
-    for (iccid, t) in per_sim(&daily, range)? {
-        sum = sum.checked_add(&t).ok_or(UsageError::TotalOverflow)?;
+    for (iccid, t) in per_sim(&derived.daily, range)? {
+        // Cannot overflow: fewer than 2^64 SIMs of less than 2^64 bytes each.
+        up = up.saturating_add(u128::from(t.up));
+        down = down.saturating_add(u128::from(t.down));
         sims.push(SimTotal {
             iccid,
             up_bytes: t.up,
@@ -777,14 +848,14 @@ async fn get_usage_sims(
             total_bytes: total_bytes(iccid, &t)?,
         });
     }
-    let total = sum.sum().ok_or(UsageError::TotalOverflow)?;
     Ok(Json(SimsUsage {
         from: range.from,
         to: range.to,
         sims,
-        up_bytes: sum.up,
-        down_bytes: sum.down,
-        total_bytes: total,
+        up_bytes: up,
+        down_bytes: down,
+        total_bytes: up.saturating_add(down),
+        underivable: underivable(&derived),
     }))
 }
 
@@ -862,6 +933,9 @@ pub struct ZoneDays {
     pub tz: String,
     /// SIM-days by ICCID, then date.
     pub days: Vec<ZoneDay>,
+    /// SIMs left out because their usage cannot be derived.
+    #[serde(default)]
+    pub underivable: Vec<UnderivableSim>,
 }
 
 /// One adjustment in [`LedgerReply`].
@@ -924,6 +998,10 @@ pub struct SettleReply {
     pub settled: usize,
     /// Adjustments booked by this run.
     pub adjustments: usize,
+    /// SIMs none of whose days was settled or adjusted because their usage cannot be
+    /// derived.
+    #[serde(default)]
+    pub underivable: Vec<UnderivableSim>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -968,20 +1046,21 @@ async fn get_usage_days(
         p.tz.clone().ok_or_else(|| ApiError::bad_request("tz: required, e.g. Europe/Berlin or UTC"))?;
     let tz = crate::usage::time_zone(&tz_name).map_err(|e| ApiError::bad_request(format!("tz: {e}")))?;
     let (iccid, range) = zone_range(&p)?;
-    let daily = state.store.daily_usage_in(iccid, tz).await?;
+    let derived = state.store.daily_usage_in(iccid, tz).await?;
     let mut days = Vec::new();
-    for ((i, date), t) in daily {
+    for ((i, date), t) in &derived.daily {
+        let (i, date) = (*i, *date);
         if iccid.is_none_or(|want| want == i) && range.contains(date) {
             days.push(ZoneDay {
                 iccid: i,
                 date,
                 up_bytes: t.up,
                 down_bytes: t.down,
-                total_bytes: total_bytes(i, &t)?,
+                total_bytes: total_bytes(i, t)?,
             });
         }
     }
-    Ok(Json(ZoneDays { tz: tz_name, days }))
+    Ok(Json(ZoneDays { tz: tz_name, days, underivable: underivable(&derived) }))
 }
 
 async fn get_usage_ledger(
@@ -1033,7 +1112,17 @@ async fn post_settle(
         .settle(body.tz, body.settlement_hours, jiff::Timestamp::now())
         .await
         .map_err(ledger_error)?;
-    Ok(Json(SettleReply { settled: s.settled.len(), adjustments: s.adjustments.len() }))
+    Ok(Json(SettleReply {
+        settled: s.settled.len(),
+        adjustments: s.adjustments.len(),
+        underivable: s.underivable.iter().map(UnderivableSim::from).collect(),
+    }))
+}
+
+async fn get_faults(State(state): State<AppState>) -> Result<Json<FaultsReply>, ApiError> {
+    // Which SIMs are faulty does not depend on the zone days are cut in.
+    let derived = state.store.daily_usage(None).await?;
+    Ok(Json(FaultsReply { underivable: underivable(&derived) }))
 }
 
 async fn get_tokens(State(state): State<AppState>) -> Result<Json<TokenList>, ApiError> {

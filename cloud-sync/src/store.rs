@@ -22,7 +22,7 @@ use countersign_protocol::keys::PUBLIC_KEY_BYTES;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
-use crate::usage::{derive_daily, derive_daily_in, DailyUsage, TimeZone, UsageError, UsageRecord};
+use crate::usage::{derive_daily, derive_daily_in, Derived, TimeZone, UsageError, UsageRecord};
 
 /// Name of the sled directory inside the configured `data_dir`.
 pub const STORE_DIR_NAME: &str = "sled";
@@ -356,7 +356,7 @@ impl Store {
     /// per query, because an epoch's running maximum needs all its reports whatever range is
     /// asked for. Fine for the embedded store's scale; the PostgreSQL store keeps derived
     /// daily totals instead.
-    pub fn daily_usage(&self) -> Result<DailyUsage, StoreError> {
+    pub fn daily_usage(&self) -> Result<Derived, StoreError> {
         let mut failure = None;
         let records = self.records.iter().map_while(|item| match usage_record(item) {
             Ok(r) => Some(r),
@@ -376,7 +376,7 @@ impl Store {
 impl Store {
     /// Bytes per (ICCID, day in `tz`) over every stored record, streamed in key order
     /// through [`derive_daily_in`]: O(records), like [`Store::daily_usage`].
-    pub fn daily_usage_in(&self, tz: &TimeZone) -> Result<DailyUsage, StoreError> {
+    pub fn daily_usage_in(&self, tz: &TimeZone) -> Result<Derived, StoreError> {
         let mut failure = None;
         let records = self.usage_records().map_while(|r| match r {
             Ok(r) => Some(r),
@@ -574,7 +574,7 @@ mod tests {
         let store = open(dir.path());
         assert_eq!(store.record_count(), 3);
         let daily = store.daily_usage().unwrap();
-        assert_eq!(daily.values().copied().collect::<Vec<_>>(), vec![Totals { up: 300, down: 600 }]);
+        assert_eq!(daily.daily.values().copied().collect::<Vec<_>>(), vec![Totals { up: 300, down: 600 }]);
     }
 
     #[test]

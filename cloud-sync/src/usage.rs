@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals};
 pub use jiff::tz::TimeZone;
 use jiff::Timestamp;
-use time::{Date, OffsetDateTime};
+use time::Date;
 
 /// Longest time zone name accepted (the longest IANA name is about 30 bytes).
 pub const TIME_ZONE_NAME_BYTES_MAX: usize = 64;
@@ -60,7 +60,25 @@ impl UsageRecord {
     }
 }
 
-/// Why usage could not be derived. None is recoverable by retrying: the input must change.
+/// Most bytes one epoch of a meter may count per direction: 1 PiB (2^50 bytes). The fastest
+/// cellular categories (5G NR, IMT-2020 peak 20 Gbit/s down, 10 Gbit/s up) need 5.2 days of
+/// uninterrupted peak rate for it, far beyond any SIM's fair use; and 2^13 such epochs on one
+/// SIM are needed before its total of both directions leaves 64 bits, so no realistic history
+/// overflows a sum that derivation, billing or the Lago export computes.
+pub const USED_BYTES_PER_EPOCH_MAX: u64 = 1 << 50;
+
+/// Most bytes per second of device uptime per direction, for reports clocked by uptime (whose
+/// epoch began at boot): 2.5 GB/s, i.e. 20 Gbit/s, the IMT-2020 peak rate of 5G NR, which no
+/// cellular category exceeds.
+pub const BYTES_PER_DEVICE_SECOND_MAX: u64 = 2_500_000_000;
+
+/// Latest attribution instant the derivation accepts: 3000-01-01T00:00:00Z, in Unix seconds.
+/// Far beyond any real clock (device wall clocks end in 2054), and every day before it is a
+/// date in every time zone for both jiff and `time`, so an accepted instant never fails later.
+pub const ATTRIBUTION_UNIX_S_MAX: u64 = 32_503_680_000;
+
+/// Why usage could not be derived at all. None is recoverable by retrying: the input must
+/// change. A fault confined to one SIM is not an error but a [`SimFault`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UsageError {
     /// The records are not in record id order.
@@ -96,29 +114,217 @@ pub enum UsageError {
     },
 }
 
-/// The UTC day a report's usage belongs to: network time if the device has it, otherwise the
-/// gateway's receive time. `None` when the receive time is beyond the calendar's range.
-pub fn attribution_date(time: &DeviceTime, received_ms: u64) -> Option<Date> {
-    let unix_s = match (time.quality(), time.unix_s()) {
-        (TimeQuality::Network, Some(s)) => s,
-        _ => received_ms / 1000,
-    };
-    let unix_s = i64::try_from(unix_s).ok()?;
-    OffsetDateTime::from_unix_timestamp(unix_s).ok().map(|t| t.date())
+/// Why one SIM's usage cannot be derived. The SIM is left out of every figure (usage,
+/// settlement, billing) and listed instead; every other SIM is derived exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultReason {
+    /// A record's attribution instant is later than [`ATTRIBUTION_UNIX_S_MAX`].
+    TimeOutOfRange {
+        /// The instant, Unix seconds.
+        unix_s: u64,
+    },
+    /// A record's `used` exceeds [`USED_BYTES_PER_EPOCH_MAX`] in a direction.
+    CounterCeiling {
+        /// Its uplink `used`.
+        up: u64,
+        /// Its downlink `used`.
+        down: u64,
+    },
+    /// The SIM's total over all its records leaves 64 bits (per direction or both together).
+    Overflow,
 }
 
-/// Derives bytes per (ICCID, day) from records in record id order (see the module docs).
-/// Repeated ids are allowed and contribute nothing the second time.
-pub fn derive_daily(records: impl IntoIterator<Item = UsageRecord>) -> Result<DailyUsage, UsageError> {
-    derive_by(records, |r| attribution_date(&r.time, r.received_ms))
+impl FaultReason {
+    /// A stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FaultReason::TimeOutOfRange { .. } => "time_out_of_range",
+            FaultReason::CounterCeiling { .. } => "counter_ceiling",
+            FaultReason::Overflow => "overflow",
+        }
+    }
+}
+
+impl std::fmt::Display for FaultReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FaultReason::TimeOutOfRange { unix_s } => {
+                write!(f, "attribution time {unix_s} s is after {ATTRIBUTION_UNIX_S_MAX} s (year 3000)")
+            }
+            FaultReason::CounterCeiling { up, down } => write!(
+                f,
+                "used {up} up / {down} down bytes exceeds {USED_BYTES_PER_EPOCH_MAX} bytes per epoch"
+            ),
+            FaultReason::Overflow => write!(f, "the SIM's total usage overflows 64 bits"),
+        }
+    }
+}
+
+/// A SIM whose usage cannot be derived, with the first record that made it so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimFault {
+    /// The SIM.
+    pub iccid: u64,
+    /// The record (meter, epoch, seq) that made the SIM underivable.
+    pub record: RecordId,
+    /// Why.
+    pub reason: FaultReason,
+}
+
+impl std::fmt::Display for SimFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "iccid {} record {}: {}", self.iccid, self.record, self.reason)
+    }
+}
+
+/// Why one record cannot be counted whatever the rest of its SIM's history: its attribution
+/// instant is beyond [`ATTRIBUTION_UNIX_S_MAX`], or a counter beyond
+/// [`USED_BYTES_PER_EPOCH_MAX`]. Ingest refuses such records; stored ones (legacy data) make
+/// their SIM underivable. Pure.
+pub fn record_fault(r: &UsageRecord) -> Option<FaultReason> {
+    let unix_s = attribution_unix_s(&r.time, r.received_ms);
+    if unix_s > ATTRIBUTION_UNIX_S_MAX {
+        return Some(FaultReason::TimeOutOfRange { unix_s });
+    }
+    if r.used.up > USED_BYTES_PER_EPOCH_MAX || r.used.down > USED_BYTES_PER_EPOCH_MAX {
+        return Some(FaultReason::CounterCeiling { up: r.used.up, down: r.used.down });
+    }
+    None
+}
+
+/// Distinct faults remembered as logged: each is logged at `warn` once, then at `debug`, and
+/// the memory starts over when full (so a lasting fault is repeated now and then, not on
+/// every query).
+pub const FAULTS_LOGGED_MAX: usize = 4096;
+
+/// Whether `(iccid, record)` is logged for the first time (see [`FAULTS_LOGGED_MAX`]).
+pub(crate) fn first_report_of(iccid: u64, record: RecordId) -> bool {
+    static LOGGED: std::sync::Mutex<std::collections::BTreeSet<(u64, RecordId)>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    // A poisoned set only decides log levels.
+    let mut logged = LOGGED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if logged.len() >= FAULTS_LOGGED_MAX {
+        logged.clear();
+    }
+    logged.insert((iccid, record))
+}
+
+/// Usage of every derivable SIM, and the SIMs that are not derivable.
+///
+/// Invariant: no SIM in `faults` has a day in `daily`, and for every other SIM the sum of
+/// all its days, per direction and of both directions together, fits in a u64 (so any range
+/// of its days can be summed without overflow).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Derived {
+    /// Bytes per (ICCID, day) of the derivable SIMs.
+    pub daily: DailyUsage,
+    /// The underivable SIMs, by ICCID (the first fault found for each).
+    pub faults: BTreeMap<u64, SimFault>,
+    /// Total per derivable SIM over all its days, and the last record that added to it.
+    totals: BTreeMap<u64, (Totals, RecordId)>,
+}
+
+impl Derived {
+    /// Marks `iccid` underivable and drops its days (the first fault of a SIM is kept).
+    fn fault(&mut self, fault: SimFault) {
+        let iccid = fault.iccid;
+        if self.faults.contains_key(&iccid) {
+            return;
+        }
+        if first_report_of(iccid, fault.record) {
+            tracing::warn!(
+                iccid,
+                record = %fault.record,
+                reason = fault.reason.code(),
+                detail = %fault.reason,
+                "usage of a SIM cannot be derived; it is left out and listed as faulty"
+            );
+        } else {
+            tracing::debug!(iccid, record = %fault.record, reason = fault.reason.code(), "sim still underivable");
+        }
+        self.faults.insert(iccid, fault);
+        self.totals.remove(&iccid);
+        let days: Vec<(u64, Date)> =
+            self.daily.range((iccid, Date::MIN)..=(iccid, Date::MAX)).map(|(k, _)| *k).collect();
+        for k in days {
+            self.daily.remove(&k);
+        }
+    }
+
+    /// Adds `added` to `iccid` on `date`, or marks the SIM underivable when its total would
+    /// leave 64 bits.
+    fn add(&mut self, iccid: u64, record: RecordId, date: Date, added: Totals) {
+        if self.faults.contains_key(&iccid) {
+            return;
+        }
+        let total = self.totals.get(&iccid).map(|(t, _)| *t).unwrap_or_default();
+        match total.checked_add(&added).filter(|t| t.sum().is_some()) {
+            Some(t) => {
+                self.totals.insert(iccid, (t, record));
+                let entry = self.daily.entry((iccid, date)).or_default();
+                // Cannot fail: a day is part of the SIM's total, which fits.
+                *entry = entry.checked_add(&added).unwrap_or(t);
+            }
+            None => self.fault(SimFault { iccid, record, reason: FaultReason::Overflow }),
+        }
+    }
+
+    /// Adds another derivation (e.g. of other meters) into this one; a SIM faulty in either,
+    /// or whose total leaves 64 bits together, is faulty in the result.
+    pub fn absorb(&mut self, other: Derived) {
+        for f in other.faults.into_values() {
+            self.fault(f);
+        }
+        for ((iccid, date), t) in other.daily {
+            // The overflow is blamed on the other part's last record of the SIM.
+            let record =
+                other.totals.get(&iccid).map_or(RecordId { meter_id: 0, epoch: 0, seq: 0 }, |(_, r)| *r);
+            self.add(iccid, record, date, t);
+        }
+    }
+
+    /// Keeps only the days (and faults) of one SIM.
+    pub fn retain_sim(&mut self, sim: u64) {
+        self.daily.retain(|(i, _), _| *i == sim);
+        self.faults.retain(|i, _| *i == sim);
+        self.totals.retain(|i, _| *i == sim);
+    }
+
+    /// The fault of `iccid`, if it is underivable.
+    pub fn fault_of(&self, iccid: u64) -> Option<&SimFault> {
+        self.faults.get(&iccid)
+    }
+}
+
+/// The Unix second a report's usage is attributed to: network time if the device has it,
+/// otherwise the gateway's receive time (whole seconds).
+pub fn attribution_unix_s(time: &DeviceTime, received_ms: u64) -> u64 {
+    match (time.quality(), time.unix_s()) {
+        (TimeQuality::Network, Some(s)) => s,
+        _ => received_ms / 1000,
+    }
+}
+
+/// The UTC day a report's usage belongs to, through [`attribution_instant`] (the one
+/// function every stage uses). `None` beyond the calendar's range.
+pub fn attribution_date(time: &DeviceTime, received_ms: u64) -> Option<Date> {
+    zone_date(attribution_instant(time, received_ms)?, &TimeZone::UTC)
+}
+
+/// Derives bytes per (ICCID, UTC day) from records in record id order (see the module docs).
+/// Repeated ids are allowed and contribute nothing the second time. Only records out of order
+/// fail the whole derivation; a SIM whose records cannot be counted is listed in
+/// [`Derived::faults`] and every other SIM is derived exactly.
+pub fn derive_daily(records: impl IntoIterator<Item = UsageRecord>) -> Result<Derived, UsageError> {
+    derive_daily_in(records, &TimeZone::UTC)
 }
 
 /// Like [`derive_daily`], with days cut at midnight in `tz` instead of UTC (see "Time zones"
-/// in the module docs).
+/// in the module docs). Which SIMs are faulty does not depend on `tz`.
 pub fn derive_daily_in(
     records: impl IntoIterator<Item = UsageRecord>,
     tz: &TimeZone,
-) -> Result<DailyUsage, UsageError> {
+) -> Result<Derived, UsageError> {
     derive_by(records, |r| attribution_instant(&r.time, r.received_ms).and_then(|t| zone_date(t, tz)))
 }
 
@@ -126,8 +332,8 @@ pub fn derive_daily_in(
 fn derive_by(
     records: impl IntoIterator<Item = UsageRecord>,
     mut attribute: impl FnMut(&UsageRecord) -> Option<Date>,
-) -> Result<DailyUsage, UsageError> {
-    let mut out = DailyUsage::new();
+) -> Result<Derived, UsageError> {
+    let mut out = Derived::default();
     let mut previous: Option<RecordId> = None;
     let mut running_max = Totals::default();
     for r in records {
@@ -145,10 +351,19 @@ fn derive_by(
             down: r.used.down.saturating_sub(running_max.down),
         };
         running_max = Totals { up: running_max.up.max(r.used.up), down: running_max.down.max(r.used.down) };
-        let date =
-            attribute(&r).ok_or(UsageError::TimeOutOfRange { id: r.id, received_ms: r.received_ms })?;
-        let entry = out.entry((r.iccid, date)).or_default();
-        *entry = entry.checked_add(&added).ok_or(UsageError::Overflow { iccid: r.iccid })?;
+        if let Some(reason) = record_fault(&r) {
+            out.fault(SimFault { iccid: r.iccid, record: r.id, reason });
+            continue;
+        }
+        match attribute(&r) {
+            Some(date) => out.add(r.iccid, r.id, date, added),
+            // Unreachable below ATTRIBUTION_UNIX_S_MAX; kept a fault of the SIM, not a panic.
+            None => out.fault(SimFault {
+                iccid: r.iccid,
+                record: r.id,
+                reason: FaultReason::TimeOutOfRange { unix_s: attribution_unix_s(&r.time, r.received_ms) },
+            }),
+        }
     }
     Ok(out)
 }
@@ -156,10 +371,7 @@ fn derive_by(
 /// The instant a report's usage is attributed to: network time if the device has it,
 /// otherwise the gateway's receive time (whole seconds). `None` beyond the calendar's range.
 pub fn attribution_instant(time: &DeviceTime, received_ms: u64) -> Option<Timestamp> {
-    let unix_s = match (time.quality(), time.unix_s()) {
-        (TimeQuality::Network, Some(s)) => s,
-        _ => received_ms / 1000,
-    };
+    let unix_s = attribution_unix_s(time, received_ms);
     Timestamp::from_second(i64::try_from(unix_s).ok()?).ok()
 }
 
@@ -288,6 +500,9 @@ pub struct Settlement {
     pub settled: Vec<SettledDay>,
     /// Corrections to days closed before.
     pub adjustments: Vec<Adjustment>,
+    /// SIMs left out because their usage cannot be derived: none of their days is settled or
+    /// adjusted by this run.
+    pub underivable: Vec<SimFault>,
 }
 
 fn delta(now: u64, before: u64) -> Result<i64, UsageError> {
@@ -297,9 +512,10 @@ fn delta(now: u64, before: u64) -> Result<i64, UsageError> {
 /// Books what changed: every day of `fresh` (a derivation in `tz`) closed by `now` and not yet
 /// in `booked` is settled; every booked day whose fresh figure differs from its current one
 /// gets an adjustment for the difference (a booked day absent from `fresh` is adjusted to 0).
-/// Open days are not booked. Pure: the caller stores the result.
+/// Open days are not booked, nor any day of an underivable SIM (its booked figures stay as
+/// they are until its data can be derived again). Pure: the caller stores the result.
 pub fn settle(
-    fresh: &DailyUsage,
+    fresh: &Derived,
     booked: &BTreeMap<(u64, Date), Booked>,
     tz: &TimeZone,
     settlement_hours: u32,
@@ -308,15 +524,20 @@ pub fn settle(
     if settlement_hours > SETTLEMENT_HOURS_MAX {
         return Err(UsageError::SettlementWindow(settlement_hours));
     }
-    let mut out = Settlement::default();
+    let mut out = Settlement { underivable: fresh.faults.values().copied().collect(), ..Default::default() };
     let now_s = now.as_second();
-    let mut keys: Vec<(u64, Date)> = fresh.keys().chain(booked.keys()).copied().collect();
+    let mut keys: Vec<(u64, Date)> = fresh
+        .daily
+        .keys()
+        .chain(booked.keys().filter(|(iccid, _)| !fresh.faults.contains_key(iccid)))
+        .copied()
+        .collect();
     keys.sort_unstable();
     keys.dedup();
     for key in keys {
         let (iccid, date) = key;
         let closed = day_closes_at(date, tz, settlement_hours).is_some_and(|c| c <= now);
-        let figure = fresh.get(&key).copied().unwrap_or_default();
+        let figure = fresh.daily.get(&key).copied().unwrap_or_default();
         match booked.get(&key) {
             None if closed => {
                 out.settled.push(SettledDay { iccid, date, totals: figure, settled_at_s: now_s })
@@ -378,14 +599,20 @@ mod tests {
         }
     }
 
+    /// A derivation expected to have no faulty SIM.
+    fn daily(records: impl IntoIterator<Item = UsageRecord>) -> DailyUsage {
+        let d = derive_daily(records).unwrap();
+        assert!(d.faults.is_empty(), "{:?}", d.faults);
+        d.daily
+    }
+
     #[test]
     fn an_epoch_counts_its_highest_used_split_by_day() {
-        let d = derive_daily([
+        let d = daily([
             rec(1, 0, 0, SIM_A, 0, 0, NOON_S),
             rec(1, 0, 1, SIM_A, 100, 1000, NOON_S + 60),
             rec(1, 0, 2, SIM_A, 150, 1600, NOON_S + DAY_S),
-        ])
-        .unwrap();
+        ]);
         assert_eq!(d.len(), 2);
         assert_eq!(d[&(SIM_A, date!(2026 - 11 - 24))], Totals { up: 100, down: 1000 });
         assert_eq!(d[&(SIM_A, date!(2026 - 11 - 25))], Totals { up: 50, down: 600 });
@@ -394,35 +621,32 @@ mod tests {
     #[test]
     fn epochs_add_up_and_base_is_not_counted() {
         // The second epoch's first report already shows 30 up: its earlier reports were lost.
-        let d = derive_daily([
+        let d = daily([
             rec(1, 0, 0, SIM_A, 10, 20, NOON_S),
             rec(1, 0, 1, SIM_A, 40, 50, NOON_S),
             rec(1, 1, 0, SIM_A, 30, 5, NOON_S),
             rec(1, 1, 1, SIM_A, 35, 5, NOON_S),
-        ])
-        .unwrap();
+        ]);
         assert_eq!(d[&(SIM_A, date!(2026 - 11 - 24))], Totals { up: 75, down: 55 });
     }
 
     #[test]
     fn backwards_counter_never_subtracts_and_directions_are_independent() {
-        let d = derive_daily([
+        let d = daily([
             rec(1, 0, 0, SIM_A, 100, 0, NOON_S),
             rec(1, 0, 1, SIM_A, 20, 50, NOON_S),
             rec(1, 0, 2, SIM_A, 120, 40, NOON_S),
-        ])
-        .unwrap();
+        ]);
         assert_eq!(d[&(SIM_A, date!(2026 - 11 - 24))], Totals { up: 120, down: 50 });
     }
 
     #[test]
     fn sim_swap_attributes_to_the_reporting_iccid_and_meters_are_separate() {
-        let d = derive_daily([
+        let d = daily([
             rec(1, 0, 0, SIM_A, 10, 10, NOON_S),
             rec(1, 0, 1, SIM_B, 25, 10, NOON_S),
             rec(2, 0, 0, SIM_B, 7, 3, NOON_S),
-        ])
-        .unwrap();
+        ]);
         assert_eq!(d[&(SIM_A, date!(2026 - 11 - 24))], Totals { up: 10, down: 10 });
         assert_eq!(d[&(SIM_B, date!(2026 - 11 - 24))], Totals { up: 22, down: 3 });
     }
@@ -435,38 +659,83 @@ mod tests {
             [DeviceTime::uptime(17).unwrap(), DeviceTime::wall_clock(TimeQuality::Rtc, NOON_S).unwrap()]
         {
             r.time = time;
-            let d = derive_daily([r]).unwrap();
+            let d = daily([r]);
             assert_eq!(d.keys().next(), Some(&(SIM_A, date!(2026 - 11 - 27))));
         }
+        // A receive time beyond the calendar makes its SIM underivable, never the others.
         r.received_ms = u64::MAX;
-        assert!(matches!(derive_daily([r]), Err(UsageError::TimeOutOfRange { .. })));
+        let other = rec(2, 0, 0, SIM_B, 1, 2, NOON_S);
+        let d = derive_daily([r, other]).unwrap();
+        assert_eq!(d.daily.keys().collect::<Vec<_>>(), vec![&(SIM_B, date!(2026 - 11 - 24))]);
+        assert_eq!(d.faults[&SIM_A].reason, FaultReason::TimeOutOfRange { unix_s: u64::MAX / 1000 });
+        assert_eq!(d.faults[&SIM_A].record, r.id);
+        // Inside jiff's range but beyond the attribution ceiling: faulty as well, whatever zone.
+        r.received_ms = (ATTRIBUTION_UNIX_S_MAX + 1) * 1000;
+        let d = derive_daily_in([r, other], &time_zone("Pacific/Kiritimati").unwrap()).unwrap();
+        assert!(d.fault_of(SIM_A).is_some());
+        assert_eq!(d.daily.len(), 1);
     }
 
     #[test]
     fn idle_days_show_as_zero_and_duplicates_add_nothing() {
         let a = rec(1, 0, 3, SIM_A, 9, 9, NOON_S);
-        let d = derive_daily([a, a, rec(1, 0, 4, SIM_A, 9, 9, NOON_S + DAY_S)]).unwrap();
+        let d = daily([a, a, rec(1, 0, 4, SIM_A, 9, 9, NOON_S + DAY_S)]);
         assert_eq!(d[&(SIM_A, date!(2026 - 11 - 24))], Totals { up: 9, down: 9 });
         assert_eq!(d[&(SIM_A, date!(2026 - 11 - 25))], Totals::default());
     }
 
     #[test]
-    fn unordered_input_and_overflow_are_errors() {
+    fn unordered_input_is_an_error_and_overflow_a_fault_of_its_sim() {
         let e = derive_daily([rec(1, 0, 1, SIM_A, 0, 0, NOON_S), rec(1, 0, 0, SIM_A, 0, 0, NOON_S)]);
         assert!(matches!(e, Err(UsageError::Unordered { .. })));
-        let e = derive_daily([rec(1, 0, 0, SIM_A, u64::MAX, 0, NOON_S), rec(2, 0, 0, SIM_A, 1, 0, NOON_S)]);
-        assert_eq!(e, Err(UsageError::Overflow { iccid: SIM_A }));
+        // Above the per-epoch ceiling: the record alone makes its SIM underivable.
+        let d = derive_daily([
+            rec(1, 0, 0, SIM_A, u64::MAX, 0, NOON_S),
+            rec(2, 0, 0, SIM_A, 1, 0, NOON_S),
+            rec(3, 0, 0, SIM_B, 4, 4, NOON_S),
+        ])
+        .unwrap();
+        assert_eq!(d.faults[&SIM_A].reason, FaultReason::CounterCeiling { up: u64::MAX, down: 0 });
+        assert_eq!(d.daily.len(), 1);
+        assert_eq!(d.daily[&(SIM_B, date!(2026 - 11 - 24))], Totals { up: 4, down: 4 });
+        // Within the ceiling, but more epochs than 64 bits hold: the SIM's total overflows.
+        let max = USED_BYTES_PER_EPOCH_MAX;
+        let mut records: Vec<UsageRecord> =
+            (0..1u32 << 14).map(|e| rec(1, e, 0, SIM_A, max, 0, NOON_S)).collect();
+        records.push(rec(3, 0, 0, SIM_B, 4, 4, NOON_S));
+        let d = derive_daily(records).unwrap();
+        assert_eq!(d.faults[&SIM_A].reason, FaultReason::Overflow);
+        assert_eq!(d.faults[&SIM_A].record, RecordId { meter_id: 1, epoch: (1 << 14) - 1, seq: 0 });
+        assert_eq!(d.daily.keys().collect::<Vec<_>>(), vec![&(SIM_B, date!(2026 - 11 - 24))]);
+        // Up and down that fit alone but not together.
+        let half = (1u32 << 13) + 1;
+        let d = derive_daily((0..half).map(|e| rec(1, e, 0, SIM_A, max, max, NOON_S))).unwrap();
+        assert_eq!(d.faults[&SIM_A].reason, FaultReason::Overflow);
+        assert!(d.daily.is_empty());
+    }
+
+    #[test]
+    fn absorbing_parts_keeps_faults_and_sums() {
+        let mut a = derive_daily([rec(1, 0, 0, SIM_A, 10, 10, NOON_S)]).unwrap();
+        let b = derive_daily([rec(2, 0, 0, SIM_A, 5, 5, NOON_S), rec(2, 0, 1, SIM_B, u64::MAX, 0, NOON_S)])
+            .unwrap();
+        a.absorb(b);
+        assert_eq!(a.daily[&(SIM_A, date!(2026 - 11 - 24))], Totals { up: 15, down: 15 });
+        assert!(a.fault_of(SIM_B).is_some());
+        // SIM A's days leave with it when another part makes it faulty.
+        a.absorb(derive_daily([rec(3, 0, 0, SIM_A, u64::MAX, 0, NOON_S)]).unwrap());
+        assert!(a.daily.is_empty());
+        assert_eq!(a.faults.len(), 2);
     }
 
     #[test]
     fn ranges_and_per_sim_totals() {
-        let d = derive_daily([
+        let d = daily([
             rec(1, 0, 0, SIM_A, 10, 1, NOON_S),
             rec(1, 0, 1, SIM_A, 30, 2, NOON_S + DAY_S),
             rec(1, 0, 2, SIM_A, 60, 3, NOON_S + 2 * DAY_S),
             rec(2, 0, 0, SIM_B, 5, 5, NOON_S + DAY_S),
-        ])
-        .unwrap();
+        ]);
         let mid = DateRange { from: Some(date!(2026 - 11 - 25)), to: Some(date!(2026 - 11 - 25)) };
         assert_eq!(days_of(&d, SIM_A, mid), vec![(date!(2026 - 11 - 25), Totals { up: 20, down: 1 })]);
         assert_eq!(days_of(&d, SIM_A, DateRange::default()).len(), 3);
@@ -520,7 +789,7 @@ mod tests {
     fn derived_total(records: &[UsageRecord]) -> Totals {
         let mut sorted = records.to_vec();
         sorted.sort_by_key(|r| r.id);
-        let d = derive_daily(sorted).unwrap();
+        let d = daily(sorted);
         d.values().fold(Totals::default(), |a, t| a.checked_add(t).unwrap())
     }
 
@@ -544,7 +813,7 @@ mod tests {
             ("2026-10-25T23:00:00Z", date!(2026 - 10 - 26)),
         ];
         for (t, want) in cases {
-            let d = derive_daily_in([at(t)], &berlin()).unwrap();
+            let d = derive_daily_in([at(t)], &berlin()).unwrap().daily;
             assert_eq!(d.keys().next(), Some(&(SIM_A, want)), "{t}");
         }
         let utc = derive_daily_in([at("2026-03-28T23:00:00Z")], &TimeZone::UTC).unwrap();
@@ -586,7 +855,7 @@ mod tests {
         apply_settlement(&mut booked, &s).unwrap();
         for (k, b) in &booked {
             assert_eq!(b.settled, before[k].settled, "a settled figure changed");
-            assert_eq!(b.current, fresh[k]);
+            assert_eq!(b.current, fresh.daily[k]);
         }
         // Nothing new: nothing booked.
         assert_eq!(settle(&fresh, &booked, &tz, 48, t(day1 + 6 * DAY_S)).unwrap(), Settlement::default());
@@ -594,6 +863,99 @@ mod tests {
             settle(&fresh, &booked, &tz, SETTLEMENT_HOURS_MAX + 1, t(0)),
             Err(UsageError::SettlementWindow(_))
         ));
+    }
+
+    /// Normal records of four meters (meter m reports SIM_A + m only, so each SIM's figures
+    /// come from its own records alone) mixed with adversarial ones: counters at, above and
+    /// far above the ceiling, receive times at the edges of and beyond the calendar, and
+    /// optionally one meter flooding thousands of epochs at the ceiling.
+    fn arb_adversarial() -> impl Strategy<Value = Vec<UsageRecord>> {
+        let normal =
+            (0u64..4, 0u32..3, 0u32..8, 0u64..1 << 40, 0u64..1 << 40, 0u64..5 * DAY_S, any::<bool>());
+        let counter = prop_oneof![
+            0u64..1 << 40,
+            Just(USED_BYTES_PER_EPOCH_MAX),
+            Just(USED_BYTES_PER_EPOCH_MAX + 1),
+            Just(u64::MAX),
+        ];
+        let received_ms = prop_oneof![
+            NOON_S * 1000..(NOON_S + 5 * DAY_S) * 1000,
+            Just(0),
+            Just(ATTRIBUTION_UNIX_S_MAX * 1000 + 999),
+            Just((ATTRIBUTION_UNIX_S_MAX + 1) * 1000),
+            Just(253_402_300_799_000), // 9999-12-31T23:59:59Z, jiff's last UTC second
+            Just(i64::MAX as u64),
+            Just(u64::MAX),
+        ];
+        let adversarial = (0u64..4, 0u32..3, 0u32..8, counter.clone(), counter, received_ms);
+        (
+            proptest::collection::vec(normal, 0..40),
+            proptest::collection::vec(adversarial, 0..4),
+            proptest::option::of((0u64..4, (1u32 << 13) - 2..(1u32 << 13) + 2)),
+        )
+            .prop_map(|(normal, adversarial, flood)| {
+                let mut by_id = BTreeMap::new();
+                for (meter, epoch, seq, up, down, offset_s, network) in normal {
+                    let mut r = rec(meter, epoch, seq, SIM_A + meter, up, down, NOON_S + offset_s);
+                    if !network {
+                        r.time = DeviceTime::uptime(u32::try_from(offset_s).unwrap()).unwrap();
+                        r.received_ms = (NOON_S + offset_s) * 1000;
+                    }
+                    by_id.entry(r.id).or_insert(r);
+                }
+                for (meter, epoch, seq, up, down, received_ms) in adversarial {
+                    let mut r = rec(meter, epoch, seq, SIM_A + meter, up, down, NOON_S);
+                    r.time = DeviceTime::uptime(60).unwrap();
+                    r.received_ms = received_ms;
+                    by_id.insert(r.id, r);
+                }
+                if let Some((meter, epochs)) = flood {
+                    let max = USED_BYTES_PER_EPOCH_MAX;
+                    for e in 0..epochs {
+                        let r = rec(meter, 100 + e, 0, SIM_A + meter, max, max, NOON_S);
+                        by_id.insert(r.id, r);
+                    }
+                }
+                by_id.into_values().collect()
+            })
+    }
+
+    /// The model of one SIM from its own records alone, in 128-bit arithmetic and plain
+    /// day numbers (no date library): its UTC days, or `None` when it is underivable.
+    fn model_sim(records: &[UsageRecord]) -> Option<BTreeMap<Date, Totals>> {
+        let mut max = BTreeMap::<(u64, u32), (u64, u64)>::new();
+        let mut days = BTreeMap::<u64, (u128, u128)>::new();
+        let (mut up, mut down) = (0u128, 0u128);
+        for r in records {
+            let unix_s = match (r.time.quality(), r.time.unix_s()) {
+                (TimeQuality::Network, Some(s)) => s,
+                _ => r.received_ms / 1000,
+            };
+            if unix_s > ATTRIBUTION_UNIX_S_MAX
+                || r.used.up > USED_BYTES_PER_EPOCH_MAX
+                || r.used.down > USED_BYTES_PER_EPOCH_MAX
+            {
+                return None;
+            }
+            let m = max.entry((r.id.meter_id, r.id.epoch)).or_default();
+            let add =
+                (u128::from(r.used.up.saturating_sub(m.0)), u128::from(r.used.down.saturating_sub(m.1)));
+            *m = (m.0.max(r.used.up), m.1.max(r.used.down));
+            let d = days.entry(unix_s / DAY_S).or_default();
+            *d = (d.0 + add.0, d.1 + add.1);
+            (up, down) = (up + add.0, down + add.1);
+        }
+        if up + down > u128::from(u64::MAX) {
+            return None;
+        }
+        let date = |n: u64| Date::from_julian_day(2_440_588 + i32::try_from(n).unwrap()).unwrap();
+        Some(
+            days.into_iter()
+                .map(|(n, (u, d))| {
+                    (date(n), Totals { up: u64::try_from(u).unwrap(), down: u64::try_from(d).unwrap() })
+                })
+                .collect(),
+        )
     }
 
     proptest! {
@@ -623,8 +985,37 @@ mod tests {
         }
 
         #[test]
-        fn per_sim_totals_partition_the_total(records in arb_records()) {
+        fn every_derivable_sim_is_exact_and_the_others_are_listed(records in arb_adversarial()) {
             let d = derive_daily(records.clone()).unwrap();
+            for sim in (0..4).map(|m| SIM_A + m) {
+                let own: Vec<UsageRecord> = records.iter().filter(|r| r.iccid == sim).copied().collect();
+                let got: BTreeMap<Date, Totals> =
+                    days_of(&d.daily, sim, DateRange::default()).into_iter().collect();
+                match model_sim(&own) {
+                    Some(want) => {
+                        prop_assert!(d.fault_of(sim).is_none(), "{:?}", d.fault_of(sim));
+                        prop_assert_eq!(got, want);
+                    }
+                    None => {
+                        prop_assert!(got.is_empty());
+                        let f = d.fault_of(sim);
+                        prop_assert!(f.is_some_and(|f| own.iter().any(|r| r.id == f.record)), "{:?}", f);
+                    }
+                }
+            }
+            // Which SIMs are faulty does not depend on the zone; every other SIM's total is
+            // the same in any zone, and any range of its days sums without overflow.
+            let berlin = derive_daily_in(records, &berlin()).unwrap();
+            prop_assert_eq!(berlin.faults.keys().collect::<Vec<_>>(), d.faults.keys().collect::<Vec<_>>());
+            prop_assert_eq!(per_sim(&berlin.daily, DateRange::default()).unwrap(), per_sim(&d.daily, DateRange::default()).unwrap());
+            for t in per_sim(&d.daily, DateRange::default()).unwrap().values() {
+                prop_assert!(t.sum().is_some());
+            }
+        }
+
+        #[test]
+        fn per_sim_totals_partition_the_total(records in arb_records()) {
+            let d = daily(records.clone());
             let sims = per_sim(&d, DateRange::default()).unwrap();
             let sum = sims.values().fold(Totals::default(), |a, t| a.checked_add(t).unwrap());
             prop_assert_eq!(sum, model_total(&records));
@@ -662,10 +1053,10 @@ mod tests {
                 apply_settlement(&mut booked, &s).unwrap();
                 for (k, b) in &booked {
                     if let Some(old) = before.get(k) { prop_assert_eq!(b.settled, old.settled); }
-                    prop_assert_eq!(b.current, fresh.get(k).copied().unwrap_or_default());
+                    prop_assert_eq!(b.current, fresh.daily.get(k).copied().unwrap_or_default());
                     prop_assert!(day_closes_at(k.1, &tz, hours).unwrap() <= now);
                 }
-                for k in fresh.keys() {
+                for k in fresh.daily.keys() {
                     let closed = day_closes_at(k.1, &tz, hours).unwrap() <= now;
                     prop_assert_eq!(closed, booked.contains_key(k));
                 }

@@ -100,7 +100,10 @@ async fn start(config: &CloudConfig) -> Server {
     for _ in 0..100 {
         match Endpoint::connect(config).await {
             Ok(e) => {
-                endpoint = Some(e);
+                // The endpoint's clock at 2026-12-01T00:00:00Z: the reports below are inside
+                // its window whenever the test runs.
+                endpoint =
+                    Some(e.with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000)));
                 break;
             }
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
@@ -451,7 +454,12 @@ async fn without_plans_billing_routes_answer_not_configured() {
     let token_file = dir.path().join("admin.token");
     write_secret(&token_file, &TOKEN).unwrap();
     let config = CloudConfig::new(dir.path().join("data"), &token_file);
-    let endpoint = Endpoint::connect(&config).await.unwrap();
+    // The endpoint's clock at 2026-12-01T00:00:00Z: the reports below are inside its window
+    // whenever the test runs.
+    let endpoint = Endpoint::connect(&config)
+        .await
+        .unwrap()
+        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
     assert!(endpoint.billing().is_none());
     let server = serve(endpoint).await;
     let http = reqwest::Client::new();

@@ -100,7 +100,12 @@ fn config(env: &Env) -> CloudConfig {
 
 async fn start(env: &Env) -> Running {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let endpoint = Endpoint::connect(&config(env)).await.unwrap();
+    // The endpoint's clock at 2026-12-01T00:00:00Z: the reports below are inside its window
+    // whenever the test runs.
+    let endpoint = Endpoint::connect(&config(env))
+        .await
+        .unwrap()
+        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let store = endpoint.store().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -291,6 +296,7 @@ async fn batches_are_verified_deduplicated_and_rated(kind: Kind) {
         up_bytes: 2500,
         down_bytes: 10_100,
         total_bytes: 12_600,
+        underivable: vec![],
     };
     assert_eq!(sims, expected);
     let raw: serde_json::Value = http

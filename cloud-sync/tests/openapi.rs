@@ -322,7 +322,12 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         plans.display()
     ))
     .unwrap();
-    let endpoint = Endpoint::connect(&config).await.unwrap();
+    // The endpoint's clock at 2026-12-01T00:00:00Z: the reports below are inside its window
+    // whenever the test runs.
+    let endpoint = Endpoint::connect(&config)
+        .await
+        .unwrap()
+        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -486,6 +491,10 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
     assert_eq!(s, 200, "{v}");
     let (s, v, _) = c.call("get", "/v1/usage/ledger", "/v1/usage/ledger", Some(&query), None).await;
     assert_eq!(s, 200, "{v}");
+    let fp = "/v1/admin/faults";
+    assert_eq!(c.call("get", fp, fp, Some(&query), None).await.0, 403);
+    let (s, v, _) = c.call("get", fp, fp, Some(&admin), None).await;
+    assert_eq!((s, v["underivable"].as_array().map(Vec::len)), (200, Some(0)), "{v}");
     // Billing: charges, a run (debits and an alert), wallets, top-ups, a forecast.
     let ch = "/v1/billing/charges";
     let (s, v, _) = c.call("get", ch, "/v1/billing/charges?period=2026-11-24", Some(&query), None).await;

@@ -294,7 +294,8 @@ async fn postgres_concurrent_settlements_book_exactly_what_one_settlement_books(
     let fresh: DailyUsage = stores[3]
         .daily_usage_in(None, countersign_cloud::usage::time_zone("Europe/Berlin").unwrap())
         .await
-        .unwrap();
+        .unwrap()
+        .daily;
     let mut with_two = 0;
     let mut booked = BTreeMap::new();
     for d in &days {

@@ -49,6 +49,19 @@ pub enum RejectReason {
     BadTag,
     /// A different report with the same record id is already stored.
     Conflict,
+    /// A counter exceeds a physical ceiling (bytes per epoch or per second of device time,
+    /// events per second, …) or could make a later sum overflow.
+    CounterCeiling,
+    /// The gateway's receive time is outside the window the endpoint accepts around its own
+    /// clock.
+    ReceiveTime,
+    /// The device's network time is outside the window the endpoint accepts around its own
+    /// clock.
+    DeviceTime,
+    /// A reason this version does not know (sent by a newer endpoint). Still final: the
+    /// record is refused.
+    #[serde(other)]
+    Unknown,
 }
 
 impl RejectReason {
@@ -59,6 +72,10 @@ impl RejectReason {
             RejectReason::UnknownMeter => "unknown_meter",
             RejectReason::BadTag => "bad_tag",
             RejectReason::Conflict => "conflict",
+            RejectReason::CounterCeiling => "counter_ceiling",
+            RejectReason::ReceiveTime => "receive_time",
+            RejectReason::DeviceTime => "device_time",
+            RejectReason::Unknown => "unknown",
         }
     }
 }
@@ -93,5 +110,40 @@ mod tests {
             r#"{"gateway_id":7,"batch_seq":300,"results":[{"status":"stored"},{"status":"duplicate"},{"status":"rejected","reason":"bad_tag","detail":"x"}]}"#
         );
         assert_eq!(serde_json::from_str::<BatchReply>(&s).unwrap(), r);
+    }
+
+    #[test]
+    fn every_reason_code_is_pinned_and_round_trips() {
+        let all = [
+            (RejectReason::Malformed, "malformed"),
+            (RejectReason::UnknownMeter, "unknown_meter"),
+            (RejectReason::BadTag, "bad_tag"),
+            (RejectReason::Conflict, "conflict"),
+            (RejectReason::CounterCeiling, "counter_ceiling"),
+            (RejectReason::ReceiveTime, "receive_time"),
+            (RejectReason::DeviceTime, "device_time"),
+            (RejectReason::Unknown, "unknown"),
+        ];
+        for (reason, code) in all {
+            assert_eq!(reason.code(), code);
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(json, format!("\"{code}\""));
+            assert_eq!(serde_json::from_str::<RejectReason>(&json).unwrap(), reason);
+        }
+        let r = RecordOutcome::Rejected { reason: RejectReason::ReceiveTime, detail: "d".into() };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"status":"rejected","reason":"receive_time","detail":"d"}"#
+        );
+    }
+
+    #[test]
+    fn a_reason_from_a_newer_endpoint_still_parses() {
+        let s = r#"{"gateway_id":7,"batch_seq":1,"results":[{"status":"rejected","reason":"from_the_future","detail":"x"}]}"#;
+        let r: BatchReply = serde_json::from_str(s).unwrap();
+        assert_eq!(
+            r.results,
+            vec![RecordOutcome::Rejected { reason: RejectReason::Unknown, detail: "x".into() }]
+        );
     }
 }

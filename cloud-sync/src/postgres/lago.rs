@@ -147,6 +147,7 @@ impl PgOutbox {
             for row in &rows {
                 let r = usage_record(row)?;
                 match config.subscriptions.get(&r.iccid) {
+                    Some(_) if !crate::lago::plannable(&r) => {}
                     Some(sub) => page.push((r, sub.as_str())),
                     None => unmapped += 1,
                 }

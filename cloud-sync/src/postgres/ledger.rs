@@ -42,14 +42,14 @@ use jiff::Timestamp;
 use time::Date;
 
 use super::{
-    db_error, for_each_meter, is_retryable_abort, merge, pool_error, u32_from_sql, u64_from_sql, u64_to_sql,
+    db_error, for_each_meter, is_retryable_abort, pool_error, u32_from_sql, u64_from_sql, u64_to_sql,
     PgStore, PG_TRANSACTION_ATTEMPTS_MAX,
 };
 use crate::ledger::{LedgerDay, LedgerError};
 use crate::store::StoreError;
 use crate::usage::{
-    apply_settlement, derive_daily_in, settle, time_zone, Adjustment, Booked, DailyUsage, DateRange,
-    SettledDay, Settlement, TimeZone,
+    apply_settlement, derive_daily_in, settle, time_zone, Adjustment, Booked, DateRange, Derived, SettledDay,
+    Settlement, TimeZone,
 };
 
 /// Key of the transaction advisory lock a settlement run holds (arbitrary, stable: "ledger").
@@ -245,13 +245,17 @@ impl PgStore {
                 tx.execute("INSERT INTO ledger_meta (name, value) VALUES ('tz', $1)", &[&tz_name]).await?;
             }
         }
-        let mut fresh = DailyUsage::new();
-        for_each_meter(&tx, None, |meter| Ok(merge(&mut fresh, derive_daily_in(meter, tz)?)?))
-            .await
-            .map_err(fail)?;
+        let mut fresh = Derived::default();
+        for_each_meter(&tx, None, |meter| {
+            fresh.absorb(derive_daily_in(meter, tz)?);
+            Ok(())
+        })
+        .await
+        .map_err(fail)?;
         let mut booked = BTreeMap::<(u64, Date), Booked>::new();
         for day in read_days(&tx, None, DateRange::default()).await.map_err(fail)? {
-            let s = Settlement { settled: vec![day.settled], adjustments: day.adjustments };
+            let s =
+                Settlement { settled: vec![day.settled], adjustments: day.adjustments, ..Default::default() };
             apply_settlement(&mut booked, &s).map_err(fail)?;
         }
         let settlement = settle(&fresh, &booked, tz, settlement_hours, now).map_err(fail)?;

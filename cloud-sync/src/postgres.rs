@@ -319,6 +319,8 @@ pub struct PgStore {
     /// (one holding a session advisory lock).
     config: Arc<tokio_postgres::Config>,
     cache: Arc<Mutex<KeyCache>>,
+    /// Unknown gateway ids and tokens (see [`crate::negcache`]).
+    lookups: Arc<crate::negcache::LookupCaches>,
     /// Where it connects, without credentials, for logs and errors.
     target: Arc<str>,
 }
@@ -369,7 +371,13 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(PG_POOL_WAIT_S)))
             .build()
             .map_err(|e| StoreError::Database(format!("connection pool: {e}")))?;
-        let store = Self { pool, config: Arc::new(config), cache: Arc::default(), target: target.into() };
+        let store = Self {
+            pool,
+            config: Arc::new(config),
+            cache: Arc::default(),
+            lookups: Arc::default(),
+            target: target.into(),
+        };
         store.migrate().await.map_err(|e| match e {
             StoreError::DatabaseUnavailable(m) => {
                 StoreError::DatabaseUnavailable(format!("{}: {m}", store.target))
@@ -595,6 +603,12 @@ impl PgStore {
     /// The HMAC key of a meter, if registered.
     pub async fn meter_key(&self, meter_id: u64) -> Result<Option<[u8; METER_KEY_BYTES]>, StoreError> {
         Ok(self.meter_keys(&[meter_id]).await?.remove(&meter_id))
+    }
+
+    /// The negative caches of gateway and token lookups ([`crate::StoreBackend`] consults
+    /// them).
+    pub(crate) fn lookup_caches(&self) -> &crate::negcache::LookupCaches {
+        &self.lookups
     }
 
     /// The public key of a gateway, if registered (cached after the first read).

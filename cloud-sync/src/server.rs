@@ -749,12 +749,30 @@ struct UsageParams {
     to: Option<String>,
 }
 
-fn date_param(name: &str, value: Option<&str>) -> Result<Option<Date>, ApiError> {
+/// Earliest date a query parameter may name: nothing is metered before the Unix epoch.
+pub const QUERY_DATE_MIN: Date = time::macros::date!(1970 - 01 - 01);
+/// Latest date a query parameter may name: far enough that periods, lifetimes and windows
+/// computed from it stay inside the calendar (which ends at 9999-12-31).
+pub const QUERY_DATE_MAX: Date = time::macros::date!(2999 - 12 - 31);
+
+/// A date query parameter: absent, or `YYYY-MM-DD` inside
+/// [`QUERY_DATE_MIN`]`..=`[`QUERY_DATE_MAX`]; errors name the parameter.
+pub(crate) fn date_param(name: &str, value: Option<&str>) -> Result<Option<Date>, ApiError> {
     match value {
         None | Some("") => Ok(None),
-        Some(s) => parse_date(s).map(Some).ok_or_else(|| {
-            ApiError::bad_request(format!("{name}: expected a date as YYYY-MM-DD, got '{s}'"))
-        }),
+        Some(s) => {
+            let date = parse_date(s).ok_or_else(|| {
+                ApiError::bad_request(format!("{name}: expected a date as YYYY-MM-DD, got '{s}'"))
+            })?;
+            if !(QUERY_DATE_MIN..=QUERY_DATE_MAX).contains(&date) {
+                return Err(ApiError::bad_request(format!(
+                    "{name}: {s} is outside {}..={}",
+                    format_date(QUERY_DATE_MIN),
+                    format_date(QUERY_DATE_MAX)
+                )));
+            }
+            Ok(Some(date))
+        }
     }
 }
 

@@ -445,7 +445,8 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         .call("post", "/v1/batches", "/v1/batches", None, Some(Body::Bytes(batch(1, 2, &reports[4..8], &gw))))
         .await;
     assert_eq!(s, 200);
-    // 8 charged of 10: still in credit; this one takes the bucket into debt.
+    // 7 charged of 10 (the rejected record costs nothing): still in credit; this one takes
+    // the bucket into debt.
     let (s, _, _) = c
         .call(
             "post",

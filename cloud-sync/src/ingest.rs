@@ -316,7 +316,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
+        let store = Store::open(&dir.path().join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
         store.add_gateway(1, &gateway().verifying_key()).unwrap();
         store.add_meter(5, &METER_KEY).unwrap();
         (dir, store)

@@ -279,3 +279,45 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         String::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+
+    async fn panics() -> &'static str {
+        panic!("boom\nforged log line")
+    }
+
+    async fn ok() -> &'static str {
+        "ok"
+    }
+
+    /// A panicking handler answers 500 and is counted; the next request is served.
+    #[tokio::test]
+    async fn a_handler_panic_is_caught_counted_and_answered() {
+        let metrics = Arc::new(Metrics::new());
+        let guard_state = Guard { body_timeout: Duration::from_secs(5), metrics: metrics.clone() };
+        let router = Router::new()
+            .route("/panic", get(panics))
+            .route("/ok", get(ok))
+            .layer(axum::middleware::from_fn_with_state(guard_state, guard));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let limits = ServerLimits { connections_max: 2, ..ServerLimits::default() };
+        let server = tokio::spawn(serve(listener, router, limits, metrics.clone(), async {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::new();
+        let r = http.get(format!("http://{addr}/panic")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 500);
+        assert!(r.text().await.unwrap().contains("\"code\":\"internal\""));
+        let r = http.get(format!("http://{addr}/ok")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok");
+        let text = metrics.render(crate::negcache::LookupStats::default());
+        assert!(text.lines().any(|l| l == "countersign_panics_total 1"), "{text}");
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+}

@@ -121,12 +121,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LookupCaches {
-    /// Whether gateway `id` is known unknown; counts the hit, or the store lookup to come.
+    /// Whether gateway `id` is known unknown (a hit is counted).
     pub fn gateway_known_unknown(&self, id: u64) -> bool {
         let hit = lock(&self.gateways).contains(&id, Instant::now());
-        let counter = if hit { &self.gateway_negative_hits } else { &self.gateway_store_lookups };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if hit {
+            self.gateway_negative_hits.fetch_add(1, Ordering::Relaxed);
+        }
         hit
+    }
+
+    /// Counts a gateway lookup that reached the store (called by the stores themselves, so
+    /// the count is of real round trips).
+    pub fn gateway_store_lookup(&self) {
+        self.gateway_store_lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a token lookup that reached the store.
+    pub fn token_store_lookup(&self) {
+        self.token_store_lookups.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The store did not know gateway `id`.
@@ -139,11 +151,12 @@ impl LookupCaches {
         lock(&self.gateways).remove(&id);
     }
 
-    /// Whether the token with this SHA-256 is known unknown; counts like the gateways.
+    /// Whether the token with this SHA-256 is known unknown (a hit is counted).
     pub fn token_known_unknown(&self, sha256: &[u8; 32]) -> bool {
         let hit = lock(&self.tokens).contains(sha256, Instant::now());
-        let counter = if hit { &self.token_negative_hits } else { &self.token_store_lookups };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if hit {
+            self.token_negative_hits.fetch_add(1, Ordering::Relaxed);
+        }
         hit
     }
 
@@ -212,12 +225,14 @@ mod tests {
     fn caches_count_store_lookups_and_hits() {
         let c = LookupCaches::default();
         assert!(!c.gateway_known_unknown(7));
+        c.gateway_store_lookup();
         c.gateway_unknown(7);
         assert!(c.gateway_known_unknown(7));
         assert!(c.gateway_known_unknown(7));
         c.gateway_registered(7);
         assert!(!c.gateway_known_unknown(7));
         assert!(!c.token_known_unknown(&[1; 32]));
+        c.token_store_lookup();
         c.token_unknown([1; 32]);
         assert!(c.token_known_unknown(&[1; 32]));
         c.token_created(&[1; 32]);
@@ -225,9 +240,9 @@ mod tests {
         assert_eq!(
             c.stats(),
             LookupStats {
-                gateway_store_lookups: 2,
+                gateway_store_lookups: 1,
                 gateway_negative_hits: 2,
-                token_store_lookups: 2,
+                token_store_lookups: 1,
                 token_negative_hits: 1
             }
         );

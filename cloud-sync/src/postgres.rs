@@ -616,6 +616,7 @@ impl PgStore {
         if let Some(k) = self.lock_cache().gateways.get(&gateway_id) {
             return Ok(Some(*k));
         }
+        self.lookups.gateway_store_lookup();
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached("SELECT public_key FROM gateways WHERE gateway_id = $1")
@@ -806,6 +807,7 @@ impl PgStore {
 
     /// The name and role of the token with this SHA-256, if any.
     pub async fn token(&self, sha256: &[u8; 32]) -> Result<Option<(String, String)>, StoreError> {
+        self.lookups.token_store_lookup();
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached("SELECT name, role FROM api_tokens WHERE token_sha256 = $1")

@@ -336,6 +336,7 @@ impl Store {
 
     /// The public key of a gateway, if registered.
     pub fn gateway_key(&self, gateway_id: u64) -> Result<Option<VerifyingKey>, StoreError> {
+        self.lookups.gateway_store_lookup();
         let Some(v) = self.gateways.get(gateway_id.to_be_bytes())? else { return Ok(None) };
         let bytes = <[u8; PUBLIC_KEY_BYTES]>::try_from(v.as_ref())
             .map_err(|_| StoreError::Corrupt(format!("gateway {gateway_id}: key is {} bytes", v.len())))?;
@@ -461,6 +462,7 @@ impl Store {
 
     /// The name and role of the token with this SHA-256, if any.
     pub fn token(&self, sha256: &[u8; 32]) -> Result<Option<(String, String)>, StoreError> {
+        self.lookups.token_store_lookup();
         self.tokens.get(sha256)?.map(|v| decode_token(&v)).transpose()
     }
 
@@ -563,7 +565,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> Store {
-        Store::open(dir, crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap()
+        Store::open(&dir.join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap()
     }
 
     #[test]
@@ -641,7 +643,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = open(dir.path());
         // sled's lock is per process; a second open from the same process also fails on it.
-        let e = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap_err();
+        let e = Store::open(&dir.path().join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap_err();
         assert!(e.is_recoverable(), "{e}");
         assert!(e.to_string().starts_with("store at "), "{e}");
     }

@@ -6,7 +6,8 @@
 //!   goes to the back of that queue; it cannot keep a slot from a waiting gateway).
 //! - **Request heads**: hyper closes a connection whose request line and headers do not
 //!   arrive within [`ServerLimits::header_timeout`]; the same timer runs while a keep-alive
-//!   connection sits idle between requests, so idle connections free their slot too.
+//!   connection sits idle between requests, so idle connections free their slot too. A head
+//!   is at most [`REQUEST_HEAD_BYTES_MAX`].
 //! - **Request bodies**: every body is read under one deadline, [`ServerLimits::body_timeout`]
 //!   from the moment its head arrived ([`DeadlineBody`]); a body that trickles in answers 408
 //!   and the connection is closed.
@@ -43,6 +44,10 @@ use crate::metrics::{log_excerpt, Metrics};
 
 /// Seconds the endpoint waits at shutdown for connections to finish their request in flight.
 pub const SHUTDOWN_GRACE_S: u64 = 30;
+/// Largest request head (request line and headers) read into memory, in bytes; hyper's
+/// read buffer is capped at this, so a connection holds at most this much of a head (a
+/// longer one answers 431). hyper refuses less than 8 KiB.
+pub const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
 /// Pause after an accept error that is not about one connection (out of file descriptors),
 /// so the loop does not spin while the condition lasts.
 pub const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
@@ -139,7 +144,11 @@ async fn serve_connection(
     mut close: watch::Receiver<bool>,
 ) {
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(REQUEST_HEAD_BYTES_MAX)
+        .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
     let mut conn = pin!(conn);
     let result = tokio::select! {

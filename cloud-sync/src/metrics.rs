@@ -85,6 +85,7 @@ pub struct Metrics {
     batches_by_status: Mutex<BTreeMap<u16, u64>>,
     records_by_outcome: Mutex<BTreeMap<&'static str, u64>>,
     rejected_by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    auth_refusals: Mutex<BTreeMap<&'static str, u64>>,
     rate_limited_batches: AtomicU64,
     connection_limit_waits: AtomicU64,
     header_timeouts: AtomicU64,
@@ -139,6 +140,12 @@ impl Metrics {
         for (reason, n) in reasons {
             bump(&self.rejected_by_reason, reason, n);
         }
+    }
+
+    /// A request refused by the token check, by its error code (`unauthorized`, `forbidden`,
+    /// `store_unavailable`).
+    pub fn auth_refused(&self, code: &'static str) {
+        bump(&self.auth_refusals, code, 1);
     }
 
     /// A batch turned away by its gateway's rate limit.
@@ -215,6 +222,15 @@ impl Metrics {
         );
         for (reason, n) in lock_str(&self.rejected_by_reason) {
             let _ = writeln!(out, "countersign_records_rejected_total{{reason=\"{reason}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "countersign_auth_refusals_total",
+            "counter",
+            "Requests refused by the operator token check, by error code.",
+        );
+        for (code, n) in lock_str(&self.auth_refusals) {
+            let _ = writeln!(out, "countersign_auth_refusals_total{{code=\"{code}\"}} {n}");
         }
         let plain = [
             (

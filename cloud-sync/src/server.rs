@@ -639,13 +639,22 @@ async fn require(state: AppState, request: Request, next: Next, needed: Role) ->
     let presented = bearer(&request).map(str::to_owned);
     match authenticate(&state, presented).await {
         Ok(role) if role.allows(needed) => next.run(request).await,
-        Ok(role) => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("a {} token may not do this; it needs an {} token", role.as_str(), needed.as_str()),
-        )
-        .into_response(),
-        Err(e) => e.into_response(),
+        Ok(role) => {
+            state.metrics.auth_refused("forbidden");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("a {} token may not do this; it needs an {} token", role.as_str(), needed.as_str()),
+            )
+            .into_response()
+        }
+        Err(e) => {
+            state.metrics.auth_refused(e.code);
+            if let Some(left_out) = state.metrics.log_admit(e.code) {
+                tracing::info!(code = e.code, left_out, "request refused by the token check");
+            }
+            e.into_response()
+        }
     }
 }
 

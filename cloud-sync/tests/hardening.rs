@@ -344,6 +344,7 @@ async fn unknown_gateways_and_tokens_cost_one_store_lookup(kind: Kind) {
     assert_eq!(sample(&m, "countersign_gateway_negative_cache_hits_total"), 4, "{m}");
     assert_eq!(sample(&m, "countersign_token_negative_cache_hits_total"), 4, "{m}");
     assert_eq!(sample(&m, "countersign_batches_total{status=\"401\"}"), 5, "{m}");
+    assert_eq!(sample(&m, "countersign_auth_refusals_total{code=\"unauthorized\"}"), 5, "{m}");
     ep.stop().await;
 }
 

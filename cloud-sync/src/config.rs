@@ -17,7 +17,7 @@
 //! burst_records = 100000             # bucket size: what a gateway may send at once
 //!
 //! [server]                           # optional: limits of the HTTP listener
-//! connections_max = 1024             # connections served at once; more wait in the backlog
+//! connections_max = 512              # connections served at once; more wait in the backlog
 //! header_timeout_s = 10              # a request head must arrive within this
 //! body_timeout_s = 60                # a request body must arrive within this (whole body)
 //!
@@ -57,8 +57,10 @@ pub const RATE_BURST_RECORDS_DEFAULT: u64 = 100_000;
 /// nothing on any hardware, and the bucket arithmetic stays far from overflow.
 pub const RATE_RECORDS_MAX: u64 = 1_000_000_000;
 /// Connections served at once when `[server] connections_max` is not given; more wait in
-/// the listen backlog until one closes.
-pub const SERVER_CONNECTIONS_DEFAULT: u64 = 1024;
+/// the listen backlog until one closes. Each takes a file descriptor: this default stays
+/// well under the usual soft limit of 1024 open files, leaving room for the store's files
+/// and database connections. Raise `ulimit -n` (systemd `LimitNOFILE`) before raising it.
+pub const SERVER_CONNECTIONS_DEFAULT: u64 = 512;
 /// Largest accepted `server.connections_max` (each connection holds a file descriptor and up
 /// to one batch, 1 MiB, in memory).
 pub const SERVER_CONNECTIONS_MAX: u64 = 65_536;

@@ -14,6 +14,7 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::config::{CloudConfig, StoreKind};
 use crate::ledger::{Ledger, LedgerDay, LedgerError};
+use crate::negcache::{LookupCaches, LookupStats};
 use crate::postgres::PgStore;
 use crate::store::{InsertOutcome, NewRecord, Registration, Store, StoreError, StoredRecord};
 use crate::usage::{DateRange, Derived, Settlement, TimeZone};
@@ -94,13 +95,36 @@ impl StoreBackend {
         }
     }
 
-    /// The public key of a gateway, if registered.
-    pub async fn gateway_key(&self, gateway_id: u64) -> Result<Option<VerifyingKey>, StoreError> {
+    fn lookup_caches(&self) -> &LookupCaches {
         match self {
-            // A point read in sled's cache: not worth a trip to the blocking pool.
-            Self::Sled(s) => s.gateway_key(gateway_id),
-            Self::Postgres(p) => p.gateway_key(gateway_id).await,
+            Self::Sled(s) => s.lookup_caches(),
+            Self::Postgres(p) => p.lookup_caches(),
         }
+    }
+
+    /// How many gateway and token lookups reached the store, and how many the negative
+    /// caches answered (for `/metrics` and tests).
+    pub fn lookup_stats(&self) -> LookupStats {
+        self.lookup_caches().stats()
+    }
+
+    /// The public key of a gateway, if registered. An id the store did not know is answered
+    /// from a negative cache for [`NEGATIVE_CACHE_TTL_S`](crate::negcache::NEGATIVE_CACHE_TTL_S)
+    /// (a header naming an unknown gateway costs no store lookup after the first).
+    pub async fn gateway_key(&self, gateway_id: u64) -> Result<Option<VerifyingKey>, StoreError> {
+        let caches = self.lookup_caches();
+        if caches.gateway_known_unknown(gateway_id) {
+            return Ok(None);
+        }
+        let key = match self {
+            // A point read in sled's cache: not worth a trip to the blocking pool.
+            Self::Sled(s) => s.gateway_key(gateway_id)?,
+            Self::Postgres(p) => p.gateway_key(gateway_id).await?,
+        };
+        if key.is_none() {
+            caches.gateway_unknown(gateway_id);
+        }
+        Ok(key)
     }
 
     /// Registers a meter's HMAC key; durable when this returns.
@@ -118,15 +142,19 @@ impl StoreBackend {
         }
     }
 
-    /// Registers a gateway's public key; durable when this returns.
+    /// Registers a gateway's public key; durable when this returns. The gateway is no longer
+    /// known unknown to this process.
     pub async fn add_gateway(&self, gateway_id: u64, key: VerifyingKey) -> Result<Registration, StoreError> {
-        match self {
+        let r = match self {
             Self::Sled(s) => {
                 let s = s.clone();
                 blocking(move || s.add_gateway(gateway_id, &key)).await
             }
             Self::Postgres(p) => p.add_gateway(gateway_id, &key).await,
-        }
+        };
+        // Whatever the answer: after a conflict the id is registered too.
+        self.lookup_caches().gateway_registered(gateway_id);
+        r
     }
 
     /// Bytes per (ICCID, UTC day); with `iccid`, at least that SIM's days are exact (others
@@ -230,21 +258,32 @@ impl StoreBackend {
         role: &'static str,
         sha256: [u8; 32],
     ) -> Result<Registration, StoreError> {
-        match self {
+        let r = match self {
             Self::Sled(s) => {
                 let s = s.clone();
                 blocking(move || s.add_token(&name, role, &sha256)).await
             }
             Self::Postgres(p) => p.add_token(&name, role, &sha256).await,
-        }
+        };
+        self.lookup_caches().token_created(&sha256);
+        r
     }
 
-    /// The name and role of the token with this SHA-256.
+    /// The name and role of the token with this SHA-256. A hash the store did not know is
+    /// answered from a negative cache like [`StoreBackend::gateway_key`].
     pub async fn token(&self, sha256: [u8; 32]) -> Result<Option<(String, String)>, StoreError> {
-        match self {
-            Self::Sled(s) => s.token(&sha256),
-            Self::Postgres(p) => p.token(&sha256).await,
+        let caches = self.lookup_caches();
+        if caches.token_known_unknown(&sha256) {
+            return Ok(None);
         }
+        let token = match self {
+            Self::Sled(s) => s.token(&sha256)?,
+            Self::Postgres(p) => p.token(&sha256).await?,
+        };
+        if token.is_none() {
+            caches.token_unknown(sha256);
+        }
+        Ok(token)
     }
 
     /// Removes the token named `name`; whether one was there.

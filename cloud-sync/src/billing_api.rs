@@ -34,8 +34,8 @@ use crate::pricing::{
     PricingError, WalletAlert, PLAN_FILE_BYTES_MAX,
 };
 use crate::server::{
-    format_date, json_date, json_iccid, json_opt_date, parse_date, parse_iccid, underivable, ApiError,
-    AppState, Routes, UnderivableSim,
+    format_date, json_date, json_iccid, json_opt_date, parse_iccid, underivable, ApiError, AppState, Routes,
+    UnderivableSim,
 };
 use crate::usage::{time_zone, zone_date, TimeZone};
 
@@ -1176,12 +1176,7 @@ fn billing_of(state: &AppState) -> Result<&Billing, ApiError> {
 }
 
 fn opt_date(name: &str, v: Option<&str>) -> Result<Option<Date>, ApiError> {
-    match v {
-        None | Some("") => Ok(None),
-        Some(s) => parse_date(s).map(Some).ok_or_else(|| {
-            ApiError::bad_request(format!("{name}: expected a date as YYYY-MM-DD, got '{s}'"))
-        }),
-    }
+    crate::server::date_param(name, v)
 }
 
 fn opt_name(name: &str, v: Option<&str>) -> Result<Option<String>, ApiError> {

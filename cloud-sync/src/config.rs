@@ -16,6 +16,11 @@
 //! records_per_second = 20000         # refill rate, records per second per gateway
 //! burst_records = 100000             # bucket size: what a gateway may send at once
 //!
+//! [server]                           # optional: limits of the HTTP listener
+//! connections_max = 512              # connections served at once; more wait in the backlog
+//! header_timeout_s = 10              # a request head must arrive within this
+//! body_timeout_s = 60                # a request body must arrive within this (whole body)
+//!
 //! [billing]                          # optional: plans, prepaid wallets, periodic billing runs
 //! plans_file = "plans.toml"          # [[plan]], [[assign]], [[wallet]], time_zone (see README)
 //! run_interval_s = 300               # optional: seconds between billing runs in `serve`
@@ -51,6 +56,22 @@ pub const RATE_BURST_RECORDS_DEFAULT: u64 = 100_000;
 /// Largest accepted `records_per_second` or `burst_records`: beyond this the limit means
 /// nothing on any hardware, and the bucket arithmetic stays far from overflow.
 pub const RATE_RECORDS_MAX: u64 = 1_000_000_000;
+/// Connections served at once when `[server] connections_max` is not given; more wait in
+/// the listen backlog until one closes. Each takes a file descriptor: this default stays
+/// well under the usual soft limit of 1024 open files, leaving room for the store's files
+/// and database connections. Raise `ulimit -n` (systemd `LimitNOFILE`) before raising it.
+pub const SERVER_CONNECTIONS_DEFAULT: u64 = 512;
+/// Largest accepted `server.connections_max` (each connection holds a file descriptor and up
+/// to one batch, 1 MiB, in memory).
+pub const SERVER_CONNECTIONS_MAX: u64 = 65_536;
+/// Seconds a request head (request line and headers) may take when `[server]
+/// header_timeout_s` is not given; also how long an idle keep-alive connection stays open.
+pub const SERVER_HEADER_TIMEOUT_S_DEFAULT: u64 = 10;
+/// Seconds a whole request body may take when `[server] body_timeout_s` is not given: a full
+/// 1 MiB batch over a 200 kbit/s uplink.
+pub const SERVER_BODY_TIMEOUT_S_DEFAULT: u64 = 60;
+/// Largest accepted `server.header_timeout_s` or `server.body_timeout_s`.
+pub const SERVER_TIMEOUT_S_MAX: u64 = 3600;
 /// Config files larger than this are refused before they are read.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 64 * 1024;
 
@@ -98,7 +119,57 @@ struct RawConfig {
     admin_token_file: Option<toml::Value>,
     store: Option<RawStore>,
     rate_limit: Option<RawRateLimit>,
+    server: Option<RawServer>,
     billing: Option<RawBilling>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    connections_max: Option<toml::Value>,
+    header_timeout_s: Option<toml::Value>,
+    body_timeout_s: Option<toml::Value>,
+}
+
+/// Limits of the HTTP listener (`[server]`): what one client can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections served at once (`connections_max`).
+    pub connections_max: usize,
+    /// Time a request head may take, and an idle keep-alive connection may stay
+    /// (`header_timeout_s`).
+    pub header_timeout: std::time::Duration,
+    /// Time a whole request body may take once its head arrived (`body_timeout_s`).
+    pub body_timeout: std::time::Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            connections_max: SERVER_CONNECTIONS_DEFAULT as usize,
+            header_timeout: std::time::Duration::from_secs(SERVER_HEADER_TIMEOUT_S_DEFAULT),
+            body_timeout: std::time::Duration::from_secs(SERVER_BODY_TIMEOUT_S_DEFAULT),
+        }
+    }
+}
+
+fn server_limits(raw: RawServer) -> Result<ServerLimits, ConfigError> {
+    let mut limits = ServerLimits::default();
+    if let Some(v) = &raw.connections_max {
+        let key = "server.connections_max";
+        let n = bounded_integer(key, v, 1, SERVER_CONNECTIONS_MAX)?;
+        limits.connections_max =
+            usize::try_from(n).map_err(|_| invalid(key, "does not fit this platform"))?;
+    }
+    if let Some(v) = &raw.header_timeout_s {
+        let s = bounded_integer("server.header_timeout_s", v, 1, SERVER_TIMEOUT_S_MAX)?;
+        limits.header_timeout = std::time::Duration::from_secs(s);
+    }
+    if let Some(v) = &raw.body_timeout_s {
+        let s = bounded_integer("server.body_timeout_s", v, 1, SERVER_TIMEOUT_S_MAX)?;
+        limits.body_timeout = std::time::Duration::from_secs(s);
+    }
+    Ok(limits)
 }
 
 #[derive(Deserialize, Default)]
@@ -195,6 +266,7 @@ pub struct CloudConfig {
     cache_capacity_bytes: u64,
     store_kind: StoreKind,
     rate_limit: RateLimit,
+    server: ServerLimits,
     billing: Option<BillingSettings>,
 }
 
@@ -208,8 +280,20 @@ impl CloudConfig {
             cache_capacity_bytes: CACHE_CAPACITY_BYTES_DEFAULT,
             store_kind: StoreKind::Sled,
             rate_limit: RateLimit::default(),
+            server: ServerLimits::default(),
             billing: None,
         }
+    }
+
+    /// The limits of the HTTP listener.
+    pub fn server_limits(&self) -> ServerLimits {
+        self.server
+    }
+
+    /// The same configuration with other listener limits.
+    pub fn with_server_limits(mut self, limits: ServerLimits) -> Self {
+        self.server = limits;
+        self
     }
 
     /// The same configuration with a plans file, billing at the default interval.
@@ -273,6 +357,7 @@ impl CloudConfig {
         let store = raw.store.unwrap_or_default();
         let store_kind = store_kind(&store)?;
         let rate_limit = rate_limit(raw.rate_limit.unwrap_or_default())?;
+        let server = server_limits(raw.server.unwrap_or_default())?;
         let billing = match raw.billing {
             None => None,
             Some(b) => Some(BillingSettings {
@@ -303,7 +388,16 @@ impl CloudConfig {
                 ))
             }
         };
-        Ok(Self { listen, data_dir, admin_token_file, cache_capacity_bytes, store_kind, rate_limit, billing })
+        Ok(Self {
+            listen,
+            data_dir,
+            admin_token_file,
+            cache_capacity_bytes,
+            store_kind,
+            rate_limit,
+            server,
+            billing,
+        })
     }
 
     /// Reads and validates a config file; relative paths in it are taken relative to its
@@ -595,6 +689,36 @@ mod tests {
         assert_eq!(e, "rate_limit.records_per_second: 0 is outside 1..=1000000000");
         let e = err(&format!("{MINIMAL}[rate_limit]\nburst = 1\n"));
         assert!(e.contains("unknown field `burst`"), "{e}");
+    }
+
+    #[test]
+    fn server_limits_parse_and_name_their_keys() {
+        let c = CloudConfig::from_toml_str(&format!(
+            "{MINIMAL}[server]\nconnections_max = 16\nheader_timeout_s = 2\nbody_timeout_s = 30\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.server_limits(),
+            ServerLimits {
+                connections_max: 16,
+                header_timeout: std::time::Duration::from_secs(2),
+                body_timeout: std::time::Duration::from_secs(30),
+            }
+        );
+        assert_eq!(CloudConfig::from_toml_str(MINIMAL).unwrap().server_limits(), ServerLimits::default());
+        assert_eq!(
+            err(&format!("{MINIMAL}[server]\nconnections_max = 0\n")),
+            "server.connections_max: 0 is outside 1..=65536"
+        );
+        assert_eq!(
+            err(&format!("{MINIMAL}[server]\nheader_timeout_s = 0\n")),
+            "server.header_timeout_s: 0 is outside 1..=3600"
+        );
+        assert_eq!(
+            err(&format!("{MINIMAL}[server]\nbody_timeout_s = \"1m\"\n")),
+            "server.body_timeout_s: expected an integer, found string"
+        );
+        assert!(err(&format!("{MINIMAL}[server]\ntimeout = 1\n")).contains("unknown field `timeout`"));
     }
 
     #[test]

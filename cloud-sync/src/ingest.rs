@@ -329,7 +329,8 @@ pub fn check_records(
             }
             Err(refusal) => {
                 if let RecordOutcome::Rejected { reason, detail } = &refusal {
-                    tracing::warn!(reason = reason.code(), detail = %detail, "record rejected");
+                    // Logged at warn once per cause by the server (`Metrics::log_admit`); here every one.
+                    tracing::debug!(reason = reason.code(), detail = %detail, "record rejected");
                 }
                 refusals.push(Some(refusal));
             }
@@ -528,7 +529,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
+        let store = Store::open(&dir.path().join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
         store.add_gateway(1, &gateway().verifying_key()).unwrap();
         store.add_meter(5, &METER_KEY).unwrap();
         (dir, store)

@@ -273,7 +273,8 @@ mod tests {
     fn closed_days_survive_reopen_and_late_data_becomes_adjustments() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
+            let store =
+                Store::open(&dir.path().join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap();
             insert(&store, 0, 100, NOON_S);
             insert(&store, 2, 300, NOON_S + DAY_S);
             let ledger = Ledger::open(&store).unwrap();
@@ -288,7 +289,7 @@ mod tests {
         // sled's flusher thread may hold the old handle for a moment after the drop.
         let store = (0..100)
             .find_map(|_| {
-                let s = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).ok();
+                let s = Store::open(&dir.path().join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).ok();
                 if s.is_none() {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }

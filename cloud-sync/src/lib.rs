@@ -9,6 +9,9 @@
 //! - [`backend`]: [`StoreBackend`], whichever of the two the configuration selects.
 //! - [`auth`]: operator API tokens and their roles.
 //! - [`ratelimit`]: the per-gateway token bucket on batch uploads.
+//! - [`negcache`]: bounded negative caches of unknown gateway ids and tokens.
+//! - [`metrics`]: refusal counters for `/metrics`, the per-cause log limiter.
+//! - [`listen`]: the accept loop: connection limit, header and body deadlines.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
 //! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
@@ -37,6 +40,9 @@ pub mod config;
 pub mod ingest;
 pub mod lago;
 pub mod ledger;
+pub mod listen;
+pub mod metrics;
+pub mod negcache;
 pub mod postgres;
 pub mod pricing;
 pub mod ratelimit;

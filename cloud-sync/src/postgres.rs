@@ -319,6 +319,8 @@ pub struct PgStore {
     /// (one holding a session advisory lock).
     config: Arc<tokio_postgres::Config>,
     cache: Arc<Mutex<KeyCache>>,
+    /// Unknown gateway ids and tokens (see [`crate::negcache`]).
+    lookups: Arc<crate::negcache::LookupCaches>,
     /// Where it connects, without credentials, for logs and errors.
     target: Arc<str>,
 }
@@ -369,7 +371,13 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(PG_POOL_WAIT_S)))
             .build()
             .map_err(|e| StoreError::Database(format!("connection pool: {e}")))?;
-        let store = Self { pool, config: Arc::new(config), cache: Arc::default(), target: target.into() };
+        let store = Self {
+            pool,
+            config: Arc::new(config),
+            cache: Arc::default(),
+            lookups: Arc::default(),
+            target: target.into(),
+        };
         store.migrate().await.map_err(|e| match e {
             StoreError::DatabaseUnavailable(m) => {
                 StoreError::DatabaseUnavailable(format!("{}: {m}", store.target))
@@ -597,11 +605,18 @@ impl PgStore {
         Ok(self.meter_keys(&[meter_id]).await?.remove(&meter_id))
     }
 
+    /// The negative caches of gateway and token lookups ([`crate::StoreBackend`] consults
+    /// them).
+    pub(crate) fn lookup_caches(&self) -> &crate::negcache::LookupCaches {
+        &self.lookups
+    }
+
     /// The public key of a gateway, if registered (cached after the first read).
     pub async fn gateway_key(&self, gateway_id: u64) -> Result<Option<VerifyingKey>, StoreError> {
         if let Some(k) = self.lock_cache().gateways.get(&gateway_id) {
             return Ok(Some(*k));
         }
+        self.lookups.gateway_store_lookup();
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached("SELECT public_key FROM gateways WHERE gateway_id = $1")
@@ -796,6 +811,7 @@ impl PgStore {
 
     /// The name and role of the token with this SHA-256, if any.
     pub async fn token(&self, sha256: &[u8; 32]) -> Result<Option<(String, String)>, StoreError> {
+        self.lookups.token_store_lookup();
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached("SELECT name, role FROM api_tokens WHERE token_sha256 = $1")

@@ -68,6 +68,9 @@ pub const PLAN_FILE_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const USAGE_ITEMS_MAX: usize = 10_000_000;
 /// Longest averaging window of the quota forecast, in days.
 pub const FORECAST_WINDOW_DAYS_MAX: u32 = 366;
+/// Largest lifetime quota a forecast accepts, in bytes (1 EiB): far beyond any SIM's
+/// lifetime, so a larger one is a unit mistake, refused by name rather than forecast.
+pub const FORECAST_QUOTA_BYTES_MAX: u64 = 1 << 60;
 /// How each line's money is rounded, as stated on the line.
 pub const MONEY_ROUNDING: &str = "half_up_to_1_micro_per_line";
 /// Longest customer, group or top-up name, in bytes (they appear in URLs and store keys).
@@ -1305,7 +1308,8 @@ pub struct QuotaForecast {
     pub window_days: u32,
     /// Bytes used in the window.
     pub window_bytes: u64,
-    /// Day the quota runs out at the window's average rate; `None` if the rate is 0.
+    /// Day the quota runs out at the window's average rate; `None` if the rate is 0 or that
+    /// day lies past the last date the calendar holds (9999-12-31).
     #[serde(serialize_with = "ser_opt_date")]
     pub exhausted_on: Option<Date>,
     /// Last day of the plan.
@@ -1341,13 +1345,18 @@ pub fn forecast_quota(
     if window_days == 0 || window_days > FORECAST_WINDOW_DAYS_MAX {
         return Err(PricingError::Forecast("window_days must be 1 to 366"));
     }
+    if quota_bytes > FORECAST_QUOTA_BYTES_MAX {
+        return Err(PricingError::Forecast("quota_bytes must be at most 1152921504606846976 (1 EiB)"));
+    }
     if expires_on < plan_start {
         return Err(PricingError::Forecast("the plan expires before it starts"));
     }
     let age_days =
         u32::try_from((today - plan_start).whole_days().saturating_add(1).max(1)).unwrap_or(u32::MAX);
     let window = window_days.min(age_days);
-    let window_start = today - time::Duration::days(i64::from(window) - 1);
+    // Every date operation is checked: the parameters may name any day the calendar holds.
+    let window_start =
+        today.checked_sub(time::Duration::days(i64::from(window).saturating_sub(1))).unwrap_or(Date::MIN);
     let (mut used, mut window_bytes) = (0u64, 0u64);
     for (d, b) in daily {
         if *d >= plan_start && *d <= today {
@@ -1363,8 +1372,12 @@ pub fn forecast_quota(
     } else if window_bytes == 0 {
         None
     } else {
+        // remaining < 2^60 and window ≤ 366: the product fits a u128 with room to spare.
         let days = (u128::from(remaining) * u128::from(window)).div_ceil(u128::from(window_bytes));
-        i64::try_from(days).ok().and_then(|d| today.checked_add(time::Duration::days(d)))
+        i64::try_from(days)
+            .ok()
+            .and_then(|d| d.checked_mul(86_400))
+            .and_then(|s| today.checked_add(time::Duration::seconds(s)))
     };
     let days_to_expiry = u64::try_from((expires_on - today).whole_days()).unwrap_or(0);
     Ok(QuotaForecast {
@@ -1759,6 +1772,27 @@ active_since = "2026-02-28"
         let idle = forecast_quota(500 * MB, start, expires, today, 7, &[]).unwrap();
         assert_eq!(idle.exhausted_on, None);
         assert!(forecast_quota(1, start, expires, today, 0, &[]).is_err());
+    }
+
+    /// Regression: a huge quota at a tiny rate put the exhaustion day 10^17 days out and
+    /// `Duration::days` panicked; the calendar's edges panicked in date subtraction.
+    #[test]
+    fn forecast_never_panics_at_the_edges() {
+        let start = date!(2026 - 01 - 01);
+        let today = date!(2026 - 01 - 30);
+        let daily = [(today, 1u64)];
+        let e = forecast_quota(u64::MAX, start, Date::MAX, today, 30, &daily).unwrap_err();
+        assert!(e.to_string().contains("quota_bytes"), "{e}");
+        let f = forecast_quota(FORECAST_QUOTA_BYTES_MAX, start, Date::MAX, today, 366, &daily).unwrap();
+        assert_eq!((f.exhausted_on, f.runs_out_before_expiry), (None, false));
+        let f = forecast_quota(10, Date::MIN, Date::MAX, Date::MIN, 366, &[(Date::MIN, 1)]).unwrap();
+        assert_eq!(f.window_days, 1);
+        let f = forecast_quota(10, Date::MIN, Date::MAX, Date::MAX, 366, &[(Date::MAX, 1)]).unwrap();
+        assert_eq!(f.exhausted_on, None, "past 9999-12-31");
+        proptest::proptest!(|(quota: u64, bytes: u64, window in 1u32..=366, a: i32, b: i32, c: i32)| {
+            let day = |n: i32| Date::from_julian_day(n.rem_euclid(Date::MAX.to_julian_day() - Date::MIN.to_julian_day()) + Date::MIN.to_julian_day()).unwrap();
+            let _ = forecast_quota(quota, day(a), day(b), day(c), window, &[(day(c), bytes)]);
+        });
     }
 
     fn arb_tiers() -> impl Strategy<Value = Vec<Tier>> {

@@ -1,9 +1,11 @@
 //! Per-gateway rate limit on batch uploads: a token bucket of records per gateway.
 //!
 //! A batch is **checked** before its signature is verified (is the gateway's bucket in
-//! credit?) and **charged** its record count only after the signature verified. So a forger
-//! who names someone else's gateway id spends no one's budget, and a gateway over its limit
-//! is turned away before it costs a signature check. A charge may take the bucket below zero:
+//! credit?) and **charged** only after the signature verified, and only for the records it
+//! stored: duplicates (an agent resending after a lost reply) and rejected records add
+//! nothing to the store and cost nothing. So a forger who names someone else's gateway id
+//! spends no one's budget, and a gateway over its limit is turned away before it costs a
+//! signature check. A charge may take the bucket below zero:
 //! the gateway then waits until the debt is repaid, which keeps its long-run rate exact
 //! whatever its batch sizes.
 //!
@@ -78,7 +80,7 @@ impl RateLimiter {
         Err(Duration::from_millis(ms.max(1)))
     }
 
-    /// Charges an authenticated batch of `records` to `gateway_id`.
+    /// Charges `records` newly stored records of an authenticated batch to `gateway_id`.
     pub fn charge(&self, gateway_id: u64, records: usize, now: Instant) {
         let cost = i64::try_from(records).unwrap_or(i64::MAX).saturating_mul(UNITS_PER_RECORD);
         let mut buckets = self.lock();

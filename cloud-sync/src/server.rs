@@ -16,10 +16,16 @@
 //! | `GET /v1/usage/ledger`            | query token      | [`LedgerReply`]: settled days + adjustments |
 //! | `POST /v1/admin/settle`           | admin token      | [`SettleReply`] for a [`SettleRequest`] |
 //! | `GET /health`                     | none             | `{"status":"ok"}`                      |
+//! | `GET /metrics`                    | query token      | Prometheus text: refusals, timeouts    |
 //!
 //! Every route runs on either store ([`StoreBackend`]). Every error is an [`ErrorBody`] with a
 //! stable `code`. Blocking work (signature checks, sled) runs on tokio's blocking pool so the
-//! accept loop stays responsive.
+//! accept loop stays responsive. The listener's limits (connections, header and body
+//! deadlines, caught panics) are in [`crate::listen`].
+//!
+//! `/metrics` needs a query token like the usage routes: its counters describe the fleet's
+//! traffic, and a scraper holds a token as easily as a dashboard does (Prometheus:
+//! `authorization: { credentials_file: ... }`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,8 +48,9 @@ use time::Date;
 
 use crate::auth::{check_token_name, token_sha256, Role, TOKEN_BYTES};
 use crate::backend::StoreBackend;
-use crate::config::{AdminToken, CloudConfig, ConfigError, StoreKind};
-use crate::ingest::{ingest, IngestError};
+use crate::config::{AdminToken, CloudConfig, ConfigError, ServerLimits, StoreKind};
+use crate::ingest::{ingest, IngestError, IngestSummary};
+use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::{Registration, Store, StoreError};
 use crate::usage::{days_of, per_sim, DateRange, Derived, SimFault, UsageError};
@@ -63,6 +70,8 @@ pub const ADMIN_TOKENS_PATH: &str = "/v1/admin/tokens";
 pub const ADMIN_TOKEN_PATH: &str = "/v1/admin/tokens/{name}";
 /// Path of the health check.
 pub const HEALTH_PATH: &str = "/health";
+/// Path of the Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
 /// Largest admin request body: a registration is well under 200 bytes.
 pub const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
 /// Longest ICCID accepted in a query: 20 decimal digits is all a u64 can hold.
@@ -424,6 +433,7 @@ pub(crate) struct AppState {
     pub(crate) store: StoreBackend,
     token: Arc<AdminToken>,
     limiter: Arc<RateLimiter>,
+    metrics: Arc<Metrics>,
     /// Plans and wallets, when a plans file is configured.
     pub(crate) billing: Option<Arc<crate::billing_api::Billing>>,
     /// The endpoint's clock for ingest's time window.
@@ -484,6 +494,8 @@ pub struct Endpoint {
     limiter: Arc<RateLimiter>,
     billing: Option<Arc<crate::billing_api::Billing>>,
     clock: crate::ingest::Clock,
+    limits: ServerLimits,
+    metrics: Arc<Metrics>,
 }
 
 impl Endpoint {
@@ -502,6 +514,7 @@ impl Endpoint {
         let store = Store::open(config.data_dir(), config.cache_capacity_bytes())?;
         Ok(Self::with_backend(StoreBackend::Sled(store), token)
             .with_rate_limiter(RateLimiter::new(config.rate_limit()))
+            .with_server_limits(config.server_limits())
             .with_billing(billing))
     }
 
@@ -514,6 +527,7 @@ impl Endpoint {
         tracing::info!(store = store.kind(), "store open");
         Ok(Self::with_backend(store, token)
             .with_rate_limiter(RateLimiter::new(config.rate_limit()))
+            .with_server_limits(config.server_limits())
             .with_billing(billing))
     }
 
@@ -530,6 +544,8 @@ impl Endpoint {
             limiter: Arc::new(RateLimiter::new(crate::config::RateLimit::default())),
             billing: None,
             clock: crate::ingest::Clock::system(),
+            limits: ServerLimits::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -537,6 +553,17 @@ impl Endpoint {
     pub fn with_clock(mut self, clock: crate::ingest::Clock) -> Endpoint {
         self.clock = clock;
         self
+    }
+
+    /// The same endpoint with other listener limits (connections, header and body deadlines).
+    pub fn with_server_limits(mut self, limits: ServerLimits) -> Endpoint {
+        self.limits = limits;
+        self
+    }
+
+    /// The counters served on `/metrics`.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The same endpoint with plans and wallets (`None`: the billing routes answer 404).
@@ -566,6 +593,7 @@ impl Endpoint {
             store: self.store.clone(),
             token: self.token.clone(),
             limiter: self.limiter.clone(),
+            metrics: self.metrics.clone(),
             billing: self.billing.clone(),
             clock: self.clock.clone(),
         };
@@ -574,6 +602,7 @@ impl Endpoint {
             .add("get", USAGE_SIMS_PATH, get_usage_sims)
             .add("get", USAGE_DAYS_PATH, get_usage_days)
             .add("get", USAGE_LEDGER_PATH, get_usage_ledger)
+            .add("get", METRICS_PATH, get_metrics)
             .merge(crate::billing_api::query_routes());
         query.router = query.router.route_layer(middleware::from_fn_with_state(state.clone(), require_query));
         let mut admin = Routes::new()
@@ -592,7 +621,11 @@ impl Endpoint {
         other.router = other.router.layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX));
         let mut all = Routes::new().add("get", HEALTH_PATH, health).merge(batches).merge(other);
         all.router = all.router.fallback(not_found).method_not_allowed_fallback(method_not_allowed);
-        (all.router.with_state(state), all.table)
+        let guard =
+            crate::listen::Guard { body_timeout: self.limits.body_timeout, metrics: self.metrics.clone() };
+        let router =
+            all.router.with_state(state).layer(middleware::from_fn_with_state(guard, crate::listen::guard));
+        (router, all.table)
     }
 
     /// The routes, ready to serve.
@@ -608,7 +641,8 @@ impl Endpoint {
     }
 
     /// Serves until `shutdown` completes, lets requests in flight finish, then flushes the
-    /// store.
+    /// store. Connections, request heads and bodies are bounded by the endpoint's
+    /// [`ServerLimits`] (see [`crate::listen`]).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -618,7 +652,8 @@ impl Endpoint {
             tracing::info!(%addr, store = self.store.kind(), "endpoint listening");
         }
         let router = self.router();
-        let served = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+        let served =
+            crate::listen::serve(listener, router, self.limits, self.metrics.clone(), shutdown).await;
         // Flush even when serving failed: every acknowledged batch is flushed already, but
         // registrations racing the failure may not be.
         let flushed = self.store.flush().await.map_err(std::io::Error::other);
@@ -670,13 +705,22 @@ async fn require(state: AppState, request: Request, next: Next, needed: Role) ->
     let presented = bearer(&request).map(str::to_owned);
     match authenticate(&state, presented).await {
         Ok(role) if role.allows(needed) => next.run(request).await,
-        Ok(role) => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("a {} token may not do this; it needs an {} token", role.as_str(), needed.as_str()),
-        )
-        .into_response(),
-        Err(e) => e.into_response(),
+        Ok(role) => {
+            state.metrics.auth_refused("forbidden");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("a {} token may not do this; it needs an {} token", role.as_str(), needed.as_str()),
+            )
+            .into_response()
+        }
+        Err(e) => {
+            state.metrics.auth_refused(e.code);
+            if let Some(left_out) = state.metrics.log_admit(e.code) {
+                tracing::info!(code = e.code, left_out, "request refused by the token check");
+            }
+            e.into_response()
+        }
     }
 }
 
@@ -692,6 +736,12 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
 
+async fn get_metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(state.store.lookup_stats());
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text)
+        .into_response()
+}
+
 async fn health() -> Json<HealthReply> {
     Json(HealthReply { status: "ok".into() })
 }
@@ -700,10 +750,43 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
-async fn post_batch(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<BatchReply>, ApiError> {
+async fn post_batch(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let answer = batch_answer(&state, body).await;
+    let status = match &answer {
+        Ok(_) => StatusCode::OK,
+        Err(e) => e.status,
+    };
+    state.metrics.batch_answered(status.as_u16());
+    match answer {
+        Ok(reply) => {
+            state.metrics.records(&reply);
+            log_rejections(&state.metrics, &reply);
+            Json(reply).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Rejected records logged at warn once per reason (then once a minute with the count left
+/// out): a gateway resending a batch of bad records must not flood the log.
+fn log_rejections(metrics: &Metrics, reply: &BatchReply) {
+    for outcome in &reply.results {
+        if let countersign_protocol::RecordOutcome::Rejected { reason, detail } = outcome {
+            if let Some(left_out) = metrics.log_admit(reason.code()) {
+                tracing::warn!(
+                    gateway_id = reply.gateway_id,
+                    batch_seq = reply.batch_seq,
+                    reason = reason.code(),
+                    detail = %crate::metrics::log_excerpt(detail),
+                    left_out,
+                    "record rejected"
+                );
+            }
+        }
+    }
+}
+
+async fn batch_answer(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<BatchReply, ApiError> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -719,7 +802,15 @@ async fn post_batch(
     let header = peek_header(&body).map_err(|e| ingest_error(IngestError::Batch(e)))?;
     if let Err(wait) = state.limiter.check(header.gateway_id, Instant::now()) {
         let retry_after_s = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0)).max(1);
-        tracing::warn!(gateway_id = header.gateway_id, retry_after_s, "batch over the gateway's rate limit");
+        state.metrics.rate_limited();
+        if let Some(left_out) = state.metrics.log_admit("rate_limited") {
+            tracing::warn!(
+                gateway_id = header.gateway_id,
+                retry_after_s,
+                left_out,
+                "batch over the gateway's rate limit"
+            );
+        }
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -731,12 +822,16 @@ async fn post_batch(
     let len = body.len();
     match ingest(&state.store, body, state.clock.now_ms()).await {
         Ok(reply) => {
-            state.limiter.charge(header.gateway_id, reply.results.len(), Instant::now());
-            Ok(Json(reply))
+            // Only what was stored costs credit: a duplicate or a refusal adds nothing to store.
+            state.limiter.charge(header.gateway_id, IngestSummary::of(&reply).stored, Instant::now());
+            Ok(reply)
         }
         Err(e) => {
-            tracing::warn!(gateway_id = header.gateway_id, bytes = len, error = %e, "batch refused");
-            Err(ingest_error(e))
+            let e = ingest_error(e);
+            if let Some(left_out) = state.metrics.log_admit(e.code) {
+                tracing::warn!(gateway_id = header.gateway_id, bytes = len, error = %e.error, left_out, "batch refused");
+            }
+            Err(e)
         }
     }
 }
@@ -749,12 +844,30 @@ struct UsageParams {
     to: Option<String>,
 }
 
-fn date_param(name: &str, value: Option<&str>) -> Result<Option<Date>, ApiError> {
+/// Earliest date a query parameter may name: nothing is metered before the Unix epoch.
+pub const QUERY_DATE_MIN: Date = time::macros::date!(1970 - 01 - 01);
+/// Latest date a query parameter may name: far enough that periods, lifetimes and windows
+/// computed from it stay inside the calendar (which ends at 9999-12-31).
+pub const QUERY_DATE_MAX: Date = time::macros::date!(2999 - 12 - 31);
+
+/// A date query parameter: absent, or `YYYY-MM-DD` inside
+/// [`QUERY_DATE_MIN`]`..=`[`QUERY_DATE_MAX`]; errors name the parameter.
+pub(crate) fn date_param(name: &str, value: Option<&str>) -> Result<Option<Date>, ApiError> {
     match value {
         None | Some("") => Ok(None),
-        Some(s) => parse_date(s).map(Some).ok_or_else(|| {
-            ApiError::bad_request(format!("{name}: expected a date as YYYY-MM-DD, got '{s}'"))
-        }),
+        Some(s) => {
+            let date = parse_date(s).ok_or_else(|| {
+                ApiError::bad_request(format!("{name}: expected a date as YYYY-MM-DD, got '{s}'"))
+            })?;
+            if !(QUERY_DATE_MIN..=QUERY_DATE_MAX).contains(&date) {
+                return Err(ApiError::bad_request(format!(
+                    "{name}: {s} is outside {}..={}",
+                    format_date(QUERY_DATE_MIN),
+                    format_date(QUERY_DATE_MAX)
+                )));
+            }
+            Ok(Some(date))
+        }
     }
 }
 

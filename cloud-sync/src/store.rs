@@ -91,6 +91,15 @@ pub enum StoreError {
         /// The name asked for.
         name: String,
     },
+    /// The data directory exists and group or others may enter or read it; it holds every
+    /// meter's HMAC key. Not recoverable without operator action (`chmod 700`).
+    #[error("data_dir {path} is accessible to group or others (mode {mode:o}) and holds every meter key; run chmod 700 on it")]
+    DataDirTooOpen {
+        /// The data directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The store already holds [`API_TOKENS_MAX`] tokens. Not recoverable until one is
     /// revoked.
     #[error("the store already holds {API_TOKENS_MAX} api tokens; revoke one first")]
@@ -209,15 +218,20 @@ pub struct Store {
     /// Serialises settlement runs of this process (the only one that can open the store), as
     /// the advisory lock does on PostgreSQL: two runs at once would book the same day.
     ledger_lock: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Unknown gateway ids and tokens, shared by clones (see [`crate::negcache`]).
+    lookups: std::sync::Arc<crate::negcache::LookupCaches>,
 }
 
 impl Store {
     /// Opens (or creates) the store in `data_dir/sled`. A missing `data_dir` is created
-    /// 0700, because the store holds the meters' HMAC keys.
+    /// 0700, because the store holds the meters' HMAC keys; an existing one that group or
+    /// others may access is refused ([`StoreError::DataDirTooOpen`]).
     pub fn open(data_dir: &Path, cache_capacity_bytes: u64) -> Result<Self, StoreError> {
         let path = data_dir.join(STORE_DIR_NAME);
         let open_err = |source| StoreError::Open { path: path.clone(), source };
-        create_private_dir(data_dir).map_err(|e| open_err(sled::Error::Io(e)))?;
+        if let Some(mode) = create_private_dir(data_dir).map_err(|e| open_err(sled::Error::Io(e)))? {
+            return Err(StoreError::DataDirTooOpen { path: data_dir.to_owned(), mode });
+        }
         let db =
             sled::Config::new().path(&path).cache_capacity(cache_capacity_bytes).open().map_err(open_err)?;
         let records = db.open_tree(RECORDS_TREE).map_err(open_err)?;
@@ -232,6 +246,7 @@ impl Store {
             tokens,
             token_lock: Default::default(),
             ledger_lock: Default::default(),
+            lookups: Default::default(),
         })
     }
 
@@ -321,6 +336,7 @@ impl Store {
 
     /// The public key of a gateway, if registered.
     pub fn gateway_key(&self, gateway_id: u64) -> Result<Option<VerifyingKey>, StoreError> {
+        self.lookups.gateway_store_lookup();
         let Some(v) = self.gateways.get(gateway_id.to_be_bytes())? else { return Ok(None) };
         let bytes = <[u8; PUBLIC_KEY_BYTES]>::try_from(v.as_ref())
             .map_err(|_| StoreError::Corrupt(format!("gateway {gateway_id}: key is {} bytes", v.len())))?;
@@ -396,6 +412,12 @@ impl Store {
 /// Access for the modules that keep their own trees beside the records (settlement, Lago
 /// outbox). Kept apart from the core API above so that store backends can differ here.
 impl Store {
+    /// The negative caches of gateway and token lookups ([`StoreBackend`](crate::StoreBackend)
+    /// consults them).
+    pub(crate) fn lookup_caches(&self) -> &crate::negcache::LookupCaches {
+        &self.lookups
+    }
+
     /// The sled database, for multi-tree transactions of the modules that own extra trees.
     pub(crate) fn db(&self) -> &sled::Db {
         &self.db
@@ -440,6 +462,7 @@ impl Store {
 
     /// The name and role of the token with this SHA-256, if any.
     pub fn token(&self, sha256: &[u8; 32]) -> Result<Option<(String, String)>, StoreError> {
+        self.lookups.token_store_lookup();
         self.tokens.get(sha256)?.map(|v| decode_token(&v)).transpose()
     }
 
@@ -497,22 +520,23 @@ fn usage_record(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<UsageRec
     Ok(UsageRecord::from_report(&report, v.received_ms))
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// Whether a data directory with these permission bits may hold meter keys: no access at all
+/// for group and others.
+pub fn data_dir_mode_is_private(mode: u32) -> bool {
+    mode & 0o077 == 0
+}
+
+/// Creates `dir` 0700 when missing. An existing one is left as it is (an operator may have
+/// reasons for its mode) and its mode returned when it is not private, for the caller to
+/// refuse: the store would hand every meter key to whoever can read it.
+fn create_private_dir(dir: &Path) -> std::io::Result<Option<u32>> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.is_dir() {
-        // An operator may have good reasons for the mode of a directory they made; say so
-        // rather than change it.
         let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                data_dir = %dir.display(),
-                mode = format_args!("{mode:o}"),
-                "data_dir is accessible to group or others and holds meter keys; chmod 700 it"
-            );
-        }
-        return Ok(());
+        return Ok((!data_dir_mode_is_private(mode)).then_some(mode));
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -541,7 +565,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> Store {
-        Store::open(dir, crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap()
+        Store::open(&dir.join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap()
     }
 
     #[test]
@@ -619,7 +643,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = open(dir.path());
         // sled's lock is per process; a second open from the same process also fails on it.
-        let e = Store::open(dir.path(), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap_err();
+        let e = Store::open(&dir.path().join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap_err();
         assert!(e.is_recoverable(), "{e}");
         assert!(e.to_string().starts_with("store at "), "{e}");
     }
@@ -631,5 +655,26 @@ mod tests {
         let data = dir.path().join("a/b");
         let _s = open(&data);
         assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_data_dir_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(data_dir_mode_is_private(0o700));
+        for open_mode in [0o750, 0o705, 0o701, 0o755, 0o710] {
+            assert!(!data_dir_mode_is_private(open_mode), "{open_mode:o}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let e = Store::open(&data, crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap_err();
+        assert!(matches!(e, StoreError::DataDirTooOpen { mode: 0o750, .. }), "{e}");
+        assert!(!e.is_recoverable());
+        let text = e.to_string();
+        assert!(text.contains(&data.display().to_string()) && text.contains("mode 750"), "{text}");
+        assert!(!data.join(STORE_DIR_NAME).exists(), "nothing is created in a refused directory");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let _s = open(&data);
     }
 }

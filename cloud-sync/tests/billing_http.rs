@@ -325,7 +325,7 @@ async fn worked_example_wallet_and_forecast_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_billing_debits_on_its_own() {
     let dir = tempfile::tempdir().unwrap();
-    let store = countersign_cloud::Store::open(dir.path(), 1 << 20).unwrap();
+    let store = countersign_cloud::Store::open(&dir.path().join("data"), 1 << 20).unwrap();
     let backend = countersign_cloud::StoreBackend::Sled(store);
     let pricing = countersign_cloud::pricing::PricingConfig::from_toml_str(
         &PLANS

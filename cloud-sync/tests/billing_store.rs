@@ -83,7 +83,7 @@ impl Env {
             Env::Sled(dir) => {
                 // sled's flusher may hold the previous handle for a moment after the drop.
                 for _ in 0..100 {
-                    if let Ok(s) = Store::open(dir.path(), 1 << 20) {
+                    if let Ok(s) = Store::open(&dir.path().join("data"), 1 << 20) {
                         return StoreBackend::Sled(s);
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;

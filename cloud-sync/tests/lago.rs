@@ -185,7 +185,7 @@ impl Env {
             None => {
                 // sled's flusher thread may hold the old handle for a moment after the drop.
                 for _ in 0..100 {
-                    if let Ok(s) = Store::open(self.dir.path(), 1024 * 1024) {
+                    if let Ok(s) = Store::open(&self.dir.path().join("data"), 1024 * 1024) {
                         return StoreBackend::Sled(s);
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -253,7 +253,7 @@ async fn postgres_concurrent_settlements_book_exactly_what_one_settlement_books(
         stores.push(env.pg_store().await);
     }
     let sled_dir = tempfile::tempdir().unwrap();
-    let reference = StoreBackend::Sled(Store::open(sled_dir.path(), 1 << 20).unwrap());
+    let reference = StoreBackend::Sled(Store::open(&sled_dir.path().join("data"), 1 << 20).unwrap());
     let now = "2026-01-20T00:00:00Z".parse::<jiff::Timestamp>().unwrap();
 
     for wave in 0..3u32 {

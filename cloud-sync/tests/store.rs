@@ -46,7 +46,7 @@ struct Env {
 
 async fn sled() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1 << 20).unwrap();
+    let store = Store::open(&dir.path().join("data"), 1 << 20).unwrap();
     Env { _dir: dir, _db: None, store: StoreBackend::Sled(store) }
 }
 

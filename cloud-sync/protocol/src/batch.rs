@@ -15,7 +15,7 @@
 //! [`REPORT_BYTES_MAX`]) are checked before anything is allocated.
 
 use countersign_meter::REPORT_BYTES_MAX;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 /// The version byte this crate writes and reads.
@@ -197,6 +197,10 @@ fn split(signed: &[u8]) -> Result<(BatchHeader, u32, &[u8]), BatchError> {
 
 /// Checks the signature with the key `lookup` returns for the batch's gateway; only then
 /// are the records looked at.
+///
+/// The check is `verify_strict`: it refuses small-order keys and R values and non-canonical
+/// encodings, so one batch has one valid signature under one key, and a weak key (which
+/// registration refuses anyway) verifies nothing.
 pub fn open(
     signed: &[u8],
     lookup: impl FnOnce(u64) -> Option<VerifyingKey>,
@@ -205,7 +209,7 @@ pub fn open(
     let key = lookup(header.gateway_id).ok_or(BatchError::UnknownGateway(header.gateway_id))?;
     let (body, sig) = signed.split_at(signed.len() - SIGNATURE_BYTES);
     let sig = Signature::from_slice(sig).map_err(|_| BatchError::BadSignature(header.gateway_id))?;
-    key.verify(body, &sig).map_err(|_| BatchError::BadSignature(header.gateway_id))?;
+    key.verify_strict(body, &sig).map_err(|_| BatchError::BadSignature(header.gateway_id))?;
     // Walk once to reject a malformed body as a whole before anything is stored.
     let batch = VerifiedBatch { header, records, count };
     let mut n = 0usize;
@@ -334,6 +338,27 @@ mod tests {
         let n = signed.len();
         signed[n - SIGNATURE_BYTES - 1] ^= 1;
         assert_eq!(open(&signed, |_| Some(key().verifying_key())).unwrap_err(), BatchError::BadSignature(7));
+    }
+
+    #[test]
+    fn weak_keys_and_malleable_signatures_verify_nothing() {
+        use ed25519_dalek::Verifier;
+        let mut b = BatchBuilder::new(header());
+        b.push(RecordRef { received_ms: 1, report: &[1; 40] }).unwrap();
+        let signed = b.sign(&key());
+        let body = &signed[..signed.len() - SIGNATURE_BYTES];
+        // Under the identity point, R = identity and s = 0 is a "signature" of anything for
+        // the lenient check; the strict one refuses it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).unwrap();
+        let mut forged_sig = [0u8; SIGNATURE_BYTES];
+        forged_sig[0] = 1;
+        let forged_sig = Signature::from_bytes(&forged_sig);
+        assert!(weak.verify(body, &forged_sig).is_ok(), "the lenient check accepts the forgery");
+        let mut forged = body.to_vec();
+        forged.extend_from_slice(&forged_sig.to_bytes());
+        assert_eq!(open(&forged, |_| Some(weak)).unwrap_err(), BatchError::BadSignature(7));
     }
 
     #[test]

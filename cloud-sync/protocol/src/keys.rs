@@ -46,6 +46,10 @@ pub enum KeyError {
     /// A public key given as hex is malformed.
     #[error("public key is not {PUBLIC_KEY_BYTES} bytes of hex encoding an Ed25519 point")]
     BadPublicKey,
+    /// The public key is a point of small order: signatures under it prove nothing (for some
+    /// messages anyone can make one), so no gateway may be registered with it.
+    #[error("public key is a weak (small-order) Ed25519 point; generate a new key")]
+    WeakPublicKey,
 }
 
 /// A fresh random gateway signing key.
@@ -92,11 +96,22 @@ pub fn read_gateway_key(path: &Path) -> Result<SigningKey, KeyError> {
     read_secret(path).map(|seed| SigningKey::from_bytes(&seed))
 }
 
-/// Parses a gateway public key from hex.
+/// Parses a gateway public key from hex, refusing weak (small-order) points: every
+/// registration path (admin route, CLI) goes through here.
 pub fn parse_public_key(hex_str: &str) -> Result<VerifyingKey, KeyError> {
     let mut k = [0u8; PUBLIC_KEY_BYTES];
     hex::decode_to_slice(hex_str.trim(), &mut k).map_err(|_| KeyError::BadPublicKey)?;
-    VerifyingKey::from_bytes(&k).map_err(|_| KeyError::BadPublicKey)
+    let key = VerifyingKey::from_bytes(&k).map_err(|_| KeyError::BadPublicKey)?;
+    check_public_key(&key)?;
+    Ok(key)
+}
+
+/// Refuses a weak (small-order) gateway public key.
+pub fn check_public_key(key: &VerifyingKey) -> Result<(), KeyError> {
+    if key.is_weak() {
+        return Err(KeyError::WeakPublicKey);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -127,5 +142,26 @@ mod tests {
         let hex_str = hex::encode(k.verifying_key().as_bytes());
         assert_eq!(parse_public_key(&hex_str).unwrap(), k.verifying_key());
         assert!(parse_public_key("zz").is_err());
+    }
+
+    /// The identity point (encoded 1, 0, …, 0) has order 1; with it `verify` accepts the
+    /// signature R = identity, s = 0 for every message.
+    pub(crate) const IDENTITY_POINT: [u8; PUBLIC_KEY_BYTES] = {
+        let mut k = [0u8; PUBLIC_KEY_BYTES];
+        k[0] = 1;
+        k
+    };
+
+    #[test]
+    fn weak_public_keys_are_refused() {
+        let e = parse_public_key(&hex::encode(IDENTITY_POINT)).unwrap_err();
+        assert!(matches!(e, KeyError::WeakPublicKey), "{e}");
+        assert!(e.to_string().contains("weak"), "{e}");
+        // The point of order 2 (y = -1) is weak too.
+        let mut order2 = [0xffu8; PUBLIC_KEY_BYTES];
+        order2[0] = 0xec;
+        order2[31] = 0x7f;
+        assert!(matches!(parse_public_key(&hex::encode(order2)), Err(KeyError::WeakPublicKey)));
+        assert!(check_public_key(&generate_gateway_key().verifying_key()).is_ok());
     }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds every fuzz target (firmware/fuzz, cloud-sync/fuzz) with libFuzzer's coverage
+# Builds every fuzz target (firmware/fuzz, agent/fuzz, cloud-sync/fuzz) with libFuzzer's coverage
 # instrumentation on the stable toolchain (the flags cargo-fuzz passes, without a
 # sanitizer: the code under test is safe Rust) and runs each for FUZZ_SECONDS (default 20)
 # from its corpus plus the checked-in regressions. Fails on the first crash, which it keeps
@@ -14,7 +14,7 @@ flags="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cllvm-args=-sanitizer-coverage-stack-depth \
 --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 
-for crate in firmware/fuzz cloud-sync/fuzz; do
+for crate in firmware/fuzz agent/fuzz cloud-sync/fuzz; do
   targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$crate/Cargo.toml" | grep -v -- '-fuzz$')
   echo "building $crate: $(echo "$targets" | tr '\n' ' ')"
   # --target keeps build scripts and proc macros uninstrumented.

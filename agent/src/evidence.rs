@@ -3,6 +3,9 @@
 //!
 //! A device can publish the same bad payload thousands of times a second and an endpoint
 //! can answer with any text; neither may flood the log or write control characters into it.
+//! [`cut`] is also how `store` bounds the strings it keeps.
+//!
+//! It imports no other agent module and does no I/O.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -44,11 +47,23 @@ impl LogLimiter {
     }
 }
 
+/// `s` cut to at most `max` bytes on a char boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// `s` made safe for a log line: cut to [`LOG_UNTRUSTED_BYTES_MAX`] bytes (on a char
 /// boundary), control and non-printable characters escaped (`\n`, `\u{1b}`), and the true
 /// length appended when cut.
 pub fn untrusted(s: &str) -> String {
-    let cut = crate::store::cut(s, LOG_UNTRUSTED_BYTES_MAX);
+    let cut = cut(s, LOG_UNTRUSTED_BYTES_MAX);
     let mut out = String::with_capacity(cut.len() + 16);
     for c in cut.chars() {
         if c.is_control() || c == '\u{2028}' || c == '\u{2029}' || c == '\u{feff}' {
@@ -83,6 +98,13 @@ mod tests {
         let mut l = LogLimiter::default();
         assert_eq!(l.admit("x", 0), Some(0));
         assert_eq!(l.admit("x", 0), None);
+    }
+
+    #[test]
+    fn cut_respects_char_boundaries() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
     }
 
     #[test]

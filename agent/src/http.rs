@@ -1,6 +1,9 @@
 //! The agent's local HTTP listener: `/health`, `/metrics` (Prometheus text) and `/status`.
 //!
 //! Bound to loopback by default; it exposes counts, never keys or report contents.
+//!
+//! It reads `status` only (live counters, the current buffer's counts, the health judgement)
+//! and knows nothing about the pipeline's tasks.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,8 +15,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use crate::pipeline::{now_ms, BufferSlot};
-use crate::status::{AgentStatus, Health, StatusSnapshot};
+use crate::status::{now_ms, AgentStatus, BufferSlot, Health, StatusSnapshot};
 
 /// What the listener needs to answer.
 #[derive(Clone)]

@@ -246,7 +246,7 @@ async fn send_candidates(
         .filter_map(|cand| hex::decode(&cand.report_hex).ok().map(|r| (cand.received_ms, r)))
         .collect();
     for (n, chunk) in reports.chunks(c.batch.records_max).enumerate() {
-        let now = countersign_agent::pipeline::now_ms();
+        let now = countersign_agent::status::now_ms();
         // Salvage batches get their own sequence space: the high bit marks them in endpoint logs.
         let header =
             BatchHeader { gateway_id: c.gateway_id, batch_seq: (1 << 63) | n as u64, created_ms: now };

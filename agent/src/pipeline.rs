@@ -29,7 +29,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use countersign_meter::report::REPORT_BYTES_MAX;
 use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, ErrorBody, RecordOutcome, RecordRef};
@@ -44,6 +44,9 @@ use crate::classify::{classify_publish, Verdict};
 use crate::config::AgentConfig;
 use crate::evidence::{untrusted, LogLimiter};
 use crate::status::AgentStatus;
+// Their home is `status` (the status listener reads them without the pipeline); kept here
+// at their old paths.
+pub use crate::status::{now_ms, BufferSlot};
 use crate::store::{secure_data_dir, Buffer, Quarantined, StoreError, QUARANTINE_PAYLOAD_BYTES_MAX};
 
 /// Capacity of the queue between the MQTT event loop and the committer: the event loop waits
@@ -220,9 +223,6 @@ enum Exit {
     StoreFault,
 }
 
-/// The buffer of the current pipeline incarnation, for the status listener.
-pub type BufferSlot = Arc<Mutex<Option<Buffer>>>;
-
 struct Received {
     publish: Publish,
     received_ms: u64,
@@ -234,11 +234,6 @@ struct Received {
 fn ingest_cost(p: &Publish) -> u32 {
     let n = p.payload.len().saturating_add(p.topic.len()).saturating_add(INGEST_ITEM_OVERHEAD_BYTES);
     u32::try_from(n.min(INGEST_QUEUE_BYTES_MAX)).unwrap_or(u32::MAX)
-}
-
-/// Now, in Unix milliseconds (0 if the clock is before 1970).
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Resolves once the flag is true (or its sender is gone). Returns `()` rather than a watch

@@ -2,19 +2,34 @@
 //!
 //! The tasks update [`AgentStatus`] with atomics as they go; [`AgentStatus::snapshot`]
 //! combines it with the buffer's counts. [`Health::of`] is a pure function of a snapshot, so
-//! what "healthy" means is tested without an agent.
+//! what "healthy" means is tested without an agent. The supervisor keeps the current buffer in
+//! a [`BufferSlot`], where the status listener reads those counts: the listener needs this
+//! module, never the pipeline.
+//!
+//! It knows nothing about MQTT, HTTP or the tasks, and of the store only the buffer's type.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::store::Buffer;
 
 /// An upload that has not succeeded for this long makes the agent unhealthy: the endpoint or
 /// the uplink is down, and an installer should know.
 pub const SYNC_STALE_S_MAX: u64 = 15 * 60;
 /// Longest error text kept for `/status`.
 const ERROR_TEXT_BYTES_MAX: usize = 512;
+
+/// The buffer of the current pipeline incarnation, for the status listener.
+pub type BufferSlot = Arc<Mutex<Option<Buffer>>>;
+
+/// Now, in Unix milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
 
 /// Live state of a running agent, updated by its tasks.
 #[derive(Debug)]

@@ -70,6 +70,8 @@ use countersign_meter::report::{RecordId, RECORD_KEY_BYTES};
 use countersign_protocol::{RecordOutcome, RejectReason};
 use serde::{Deserialize, Serialize};
 
+use crate::evidence::cut;
+
 const RECEIVED_MS_BYTES: usize = 8;
 /// Most reports in one chunk.
 pub const CHUNK_REPORTS_MAX: usize = 64;
@@ -348,18 +350,6 @@ pub enum Purge {
     Rejected,
     /// Both.
     All,
-}
-
-/// `s` cut to at most `max` bytes on a char boundary.
-pub fn cut(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// A payload from the report topic that is not a usable report, kept for inspection.
@@ -1178,13 +1168,6 @@ mod tests {
         check_state_file(&f).unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
         assert!(check_state_file(&f).unwrap_err().to_string().contains("state file"));
-    }
-
-    #[test]
-    fn cut_respects_char_boundaries() {
-        assert_eq!(cut("héllo", 2), "h");
-        assert_eq!(cut("héllo", 3), "hé");
-        assert_eq!(cut("abc", 10), "abc");
     }
 
     #[test]

@@ -21,7 +21,7 @@ command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
 command -v size >/dev/null || missing+=(binutils)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
-# TLS tests make their certificates and serve HTTPS with the openssl command.
+# The agent's HTTPS test serves with `openssl s_server`; test certificates come from rcgen.
 command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"

@@ -6,12 +6,13 @@
 //! Needs root for a tmpfs of its own (CI runs as root); without root it says so loudly and
 //! checks nothing, unless `COUNTERSIGN_REQUIRE_ROOT=1`, which makes that a failure.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use countersign_agent::store::{free_bytes, Buffer, StoreError};
 use countersign_meter::RecordId;
+use countersign_testkit::disk::Tmpfs;
+use countersign_testkit::procs::running_as_root;
 
 const DISK_BYTES: u64 = 16 * 1024 * 1024;
 /// Free space left for the buffer before it starts: sled fills it within seconds.
@@ -22,35 +23,19 @@ const GROUP_REPORTS: u32 = 200;
 /// given back, so the opens fail at different steps (sled's snapshot among them).
 const FULL_OPEN_SLACK_BYTES: [u64; 6] = [0, 4096, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024];
 
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path) -> Option<Tmpfs> {
-        let uid = Command::new("id").arg("-u").output().expect("id runs");
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-            assert!(
-                std::env::var_os("COUNTERSIGN_REQUIRE_ROOT").is_none(),
-                "COUNTERSIGN_REQUIRE_ROOT is set but this test does not run as root"
-            );
-            eprintln!("full_disk: NOT CHECKED: mounting a tmpfs needs root");
-            return None;
-        }
-        std::fs::create_dir_all(dir).expect("mount point");
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={DISK_BYTES}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("mount runs")
-            .success();
-        assert!(ok, "running as root but cannot mount a tmpfs at {}", dir.display());
-        Some(Tmpfs(dir.to_owned()))
+/// The test's own small disk, or `None` (said loudly) when not running as root.
+fn mount_disk(dir: &Path) -> Option<Tmpfs> {
+    if !running_as_root().expect("id runs") {
+        assert!(
+            std::env::var_os("COUNTERSIGN_REQUIRE_ROOT").is_none(),
+            "COUNTERSIGN_REQUIRE_ROOT is set but this test does not run as root"
+        );
+        eprintln!("full_disk: NOT CHECKED: mounting a tmpfs needs root");
+        return None;
     }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
+    let disk = Tmpfs::mount(dir, DISK_BYTES)
+        .unwrap_or_else(|e| panic!("running as root but cannot mount a tmpfs at {}: {e}", dir.display()));
+    Some(disk)
 }
 
 /// Fills the filesystem of `path` until at most `leave_bytes` are free.
@@ -109,9 +94,9 @@ async fn write_until_full(b: &Buffer, next: &mut u32, acked: &mut Vec<u32>) -> S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushed_reports_survive_a_full_disk_and_reopens() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let Some(disk) = Tmpfs::mount(&tmp.path().join("disk")) else { return };
-    let db = disk.0.join("db");
-    let filler = disk.0.join("filler");
+    let Some(disk) = mount_disk(&tmp.path().join("disk")) else { return };
+    let db = disk.path().join("db");
+    let filler = disk.path().join("filler");
     fill(&filler, ROOM_BYTES);
     let mut acked: Vec<u32> = Vec::new();
     let mut next = 0u32;

@@ -9,11 +9,15 @@ use std::path::Path;
 use countersign_cloud::billing_api::{self, TopupStatus};
 use countersign_cloud::client::{self, ChargesQuery, ClientError};
 use countersign_cloud::{CloudConfig, Endpoint};
-use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::keys::write_secret;
-use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, RecordRef};
+use countersign_protocol::BatchReply;
+use countersign_testkit::endpoint::EndpointProcess;
+use countersign_testkit::{gateway_key, network_time, signed_batch, unix_s, ReportBuilder};
 use ed25519_dalek::SigningKey;
 use time::macros::date;
+
+mod common;
+use common::{cloud_exe, serve};
 
 const TOKEN: [u8; 32] = [0x5a; 32];
 const METER_KEY: [u8; 32] = [0xa1; 32];
@@ -49,35 +53,17 @@ alert_thresholds = ["60", "20"]
 overdraft_limit = "10"
 "#;
 
-fn unix_s(at: &str) -> u64 {
-    u64::try_from(at.parse::<jiff::Timestamp>().unwrap().as_second()).unwrap()
-}
-
-/// A signed batch of one gateway with reports of meter 42 (epoch 0): (seq, bytes used in the
-/// epoch so far, device network time).
-fn batch(gw: &SigningKey, batch_seq: u64, reports: &[(u32, u64, &str)]) -> Vec<u8> {
+/// A signed batch of gateway 7 with reports of meter 42 (epoch 0): (seq, bytes used in the
+/// epoch so far, device network time), each received when made.
+fn usage_batch(gw: &SigningKey, batch_seq: u64, reports: &[(u32, u64, &str)]) -> Vec<u8> {
     let mut encoded = Vec::new();
     for (seq, used, at) in reports {
-        let r = Report {
-            meter_id: 42,
-            epoch: 0,
-            seq: *seq,
-            iccid: SIM.parse().unwrap(),
-            time: DeviceTime::wall_clock(TimeQuality::Network, unix_s(at)).unwrap(),
-            base: Totals::default(),
+        let r = ReportBuilder::new(42, *seq, SIM.parse().unwrap(), network_time(unix_s(at)))
             // Two thirds down, one third up: the plan prices both directions.
-            used: Totals { up: used / 3, down: used - used / 3 },
-            extras: Default::default(),
-        };
-        let mut buf = [0u8; REPORT_BYTES_MAX];
-        let n = r.encode(&METER_KEY, &mut buf).unwrap();
-        encoded.push((unix_s(at) * 1000, buf[..n].to_vec()));
+            .used(used / 3, used - used / 3);
+        encoded.push((unix_s(at) * 1000, r.encode(&METER_KEY)));
     }
-    let mut b = BatchBuilder::new(BatchHeader { gateway_id: 7, batch_seq, created_ms: encoded[0].0 });
-    for (received_ms, report) in &encoded {
-        b.push(RecordRef { received_ms: *received_ms, report }).unwrap();
-    }
-    b.sign(gw)
+    signed_batch(gw, 7, batch_seq, encoded[0].0, &encoded)
 }
 
 async fn send(http: &reqwest::Client, base: &str, body: Vec<u8>) {
@@ -88,13 +74,7 @@ async fn send(http: &reqwest::Client, base: &str, body: Vec<u8>) {
     assert!(!text.contains("rejected"), "{text}");
 }
 
-struct Server {
-    base: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-async fn start(config: &CloudConfig) -> Server {
+async fn start(config: &CloudConfig) -> common::Server {
     // sled's flusher may hold the previous process's handle for a moment after it stopped.
     let mut endpoint = None;
     for _ in 0..100 {
@@ -114,26 +94,8 @@ async fn start(config: &CloudConfig) -> Server {
     serve(endpoint).await
 }
 
-async fn serve(endpoint: Endpoint) -> Server {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(endpoint.serve(listener, async move {
-        let _ = stopped.await;
-    }));
-    Server { base, stop, task }
-}
-
-impl Server {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
-
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let out =
-        std::process::Command::new(env!("CARGO_BIN_EXE_countersign-cloud")).args(args).output().unwrap();
+    let out = cloud_exe().run(args).unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -155,7 +117,7 @@ async fn worked_example_wallet_and_forecast_over_http() {
     let config = CloudConfig::new(dir.path().join("data"), &token_file).with_plans_file(&plans);
     let http = reqwest::Client::new();
     let token = hex::encode(TOKEN);
-    let gw = SigningKey::from_bytes(&[0x42; 32]);
+    let gw = gateway_key();
 
     let server = start(&config).await;
     let base = server.base.clone();
@@ -165,13 +127,13 @@ async fn worked_example_wallet_and_forecast_over_http() {
     send(
         &http,
         &base,
-        batch(&gw, 1, &[(0, 0, "2026-11-01T08:00:00Z"), (1, 200 * GB, "2026-11-03T10:00:00Z")]),
+        usage_batch(&gw, 1, &[(0, 0, "2026-11-01T08:00:00Z"), (1, 200 * GB, "2026-11-03T10:00:00Z")]),
     )
     .await;
     send(
         &http,
         &base,
-        batch(&gw, 2, &[(1, 200 * GB, "2026-11-03T10:00:00Z"), (2, 600 * GB, "2026-11-20T10:00:00Z")]),
+        usage_batch(&gw, 2, &[(1, 200 * GB, "2026-11-03T10:00:00Z"), (2, 600 * GB, "2026-11-20T10:00:00Z")]),
     )
     .await;
 
@@ -234,7 +196,7 @@ async fn worked_example_wallet_and_forecast_over_http() {
     let again = client::billing_run(&http, &base, &token).await.unwrap();
     assert_eq!((again.wallets[0].debited_micros, again.wallets[0].alerts.len()), (0, 0));
     // Usage grows by 50 GB on 21 November: only $3 more (tier 3), no new alert.
-    send(&http, &base, batch(&gw, 3, &[(3, 650 * GB, "2026-11-21T10:00:00Z")])).await;
+    send(&http, &base, usage_batch(&gw, 3, &[(3, 650 * GB, "2026-11-21T10:00:00Z")])).await;
     let run = client::billing_run(&http, &base, &token).await.unwrap();
     assert_eq!((run.wallets[0].debited_micros, run.wallets[0].balance_after_micros), (3_000_000, 49_000_000));
     assert!(run.wallets[0].alerts.is_empty());
@@ -354,19 +316,6 @@ async fn periodic_billing_debits_on_its_own() {
     tokio::time::timeout(std::time::Duration::from_secs(5), task).await.unwrap().unwrap();
 }
 
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Two real `countersign-cloud serve` processes on one PostgreSQL, both asked to bill at the
 /// same moment round after round while usage grows (sent to either): the wallet is debited
 /// exactly the charge and each alert is recorded once.
@@ -379,44 +328,26 @@ async fn two_endpoint_processes_on_one_postgres_bill_once() {
     // No active_since: nothing is charged before the first usage.
     std::fs::write(dir.path().join("plans.toml"), PLANS.replace("active_since = \"2026-11-01\"\n", ""))
         .unwrap();
-    let mut processes = Vec::new();
-    let mut bases = Vec::new();
-    for i in 0..2 {
-        let port = free_port();
-        let config = dir.path().join(format!("cloud-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data-{i}\"\nadmin_token_file = \"admin.token\"\n\
-                 [store]\nbackend = \"postgres\"\npostgres_url = \"{}\"\npostgres_pool_connections = 2\n\
-                 [billing]\nplans_file = \"plans.toml\"\nrun_interval_s = 86400\n",
-                db.url()
-            ),
+    let config = |i: usize| {
+        format!(
+            "data_dir = \"data-{i}\"\nadmin_token_file = \"admin.token\"\n\
+             [store]\nbackend = \"postgres\"\npostgres_url = \"{}\"\npostgres_pool_connections = 2\n\
+             [billing]\nplans_file = \"plans.toml\"\nrun_interval_s = 86400\n",
+            db.url()
         )
-        .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_countersign-cloud"))
-            .args(["serve", "--config", path(&config)])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        processes.push(Process(child));
-        bases.push(format!("http://127.0.0.1:{port}"));
-    }
+    };
+    let (exe, up) = (cloud_exe(), std::time::Duration::from_secs(60));
+    let (config_0, config_1) = (config(0), config(1));
+    // Both start at once, as two processes of a deployment do.
+    let (a, b) = tokio::join!(
+        EndpointProcess::start(&exe, dir.path(), "cloud-0", &config_0, up),
+        EndpointProcess::start(&exe, dir.path(), "cloud-1", &config_1, up)
+    );
+    let processes = [a.expect("endpoint up"), b.expect("endpoint up")];
+    let bases: Vec<String> = processes.iter().map(|p| p.url.clone()).collect();
     let http = reqwest::Client::new();
-    for base in &bases {
-        let up = async {
-            loop {
-                if http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(60), up).await.expect("endpoint up");
-    }
     let token = hex::encode(TOKEN);
-    let gw = SigningKey::from_bytes(&[0x42; 32]);
+    let gw = gateway_key();
     client::register_gateway(&http, &bases[0], &token, 7, &gw.verifying_key()).await.unwrap();
     client::register_meter(&http, &bases[1], &token, 42, &METER_KEY).await.unwrap();
     let mut debited = 0i64;
@@ -424,7 +355,7 @@ async fn two_endpoint_processes_on_one_postgres_bill_once() {
         // 70 GB more each round, on 2 November: up to 700 GB.
         let used = u64::from(round) * 70 * GB;
         let base = &bases[usize::try_from(round % 2).unwrap()];
-        send(&http, base, batch(&gw, u64::from(round), &[(round, used, "2026-11-02T10:00:00Z")])).await;
+        send(&http, base, usage_batch(&gw, u64::from(round), &[(round, used, "2026-11-02T10:00:00Z")])).await;
         let (a, b) = tokio::join!(
             client::billing_run(&http, &bases[0], &token),
             client::billing_run(&http, &bases[1], &token)

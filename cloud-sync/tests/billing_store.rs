@@ -6,18 +6,17 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use countersign_cloud::billing_api::{Billing, TopupStatus};
 use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::postgres::PgStore;
 use countersign_cloud::pricing::PricingConfig;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::{Store, StoreBackend};
-use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
+use countersign_testkit::{network_time, unix_s, ReportBuilder};
 
 #[macro_use]
 mod common;
-use common::Kind;
+use common::{new_record, Kind};
 
 const KEY: [u8; 32] = [5u8; 32];
 const SIM: u64 = 8_988_280_666_000_000_007;
@@ -51,20 +50,9 @@ fn ts(s: &str) -> jiff::Timestamp {
 
 /// A report of meter 1, epoch 0, whose epoch has used `up` bytes, made at `at`.
 fn record(seq: u32, up: u64, at: &str) -> NewRecord {
-    let at_s = u64::try_from(ts(at).as_second()).unwrap();
-    let r = Report {
-        meter_id: 1,
-        epoch: 0,
-        seq,
-        iccid: SIM,
-        time: DeviceTime::wall_clock(TimeQuality::Network, at_s).unwrap(),
-        base: Totals::default(),
-        used: Totals { up, down: 0 },
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(&KEY, &mut buf).unwrap();
-    NewRecord { id: r.id(), iccid: SIM, received_ms: at_s * 1000, report: Bytes::copy_from_slice(&buf[..n]) }
+    let at_s = unix_s(at);
+    let r = ReportBuilder::new(1, seq, SIM, network_time(at_s)).used(up, 0);
+    new_record(&r, &KEY, at_s * 1000)
 }
 
 fn billing() -> Billing {

@@ -20,13 +20,14 @@ use countersign_cloud::lago::{LagoConfig, LagoExporter, LAGO_EVENTS_BATCH_PATH};
 use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::{CloudConfig, Endpoint, StoreBackend};
-use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
+use countersign_meter::{DeviceTime, Totals};
 use countersign_protocol::keys::write_secret;
+use countersign_testkit::{network_time, now_s, ReportBuilder};
 use serde_json::{json, Value};
 
 #[macro_use]
 mod common;
-use common::{insert, Kind};
+use common::{insert, new_record, Kind};
 
 const TOKEN: [u8; 32] = [0x5a; 32];
 const KEY: [u8; 32] = [7u8; 32];
@@ -55,10 +56,6 @@ async fn a_receive_time_beyond_jiff_stops_no_other_sim(kind: Kind) {
     legacy_records_that_cannot_be_derived_stop_no_other_sim(kind, &[SIM_EDGE_TIME]).await
 }
 
-fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
 /// A stored record of `meter` (network time `at_s` unless `received_ms` is given, which then
 /// places it with an uptime clock).
 fn record(
@@ -71,27 +68,11 @@ fn record(
     received_ms: Option<u64>,
 ) -> NewRecord {
     let time = match received_ms {
-        None => DeviceTime::wall_clock(TimeQuality::Network, at_s).unwrap(),
+        None => network_time(at_s),
         Some(_) => DeviceTime::uptime(60).unwrap(),
     };
-    let r = Report {
-        meter_id,
-        epoch,
-        seq,
-        iccid,
-        time,
-        base: Totals::default(),
-        used,
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(&KEY, &mut buf).unwrap();
-    NewRecord {
-        id: r.id(),
-        iccid,
-        received_ms: received_ms.unwrap_or(at_s * 1000),
-        report: bytes::Bytes::copy_from_slice(&buf[..n]),
-    }
+    let r = ReportBuilder::new(meter_id, seq, iccid, time).epoch(epoch).used(used.up, used.down);
+    new_record(&r, &KEY, received_ms.unwrap_or(at_s * 1000))
 }
 
 fn good_records(seq0: u32, at_s: u64) -> Vec<NewRecord> {
@@ -165,7 +146,7 @@ opening_credit = "1000.00"
 struct Running {
     base: String,
     store: StoreBackend,
-    stop: tokio::sync::oneshot::Sender<()>,
+    server: common::Server,
     _db: Option<TestDatabase>,
     _dir: tempfile::TempDir,
 }
@@ -177,12 +158,7 @@ async fn start(kind: Kind, at_s: u64) -> Running {
     write_secret(&token_file, &TOKEN).unwrap();
     let plans_file = dir.path().join("plans.toml");
     std::fs::write(&plans_file, plans(at_s)).unwrap();
-    let store = match &db {
-        None => "cache_capacity_bytes = 8388608".to_owned(),
-        Some(db) => {
-            format!("backend = 'postgres'\npostgres_url = '{}'\npostgres_pool_connections = 4", db.url())
-        }
-    };
+    let store = common::store_section(db.as_ref());
     let text = format!(
         "listen = '127.0.0.1:0'\ndata_dir = '{}'\nadmin_token_file = '{}'\n[store]\n{store}\n\
          [billing]\nplans_file = '{}'\nrun_interval_s = 86400\n",
@@ -192,13 +168,8 @@ async fn start(kind: Kind, at_s: u64) -> Running {
     );
     let endpoint = Endpoint::connect(&CloudConfig::from_toml_str(&text).unwrap()).await.unwrap();
     let store = endpoint.store().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(endpoint.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    Running { base, store, stop, _db: db, _dir: dir }
+    let server = common::serve(endpoint).await;
+    Running { base: server.base.clone(), store, server, _db: db, _dir: dir }
 }
 
 async fn call(base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -236,10 +207,7 @@ async fn start_lago() -> (String, Arc<Mutex<BTreeMap<String, u64>>>) {
         axum::Json(json!({}))
     }
     let app = Router::new().route(LAGO_EVENTS_BATCH_PATH, post(batch)).with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), seen)
+    (common::serve_router(app).await, seen)
 }
 
 async fn legacy_records_that_cannot_be_derived_stop_no_other_sim(kind: Kind, bad_sims: &[u64]) {
@@ -345,5 +313,5 @@ async fn legacy_records_that_cannot_be_derived_stop_no_other_sim(kind: Kind, bad
     }
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen, [("10-0-0".to_owned(), 6_000), ("10-0-1".to_owned(), 6_000)].into());
-    let _ = ep.stop.send(());
+    drop(ep.server);
 }

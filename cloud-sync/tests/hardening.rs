@@ -11,9 +11,9 @@ use countersign_cloud::auth::Role;
 use countersign_cloud::client::{self, ClientError};
 use countersign_cloud::config::{RateLimit, ServerLimits};
 use countersign_cloud::{CloudConfig, Endpoint, StoreBackend};
-use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::keys::write_secret;
-use countersign_protocol::{BatchBuilder, BatchHeader, RecordRef, BATCHES_PATH};
+use countersign_protocol::BATCHES_PATH;
+use countersign_testkit::{gateway_key, network_time, now_s, signed_batch_at, signing_key, ReportBuilder};
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,56 +51,32 @@ currency = "USD"
 opening_credit = "10"
 "#;
 
-fn gateway_key() -> SigningKey {
-    SigningKey::from_bytes(&[0x42; 32])
-}
-
 fn token() -> String {
     hex::encode(TOKEN)
 }
 
-fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
+/// Report `seq` of `meter_id` on SIM, made now, `used` bytes each way.
 fn report(meter_id: u64, seq: u32, used: u64, key: &[u8; 32]) -> Vec<u8> {
-    let r = Report {
-        meter_id,
-        epoch: 0,
-        seq,
-        iccid: SIM,
-        time: DeviceTime::wall_clock(TimeQuality::Network, now_s()).unwrap(),
-        base: Totals::default(),
-        used: Totals { up: used, down: used },
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(key, &mut buf).unwrap();
-    buf[..n].to_vec()
+    ReportBuilder::new(meter_id, seq, SIM, network_time(now_s())).used(used, used).encode(key)
 }
 
-fn batch(gateway_id: u64, seq: u64, reports: &[Vec<u8>], key: &SigningKey) -> Vec<u8> {
-    let mut b = BatchBuilder::new(BatchHeader { gateway_id, batch_seq: seq, created_ms: now_s() * 1000 });
-    for r in reports {
-        b.push(RecordRef { received_ms: now_s() * 1000, report: r }).unwrap();
-    }
-    b.sign(key)
+/// A batch of `gateway_id` formed and received now.
+fn batch_now(gateway_id: u64, seq: u64, reports: &[Vec<u8>], key: &SigningKey) -> Vec<u8> {
+    signed_batch_at(key, gateway_id, seq, now_s() * 1000, reports)
 }
 
 struct Running {
     base: String,
     addr: std::net::SocketAddr,
     store: StoreBackend,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: common::Server,
     _dir: tempfile::TempDir,
     _db: Option<countersign_cloud::postgres::testing::TestDatabase>,
 }
 
 impl Running {
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
+        self.server.stop().await;
     }
 
     async fn post_batch(&self, http: &reqwest::Client, body: Vec<u8>) -> (u16, Value) {
@@ -146,13 +122,8 @@ async fn start(kind: Kind, limits: ServerLimits, rate: RateLimit) -> Running {
     .with_server_limits(limits);
     let endpoint = Endpoint::connect(&config).await.unwrap();
     let store = endpoint.store().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(endpoint.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    Running { base: format!("http://{addr}"), addr, store, stop, task, _dir: dir, _db: db }
+    let server = common::serve(endpoint).await;
+    Running { base: server.base.clone(), addr: server.addr, store, server, _dir: dir, _db: db }
 }
 
 async fn register(ep: &Running, http: &reqwest::Client) {
@@ -256,7 +227,7 @@ async fn slow_clients_cannot_starve_batch_uploads_and_are_closed_after_their_dea
     // (when the first slow connections are cut) plus a margin.
     let t0 = Instant::now();
     let (status, reply) = ep
-        .post_batch(&http, batch(GATEWAY_ID, 1, &[report(METER_ID, 0, 100, &METER_KEY)], &gateway_key()))
+        .post_batch(&http, batch_now(GATEWAY_ID, 1, &[report(METER_ID, 0, 100, &METER_KEY)], &gateway_key()))
         .await;
     let waited = t0.elapsed();
     assert_eq!((status, reply["results"][0]["status"].as_str()), (200, Some("stored")), "{reply}");
@@ -313,8 +284,8 @@ async fn unknown_gateways_and_tokens_cost_one_store_lookup(kind: Kind) {
     let before = ep.store.lookup_stats();
 
     // A gateway nobody registered: the first batch asks the store, the rest do not.
-    let stranger = SigningKey::from_bytes(&[0x77; 32]);
-    let body = batch(99, 1, &[report(METER_ID, 0, 1, &METER_KEY)], &stranger);
+    let stranger = signing_key(0x77);
+    let body = batch_now(99, 1, &[report(METER_ID, 0, 1, &METER_KEY)], &stranger);
     for _ in 0..5 {
         let (status, v) = ep.post_batch(&http, body.clone()).await;
         assert_eq!((status, v["code"].as_str()), (401, Some("unknown_gateway")));
@@ -358,23 +329,23 @@ async fn rate_limit_charges_stored_records_only(kind: Kind) {
     let gw = gateway_key();
     let first: Vec<Vec<u8>> =
         (0..8).map(|seq| report(METER_ID, seq, u64::from(seq) * 10, &METER_KEY)).collect();
-    let (status, _) = ep.post_batch(&http, batch(GATEWAY_ID, 1, &first, &gw)).await;
+    let (status, _) = ep.post_batch(&http, batch_now(GATEWAY_ID, 1, &first, &gw)).await;
     assert_eq!(status, 200);
     // Resent (a lost reply): duplicates only, which cost nothing.
     for seq in 2..7 {
-        let (status, v) = ep.post_batch(&http, batch(GATEWAY_ID, seq, &first, &gw)).await;
+        let (status, v) = ep.post_batch(&http, batch_now(GATEWAY_ID, seq, &first, &gw)).await;
         assert_eq!((status, v["results"][0]["status"].as_str()), (200, Some("duplicate")), "{v}");
     }
     // Records of an unregistered meter: rejected, cost nothing.
     let strangers: Vec<Vec<u8>> = (0..5).map(|seq| report(55, seq, 1, &METER_KEY)).collect();
-    let (status, v) = ep.post_batch(&http, batch(GATEWAY_ID, 7, &strangers, &gw)).await;
+    let (status, v) = ep.post_batch(&http, batch_now(GATEWAY_ID, 7, &strangers, &gw)).await;
     assert_eq!((status, v["results"][4]["reason"].as_str()), (200, Some("unknown_meter")), "{v}");
     // 8 of 10 spent: three new records still go in, and take the bucket into debt.
     let more: Vec<Vec<u8>> =
         (8..11).map(|seq| report(METER_ID, seq, u64::from(seq) * 10, &METER_KEY)).collect();
-    let (status, v) = ep.post_batch(&http, batch(GATEWAY_ID, 8, &more, &gw)).await;
+    let (status, v) = ep.post_batch(&http, batch_now(GATEWAY_ID, 8, &more, &gw)).await;
     assert_eq!(status, 200, "{v}");
-    let (status, v) = ep.post_batch(&http, batch(GATEWAY_ID, 9, &more, &gw)).await;
+    let (status, v) = ep.post_batch(&http, batch_now(GATEWAY_ID, 9, &more, &gw)).await;
     assert_eq!((status, v["code"].as_str()), (429, Some("rate_limited")), "{v}");
 
     let m = ep.metrics(&http).await;
@@ -479,7 +450,7 @@ async fn no_query_parameter_reaches_a_panic_and_the_endpoint_keeps_serving() {
     register(&ep, &http).await;
     let reports: Vec<Vec<u8>> =
         (0..3).map(|seq| report(METER_ID, seq, 1000 * u64::from(seq + 1), &METER_KEY)).collect();
-    assert_eq!(ep.post_batch(&http, batch(GATEWAY_ID, 1, &reports, &gateway_key())).await.0, 200);
+    assert_eq!(ep.post_batch(&http, batch_now(GATEWAY_ID, 1, &reports, &gateway_key())).await.0, 200);
 
     // Regression: a huge quota at a few kB a day put the exhaustion day 10^15 days out and
     // `Duration::days` panicked in the forecast. Now a 400 that names the parameter.
@@ -604,8 +575,8 @@ async fn weak_gateway_keys_are_refused_at_the_admin_route_and_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("admin.token");
     write_secret(&token_file, &TOKEN).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign-cloud"))
-        .args(["register-gateway", "--endpoint", &ep.base, "--token-file"])
+    let out = common::cloud_exe()
+        .command(&["register-gateway", "--endpoint", &ep.base, "--token-file"])
         .arg(&token_file)
         .args(["--gateway-id", "5", "--public-key", &identity_point_hex()])
         .output()
@@ -644,11 +615,7 @@ async fn a_data_dir_others_can_read_is_refused_at_start() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign-cloud"))
-        .args(["serve", "--config"])
-        .arg(&config_file)
-        .output()
-        .unwrap();
+    let out = common::cloud_exe().command(&["serve", "--config"]).arg(&config_file).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("mode 755") && stderr.contains("chmod 700"), "{stderr}");

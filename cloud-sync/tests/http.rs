@@ -11,13 +11,12 @@ use countersign_cloud::server::{DayUsage, SimTotal, SimsUsage};
 use countersign_cloud::usage::DateRange;
 use countersign_cloud::{CloudConfig, Endpoint, StoreBackend};
 use countersign_meter::{
-    CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, TimeQuality, Totals, REPORT_BYTES_MAX,
+    CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, Totals, REPORT_BYTES_MAX,
 };
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 use countersign_protocol::keys::write_secret;
-use countersign_protocol::{
-    BatchBuilder, BatchHeader, BatchReply, ErrorBody, RecordOutcome, RecordRef, RejectReason, BATCHES_PATH,
-};
+use countersign_protocol::{BatchReply, ErrorBody, RecordOutcome, RejectReason, BATCHES_PATH};
+use countersign_testkit::{gateway_key, network_time, signed_batch, signing_key};
 use ed25519_dalek::SigningKey;
 use time::macros::date;
 use time::Date;
@@ -41,10 +40,6 @@ const DAY1: Date = date!(2026 - 11 - 24);
 const DAY2: Date = date!(2026 - 11 - 25);
 const DAY3: Date = date!(2026 - 11 - 26);
 
-fn gateway_key() -> SigningKey {
-    SigningKey::from_bytes(&[0x42; 32])
-}
-
 /// Where one test's endpoint keeps its state: a temp dir, and a database on PostgreSQL.
 struct Env {
     dir: tempfile::TempDir,
@@ -67,14 +62,12 @@ on_both_stores!(
 struct Running {
     base: String,
     store: StoreBackend,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: common::Server,
 }
 
 impl Running {
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
+        self.server.stop().await;
     }
 }
 
@@ -84,12 +77,7 @@ fn config(env: &Env) -> CloudConfig {
     if !token_file.exists() {
         write_secret(&token_file, &TOKEN).unwrap();
     }
-    let store = match &env.db {
-        None => "cache_capacity_bytes = 8388608".to_owned(),
-        Some(db) => {
-            format!("backend = 'postgres'\npostgres_url = '{}'\npostgres_pool_connections = 4", db.url())
-        }
-    };
+    let store = common::store_section(env.db.as_ref());
     let text = format!(
         "listen = '127.0.0.1:0'\ndata_dir = '{}'\nadmin_token_file = '{}'\n[store]\n{store}\n",
         dir.join("data").display(),
@@ -107,13 +95,8 @@ async fn start(env: &Env) -> Running {
         .unwrap()
         .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let store = endpoint.store().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(endpoint.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    Running { base, store, stop, task }
+    let server = common::serve(endpoint).await;
+    Running { base: server.base.clone(), store, server }
 }
 
 fn token() -> String {
@@ -136,17 +119,9 @@ fn write(m: &mut Meter<MemoryStore>, iccid: u64, time: DeviceTime) -> Vec<u8> {
     buf[..n].to_vec()
 }
 
-fn network_time(unix_s: u64) -> DeviceTime {
-    DeviceTime::wall_clock(TimeQuality::Network, unix_s).unwrap()
-}
-
+/// A batch of the test's gateway formed at noon on day 1.
 fn sign(batch_seq: u64, records: &[(u64, &[u8])], key: &SigningKey) -> Vec<u8> {
-    let mut b =
-        BatchBuilder::new(BatchHeader { gateway_id: GATEWAY_ID, batch_seq, created_ms: DAY1_NOON_S * 1000 });
-    for (received_ms, report) in records {
-        b.push(RecordRef { received_ms: *received_ms, report }).unwrap();
-    }
-    b.sign(key)
+    signed_batch(key, GATEWAY_ID, batch_seq, DAY1_NOON_S * 1000, records)
 }
 
 async fn post(http: &reqwest::Client, base: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
@@ -318,16 +293,14 @@ async fn batches_are_verified_deduplicated_and_rated(kind: Kind) {
     // A batch signed with the wrong key is refused whole: nothing stored, usage unchanged.
     a.observe(10_000, 10_000);
     let a5 = write(&mut a, SIM_A, network_time(DAY1_NOON_S + 2 * DAY_S));
-    let (status, v) =
-        post(&http, base, sign(3, &[(day2_ms, &a5)], &SigningKey::from_bytes(&[0x43; 32]))).await;
+    let (status, v) = post(&http, base, sign(3, &[(day2_ms, &a5)], &signing_key(0x43))).await;
     assert_eq!((status, error_code(v)), (401, "bad_signature".to_owned()));
     assert_eq!(count(&ep).await, 7);
     assert_eq!(client::usage_sims(&http, base, &token(), all).await.unwrap(), expected);
 
     // An unregistered gateway, garbage, and an oversized body.
-    let mut stranger = BatchBuilder::new(BatchHeader { gateway_id: 99, batch_seq: 0, created_ms: 0 });
-    stranger.push(RecordRef { received_ms: day2_ms, report: &a5 }).unwrap();
-    let (status, v) = post(&http, base, stranger.sign(&gateway_key())).await;
+    let stranger = signed_batch(&gateway_key(), 99, 0, 0, &[(day2_ms, &a5)]);
+    let (status, v) = post(&http, base, stranger).await;
     assert_eq!((status, error_code(v)), (401, "unknown_gateway".to_owned()));
     let (status, v) = post(&http, base, b"{\"this is\": \"not a batch\"}".repeat(4)).await;
     assert_eq!((status, error_code(v)), (400, "malformed_batch".to_owned()));

@@ -10,12 +10,10 @@ use countersign_cloud::ingest::{
 };
 use countersign_cloud::usage::{BYTES_PER_DEVICE_SECOND_MAX, USED_BYTES_PER_EPOCH_MAX};
 use countersign_cloud::{CloudConfig, Endpoint, StoreBackend};
-use countersign_meter::{
-    CounterKind, DeviceTime, ExtraCounter, Report, TimeQuality, Totals, REPORT_BYTES_MAX,
-};
+use countersign_meter::{CounterKind, DeviceTime, ExtraCounter, Totals};
 use countersign_protocol::keys::write_secret;
-use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, RecordOutcome, RecordRef, RejectReason};
-use ed25519_dalek::SigningKey;
+use countersign_protocol::{BatchReply, RecordOutcome, RejectReason};
+use countersign_testkit::{gateway_key, network_time, signed_batch, ReportBuilder};
 
 #[macro_use]
 mod common;
@@ -31,48 +29,34 @@ const NOW_MS: u64 = 1_795_521_600_000;
 
 on_both_stores!(records_later_stages_cannot_count_are_refused_with_reasons);
 
-fn gateway() -> SigningKey {
-    SigningKey::from_bytes(&[0x42; 32])
-}
-
+/// Report `seq` of the test's meter and SIM.
 fn report(seq: u32, time: DeviceTime, used: Totals, extra: Option<ExtraCounter>) -> Vec<u8> {
-    let mut r = Report {
-        meter_id: METER,
-        epoch: 0,
-        seq,
-        iccid: SIM,
-        time,
-        base: Totals::default(),
-        used,
-        extras: Default::default(),
+    let r = ReportBuilder::new(METER, seq, SIM, time).used(used.up, used.down);
+    let r = match extra {
+        Some(x) => r.extra(x),
+        None => r,
     };
-    if let Some(x) = extra {
-        r.extras.push(x).unwrap();
-    }
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(&KEY, &mut buf).unwrap();
-    buf[..n].to_vec()
+    r.encode(&KEY)
 }
 
+/// A batch of the test's gateway.
 fn sign(batch_seq: u64, created_ms: u64, records: &[(u64, Vec<u8>)]) -> Vec<u8> {
-    let mut b = BatchBuilder::new(BatchHeader { gateway_id: GATEWAY, batch_seq, created_ms });
-    for (received_ms, r) in records {
-        b.push(RecordRef { received_ms: *received_ms, report: r }).unwrap();
-    }
-    b.sign(&gateway())
+    signed_batch(&gateway_key(), GATEWAY, batch_seq, created_ms, records)
 }
 
-async fn start(kind: Kind) -> (String, StoreBackend, impl Drop) {
+/// Stops the server when the test ends; keeps the state alive until then.
+struct Guard {
+    _server: common::Server,
+    _dir: tempfile::TempDir,
+    _db: Option<countersign_cloud::postgres::testing::TestDatabase>,
+}
+
+async fn start(kind: Kind) -> (String, StoreBackend, Guard) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (dir, db) = common::state_for(kind).await;
     let token_file = dir.path().join("admin.token");
     write_secret(&token_file, &TOKEN).unwrap();
-    let store = match &db {
-        None => "cache_capacity_bytes = 8388608".to_owned(),
-        Some(db) => {
-            format!("backend = 'postgres'\npostgres_url = '{}'\npostgres_pool_connections = 4", db.url())
-        }
-    };
+    let store = common::store_section(db.as_ref());
     let text = format!(
         "listen = '127.0.0.1:0'\ndata_dir = '{}'\nadmin_token_file = '{}'\n[store]\n{store}\n",
         dir.path().join("data").display(),
@@ -83,28 +67,10 @@ async fn start(kind: Kind) -> (String, StoreBackend, impl Drop) {
         .unwrap()
         .with_clock(Clock::from_fn(|| NOW_MS));
     let store = endpoint.store().clone();
-    store.add_gateway(GATEWAY, gateway().verifying_key()).await.unwrap();
+    store.add_gateway(GATEWAY, gateway_key().verifying_key()).await.unwrap();
     store.add_meter(METER, KEY).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(endpoint.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    /// Stops the server when the test ends; keeps the state alive until then.
-    struct Guard {
-        stop: Option<tokio::sync::oneshot::Sender<()>>,
-        _dir: tempfile::TempDir,
-        _db: Option<countersign_cloud::postgres::testing::TestDatabase>,
-    }
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if let Some(s) = self.stop.take() {
-                let _ = s.send(());
-            }
-        }
-    }
-    (base, store, Guard { stop: Some(stop), _dir: dir, _db: db })
+    let server = common::serve(endpoint).await;
+    (server.base.clone(), store, Guard { _server: server, _dir: dir, _db: db })
 }
 
 async fn post(base: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
@@ -114,8 +80,7 @@ async fn post(base: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
 
 async fn records_later_stages_cannot_count_are_refused_with_reasons(kind: Kind) {
     let (base, store, _guard) = start(kind).await;
-    let network = |unix_s: u64| DeviceTime::wall_clock(TimeQuality::Network, unix_s).unwrap();
-    let now = network(NOW_MS / 1000);
+    let now = network_time(NOW_MS / 1000);
     let small = Totals { up: 1_000, down: 2_000 };
     let up_s = 100u32;
     let rate_max = BYTES_PER_DEVICE_SECOND_MAX * (u64::from(up_s) + UPTIME_SLACK_S);
@@ -151,7 +116,7 @@ async fn records_later_stages_cannot_count_are_refused_with_reasons(kind: Kind) 
             Some(RejectReason::ReceiveTime),
         ),
         (u64::MAX, report(8, DeviceTime::uptime(60).unwrap(), small, None), Some(RejectReason::ReceiveTime)),
-        (NOW_MS, report(9, network(NOW_MS / 1000 + 3_600), small, None), Some(RejectReason::DeviceTime)),
+        (NOW_MS, report(9, network_time(NOW_MS / 1000 + 3_600), small, None), Some(RejectReason::DeviceTime)),
         (
             NOW_MS,
             report(10, DeviceTime::uptime(up_s).unwrap(), Totals { up: 5_000, down: rate_max }, None),

@@ -22,12 +22,13 @@ use countersign_cloud::lago::{
 use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::{PgStore, Store, StoreBackend};
-use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
+use countersign_meter::RecordId;
+use countersign_testkit::{network_time, ReportBuilder};
 use serde_json::{json, Value};
 
 #[macro_use]
 mod common;
-use common::{insert, Kind};
+use common::{insert, new_record, Kind};
 
 const API_KEY: &str = "lago_test_key";
 const KEY: [u8; 32] = [7u8; 32];
@@ -138,31 +139,15 @@ async fn batch(State(lago): State<Shared>, headers: HeaderMap, body: Bytes) -> R
 async fn start_lago() -> (String, Shared) {
     let lago = Shared::default();
     let app = Router::new().route(LAGO_EVENTS_BATCH_PATH, post(batch)).with_state(lago.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), lago)
+    (common::serve_router(app).await, lago)
 }
 
+/// A stored record made `seq` minutes after noon, received at noon.
 fn record(meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, down: u64) -> NewRecord {
-    let r = Report {
-        meter_id,
-        epoch,
-        seq,
-        iccid,
-        time: DeviceTime::wall_clock(TimeQuality::Network, NOON_S + u64::from(seq) * 60).unwrap(),
-        base: Totals::default(),
-        used: Totals { up, down },
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(&KEY, &mut buf).unwrap();
-    NewRecord {
-        id: r.id(),
-        iccid,
-        received_ms: NOON_S * 1000,
-        report: bytes::Bytes::copy_from_slice(&buf[..n]),
-    }
+    let r = ReportBuilder::new(meter_id, seq, iccid, network_time(NOON_S + u64::from(seq) * 60))
+        .epoch(epoch)
+        .used(up, down);
+    new_record(&r, &KEY, NOON_S * 1000)
 }
 
 /// One test's store: a sled directory, or a throwaway PostgreSQL database.

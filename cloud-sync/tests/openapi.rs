@@ -10,12 +10,13 @@ use countersign_cloud::auth::Role;
 use countersign_cloud::client;
 use countersign_cloud::server::parse_date;
 use countersign_cloud::{CloudConfig, Endpoint};
-use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 use countersign_protocol::keys::write_secret;
-use countersign_protocol::{BatchBuilder, BatchHeader, RecordRef};
+use countersign_testkit::{gateway_key, network_time, signed_batch_at, ReportBuilder};
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
+
+mod common;
 
 const SPEC: &str = include_str!("../openapi.yaml");
 const TOKEN: [u8; 32] = [0x5a; 32];
@@ -300,28 +301,16 @@ enum Body {
     Bytes(Vec<u8>),
 }
 
+/// Report `seq` of `meter_id` made at noon on the SIM the plans assign.
 fn report(meter_id: u64, seq: u32, key: &[u8; 32]) -> Vec<u8> {
-    let r = Report {
-        meter_id,
-        epoch: 0,
-        seq,
-        iccid: 8_988_280_666_000_000_001,
-        time: DeviceTime::wall_clock(TimeQuality::Network, NOON_S).unwrap(),
-        base: Totals::default(),
-        used: Totals { up: 100 * u64::from(seq), down: 10 },
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(key, &mut buf).unwrap();
-    buf[..n].to_vec()
+    ReportBuilder::new(meter_id, seq, 8_988_280_666_000_000_001, network_time(NOON_S))
+        .used(100 * u64::from(seq), 10)
+        .encode(key)
 }
 
-fn batch(gateway_id: u64, seq: u64, reports: &[Vec<u8>], key: &SigningKey) -> Vec<u8> {
-    let mut b = BatchBuilder::new(BatchHeader { gateway_id, batch_seq: seq, created_ms: NOON_S * 1000 });
-    for r in reports {
-        b.push(RecordRef { received_ms: NOON_S * 1000, report: r }).unwrap();
-    }
-    b.sign(key)
+/// A batch of `gateway_id` formed and received at noon.
+fn batch_at_noon(gateway_id: u64, seq: u64, reports: &[Vec<u8>], key: &SigningKey) -> Vec<u8> {
+    signed_batch_at(key, gateway_id, seq, NOON_S * 1000, reports)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,16 +335,12 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         .await
         .unwrap()
         .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(endpoint.serve(listener, async {
-        let _ = stopped.await;
-    }));
+    let server = common::serve(endpoint).await;
+    let base = server.base.clone();
     let mut c =
         Checker { spec: spec(), http: reqwest::Client::new(), base: base.clone(), seen: BTreeSet::new() };
     let admin = hex::encode(TOKEN);
-    let gw = SigningKey::from_bytes(&[0x42; 32]);
+    let gw = gateway_key();
     let meter_key = [0xa1u8; 32];
 
     c.call("get", "/health", "/health", None, None).await;
@@ -443,11 +428,23 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
     let mut with_reject = reports[0..4].to_vec();
     with_reject[3] = report(10, 3, &[0xee; 32]);
     let (s, v, _) = c
-        .call("post", "/v1/batches", "/v1/batches", None, Some(Body::Bytes(batch(1, 1, &with_reject, &gw))))
+        .call(
+            "post",
+            "/v1/batches",
+            "/v1/batches",
+            None,
+            Some(Body::Bytes(batch_at_noon(1, 1, &with_reject, &gw))),
+        )
         .await;
     assert_eq!((s, v["results"][3]["reason"].as_str()), (200, Some("bad_tag")));
     let (s, _, _) = c
-        .call("post", "/v1/batches", "/v1/batches", None, Some(Body::Bytes(batch(1, 2, &reports[4..8], &gw))))
+        .call(
+            "post",
+            "/v1/batches",
+            "/v1/batches",
+            None,
+            Some(Body::Bytes(batch_at_noon(1, 2, &reports[4..8], &gw))),
+        )
         .await;
     assert_eq!(s, 200);
     // 7 charged of 10 (the rejected record costs nothing): still in credit; this one takes
@@ -458,7 +455,7 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
             "/v1/batches",
             "/v1/batches",
             None,
-            Some(Body::Bytes(batch(1, 3, &reports[8..12], &gw))),
+            Some(Body::Bytes(batch_at_noon(1, 3, &reports[8..12], &gw))),
         )
         .await;
     assert_eq!(s, 200);
@@ -468,7 +465,7 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
             "/v1/batches",
             "/v1/batches",
             None,
-            Some(Body::Bytes(batch(1, 4, &reports[8..12], &gw))),
+            Some(Body::Bytes(batch_at_noon(1, 4, &reports[8..12], &gw))),
         )
         .await;
     assert_eq!((s, v["code"].as_str()), (429, Some("rate_limited")));
@@ -477,7 +474,13 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
     // A forged batch naming the limited gateway is refused for its limit, not charged; a
     // forged batch naming another gateway is refused for its signature.
     let (s, v, _) = c
-        .call("post", "/v1/batches", "/v1/batches", None, Some(Body::Bytes(batch(2, 1, &reports[..1], &gw))))
+        .call(
+            "post",
+            "/v1/batches",
+            "/v1/batches",
+            None,
+            Some(Body::Bytes(batch_at_noon(2, 1, &reports[..1], &gw))),
+        )
         .await;
     assert_eq!((s, v["code"].as_str()), (401, Some("unknown_gateway")));
     let (s, v, _) =
@@ -598,6 +601,5 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
             "{method} {path} never answered 2xx in this run"
         );
     }
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }

@@ -14,42 +14,23 @@ use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::usage::{DailyUsage, DateRange, Settlement};
 use countersign_cloud::{CloudConfig, Endpoint, PgStore, Store, StoreBackend};
-use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::keys::write_secret;
+use countersign_testkit::{network_time, unix_s, ReportBuilder};
 use time::macros::date;
 
 #[macro_use]
 mod common;
-use common::{insert, Kind};
+use common::{insert, new_record, Kind};
 
 const TOKEN: [u8; 32] = [0x5a; 32];
 const SIM: u64 = 8_988_280_666_000_000_001;
 /// A second SIM that meter 1 swaps to (see `zone_days_of_one_sim_are_exact_across_a_swap`).
 const SWAPPED_SIM: u64 = 8_988_280_666_000_000_002;
 
+/// A stored record made and received at `at_s`, half as many bytes down as up.
 fn record(meter_id: u64, epoch: u32, seq: u32, iccid: u64, up: u64, at_s: u64) -> NewRecord {
-    let r = Report {
-        meter_id,
-        epoch,
-        seq,
-        iccid,
-        time: DeviceTime::wall_clock(TimeQuality::Network, at_s).unwrap(),
-        base: Totals::default(),
-        used: Totals { up, down: up / 2 },
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(&[1u8; 32], &mut buf).unwrap();
-    NewRecord {
-        id: r.id(),
-        iccid,
-        received_ms: at_s * 1000,
-        report: bytes::Bytes::copy_from_slice(&buf[..n]),
-    }
-}
-
-fn unix_s(at: &str) -> u64 {
-    u64::try_from(at.parse::<jiff::Timestamp>().unwrap().as_second()).unwrap()
+    let r = ReportBuilder::new(meter_id, seq, iccid, network_time(at_s)).epoch(epoch).used(up, up / 2);
+    new_record(&r, &[1u8; 32], at_s * 1000)
 }
 
 /// One test's state: a temp dir with the admin token (and sled), a database on PostgreSQL.
@@ -80,19 +61,6 @@ impl Env {
     }
 }
 
-/// Serves `endpoint` on a free port: (base URL, stop, task).
-async fn serve(
-    endpoint: Endpoint,
-) -> (String, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(endpoint.serve(listener, async move {
-        let _ = stopped.await;
-    }));
-    (base, stop, task)
-}
-
 on_both_stores!(zone_days_settlement_and_ledger, zone_days_of_one_sim_are_exact_across_a_swap);
 
 async fn zone_days_settlement_and_ledger(kind: Kind) {
@@ -108,7 +76,8 @@ async fn zone_days_settlement_and_ledger(kind: Kind) {
         ],
     )
     .await;
-    let (base, stop, task) = serve(endpoint).await;
+    let server = common::serve(endpoint).await;
+    let base = server.base.clone();
     let http = reqwest::Client::new();
     let token = hex::encode(TOKEN);
 
@@ -170,8 +139,7 @@ async fn zone_days_settlement_and_ledger(kind: Kind) {
         client::usage_ledger(&http, &base, &token, Some(SWAPPED_SIM), DateRange::default()).await.unwrap();
     assert!(other.days.is_empty());
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
 }
 
 /// Meter 1 swaps from SIM to SWAPPED_SIM inside one epoch: the second SIM is charged only
@@ -191,7 +159,8 @@ async fn zone_days_of_one_sim_are_exact_across_a_swap(kind: Kind) {
         ],
     )
     .await;
-    let (base, stop, task) = serve(endpoint).await;
+    let server = common::serve(endpoint).await;
+    let base = server.base.clone();
     let http = reqwest::Client::new();
     let token = hex::encode(TOKEN);
     let one = client::usage_days(&http, &base, &token, "Asia/Tokyo", Some(SWAPPED_SIM), DateRange::default())
@@ -203,8 +172,7 @@ async fn zone_days_of_one_sim_are_exact_across_a_swap(kind: Kind) {
         client::usage_days(&http, &base, &token, "Asia/Tokyo", None, DateRange::default()).await.unwrap();
     let sims: Vec<_> = all.days.iter().map(|d| (d.iccid, d.up_bytes)).collect();
     assert_eq!(sims, vec![(SIM, 300), (SWAPPED_SIM, 710)]);
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
 }
 
 /// Many meters and SIMs over several Berlin days, with reports that arrive late in waves.
@@ -317,8 +285,8 @@ async fn postgres_two_endpoints_settle_one_ledger_over_http() {
     let a = Endpoint::connect(&env.config()).await.unwrap();
     let b = Endpoint::connect(&env.config()).await.unwrap();
     insert(a.store(), fleet(0)).await;
-    let (base_a, stop_a, task_a) = serve(a).await;
-    let (base_b, stop_b, task_b) = serve(b).await;
+    let (server_a, server_b) = (common::serve(a).await, common::serve(b).await);
+    let (base_a, base_b) = (server_a.base.clone(), server_b.base.clone());
     let http = reqwest::Client::new();
     let token = hex::encode(TOKEN);
     let (ra, rb) = tokio::join!(
@@ -335,7 +303,5 @@ async fn postgres_two_endpoints_settle_one_ledger_over_http() {
     let lb = client::usage_ledger(&http, &base_b, &token, None, DateRange::default()).await.unwrap();
     assert_eq!(la, lb);
     assert_eq!(la.days.len(), ra.settled + rb.settled);
-    let _ = (stop_a.send(()), stop_b.send(()));
-    task_a.await.unwrap().unwrap();
-    task_b.await.unwrap().unwrap();
+    tokio::join!(server_a.stop(), server_b.stop());
 }

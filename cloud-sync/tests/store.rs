@@ -4,17 +4,16 @@
 //! worth of stores ingesting the same batches at once.
 #![allow(clippy::unwrap_used)]
 
-use bytes::Bytes;
 use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::postgres::{PgStore, MIGRATIONS};
 use countersign_cloud::store::{InsertOutcome, NewRecord, Registration, StoredRecord};
 use countersign_cloud::{Store, StoreBackend, StoreError};
-use countersign_meter::{DeviceTime, RecordId, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
-use ed25519_dalek::SigningKey;
+use countersign_meter::{RecordId, Totals};
+use countersign_testkit::{network_time, signing_key, ReportBuilder};
 
 #[macro_use]
 mod common;
-use common::Kind;
+use common::{new_record, Kind};
 
 const KEY: [u8; 32] = [5u8; 32];
 const SIM: u64 = 8_988_280_666_000_000_007;
@@ -23,19 +22,8 @@ const OTHER_SIM: u64 = 8_988_280_666_000_000_008;
 const NOON_S: u64 = 1_795_521_600;
 
 fn record(meter_id: u64, seq: u32, iccid: u64, up: u64) -> NewRecord {
-    let r = Report {
-        meter_id,
-        epoch: 0,
-        seq,
-        iccid,
-        time: DeviceTime::wall_clock(TimeQuality::Network, NOON_S).unwrap(),
-        base: Totals::default(),
-        used: Totals { up, down: 2 * up },
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(&KEY, &mut buf).unwrap();
-    NewRecord { id: r.id(), iccid, received_ms: NOON_S * 1000, report: Bytes::copy_from_slice(&buf[..n]) }
+    let r = ReportBuilder::new(meter_id, seq, iccid, network_time(NOON_S)).used(up, 2 * up);
+    new_record(&r, &KEY, NOON_S * 1000)
 }
 
 struct Env {
@@ -106,8 +94,8 @@ async fn registry_is_idempotent_and_never_overwritten(env: Env) {
     let keys = s.meter_keys(vec![7, u64::MAX, 8]).await.unwrap();
     assert_eq!((keys.len(), keys[&7], keys[&u64::MAX]), (2, KEY, KEY));
 
-    let gw = SigningKey::from_bytes(&[1u8; 32]).verifying_key();
-    let other = SigningKey::from_bytes(&[2u8; 32]).verifying_key();
+    let gw = signing_key(1).verifying_key();
+    let other = signing_key(2).verifying_key();
     assert_eq!(s.add_gateway(1, gw).await.unwrap(), Registration::Created);
     assert_eq!(s.add_gateway(1, gw).await.unwrap(), Registration::AlreadyRegistered);
     assert!(matches!(s.add_gateway(1, other).await, Err(StoreError::Conflict { kind: "gateway", id: 1 })));

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use countersign_e2e::broker::Mosquitto;
-use countersign_e2e::free_port;
 use countersign_e2e::publisher::Publisher;
-use countersign_meter::report::REPORT_BYTES_MAX;
-use countersign_meter::{DeviceTime, Report, Totals};
+use countersign_meter::DeviceTime;
+use countersign_testkit::free_port;
+use countersign_testkit::ReportBuilder;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const REPORTS: u64 = 100_000;
@@ -119,19 +119,13 @@ fn load() -> Vec<(String, Vec<u8>)> {
         .map(|i| {
             let meter_id = 1 + i % METERS;
             let seq = (i / METERS) as u32;
-            let r = Report {
-                meter_id,
-                epoch: 1,
-                seq,
-                iccid: 8_988_228_066_600_000_000 + meter_id,
-                time: DeviceTime::uptime(seq * 3600).expect("valid time"),
-                base: Totals { up: 30 << 20, down: 12 << 20 },
-                used: Totals { up: u64::from(seq) * 40_000, down: u64::from(seq) * 90_000 },
-                extras: Default::default(),
-            };
-            let mut buf = [0u8; REPORT_BYTES_MAX];
-            let n = r.encode(&[5u8; 32], &mut buf).expect("encodes");
-            (format!("countersign/v1/reports/{meter_id}"), buf[..n].to_vec())
+            let time = DeviceTime::uptime(seq * 3600).expect("valid time");
+            let report = ReportBuilder::new(meter_id, seq, 8_988_228_066_600_000_000 + meter_id, time)
+                .epoch(1)
+                .base(30 << 20, 12 << 20)
+                .used(u64::from(seq) * 40_000, u64::from(seq) * 90_000)
+                .encode(&[5u8; 32]);
+            (format!("countersign/v1/reports/{meter_id}"), report)
         })
         .collect()
 }

@@ -5,6 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use countersign_testkit::procs::running_as_root;
 
 /// Starts rumqttd in this process on `127.0.0.1:port`. It runs on its own thread until the
 /// process exits (rumqttd has no stop); its sessions live in memory.
@@ -71,9 +72,7 @@ impl Mosquitto {
         // Started as root, mosquitto switches to the `mosquitto` user, which cannot write
         // persistence into a root-owned temporary directory: the broker would then forget
         // sessions and queued reports on restart without a word. Keep the current user.
-        let uid =
-            Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        let user_line = if uid.unwrap_or(false) { "user root\n" } else { "" };
+        let user_line = if running_as_root().unwrap_or(false) { "user root\n" } else { "" };
         // max_queued_messages 0 = unlimited: the default of 1000 would silently drop QoS 1
         // reports queued for an agent that is down. The same goes for production brokers.
         let conf = format!(
@@ -98,7 +97,7 @@ impl Mosquitto {
             .spawn()
             .context("cannot start mosquitto")?;
         self.child = Some(child);
-        if !crate::wait_for_port(self.port, Duration::from_secs(10)).await {
+        if !countersign_testkit::wait_for_port(self.port, Duration::from_secs(10)).await {
             bail!("mosquitto did not listen on port {}", self.port);
         }
         Ok(())

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use countersign_meter::Totals;
+use countersign_testkit::endpoint::EndpointProcess;
+use countersign_testkit::free_port;
+use countersign_testkit::procs::{run_ok, Exe, Proc};
 
 use crate::fleet::Outgoing;
-use crate::procs::{run_ok, Proc};
 use crate::publisher::Publisher;
-use crate::{free_port, wait_for_port};
 
 /// A running `countersign-cloud serve`.
 pub struct Cloud {
@@ -31,27 +32,16 @@ impl Cloud {
         let token_file = dir.join("admin.token");
         run_ok("countersign-cloud", &["keygen-token", "--out", &token_file.display().to_string()])?;
         let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
-        let port = free_port()?;
-        let config = dir.join("cloud.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nadmin_token_file = \"{}\"\n",
-                dir.join("cloud-data").display(),
-                token_file.display()
-            ),
-        )?;
-        let proc = Proc::spawn(
-            "countersign-cloud",
-            &["serve", "--config", &config.display().to_string()],
-            &dir.join("cloud.log"),
-        )?;
-        if !wait_for_port(port, Duration::from_secs(20)).await {
-            bail!("endpoint did not listen: {}", proc.log_text());
-        }
+        let config = format!(
+            "data_dir = \"{}\"\nadmin_token_file = \"{}\"\n",
+            dir.join("cloud-data").display(),
+            token_file.display()
+        );
+        let exe = Exe::workspace("countersign-cloud")?;
+        let endpoint = EndpointProcess::start(&exe, dir, "cloud", &config, Duration::from_secs(20)).await?;
         Ok(Cloud {
-            proc,
-            url: format!("http://127.0.0.1:{port}"),
+            proc: endpoint.proc,
+            url: endpoint.url,
             token_file: token_file.display().to_string(),
             token,
         })

@@ -15,11 +15,11 @@ use anyhow::{bail, ensure, Context, Result};
 use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::{client, usage::DateRange, PgStore};
 use countersign_e2e::fleet::{Faults, Fleet, STEP_S};
-use countersign_e2e::procs::{run_ok, Proc};
-use countersign_e2e::{free_port, wait_for_port};
 use countersign_meter::{RecordId, Report, Totals};
-use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, RecordOutcome, RecordRef, BATCHES_PATH};
-use ed25519_dalek::SigningKey;
+use countersign_protocol::{BatchReply, RecordOutcome, BATCHES_PATH};
+use countersign_testkit::endpoint::EndpointProcess;
+use countersign_testkit::procs::{run_ok, Exe};
+use countersign_testkit::{signed_batch_at, signing_key};
 
 const DEVICES: usize = 60;
 const STEPS: usize = 96;
@@ -27,32 +27,15 @@ const FIRST_METER: u64 = 1000;
 /// 2026-11-24T00:00:00Z.
 const START_S: u64 = 1_795_478_400;
 
-struct Endpoint {
-    proc: Proc,
-    url: String,
-}
-
-async fn start(dir: &Path, name: &str, db_url: &str, token_file: &Path) -> Result<Endpoint> {
-    let port = free_port()?;
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nadmin_token_file = \"{}\"\n\
-             [store]\nbackend = \"postgres\"\npostgres_url = \"{db_url}\"\npostgres_pool_connections = 4\n",
-            dir.join(format!("{name}-data")).display(),
-            token_file.display()
-        ),
-    )?;
-    let proc = Proc::spawn(
-        "countersign-cloud",
-        &["serve", "--config", &config.display().to_string()],
-        &dir.join(format!("{name}.log")),
-    )?;
-    if !wait_for_port(port, Duration::from_secs(20)).await {
-        bail!("{name} did not listen: {}", proc.log_text());
-    }
-    Ok(Endpoint { proc, url: format!("http://127.0.0.1:{port}") })
+async fn start(dir: &Path, name: &str, db_url: &str, token_file: &Path) -> Result<EndpointProcess> {
+    let config = format!(
+        "data_dir = \"{}\"\nadmin_token_file = \"{}\"\n\
+         [store]\nbackend = \"postgres\"\npostgres_url = \"{db_url}\"\npostgres_pool_connections = 4\n",
+        dir.join(format!("{name}-data")).display(),
+        token_file.display()
+    );
+    let exe = Exe::workspace("countersign-cloud")?;
+    EndpointProcess::start(&exe, dir, name, &config, Duration::from_secs(20)).await
 }
 
 async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<BatchReply> {
@@ -81,7 +64,7 @@ async fn two_endpoints_on_one_database_store_each_record_once() -> Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
 
     let mut fleet = Fleet::new(DEVICES, FIRST_METER, 7, START_S, Faults::default());
-    let gateways = [SigningKey::from_bytes(&[0x61; 32]), SigningKey::from_bytes(&[0x62; 32])];
+    let gateways = [signing_key(0x61), signing_key(0x62)];
     for (i, g) in gateways.iter().enumerate() {
         // Registered on one process, used through both: registrations live in the database.
         client::register_gateway(&http, &a.url, &token, i as u64 + 1, &g.verifying_key()).await?;
@@ -110,15 +93,7 @@ async fn two_endpoints_on_one_database_store_each_record_once() -> Result<()> {
                 continue;
             }
             batch_seq += 1;
-            let mut builder = BatchBuilder::new(BatchHeader {
-                gateway_id: g as u64 + 1,
-                batch_seq,
-                created_ms: received_ms,
-            });
-            for r in reports {
-                builder.push(RecordRef { received_ms, report: r })?;
-            }
-            let signed = builder.sign(&gateways[g]);
+            let signed = signed_batch_at(&gateways[g], g as u64 + 1, batch_seq, received_ms, reports);
             // The same batch to both processes at once.
             let (ra, rb) =
                 tokio::join!(post(&http, &a.url, signed.clone()), post(&http, &b.url, signed.clone()));

@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use countersign_agent::pipeline::MQTT_PACKET_BYTES_MAX;
 use countersign_e2e::broker::Mosquitto;
 use countersign_e2e::fleet::{Faults, Fleet};
-use countersign_e2e::free_port;
-use countersign_e2e::procs::{run, run_ok, Proc};
 use countersign_e2e::publisher::Publisher;
 use countersign_e2e::stack::{publish_all, AgentSetup, Cloud};
+use countersign_testkit::free_port;
+use countersign_testkit::procs::{run, run_ok, Proc};
 
 /// Largest packet the test's devices send (Mosquitto's default limit is 256 MiB).
 const DEVICE_PACKET_BYTES_MAX: usize = 128 << 20;

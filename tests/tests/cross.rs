@@ -16,10 +16,10 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use countersign_e2e::broker::Mosquitto;
 use countersign_e2e::fleet::{Faults, Fleet};
-use countersign_e2e::free_port;
-use countersign_e2e::procs::{target_dir, Exe, Proc};
 use countersign_e2e::publisher::Publisher;
 use countersign_e2e::stack::{publish_all, Cloud};
+use countersign_testkit::free_port;
+use countersign_testkit::procs::{target_dir, Exe, Proc};
 
 /// Set to 1 to turn a missing cross build into a failure instead of a skip.
 const REQUIRE_ENV: &str = "COUNTERSIGN_REQUIRE_CROSS";

@@ -9,12 +9,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use countersign_e2e::broker::Mosquitto;
 use countersign_e2e::fleet::{Faults, Fleet};
-use countersign_e2e::free_port;
-use countersign_e2e::procs::{run, run_ok};
 use countersign_e2e::publisher::Publisher;
 use countersign_e2e::stack::{publish_all, AgentSetup, Cloud};
-use countersign_meter::report::REPORT_BYTES_MAX;
 use countersign_meter::{DeviceTime, Report, Totals};
+use countersign_testkit::free_port;
+use countersign_testkit::procs::{run, run_ok};
+use countersign_testkit::ReportBuilder;
 
 const UPLINK_METER: u64 = 999_001;
 const UPLINK_ICCID: u64 = 8_988_228_066_699_990_001;
@@ -28,19 +28,10 @@ fn set_counters(sysfs: &Path, tx: u64, rx: u64) -> Result<()> {
 }
 
 fn bad_report(meter_id: u64, key: &[u8; 32]) -> Vec<u8> {
-    let r = Report {
-        meter_id,
-        epoch: 999,
-        seq: 0,
-        iccid: 8_988_228_066_699_999_999,
-        time: DeviceTime::uptime(1).expect("valid uptime"),
-        base: Totals::default(),
-        used: Totals { up: 1_000_000, down: 1_000_000 },
-        extras: Default::default(),
-    };
-    let mut buf = [0u8; REPORT_BYTES_MAX];
-    let n = r.encode(key, &mut buf).expect("encodes");
-    buf[..n].to_vec()
+    ReportBuilder::new(meter_id, 0, 8_988_228_066_699_999_999, DeviceTime::uptime(1).expect("valid uptime"))
+        .epoch(999)
+        .used(1_000_000, 1_000_000)
+        .encode(key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,17 +11,17 @@
 //! totals), and the agent is forwarding again after every fault.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use countersign_e2e::broker::Mosquitto;
 use countersign_e2e::faultproxy::{FaultProxy, Mode};
 use countersign_e2e::fleet::{Faults, Fleet};
-use countersign_e2e::free_port;
-use countersign_e2e::procs::run_ok;
 use countersign_e2e::publisher::Publisher;
 use countersign_e2e::stack::{publish_all, AgentSetup, Cloud};
+use countersign_testkit::disk::Tmpfs;
+use countersign_testkit::free_port;
+use countersign_testkit::procs::{run_ok, running_as_root};
 use rand::{Rng, SeedableRng};
 
 const DEVICES: usize = 2000;
@@ -31,32 +31,29 @@ const DISK_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A small filesystem of the agent's own, so filling it harms nothing else.
 struct SmallDisk {
-    dir: PathBuf,
+    tmpfs: Tmpfs,
 }
 
 impl SmallDisk {
     fn mount(dir: &Path) -> Result<Option<SmallDisk>> {
-        // SAFETY-free check of the effective uid through the id command: mounting needs root.
-        let uid = Command::new("id").arg("-u").output()?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        // Mounting needs root.
+        if !running_as_root()? {
             eprintln!("FAULT SUITE: not root, so the full-disk fault is NOT injected (tests/run.sh runs as root in CI)");
             return Ok(None);
         }
-        std::fs::create_dir_all(dir)?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={DISK_BYTES}"), "tmpfs"])
-            .arg(dir)
-            .status()?
-            .success();
-        if !ok {
-            bail!("running as root but cannot mount a tmpfs at {}", dir.display());
-        }
-        Ok(Some(SmallDisk { dir: dir.to_owned() }))
+        let tmpfs = Tmpfs::mount(dir, DISK_BYTES)
+            .with_context(|| format!("running as root but cannot mount a tmpfs at {}", dir.display()))?;
+        Ok(Some(SmallDisk { tmpfs }))
+    }
+
+    /// Where it is mounted.
+    fn dir(&self) -> &Path {
+        self.tmpfs.path()
     }
 
     /// Fills what is left with a file; returns its path.
     fn fill(&self) -> Result<PathBuf> {
-        let filler = self.dir.join("filler");
+        let filler = self.dir().join("filler");
         let mut f = std::fs::File::create(&filler)?;
         let chunk = vec![0u8; 1 << 20];
         use std::io::Write;
@@ -65,12 +62,6 @@ impl SmallDisk {
         let small = vec![0u8; 4096];
         while f.write_all(&small).is_ok() {}
         Ok(filler)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
 
@@ -150,7 +141,7 @@ async fn every_accepted_report_counted_exactly_once_under_faults() -> Result<()>
 
     let disk = SmallDisk::mount(&dir.join("disk"))?;
     let data_dir = match &disk {
-        Some(d) => d.dir.join("agent-data"),
+        Some(d) => d.dir().join("agent-data"),
         None => dir.join("agent-data"),
     };
     let setup = AgentSetup::write(
@@ -324,7 +315,7 @@ async fn disk_full_phase(
     d: &SmallDisk,
     proxy: &FaultProxy,
     setup: &AgentSetup,
-    agent: &mut countersign_e2e::procs::Proc,
+    agent: &mut countersign_testkit::procs::Proc,
     fleet: &mut Fleet,
     devices: &mut Publisher,
     ledger: &mut Ledger,

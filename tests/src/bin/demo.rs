@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use countersign_e2e::broker;
 use countersign_e2e::fleet::{Faults, Fleet, STEP_S};
 use countersign_e2e::publisher::Publisher;
-use countersign_e2e::{broker, free_port, wait_for_port};
 use countersign_protocol::keys;
+use countersign_testkit::{free_port, wait_for_port};
 
 #[derive(Parser)]
 #[command(name = "countersign-demo", about = "Run the Countersign chain end to end on embedded defaults")]

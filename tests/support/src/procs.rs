@@ -1,4 +1,6 @@
-//! The project's binaries as child processes.
+//! The project's binaries (and other programs, such as `openssl s_server`) as child
+//! processes: found in the target directory of the running test or given by path, optionally
+//! behind a runner such as QEMU, killed when dropped. Knows nothing of what they do.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -98,6 +100,12 @@ impl Exe {
         parts.push(self.binary.display().to_string());
         parts.join(" ")
     }
+}
+
+/// Whether this process runs as root (asked of the `id` command).
+pub fn running_as_root() -> std::io::Result<bool> {
+    let uid = Command::new("id").arg("-u").output()?;
+    Ok(String::from_utf8_lossy(&uid.stdout).trim() == "0")
 }
 
 /// The full path of `program` on `PATH` (or `program` itself if it contains a slash).

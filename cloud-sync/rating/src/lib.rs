@@ -6,7 +6,9 @@
 //!   settlement decisions (which days close, what is booked).
 //! - [`pricing`]: integer money, units, plans and charges, wallets, quota forecasts.
 //! - [`billing`]: plans applied to derived usage; wallet debits, top-ups and alerts decided.
+//! - [`check`]: what ingest checks in each report so that no later stage can fail on it.
 //! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing.
+//! - [`lago`]: which Lago event a record becomes; what Lago's answers mean.
 //! - [`reconcile`]: device against carrier usage per SIM-day under a provider model.
 //!
 //! What this crate does not know, by design: storage (sled, SQL), HTTP, the network, threads
@@ -20,6 +22,8 @@
 
 pub mod billing;
 pub mod carrier;
+pub mod check;
+pub mod lago;
 pub mod pricing;
 pub mod reconcile;
 pub mod text;

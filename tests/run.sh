@@ -91,6 +91,14 @@ if cargo tree --workspace -i aws-lc-rs >/dev/null 2>&1; then
 fi
 echo "no aws-lc-rs"
 
+step "dependency policy: the rating core is pure (no runtime, store, HTTP or database client)"
+impure=$(cargo tree -p countersign-rating -e normal --prefix none -f '{p}' | sed 's/ .*//' | sort -u |
+  grep -Ex 'tokio|sled|axum|hyper|reqwest|tokio-postgres|postgres|deadpool-postgres|rumqttc' || true)
+if [ -n "$impure" ]; then
+  echo "countersign-rating depends on: $impure"; exit 1
+fi
+echo "countersign-rating: none of tokio, sled, axum, hyper, reqwest, PostgreSQL clients, rumqttc"
+
 step "firmware is no_std (thumbv7em-none-eabihf, no std or alloc in its tree)"
 cargo build -p countersign-meter --target thumbv7em-none-eabihf --release
 if cargo tree -p countersign-meter --target thumbv7em-none-eabihf -e normal,no-proc-macro -f '{p} {f}' | grep -Eq '(^|[ ,])(std|alloc)([ ,]|$)'; then

@@ -25,8 +25,9 @@ use time::Date;
 use crate::backend::StoreBackend;
 use crate::billing::{
     charges, customer_faulty_sims, customer_period_charges, decide_run, decide_topup, items_by_assignment,
-    run_write, topup_write, AlertRecord, BillingError, GroupCharge, PeriodSelector, RunDecision, Topup,
-    TopupDecision, FORECAST_LIFETIME_YEARS_DEFAULT, FORECAST_WINDOW_DAYS_DEFAULT, WALLET_ALERTS_LISTED_MAX,
+    run_write, topup_write, AlertRecord, BillingError, GroupCharge, PeriodSelector, Refusal, RunDecision,
+    Topup, TopupDecision, FORECAST_LIFETIME_YEARS_DEFAULT, FORECAST_WINDOW_DAYS_DEFAULT,
+    WALLET_ALERTS_LISTED_MAX,
 };
 use crate::config::CloudConfig;
 use crate::pricing::{
@@ -64,7 +65,7 @@ pub struct Billing {
 
 /// Reads and validates a plan file; errors name the file and the key.
 pub fn load_plans(path: &Path) -> Result<PricingConfig, BillingError> {
-    let err = |reason: String| BillingError::PlansFile { path: path.to_owned(), reason };
+    let err = |reason: String| BillingError::from(Refusal::PlansFile { path: path.to_owned(), reason });
     let len = std::fs::metadata(path).map_err(|e| err(format!("cannot be read: {e}")))?.len();
     if len > PLAN_FILE_BYTES_MAX as u64 {
         return Err(err(format!("{len} bytes, more than the {PLAN_FILE_BYTES_MAX} a plan file may have")));
@@ -116,7 +117,7 @@ impl Billing {
     }
 
     fn today(&self, now: jiff::Timestamp) -> Result<Date, BillingError> {
-        zone_date(now, &self.tz).ok_or(BillingError::Overflow("today's date"))
+        zone_date(now, &self.tz).ok_or(Refusal::Overflow("today's date").into())
     }
 
     /// Prices every period up to today of every prepaid customer and debits each wallet by
@@ -251,7 +252,7 @@ impl Billing {
     ) -> Result<ChargesReply, BillingError> {
         if let Some(c) = customer {
             if !self.pricing.assignments.iter().any(|a| a.customer == c) {
-                return Err(BillingError::UnknownCustomer(c.to_owned()));
+                return Err(Refusal::UnknownCustomer(c.to_owned()).into());
             }
         }
         let today = self.today(now)?;
@@ -272,13 +273,13 @@ impl Billing {
                             total_micros: 0,
                             total: String::new(),
                         });
-                        totals.last_mut().ok_or(BillingError::Overflow("totals"))?
+                        totals.last_mut().ok_or(Refusal::Overflow("totals"))?
                     }
                 };
             t.total_micros = t
                 .total_micros
                 .checked_add(c.charge.total_micros)
-                .ok_or(BillingError::Overflow("customer total"))?;
+                .ok_or(Refusal::Overflow("customer total"))?;
         }
         for t in &mut totals {
             t.total = format_micros(t.total_micros.into());
@@ -307,7 +308,7 @@ impl Billing {
     ) -> Result<WalletsReply, BillingError> {
         if let Some(c) = customer {
             if !self.pricing.wallets.contains_key(c) {
-                return Err(BillingError::NoWallet(c.to_owned()));
+                return Err(Refusal::NoWallet(c.to_owned()).into());
             }
         }
         let mut out = Vec::new();
@@ -367,9 +368,8 @@ impl Billing {
         amount_micros: i64,
         now: jiff::Timestamp,
     ) -> Result<TopupReply, BillingError> {
-        check_name("topup_id", topup_id).map_err(|e| BillingError::BadRequest(e.to_string()))?;
-        let w =
-            self.pricing.wallets.get(customer).ok_or_else(|| BillingError::NoWallet(customer.to_owned()))?;
+        check_name("topup_id", topup_id).map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        let w = self.pricing.wallets.get(customer).ok_or_else(|| Refusal::NoWallet(customer.to_owned()))?;
         let at_s = now.as_second();
         let (status, balance_micros) = store
             .with_wallet(customer, &w.currency, |book| {
@@ -455,24 +455,25 @@ pub async fn forecast(
         (Some(q), _) => (q, "parameter"),
         (None, Some(l)) => (l.quota_bytes, "plan"),
         (None, None) => {
-            return Err(BillingError::BadRequest(format!(
+            return Err(Refusal::BadRequest(format!(
                 "quota_bytes: required, iccid {} has no plan with lifetime_quota_bytes",
                 q.iccid
-            )))
+            ))
+            .into())
         }
     };
     let (derived, _) = store.billing_daily_usage(tz, Some(q.iccid)).await?;
     if let Some(f) = derived.fault_of(q.iccid) {
-        return Err(BillingError::Underivable(*f));
+        return Err(Refusal::Underivable(*f).into());
     }
     let mut days = Vec::with_capacity(derived.daily.len());
     for ((_, date), t) in &derived.daily {
-        days.push((*date, t.sum().ok_or(BillingError::Overflow("daily usage"))?));
+        days.push((*date, t.sum().ok_or(Refusal::Overflow("daily usage"))?));
     }
     let since =
         q.since.or(assignment.and_then(|a| a.active_since)).or(days.first().map(|(d, _)| *d)).ok_or_else(
             || {
-                BillingError::BadRequest(format!(
+                Refusal::BadRequest(format!(
                     "since: required, iccid {} has no usage and no active_since",
                     q.iccid
                 ))
@@ -481,17 +482,17 @@ pub async fn forecast(
     let years = lifetime.map_or(FORECAST_LIFETIME_YEARS_DEFAULT, |l| l.years);
     let expires = match q.expires {
         Some(e) => e,
-        None => LifetimeQuota { quota_bytes, years }
-            .last_day(since)
-            .ok_or(BillingError::Overflow("lifetime end"))?,
+        None => {
+            LifetimeQuota { quota_bytes, years }.last_day(since).ok_or(Refusal::Overflow("lifetime end"))?
+        }
     };
     let as_of = match q.as_of {
         Some(d) => d,
-        None => zone_date(now, tz).ok_or(BillingError::Overflow("today's date"))?,
+        None => zone_date(now, tz).ok_or(Refusal::Overflow("today's date"))?,
     };
     let window = q.window_days.unwrap_or(FORECAST_WINDOW_DAYS_DEFAULT);
     let f = forecast_quota(quota_bytes, since, expires, as_of, window, &days).map_err(|e| match e {
-        PricingError::Forecast(m) => BillingError::BadRequest(m.to_owned()),
+        PricingError::Forecast(m) => Refusal::BadRequest(m.to_owned()),
         other => other.into(),
     })?;
     Ok(ForecastReply {
@@ -817,7 +818,7 @@ async fn skipped_json(
     underivable: Vec<UnderivableSim>,
 ) -> Result<WalletRunJson, BillingError> {
     let balance = match store.wallet_book(&w.customer).await.map_err(BillingError::from) {
-        Ok(book) => book.balance_micros(w),
+        Ok(book) => book.balance_micros(w).map_err(BillingError::from),
         Err(e) => Err(e),
     };
     let balance = match balance {
@@ -1145,24 +1146,30 @@ pub(crate) fn admin_routes() -> Routes {
     )
 }
 
+impl From<Refusal> for ApiError {
+    fn from(e: Refusal) -> Self {
+        BillingError::from(e).into()
+    }
+}
+
 impl From<BillingError> for ApiError {
     fn from(e: BillingError) -> Self {
         match e {
             BillingError::Store(s) => s.into(),
-            BillingError::NotConfigured => {
+            BillingError::Refused(Refusal::NotConfigured) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_configured", e.to_string())
             }
-            BillingError::NoWallet(_) | BillingError::UnknownCustomer(_) => {
+            BillingError::Refused(Refusal::NoWallet(_) | Refusal::UnknownCustomer(_)) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
-            BillingError::TopupConflict { .. } => {
+            BillingError::Refused(Refusal::TopupConflict { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            BillingError::TooManyTopups(_) => {
+            BillingError::Refused(Refusal::TooManyTopups(_)) => {
                 ApiError::new(StatusCode::CONFLICT, "too_many_topups", e.to_string())
             }
-            BillingError::BadRequest(m) => ApiError::bad_request(m),
-            BillingError::Underivable(f) => crate::server::underivable_error(&f),
+            BillingError::Refused(Refusal::BadRequest(m)) => ApiError::bad_request(m),
+            BillingError::Refused(Refusal::Underivable(f)) => crate::server::underivable_error(&f),
             other => {
                 tracing::error!(error = %other, "billing failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "billing_error", other.to_string())
@@ -1172,7 +1179,7 @@ impl From<BillingError> for ApiError {
 }
 
 fn billing_of(state: &AppState) -> Result<&Billing, ApiError> {
-    state.billing.as_deref().ok_or_else(|| BillingError::NotConfigured.into())
+    state.billing.as_deref().ok_or_else(|| Refusal::NotConfigured.into())
 }
 
 fn opt_date(name: &str, v: Option<&str>) -> Result<Option<Date>, ApiError> {
@@ -1292,7 +1299,7 @@ async fn get_forecast(
 }
 
 async fn post_run(State(state): State<AppState>) -> Result<Json<RunReply>, ApiError> {
-    let billing = state.billing.clone().ok_or_else(|| ApiError::from(BillingError::NotConfigured))?;
+    let billing = state.billing.clone().ok_or_else(|| ApiError::from(Refusal::NotConfigured))?;
     let store = state.store.clone();
     // On its own task: a client that goes away must not cancel a run between two wallets.
     let run = tokio::spawn(async move { billing.run(&store, jiff::Timestamp::now()).await });

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use time::Date;
 
 use crate::backend::StoreBackend;
-use crate::billing::{AlertRecord, BillingError, BookedDebit, Topup, WalletBook, WalletWrite};
+use crate::billing::{AlertRecord, BillingError, BookedDebit, Refusal, Topup, WalletBook, WalletWrite};
 use crate::postgres::{billing_db_error, billing_pool_error, PgStore};
 use crate::pricing::{AlertCondition, BillingPeriod, WalletAlert};
 use crate::store::{Store, StoreError};
@@ -108,9 +108,10 @@ static SLED_WALLET_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(
 
 /// Why a wallet's currency can no longer be used: it was created in another one.
 fn currency_changed(customer: &str, stored: &str, configured: &str) -> BillingError {
-    BillingError::BadRequest(format!(
+    Refusal::BadRequest(format!(
         "customer '{customer}': the wallet was opened in {stored}; the plans now say {configured}"
     ))
+    .into()
 }
 
 async fn blocking<T: Send + 'static>(
@@ -694,7 +695,7 @@ async fn pg_with_wallet<T: Send>(
     }
     for a in &w.alerts {
         let v = AlertValue::of(a);
-        let seq = i64::try_from(a.seq).map_err(|_| BillingError::Overflow("alert sequence"))?;
+        let seq = i64::try_from(a.seq).map_err(|_| Refusal::Overflow("alert sequence"))?;
         tx.execute(
             "INSERT INTO billing_alerts
                  (customer, seq, kind, threshold_micros, balance_micros, overdraft_limit_micros, raised_at_s)
@@ -712,7 +713,7 @@ async fn pg_with_wallet<T: Send>(
         .await
         .map_err(g)?;
     }
-    let seq = i64::try_from(w.alert_seq).map_err(|_| BillingError::Overflow("alert sequence"))?;
+    let seq = i64::try_from(w.alert_seq).map_err(|_| Refusal::Overflow("alert sequence"))?;
     tx.execute(
         "UPDATE billing_wallets SET active_alerts = $2, alert_seq = $3, usage_as_of_ms = $4 WHERE customer = $1",
         &[&customer, &active_keys(&w.active), &seq, &w.usage_as_of_ms],

@@ -3,7 +3,8 @@
 //! processes), and derives per-SIM, per-day usage from them.
 //!
 //! - [`config`]: the TOML configuration, validated once.
-//! - [`usage`]: the pure usage derivation (which bytes, which SIM, which day).
+//! - [`usage`], [`pricing`], [`carrier`], [`reconcile`], [`text`]: the pure rating core,
+//!   crate `countersign-rating` (re-exported here).
 //! - [`store`]: the sled store behind a narrow API.
 //! - [`postgres`]: the PostgreSQL store, shared by several endpoint processes.
 //! - [`backend`]: [`StoreBackend`], whichever of the two the configuration selects.
@@ -14,12 +15,10 @@
 //! - [`listen`]: the accept loop: connection limit, header and body deadlines.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
-//! - [`pricing`]: plans, integer money, explained charges, wallets, quota forecasts.
-//! - [`billing`]: plans applied to derived usage, wallet debits and alerts decided (pure).
+//! - [`billing`]: the rating core's billing decisions, and [`billing::BillingError`], which
+//!   adds the store's failures to the decisions' refusals.
 //! - [`billing_store`]: wallets, debits per period, top-ups and alerts in both stores.
 //! - [`billing_api`]: [`billing_api::Billing`] (runs, charges, wallets, forecasts) and its routes.
-//! - [`carrier`]: carrier usage import (1NCE JSON, CSV, session records), exact MB parsing.
-//! - [`reconcile`]: device vs carrier per SIM-day under a provider model.
 //! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
 //! - [`ledger`]: settled SIM-days and adjustments in the store.
 //! - [`client`]: an async client for the admin and usage API.
@@ -34,7 +33,6 @@ pub mod backend;
 pub mod billing;
 pub mod billing_api;
 pub mod billing_store;
-pub mod carrier;
 pub mod client;
 pub mod config;
 pub mod ingest;
@@ -44,12 +42,13 @@ pub mod listen;
 pub mod metrics;
 pub mod negcache;
 pub mod postgres;
-pub mod pricing;
 pub mod ratelimit;
-pub mod reconcile;
 pub mod server;
 pub mod store;
-pub mod usage;
+
+// The rating core, where it has always been reachable: `countersign_cloud::usage` and the
+// like keep their paths for the binary, the tests and the fuzz targets.
+pub use countersign_rating::{carrier, pricing, reconcile, text, usage};
 
 pub use backend::StoreBackend;
 pub use config::{AdminToken, CloudConfig, ConfigError};

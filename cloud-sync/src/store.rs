@@ -106,6 +106,13 @@ pub enum StoreError {
     TooManyTokens,
 }
 
+impl From<countersign_rating::lago::PlanError> for StoreError {
+    /// A record whose event cannot be planned is stored data out of range.
+    fn from(e: countersign_rating::lago::PlanError) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
 impl StoreError {
     /// Whether retrying later may succeed without anyone changing data.
     pub fn is_recoverable(&self) -> bool {

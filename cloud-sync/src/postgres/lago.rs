@@ -190,7 +190,8 @@ impl PgOutbox {
             for (r, sub) in &page {
                 let key = (r.id.meter_id, r.id.epoch);
                 let planned_event =
-                    plan_event(r, max.get(&key).copied().unwrap_or_default(), sub, &config.code)?;
+                    plan_event(r, max.get(&key).copied().unwrap_or_default(), sub, &config.code)
+                        .map_err(StoreError::from)?;
                 max.insert(key, planned_event.exported_max);
                 iccid.push(u64_to_sql(r.iccid));
                 meter.push(u64_to_sql(r.id.meter_id));

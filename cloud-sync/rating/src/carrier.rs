@@ -35,7 +35,7 @@ use jiff::Timestamp;
 use serde::Deserialize;
 use time::Date;
 
-use crate::server::{parse_date, parse_iccid};
+use crate::text::{parse_date, parse_iccid};
 
 /// Bytes in the carriers' MB: 1 MB = 1024 KB = 1024 × 1024 bytes.
 pub const MB_BYTES: u64 = 1024 * 1024;

@@ -198,7 +198,7 @@ pub fn record_fault(r: &UsageRecord) -> Option<FaultReason> {
 pub const FAULTS_LOGGED_MAX: usize = 4096;
 
 /// Whether `(iccid, record)` is logged for the first time (see [`FAULTS_LOGGED_MAX`]).
-pub(crate) fn first_report_of(iccid: u64, record: RecordId) -> bool {
+pub fn first_report_of(iccid: u64, record: RecordId) -> bool {
     static LOGGED: std::sync::Mutex<std::collections::BTreeSet<(u64, RecordId)>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
     // A poisoned set only decides log levels.

@@ -198,10 +198,10 @@ impl Class {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SimDay {
     /// The SIM, a decimal string in JSON.
-    #[serde(serialize_with = "ser_iccid")]
+    #[serde(serialize_with = "crate::text::json_iccid::serialize")]
     pub iccid: u64,
     /// The day.
-    #[serde(serialize_with = "ser_date")]
+    #[serde(serialize_with = "crate::text::json_date::serialize")]
     pub date: Date,
     /// The class.
     pub class: Class,
@@ -221,14 +221,6 @@ pub struct SimDay {
     pub outside_model_bytes: Option<i64>,
     /// The tolerance applied, bytes.
     pub tolerance_bytes: u64,
-}
-
-fn ser_iccid<S: serde::Serializer>(iccid: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&iccid.to_string())
-}
-
-fn ser_date<S: serde::Serializer>(d: &Date, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&crate::server::format_date(*d))
 }
 
 /// Counts per class.
@@ -267,20 +259,13 @@ pub struct Reconciliation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Unreconciled {
     /// The SIM.
-    #[serde(serialize_with = "ser_iccid")]
+    #[serde(serialize_with = "crate::text::json_iccid::serialize")]
     pub iccid: u64,
     /// The day; `null` for the whole SIM.
-    #[serde(serialize_with = "ser_opt_date")]
+    #[serde(serialize_with = "crate::text::json_opt_date::serialize")]
     pub date: Option<Date>,
     /// Why.
     pub reason: String,
-}
-
-fn ser_opt_date<S: serde::Serializer>(d: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_str(&crate::server::format_date(*d)),
-        None => s.serialize_none(),
-    }
 }
 
 fn signed(a: u64, b: u64) -> Result<i64, ReconcileError> {
@@ -304,7 +289,7 @@ pub fn reconcile(
         if carrier_by_day.insert((c.iccid, c.date), c).is_some() {
             return Err(ReconcileError::DuplicateCarrierDay {
                 iccid: c.iccid,
-                date: crate::server::format_date(c.date),
+                date: crate::text::format_date(c.date),
             });
         }
     }
@@ -449,7 +434,7 @@ pub fn to_csv(r: &Reconciliation) -> Result<String, ReconcileError> {
     for d in &r.sim_days {
         w.write_record([
             d.iccid.to_string(),
-            crate::server::format_date(d.date),
+            crate::text::format_date(d.date),
             d.class.name().to_owned(),
             opt(d.device_bytes),
             opt(d.expected_low_bytes),

@@ -1,0 +1,30 @@
+//! The rating core of the Countersign endpoint: everything the endpoint decides, as plain
+//! functions and values, with no IO.
+//!
+//! - [`text`]: the text forms of dates and ICCIDs, parsed and printed here only.
+//! - [`usage`]: which bytes, which SIM, which day; SIMs whose data cannot be derived;
+//!   settlement decisions (which days close, what is booked).
+//! - [`pricing`]: integer money, units, plans and charges, wallets, quota forecasts.
+//! - [`billing`]: plans applied to derived usage; wallet debits, top-ups and alerts decided.
+//! - [`check`]: what ingest checks in each report so that no later stage can fail on it.
+//! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing.
+//! - [`lago`]: which Lago event a record becomes; what Lago's answers mean.
+//! - [`reconcile`]: device against carrier usage per SIM-day under a provider model.
+//!
+//! What this crate does not know, by design: storage (sled, SQL), HTTP, the network, threads
+//! or the clock. Callers pass in records, times and configuration and get decisions back;
+//! its dependency tree holds no tokio, sled, axum, PostgreSQL driver or reqwest (checked by
+//! `tests/run.sh` with `cargo tree`). It logs through `tracing` and never installs a
+//! subscriber.
+
+// Tests may unwrap: a panic is how they fail.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod billing;
+pub mod carrier;
+pub mod check;
+pub mod lago;
+pub mod pricing;
+pub mod reconcile;
+pub mod text;
+pub mod usage;

@@ -25,14 +25,8 @@
 //!
 //! PostgreSQL (migration 4, [`PG_BILLING_MIGRATION_SQL`]): every table's key starts with
 //! `customer`, and one transaction only touches one customer's rows. On Citus, distribute all
-//! four by `customer`, co-located, so each wallet transaction is a single-shard one:
-//!
-//! ```sql
-//! SELECT create_distributed_table('billing_wallets', 'customer');
-//! SELECT create_distributed_table('billing_debits', 'customer', colocate_with => 'billing_wallets');
-//! SELECT create_distributed_table('billing_topups', 'customer', colocate_with => 'billing_wallets');
-//! SELECT create_distributed_table('billing_alerts', 'customer', colocate_with => 'billing_wallets');
-//! ```
+//! four by `customer`, co-located, so each wallet transaction is a single-shard one (the
+//! statements are in [`crate::postgres::CITUS_DISTRIBUTION_SQL`]).
 //!
 //! sled trees (keys big-endian; `c` is the customer as one length byte then its bytes):
 //!

@@ -57,22 +57,10 @@
 //! # Running on Citus
 //!
 //! The endpoint applies the migrations on the coordinator at start. Then, once, as a
-//! superuser on the coordinator:
-//!
-//! ```sql
-//! SELECT create_reference_table('meters');
-//! SELECT create_reference_table('gateways');
-//! SELECT create_reference_table('api_tokens');
-//! SELECT create_distributed_table('records', 'iccid');
-//! SELECT create_distributed_table('record_ids', 'meter_id');
-//! -- migration 3: ledger and Lago outbox
-//! SELECT create_reference_table('ledger_meta');
-//! SELECT create_distributed_table('ledger_settled', 'iccid', colocate_with => 'records');
-//! SELECT create_distributed_table('ledger_adjustments', 'iccid', colocate_with => 'records');
-//! SELECT create_distributed_table('lago_planned', 'iccid', colocate_with => 'records');
-//! SELECT create_distributed_table('lago_outbox', 'iccid', colocate_with => 'records');
-//! SELECT create_distributed_table('lago_epoch_max', 'meter_id', colocate_with => 'record_ids');
-//! ```
+//! superuser on the coordinator, [`CITUS_DISTRIBUTION_SQL`] (`postgres/citus.sql`, the one
+//! copy of the statements): registry tables as reference tables, `records` by `iccid`,
+//! `record_ids` by `meter_id`, the ledger and Lago tables co-located with them, billing by
+//! `customer`.
 //!
 //! `schema_migrations` stays a local coordinator table. Every statement the store issues keeps
 //! to what Citus runs: no foreign keys between distributed tables, no joins between the two
@@ -82,6 +70,10 @@
 //! shard. A settlement writes `ledger_meta` (a reference table) before its multi-shard
 //! inserts, as Citus requires. Advisory locks are per node: every endpoint process must reach
 //! the same coordinator.
+
+/// The statements that distribute the schema on Citus (see "Running on Citus"), run once by
+/// an operator on the coordinator after the migrations.
+pub const CITUS_DISTRIBUTION_SQL: &str = include_str!("postgres/citus.sql");
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -1180,5 +1172,34 @@ pub mod testing {
                 eprintln!("test database {} was not dropped", self.name);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every table a migration creates is distributed or referenced exactly once by the Citus
+    /// statements, so the one copy of them cannot fall behind the schema.
+    #[test]
+    fn citus_statements_cover_every_table_once() {
+        let mut tables = Vec::new();
+        for m in MIGRATIONS {
+            for part in m.sql.split("CREATE TABLE ").skip(1) {
+                let name: String =
+                    part.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                tables.push(name);
+            }
+        }
+        assert!(tables.len() >= 15, "{tables:?}");
+        for t in &tables {
+            let needle = format!("_table('{t}'");
+            assert_eq!(CITUS_DISTRIBUTION_SQL.matches(&needle).count(), 1, "{t} in citus.sql");
+        }
+        assert_eq!(
+            CITUS_DISTRIBUTION_SQL.matches("_table('").count(),
+            tables.len(),
+            "no table citus.sql names is missing from the migrations"
+        );
     }
 }

@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use countersign_meter::{verify, Report, VerifyError, METER_KEY_BYTES};
+use countersign_meter::{check_tag, DecodeError, RecordId, Report, VerifyError, METER_KEY_BYTES};
 use countersign_protocol::{
     open, peek_header, BatchError, BatchHeader, BatchReply, RecordOutcome, RejectReason,
 };
@@ -118,18 +118,35 @@ impl IngestSummary {
 pub struct OpenedBatch {
     /// Its header (the gateway is authenticated).
     pub header: BatchHeader,
-    /// (gateway receive time in Unix ms, device report bytes), in batch order.
-    pub records: Vec<(u64, Bytes)>,
+    /// The records, in batch order, each decoded once.
+    pub records: Vec<OpenedRecord>,
+}
+
+/// One record of an opened batch: its bytes and their one decoding. Every later step (meter
+/// keys, tag, checks, the stored id) uses this decoding; nothing decodes the report again.
+#[derive(Clone, Debug)]
+pub struct OpenedRecord {
+    /// When the gateway received it, Unix milliseconds.
+    pub received_ms: u64,
+    /// The device's bytes, tag included; a slice of the batch.
+    pub bytes: Bytes,
+    /// The report and the length of its body (the tag follows), or why it does not decode.
+    pub decoded: Result<(Report, usize), DecodeError>,
+}
+
+impl OpenedRecord {
+    /// Decodes `bytes` (once).
+    pub fn new(received_ms: u64, bytes: Bytes) -> Self {
+        let decoded = Report::decode(&bytes).map(|(r, body)| (r, body.len()));
+        Self { received_ms, bytes, decoded }
+    }
 }
 
 impl OpenedBatch {
     /// The distinct meter ids the records name (records that do not decode name none).
     pub fn meter_ids(&self) -> Vec<u64> {
-        let ids: BTreeSet<u64> = self
-            .records
-            .iter()
-            .filter_map(|(_, r)| Report::decode(r).ok().map(|(r, _)| r.meter_id))
-            .collect();
+        let ids: BTreeSet<u64> =
+            self.records.iter().filter_map(|r| r.decoded.as_ref().ok().map(|(r, _)| r.meter_id)).collect();
         ids.into_iter().collect()
     }
 }
@@ -143,7 +160,7 @@ pub fn open_batch(signed: &Bytes, gateway_key: Option<VerifyingKey>) -> Result<O
         // `open` already walked every record, so none fails here; treat one that does as a
         // malformed batch rather than trusting that.
         let record = record?;
-        records.push((record.received_ms, signed.slice_ref(record.report)));
+        records.push(OpenedRecord::new(record.received_ms, signed.slice_ref(record.report)));
     }
     Ok(OpenedBatch { header: batch.header, records })
 }
@@ -155,8 +172,11 @@ pub struct CheckedBatch {
     pub header: BatchHeader,
     /// Per record in batch order: the refusal, or `None` when it goes to the store.
     refusals: Vec<Option<RecordOutcome>>,
-    /// The verified records, in batch order.
+    /// The verified records, in batch order (until [`CheckedBatch::take_records`]).
     pub to_store: Vec<NewRecord>,
+    /// The ids of the records to store, in order: what the reply needs of them once they
+    /// went to the store.
+    ids: Vec<RecordId>,
     /// Records to store attributed more than [`LATE_ATTRIBUTION_MS`] before the endpoint's
     /// clock: they may fall in settled days (the ledger then books adjustments).
     pub late: usize,
@@ -172,13 +192,16 @@ pub fn check_records(
     let mut refusals = Vec::with_capacity(batch.records.len());
     let mut to_store = Vec::with_capacity(batch.records.len());
     let mut late = 0usize;
-    for (received_ms, bytes) in batch.records {
-        match check_record(keys, &bytes, received_ms, now_ms) {
+    let mut ids = Vec::with_capacity(batch.records.len());
+    for record in batch.records {
+        let (received_ms, bytes) = (record.received_ms, record.bytes.clone());
+        match check_record(keys, record, now_ms) {
             Ok(report) => {
                 if attribution_ms(&report, received_ms) < now_ms.saturating_sub(LATE_ATTRIBUTION_MS) {
                     late = late.saturating_add(1);
                 }
                 refusals.push(None);
+                ids.push(report.id());
                 to_store.push(NewRecord { id: report.id(), iccid: report.iccid, received_ms, report: bytes });
             }
             Err(refusal) => {
@@ -199,20 +222,26 @@ pub fn check_records(
             "records attributed to days that may be settled; the ledger adjusts them"
         );
     }
-    CheckedBatch { header: batch.header, refusals, to_store, late }
+    CheckedBatch { header: batch.header, refusals, to_store, ids, late }
 }
 
 impl CheckedBatch {
+    /// The records to store, moved out (the batch keeps their ids for the reply), so they go
+    /// to the store without a copy.
+    pub fn take_records(&mut self) -> Vec<NewRecord> {
+        std::mem::take(&mut self.to_store)
+    }
+
     /// The reply, given the store's outcomes for [`CheckedBatch::to_store`] in order.
     pub fn reply(self, stored: Vec<InsertOutcome>) -> Result<BatchReply, StoreError> {
-        if stored.len() != self.to_store.len() {
+        if stored.len() != self.ids.len() {
             return Err(StoreError::Corrupt(format!(
                 "store answered {} outcomes for {} records",
                 stored.len(),
-                self.to_store.len()
+                self.ids.len()
             )));
         }
-        let mut stored = stored.into_iter().zip(&self.to_store);
+        let mut stored = stored.into_iter().zip(&self.ids);
         let mut results = Vec::with_capacity(self.refusals.len());
         for refusal in self.refusals {
             let outcome = match refusal {
@@ -220,11 +249,11 @@ impl CheckedBatch {
                 None => match stored.next() {
                     Some((InsertOutcome::Stored, _)) => RecordOutcome::Stored,
                     Some((InsertOutcome::Duplicate, _)) => RecordOutcome::Duplicate,
-                    Some((InsertOutcome::Conflict, record)) => {
-                        tracing::warn!(record = %record.id, "record conflicts with the stored one");
+                    Some((InsertOutcome::Conflict, id)) => {
+                        tracing::warn!(record = %id, "record conflicts with the stored one");
                         rejected(
                             RejectReason::Conflict,
-                            format!("a different report with record id {} is already stored", record.id),
+                            format!("a different report with record id {id} is already stored"),
                         )
                     }
                     None => return Err(StoreError::Corrupt("store answered too few outcomes".into())),
@@ -275,11 +304,8 @@ async fn ingest_opened(
     check_created(opened.header.created_ms, now_ms).map_err(IngestError::Clock)?;
     let keys = store.meter_keys(opened.meter_ids()).await?;
     let mut checked = cpu(move || check_records(opened, &keys, now_ms)).await?;
-    let records = std::mem::take(&mut checked.to_store);
-    let gateway_id = checked.header.gateway_id;
-    // The records go to the store and come back, so that the reply can name conflicts.
-    let outcomes = store.insert_batch(gateway_id, records.clone()).await?;
-    checked.to_store = records;
+    let records = checked.take_records();
+    let outcomes = store.insert_batch(checked.header.gateway_id, records).await?;
     Ok(checked.reply(outcomes)?)
 }
 
@@ -298,8 +324,9 @@ pub fn ingest_batch(store: &Store, signed: &[u8], now_ms: u64) -> Result<BatchRe
             keys.insert(id, k);
         }
     }
-    let checked = check_records(opened, &keys, now_ms);
-    let outcomes = store.insert_batch(checked.header.gateway_id, &checked.to_store)?;
+    let mut checked = check_records(opened, &keys, now_ms);
+    let records = checked.take_records();
+    let outcomes = store.insert_batch(checked.header.gateway_id, &records)?;
     Ok(checked.reply(outcomes)?)
 }
 
@@ -307,28 +334,28 @@ fn rejected(reason: RejectReason, detail: String) -> RecordOutcome {
     RecordOutcome::Rejected { reason, detail }
 }
 
-/// Decodes and verifies one report: the report to store, or the refusal.
+/// Verifies one decoded report: the report to store, or the refusal.
 fn check_record(
     keys: &HashMap<u64, [u8; METER_KEY_BYTES]>,
-    bytes: &[u8],
-    received_ms: u64,
+    record: OpenedRecord,
     now_ms: u64,
 ) -> Result<Report, RecordOutcome> {
-    let meter_id = match Report::decode(bytes) {
-        Ok((report, _)) => report.meter_id,
+    let (report, body_len) = match record.decoded {
+        Ok(d) => d,
         Err(e) => return Err(rejected(RejectReason::Malformed, e.to_string())),
     };
-    let Some(key) = keys.get(&meter_id) else {
-        return Err(rejected(RejectReason::UnknownMeter, format!("meter {meter_id} is not registered")));
+    let Some(key) = keys.get(&report.meter_id) else {
+        return Err(rejected(
+            RejectReason::UnknownMeter,
+            format!("meter {} is not registered", report.meter_id),
+        ));
     };
-    let report = match verify(bytes, key) {
-        Ok(r) => r,
-        Err(VerifyError::BadTag) => {
-            return Err(rejected(RejectReason::BadTag, VerifyError::BadTag.to_string()))
-        }
-        Err(e @ VerifyError::Decode(_)) => return Err(rejected(RejectReason::Malformed, e.to_string())),
-    };
-    validate_report(&report, received_ms, now_ms).map_err(|(reason, detail)| rejected(reason, detail))?;
+    let (body, tag) = record.bytes.split_at(body_len);
+    if check_tag(body, tag, key).is_err() {
+        return Err(rejected(RejectReason::BadTag, VerifyError::BadTag.to_string()));
+    }
+    validate_report(&report, record.received_ms, now_ms)
+        .map_err(|(reason, detail)| rejected(reason, detail))?;
     Ok(report)
 }
 

@@ -34,8 +34,9 @@ pub use counter::{Accumulator, CounterWidth, Step};
 pub use flash_log::{FlashLog, FlashLogError};
 pub use meter::{Checkpoint, CheckpointStore, MemoryStore, Meter, MeterConfig, MeterError, ReportPolicy};
 pub use report::{
-    peek_meter_id, verify, CounterKind, DecodeError, DeviceTime, ExtraCounter, RecordId, Report, ReportError,
-    TimeQuality, Totals, VerifyError, METER_KEY_BYTES, REPORT_BYTES_MAX, REPORT_VERSION, TAG_BYTES,
+    check_tag, peek_meter_id, verify, CounterKind, DecodeError, DeviceTime, ExtraCounter, RecordId, Report,
+    ReportError, TimeQuality, Totals, VerifyError, METER_KEY_BYTES, REPORT_BYTES_MAX, REPORT_VERSION,
+    TAG_BYTES,
 };
 
 #[cfg(feature = "std")]

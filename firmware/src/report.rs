@@ -508,11 +508,16 @@ pub fn peek_meter_id(bytes: &[u8]) -> Result<u64, DecodeError> {
 /// Decodes `bytes` and checks its tag under `key` in constant time.
 pub fn verify(bytes: &[u8], key: &[u8; METER_KEY_BYTES]) -> Result<Report, VerifyError> {
     let (report, body) = Report::decode(bytes)?;
-    let tag_bytes = &bytes[body.len()..];
+    check_tag(body, &bytes[body.len()..], key)?;
+    Ok(report)
+}
+
+/// Checks a report's tag over its body (the split [`Report::decode`] returns), for a caller
+/// that decoded the report already and must not decode it twice. Constant time.
+pub fn check_tag(body: &[u8], tag: &[u8], key: &[u8; METER_KEY_BYTES]) -> Result<(), VerifyError> {
     let mut mac = <HmacSha256 as Mac>::new_from_slice(key).map_err(|_| VerifyError::BadTag)?;
     mac.update(body);
-    mac.verify_truncated_left(tag_bytes).map_err(|_| VerifyError::BadTag)?;
-    Ok(report)
+    mac.verify_truncated_left(tag).map_err(|_| VerifyError::BadTag)
 }
 
 fn tag(key: &[u8; METER_KEY_BYTES], body: &[u8]) -> [u8; TAG_BYTES] {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use countersign_cloud::ingest::{check_records, OpenedBatch};
+use countersign_cloud::ingest::{check_records, OpenedBatch, OpenedRecord};
 use countersign_cloud::lago::plan_event;
 use countersign_cloud::usage::{derive_daily_in, time_zone, UsageRecord};
 use countersign_meter::{Report, Totals, REPORT_BYTES_MAX};
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let meter_id = report.meter_id;
     let batch = OpenedBatch {
         header: BatchHeader { gateway_id: 1, batch_seq: 0, created_ms: now_ms },
-        records: vec![(received_ms, Bytes::copy_from_slice(&buf[..n]))],
+        records: vec![OpenedRecord::new(received_ms, Bytes::copy_from_slice(&buf[..n]))],
     };
     let checked = check_records(batch, &HashMap::from([(meter_id, KEY)]), now_ms);
     for r in &checked.to_store {

@@ -16,7 +16,7 @@ use crate::config::{CloudConfig, StoreKind};
 use crate::ledger::{Ledger, LedgerDay, LedgerError};
 use crate::negcache::{LookupCaches, LookupStats};
 use crate::postgres::PgStore;
-use crate::store::{InsertOutcome, NewRecord, Registration, Store, StoreError, StoredRecord};
+use crate::store::{blocking, InsertOutcome, NewRecord, Registration, Store, StoreError, StoredRecord};
 use crate::usage::{DateRange, Derived, Settlement, TimeZone};
 use jiff::Timestamp;
 
@@ -27,14 +27,6 @@ pub enum StoreBackend {
     Sled(Store),
     /// The PostgreSQL store (any number of processes).
     Postgres(PgStore),
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
 }
 
 impl StoreBackend {

@@ -46,7 +46,7 @@ use crate::backend::StoreBackend;
 use crate::billing::{AlertRecord, BillingError, BookedDebit, Refusal, Topup, WalletBook, WalletWrite};
 use crate::postgres::{billing_db_error, billing_pool_error, PgStore};
 use crate::pricing::{AlertCondition, BillingPeriod, WalletAlert};
-use crate::store::{Store, StoreError};
+use crate::store::{blocking, Store, StoreError};
 use crate::usage::{derive_daily_in, Derived, TimeZone};
 
 /// The PostgreSQL tables of billing, applied as migration 4 (independent of every other
@@ -106,14 +106,6 @@ fn currency_changed(customer: &str, stored: &str, configured: &str) -> BillingEr
         "customer '{customer}': the wallet was opened in {stored}; the plans now say {configured}"
     ))
     .into()
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
 }
 
 fn now_ms() -> i64 {
@@ -237,7 +229,7 @@ impl StoreBackend {
                 let _guard = SLED_WALLET_LOCK.lock().await;
                 let store = s.clone();
                 let c = customer.to_owned();
-                let (stored_currency, book) = blocking(move || {
+                let (stored_currency, book) = blocking(move || -> Result<_, StoreError> {
                     Ok(SledBilling::open(&store)?
                         .book(&c)?
                         .map(|(cur, b)| (Some(cur), b))
@@ -251,7 +243,10 @@ impl StoreBackend {
                 if let Some(write) = write {
                     let store = s.clone();
                     let (c, cur) = (customer.to_owned(), currency.to_owned());
-                    blocking(move || SledBilling::open(&store)?.write(&c, &cur, &write)).await?;
+                    blocking(move || -> Result<_, StoreError> {
+                        SledBilling::open(&store)?.write(&c, &cur, &write)
+                    })
+                    .await?;
                 }
                 Ok(out)
             }

@@ -65,7 +65,7 @@ pub use countersign_rating::lago::*;
 
 use crate::backend::StoreBackend;
 pub use crate::postgres::lago::PgOutbox;
-use crate::store::{Store, StoreError};
+use crate::store::{blocking, Store, StoreError};
 
 /// Path of Lago's batch events endpoint below the base URL.
 pub const LAGO_EVENTS_BATCH_PATH: &str = "/api/v1/events/batch";
@@ -370,12 +370,6 @@ impl Outbox {
 enum OutboxIo {
     Sled(Outbox),
     Postgres(PgOutbox),
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, LagoError> + Send + 'static,
-) -> Result<T, LagoError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| LagoError::Client(format!("outbox task failed: {e}")))?
 }
 
 impl OutboxIo {

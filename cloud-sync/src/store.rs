@@ -106,6 +106,16 @@ pub enum StoreError {
     TooManyTokens,
 }
 
+/// Runs blocking store work (sled calls, flushes) on tokio's blocking pool: the one helper
+/// every async caller of the sled store uses. A task that panicked is a store failure.
+pub(crate) async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| E::from(StoreError::Corrupt(format!("store task failed: {e}"))))?
+}
+
 impl From<countersign_rating::lago::PlanError> for StoreError {
     /// A record whose event cannot be planned is stored data out of range.
     fn from(e: countersign_rating::lago::PlanError) -> Self {

@@ -23,7 +23,7 @@
 //!
 //! # Schema
 //!
-//! PostgreSQL (migration 4, [`PG_BILLING_MIGRATION_SQL`]): every table's key starts with
+//! PostgreSQL (migration 4, [`crate::postgres::PG_BILLING_MIGRATION_SQL`]): every table's key starts with
 //! `customer`, and one transaction only touches one customer's rows. On Citus, distribute all
 //! four by `customer`, co-located, so each wallet transaction is a single-shard one (the
 //! statements are in [`crate::postgres::CITUS_DISTRIBUTION_SQL`]).
@@ -48,46 +48,6 @@ use crate::postgres::{billing_db_error, billing_pool_error, PgStore};
 use crate::pricing::{AlertCondition, BillingPeriod, WalletAlert};
 use crate::store::{blocking, Store, StoreError};
 use crate::usage::{derive_daily_in, Derived, TimeZone};
-
-/// The PostgreSQL tables of billing, applied as migration 4 (independent of every other
-/// migration after 2: it creates only `billing_*` tables and references none).
-pub const PG_BILLING_MIGRATION_SQL: &str = "
-CREATE TABLE billing_wallets (
-    customer TEXT PRIMARY KEY,
-    currency TEXT NOT NULL,
-    active_alerts TEXT[] NOT NULL DEFAULT '{}',
-    alert_seq BIGINT NOT NULL DEFAULT 0 CHECK (alert_seq >= 0),
-    usage_as_of_ms BIGINT
-);
-CREATE TABLE billing_debits (
-    customer TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    period_start DATE NOT NULL,
-    period_end DATE NOT NULL CHECK (period_end > period_start),
-    plan_id TEXT NOT NULL,
-    debited_micros BIGINT NOT NULL,
-    debits BIGINT NOT NULL CHECK (debits >= 0),
-    updated_at_s BIGINT NOT NULL,
-    PRIMARY KEY (customer, grp, period_start)
-);
-CREATE TABLE billing_topups (
-    customer TEXT NOT NULL,
-    topup_id TEXT NOT NULL,
-    amount_micros BIGINT NOT NULL CHECK (amount_micros > 0),
-    booked_at_s BIGINT NOT NULL,
-    PRIMARY KEY (customer, topup_id)
-);
-CREATE TABLE billing_alerts (
-    customer TEXT NOT NULL,
-    seq BIGINT NOT NULL CHECK (seq >= 1),
-    kind TEXT NOT NULL CHECK (kind IN ('threshold_crossed', 'overdrawn', 'overdraft_limit_exceeded')),
-    threshold_micros BIGINT,
-    balance_micros BIGINT NOT NULL,
-    overdraft_limit_micros BIGINT,
-    raised_at_s BIGINT NOT NULL,
-    PRIMARY KEY (customer, seq)
-);
-";
 
 const WALLETS_TREE: &str = "billing_wallets";
 const DEBITS_TREE: &str = "billing_debits";

@@ -3,9 +3,10 @@
 //! The work is split so that either store can run it without blocking the async runtime:
 //!
 //! 1. [`open_batch`] (CPU: one Ed25519 check) verifies the batch signature with the gateway's
-//!    key and lists its records as zero-copy slices of the body;
+//!    key and lists its records as zero-copy slices of the body, each decoded once
+//!    ([`OpenedRecord`]; no later step decodes a report again);
 //! 2. the meter keys of the batch are read from the store in one call;
-//! 3. [`check_records`] (CPU: one HMAC per record) decodes and verifies every report, and
+//! 3. [`check_records`] (CPU: one HMAC per record) checks every tag over the decoded body, and
 //!    [`validate_report`] refuses what a later stage could not count (counters beyond their
 //!    physical ceilings, receive and device times outside a window around the endpoint's
 //!    clock), so that nothing stored can fail a derivation, settlement, billing run or

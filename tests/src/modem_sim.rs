@@ -69,8 +69,22 @@ pub struct SimState {
     /// Set by the test: how long the modem holds each `+QMTPUB` result after the PUBACK (a
     /// slow network), in ms.
     pub publish_delay_ms: u64,
-    /// Publishes that failed during the current boot (dropped on purpose or unacked).
-    pub failed_publishes: usize,
+    /// Publishes that failed during the current boot, in order, with why.
+    pub failed_publishes: Vec<PublishFailure>,
+}
+
+/// Why the simulated modem answered `+QMTPUB: …,2` to a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// The test asked for it (`SimState::drop_publishes`).
+    Dropped,
+    /// The firmware published without an MQTT session (`AT+QMTCONN`) on this boot.
+    NoSession,
+    /// The broker's PUBACK did not come within the modem's timeout.
+    NoPubAck {
+        /// How long the modem waited, in ms.
+        waited_ms: u64,
+    },
 }
 
 /// The modem and the QEMU process it talks to; QEMU is killed (power cut) on drop.
@@ -115,7 +129,7 @@ impl ModemSim {
             s.answers.clear();
             s.delivered.clear();
             s.delivered_before_deact = None;
-            s.failed_publishes = 0;
+            s.failed_publishes.clear();
             s.pdp_deact_requested = false;
             s.traffic_on = true;
         }
@@ -320,19 +334,28 @@ impl Modem {
             s.drop_publishes = s.drop_publishes.saturating_sub(1);
             (drop, s.publish_delay_ms)
         };
-        let delivered = match &mut self.mqtt {
-            _ if drop => false,
+        let failure = match &mut self.mqtt {
+            _ if drop => Some(PublishFailure::Dropped),
             Some(m) => {
+                let started = std::time::Instant::now();
                 m.client.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, payload.clone())?;
-                m.acks.recv_timeout(PUBACK_TIMEOUT).is_ok()
+                match m.acks.recv_timeout(PUBACK_TIMEOUT) {
+                    Ok(()) => None,
+                    Err(_) => Some(PublishFailure::NoPubAck {
+                        waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    }),
+                }
             }
-            None => false,
+            None => Some(PublishFailure::NoSession),
         };
         if delay_ms > 0 {
             std::thread::sleep(Duration::from_millis(delay_ms));
         }
-        if !delivered {
-            self.state()?.failed_publishes += 1;
+        if let Some(failure) = failure {
+            if failure != PublishFailure::Dropped {
+                eprintln!("modem simulator: publish {msg_id} failed: {failure:?}");
+            }
+            self.state()?.failed_publishes.push(failure);
             return self.send(&format!("\r\n+QMTPUB: {idx},{msg_id},2\r\n"));
         }
         {

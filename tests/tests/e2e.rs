@@ -228,7 +228,7 @@ fn build_board_image(meter_id: u64, key_file: &Path) -> Result<std::path::PathBu
 /// first epoch's final totals, and the endpoint's total equals the bytes the modem counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> {
-    use countersign_e2e::modem_sim::{ModemSim, SimState};
+    use countersign_e2e::modem_sim::{ModemSim, PublishFailure, SimState};
     use std::sync::{Arc, Mutex};
 
     const METER_ID: u64 = 4_200_001;
@@ -271,7 +271,11 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
                     s.publish_delay_ms = 1500;
                     s.drop_publishes = 1;
                 }
-                sim.wait_for("a dropped publish", Duration::from_secs(90), |s| s.failed_publishes >= 1)?;
+                // Waits for the drop itself, not any failure: a publish the harness lost for
+                // its own reasons must not leave the drop pending for the next boot.
+                sim.wait_for("a dropped publish", Duration::from_secs(90), |s| {
+                    s.drop_publishes == 0 && s.failed_publishes.contains(&PublishFailure::Dropped)
+                })?;
                 state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.publish_delay_ms = 0;
             }
             // Several policy reports while traffic flows (delta or max interval)...
@@ -292,9 +296,21 @@ async fn qemu_firmware_reports_exact_totals_across_power_cycles() -> Result<()> 
             let s = state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
             assert!(s.unknown.is_empty(), "firmware sent unknown commands: {:?}", s.unknown);
             let i = s.delivered_before_deact.context("deact index")?;
-            (s.answers[0], s.delivered[i].clone(), s.delivered[0].report.clone(), s.failed_publishes)
+            (s.answers[0], s.delivered[i].clone(), s.delivered[0].report.clone(), s.failed_publishes.clone())
         };
-        assert_eq!(failed, usize::from(boot == 0), "boot {boot}: publishes lost on the air");
+        let dropped = failed.iter().filter(|f| **f == PublishFailure::Dropped).count();
+        assert_eq!(dropped, usize::from(boot == 0), "boot {boot}: publishes dropped on the air");
+        // The firmware's contract covers any lost publish (the next cumulative report carries
+        // it), so a PUBACK the harness's own broker client missed under load is checked like a
+        // drop below (seq and totals), and shown rather than failing the run.
+        assert!(
+            !failed.contains(&PublishFailure::NoSession),
+            "boot {boot}: the firmware published without an MQTT session: {failed:?}"
+        );
+        if failed.len() > dropped {
+            eprintln!("boot {boot}: publishes lost by the harness itself: {failed:?}");
+        }
+        let failed = failed.len();
         // Power cut while the device sleeps after its on-demand report.
         sim.power_cut();
         let r = &fin.report;

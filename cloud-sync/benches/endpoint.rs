@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use countersign_cloud::postgres::testing::TestDatabase;
+use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::{CloudConfig, Endpoint};
 use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::keys::write_secret;

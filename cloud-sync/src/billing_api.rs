@@ -1,7 +1,7 @@
 //! Billing as a service of the endpoint: [`Billing`] (a validated plan file) runs billing,
 //! prices charges, shows wallets, books top-ups and forecasts lifetime quotas over the store;
 //! the routes below expose it. The decisions are [`crate::billing`]'s, the persistence
-//! [`crate::billing_store`]'s.
+//! [`crate::store::billing`]'s.
 //!
 //! | route                                         | auth  | answer                        |
 //! | --------------------------------------------- | ----- | ----------------------------- |
@@ -22,7 +22,6 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use time::Date;
 
-use crate::backend::StoreBackend;
 use crate::billing::{
     charges, customer_faulty_sims, customer_period_charges, decide_run, decide_topup, items_by_assignment,
     run_write, topup_write, AlertRecord, BillingError, GroupCharge, PeriodSelector, Refusal, RunDecision,
@@ -38,6 +37,7 @@ use crate::server::{
     format_date, json_date, json_iccid, json_opt_date, parse_iccid, underivable, ApiError, AppState, Routes,
     UnderivableSim,
 };
+use crate::store::StoreBackend;
 use crate::usage::{time_zone, zone_date, TimeZone};
 
 /// Path of the charges query.
@@ -151,7 +151,7 @@ impl Billing {
             }
             let (pricing, items) = (&self.pricing, &items);
             let outcome = store
-                .with_wallet(&w.customer, &w.currency, |book| {
+                .with_wallet::<_, BillingError>(&w.customer, &w.currency, |book| {
                     let balance = book.balance_micros(w)?;
                     if book.usage_as_of_ms.is_some_and(|t| t > usage_as_of_ms) {
                         // A run that read fresher usage billed this wallet already.
@@ -372,7 +372,7 @@ impl Billing {
         let w = self.pricing.wallets.get(customer).ok_or_else(|| Refusal::NoWallet(customer.to_owned()))?;
         let at_s = now.as_second();
         let (status, balance_micros) = store
-            .with_wallet(customer, &w.currency, |book| {
+            .with_wallet::<_, BillingError>(customer, &w.currency, |book| {
                 match decide_topup(w, book, topup_id, amount_micros)? {
                     TopupDecision::Book { balance_after_micros, active_after } => {
                         let write = topup_write(book, topup_id, Topup { amount_micros, at_s }, active_after);

@@ -33,6 +33,7 @@
 //! that file, so a config works the same whatever directory the endpoint is started from.
 //! Every error names the key it is about.
 
+use crate::store::StoreKind;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -209,34 +210,6 @@ struct RawStore {
 struct RawRateLimit {
     records_per_second: Option<toml::Value>,
     burst_records: Option<toml::Value>,
-}
-
-/// Which store the endpoint runs on.
-#[derive(Clone, PartialEq, Eq)]
-pub enum StoreKind {
-    /// The embedded sled store in `data_dir/sled`.
-    Sled,
-    /// A PostgreSQL database shared by any number of endpoint processes.
-    Postgres {
-        /// libpq-style connection string.
-        url: String,
-        /// Connections this process opens at most.
-        pool_connections: usize,
-    },
-}
-
-impl std::fmt::Debug for StoreKind {
-    // The connection string may hold a password: never print it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreKind::Sled => f.write_str("Sled"),
-            StoreKind::Postgres { pool_connections, .. } => f
-                .debug_struct("Postgres")
-                .field("url", &"..")
-                .field("pool_connections", pool_connections)
-                .finish(),
-        }
-    }
 }
 
 /// The per-gateway token bucket on batch uploads.
@@ -486,10 +459,11 @@ fn store_kind(raw: &RawStore) -> Result<StoreKind, ConfigError> {
                 ));
             }
             let pool_connections = match &raw.postgres_pool_connections {
-                None => crate::postgres::PG_POOL_CONNECTIONS_DEFAULT,
+                None => crate::store::postgres::PG_POOL_CONNECTIONS_DEFAULT,
                 Some(v) => {
                     let key = "store.postgres_pool_connections";
-                    let n = bounded_integer(key, v, 1, crate::postgres::PG_POOL_CONNECTIONS_MAX as u64)?;
+                    let n =
+                        bounded_integer(key, v, 1, crate::store::postgres::PG_POOL_CONNECTIONS_MAX as u64)?;
                     usize::try_from(n).map_err(|_| invalid(key, "does not fit this platform"))?
                 }
             };

@@ -35,7 +35,7 @@ pub use countersign_rating::check::{
     UPTIME_SLACK_S,
 };
 
-use crate::backend::StoreBackend;
+use crate::store::StoreBackend;
 use crate::store::{InsertOutcome, NewRecord, Store, StoreError};
 
 /// The endpoint's clock, Unix milliseconds; injected so that the time checks are testable.

@@ -35,15 +35,15 @@
 //! re-exported here), shared by both stores: [`plan_event`] (a
 //! record and its epoch's exported maximum → the event bytes and the new maximum),
 //! [`classify_answer`] (Lago's answer → [`CallOutcome`]) and [`next_step`] (outcome →
-//! settle, resend after a wait, or stop). The IO is thin and per store: [`Outbox`] on sled
-//! (trees above), [`PgOutbox`] on PostgreSQL (tables `lago_planned`, `lago_outbox`,
-//! `lago_epoch_max`; see [`crate::postgres::lago`]). [`LagoExporter`] runs the same loop
+//! settle, resend after a wait, or stop). The IO is thin and per store ([`LagoOutbox`]): [`Outbox`](crate::store::lago::Outbox) on sled
+//! (trees above), [`PgOutbox`](crate::store::lago::PgOutbox) on PostgreSQL (tables `lago_planned`, `lago_outbox`,
+//! `lago_epoch_max`; see [`crate::store::postgres::lago`]). [`LagoExporter`] runs the same loop
 //! over either.
 //!
 //! Only one exporter may plan and send at a time: on sled the store's directory lock makes
 //! that one process; on PostgreSQL the active exporter holds a session advisory lock on a
 //! connection of its own, and every exporter without it stands by (see
-//! [`crate::postgres::lago`]).
+//! [`crate::store::postgres::lago`]).
 //!
 //! # Errors from Lago
 //!
@@ -56,23 +56,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use countersign_meter::{RecordId, Totals};
 use serde::Deserialize;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 pub use countersign_rating::lago::*;
 
-use crate::backend::StoreBackend;
-pub use crate::postgres::lago::PgOutbox;
-use crate::store::{blocking, Store, StoreError};
+use crate::store::lago::LagoOutbox;
+use crate::store::{StoreBackend, StoreError};
 
 /// Path of Lago's batch events endpoint below the base URL.
 pub const LAGO_EVENTS_BATCH_PATH: &str = "/api/v1/events/batch";
 /// Longest accepted Lago answer body, bytes.
 pub const LAGO_RESPONSE_BYTES_MAX: usize = 1024 * 1024;
-/// Records planned per sled transaction batch before a flush.
-pub const LAGO_PLAN_RECORDS_PER_FLUSH_MAX: usize = 1000;
 /// ICCIDs the subscription map may hold.
 pub const LAGO_SUBSCRIPTIONS_MAX: usize = 1_000_000;
 /// Longest billable metric code / subscription id accepted, bytes.
@@ -81,12 +75,6 @@ pub const LAGO_ID_BYTES_MAX: usize = 256;
 pub const LAGO_API_KEY_FILE_BYTES_MAX: u64 = 4096;
 /// HTTP timeout per call, seconds.
 pub const LAGO_REQUEST_TIMEOUT_S: u64 = 30;
-
-const OUTBOX_TREE: &str = "lago_outbox";
-const PLANNED_TREE: &str = "lago_planned";
-const EPOCH_MAX_TREE: &str = "lago_epoch_max";
-const META_TREE: &str = "lago_meta";
-const NEXT_SEQ_KEY: &[u8] = b"next_seq";
 
 /// Why the export failed.
 #[derive(Debug, thiserror::Error)]
@@ -122,12 +110,6 @@ impl LagoError {
     /// answers (429, 5xx) never surface as errors: the exporter retries them itself.
     pub fn is_recoverable(&self) -> bool {
         matches!(self, LagoError::Store(e) if e.is_recoverable())
-    }
-}
-
-impl From<sled::Error> for LagoError {
-    fn from(e: sled::Error) -> Self {
-        LagoError::Store(e.into())
     }
 }
 
@@ -230,205 +212,10 @@ fn read_api_key(path: &Path) -> Result<String, LagoError> {
     Ok(text.trim().to_owned())
 }
 
-fn epoch_key(id: RecordId) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..8].copy_from_slice(&id.meter_id.to_be_bytes());
-    k[8..].copy_from_slice(&id.epoch.to_be_bytes());
-    k
-}
-
-fn totals_bytes(t: Totals) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&t.up.to_be_bytes());
-    b[8..].copy_from_slice(&t.down.to_be_bytes());
-    b
-}
-
-fn totals_from(b: &[u8]) -> Result<Totals, StoreError> {
-    let (up, down) = b.split_at_checked(8).ok_or_else(|| StoreError::Corrupt("lago epoch max".into()))?;
-    let arr = |s: &[u8]| <[u8; 8]>::try_from(s).map_err(|_| StoreError::Corrupt("lago epoch max".into()));
-    Ok(Totals { up: u64::from_be_bytes(arr(up)?), down: u64::from_be_bytes(arr(down)?) })
-}
-
-fn u64_from(b: &[u8]) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(<[u8; 8]>::try_from(b).map_err(|_| StoreError::Corrupt("lago sequence".into()))?))
-}
-
-/// The Lago outbox in the sled store: planning and settling, no network.
-#[derive(Clone, Debug)]
-pub struct Outbox {
-    store: Store,
-    outbox: sled::Tree,
-    planned: sled::Tree,
-    epoch_max: sled::Tree,
-    meta: sled::Tree,
-}
-
-impl Outbox {
-    /// Opens the outbox trees of `store`.
-    pub fn open(store: &Store) -> Result<Self, LagoError> {
-        let db = store.db();
-        Ok(Self {
-            store: store.clone(),
-            outbox: db.open_tree(OUTBOX_TREE)?,
-            planned: db.open_tree(PLANNED_TREE)?,
-            epoch_max: db.open_tree(EPOCH_MAX_TREE)?,
-            meta: db.open_tree(META_TREE)?,
-        })
-    }
-
-    /// Plans an event for every stored record not planned yet whose SIM has a subscription;
-    /// durable when it returns. Returns how many were planned.
-    pub fn plan(&self, config: &LagoConfig) -> Result<usize, LagoError> {
-        let mut planned = 0usize;
-        let mut since_flush = 0usize;
-        let mut unmapped = 0usize;
-        for r in self.store.usage_records() {
-            let r = r?;
-            let key = r.id.to_key();
-            if self.planned.contains_key(key)? {
-                continue;
-            }
-            let Some(sub) = config.subscriptions.get(&r.iccid) else {
-                unmapped += 1;
-                continue;
-            };
-            if !plannable(&r) {
-                continue;
-            }
-            let ekey = epoch_key(r.id);
-            let result = (&self.outbox, &self.planned, &self.epoch_max, &self.meta).transaction(
-                |(outbox, planned_t, epoch_max, meta)| {
-                    let abort = |e: StoreError| ConflictableTransactionError::Abort(e);
-                    let max = match epoch_max.get(ekey)? {
-                        Some(b) => totals_from(&b).map_err(abort)?,
-                        None => Totals::default(),
-                    };
-                    let event = plan_event(&r, max, sub, &config.code).map_err(|e| abort(e.into()))?;
-                    let seq = match meta.get(NEXT_SEQ_KEY)? {
-                        Some(b) => u64_from(&b).map_err(abort)?,
-                        None => 0,
-                    };
-                    let next = seq
-                        .checked_add(1)
-                        .ok_or_else(|| abort(StoreError::Corrupt("lago sequence exhausted".into())))?;
-                    outbox.insert(&seq.to_be_bytes(), event.json)?;
-                    planned_t.insert(&key, &seq.to_be_bytes())?;
-                    epoch_max.insert(&ekey, &totals_bytes(event.exported_max))?;
-                    meta.insert(NEXT_SEQ_KEY, &next.to_be_bytes())?;
-                    Ok(())
-                },
-            );
-            match result {
-                Ok(()) => {}
-                Err(TransactionError::Abort(e)) => return Err(e.into()),
-                Err(TransactionError::Storage(e)) => return Err(e.into()),
-            }
-            planned += 1;
-            since_flush += 1;
-            if since_flush >= LAGO_PLAN_RECORDS_PER_FLUSH_MAX {
-                self.store.flush()?;
-                since_flush = 0;
-            }
-        }
-        self.store.flush()?;
-        if unmapped > 0 {
-            tracing::warn!(unmapped, "records of SIMs without a Lago subscription are held back");
-        }
-        Ok(planned)
-    }
-
-    /// The next events to send: up to `max` (key, JSON bytes) in plan order.
-    pub fn peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, LagoError> {
-        let mut out = Vec::new();
-        for item in self.outbox.iter().take(max.min(LAGO_EVENTS_PER_CALL_MAX)) {
-            let (k, v) = item?;
-            out.push((u64_from(&k)?, v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// Removes delivered events; durable when it returns.
-    pub fn settle(&self, delivered: &[u64]) -> Result<(), LagoError> {
-        let mut batch = sled::Batch::default();
-        for k in delivered {
-            batch.remove(&k.to_be_bytes());
-        }
-        self.outbox.apply_batch(batch)?;
-        self.store.flush()?;
-        Ok(())
-    }
-
-    /// Events planned and not yet accepted by Lago.
-    pub fn pending(&self) -> usize {
-        self.outbox.len()
-    }
-}
-
-/// The outbox of whichever store the endpoint runs on: the thin IO under the shared loop.
-#[derive(Debug)]
-enum OutboxIo {
-    Sled(Outbox),
-    Postgres(PgOutbox),
-}
-
-impl OutboxIo {
-    /// Whether this exporter may plan and send now (always on sled; on PostgreSQL only while
-    /// it holds the export lock, which this tries to take).
-    async fn acquire(&self) -> Result<bool, LagoError> {
-        match self {
-            Self::Sled(_) => Ok(true),
-            Self::Postgres(p) => p.acquire().await,
-        }
-    }
-
-    /// Gives up the export lock after a failure, so that a healthy exporter can take over.
-    async fn release(&self) {
-        if let Self::Postgres(p) = self {
-            p.release().await;
-        }
-    }
-
-    async fn plan(&self, config: &LagoConfig) -> Result<usize, LagoError> {
-        match self {
-            Self::Sled(o) => {
-                let (o, config) = (o.clone(), config.clone());
-                blocking(move || o.plan(&config)).await
-            }
-            Self::Postgres(p) => p.plan(config).await,
-        }
-    }
-
-    async fn peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, LagoError> {
-        match self {
-            Self::Sled(o) => o.peek(max),
-            Self::Postgres(p) => p.peek(max).await,
-        }
-    }
-
-    async fn settle(&self, delivered: Vec<u64>) -> Result<(), LagoError> {
-        match self {
-            Self::Sled(o) => {
-                let o = o.clone();
-                blocking(move || o.settle(&delivered)).await
-            }
-            Self::Postgres(p) => p.settle(&delivered).await,
-        }
-    }
-
-    async fn pending(&self) -> Result<u64, LagoError> {
-        match self {
-            Self::Sled(o) => u64::try_from(o.pending())
-                .map_err(|_| LagoError::Store(StoreError::Corrupt("outbox length".into()))),
-            Self::Postgres(p) => p.pending().await,
-        }
-    }
-}
-
 /// Forwards the outbox to Lago.
 #[derive(Debug)]
 pub struct LagoExporter {
-    outbox: OutboxIo,
+    outbox: LagoOutbox,
     config: LagoConfig,
     http: reqwest::Client,
     url: String,
@@ -455,10 +242,7 @@ pub struct ExportStats {
 impl LagoExporter {
     /// An exporter over `store`, sled or PostgreSQL.
     pub fn new(store: &StoreBackend, config: LagoConfig) -> Result<Self, LagoError> {
-        let outbox = match store {
-            StoreBackend::Sled(s) => OutboxIo::Sled(Outbox::open(s)?),
-            StoreBackend::Postgres(p) => OutboxIo::Postgres(PgOutbox::new(p)),
-        };
+        let outbox = LagoOutbox::open(store)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(LAGO_REQUEST_TIMEOUT_S))
             .build()
@@ -477,7 +261,7 @@ impl LagoExporter {
 
     /// Events planned and not yet accepted by Lago (any exporter's, on PostgreSQL).
     pub async fn pending(&self) -> Result<u64, LagoError> {
-        self.outbox.pending().await
+        Ok(self.outbox.pending().await?)
     }
 
     /// Plans new records, then sends until the outbox is empty. Retries 429/5xx/transport
@@ -498,7 +282,10 @@ impl LagoExporter {
     }
 
     async fn drain_active(&self) -> Result<ExportStats, LagoError> {
-        let mut stats = ExportStats { planned: self.outbox.plan(&self.config).await?, ..Default::default() };
+        let mut stats = ExportStats {
+            planned: self.outbox.plan(&self.config.subscriptions, &self.config.code).await?,
+            ..Default::default()
+        };
         let mut backoff = Backoff::default();
         loop {
             let events = self.outbox.peek(self.events_per_call).await?;

@@ -5,9 +5,8 @@
 //! - [`config`]: the TOML configuration, validated once.
 //! - [`usage`], [`pricing`], [`carrier`], [`reconcile`], [`text`]: the pure rating core,
 //!   crate `countersign-rating` (re-exported here).
-//! - [`store`]: the sled store behind a narrow API.
-//! - [`postgres`]: the PostgreSQL store, shared by several endpoint processes.
-//! - [`backend`]: [`StoreBackend`], whichever of the two the configuration selects.
+//! - [`store`]: the store boundary: the contract, [`StoreBackend`], and the two backends
+//!   (embedded sled; PostgreSQL shared by several endpoint processes), one file per feature.
 //! - [`auth`]: operator API tokens and their roles.
 //! - [`ratelimit`]: the per-gateway token bucket on batch uploads.
 //! - [`negcache`]: bounded negative caches of unknown gateway ids and tokens.
@@ -17,10 +16,8 @@
 //! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
 //! - [`billing`]: the rating core's billing decisions, and [`billing::BillingError`], which
 //!   adds the store's failures to the decisions' refusals.
-//! - [`billing_store`]: wallets, debits per period, top-ups and alerts in both stores.
 //! - [`billing_api`]: [`billing_api::Billing`] (runs, charges, wallets, forecasts) and its routes.
-//! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
-//! - [`ledger`]: settled SIM-days and adjustments in the store.
+//! - [`lago`]: the Lago exporter over the store's durable outbox (exactly once per record).
 //! - [`client`]: an async client for the admin and usage API.
 //!
 //! The library logs through `tracing` and never installs a subscriber.
@@ -29,19 +26,15 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod auth;
-pub mod backend;
 pub mod billing;
 pub mod billing_api;
-pub mod billing_store;
 pub mod client;
 pub mod config;
 pub mod ingest;
 pub mod lago;
-pub mod ledger;
 pub mod listen;
 pub mod metrics;
 pub mod negcache;
-pub mod postgres;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
@@ -50,11 +43,9 @@ pub mod store;
 // like keep their paths for the binary, the tests and the fuzz targets.
 pub use countersign_rating::{carrier, pricing, reconcile, text, usage};
 
-pub use backend::StoreBackend;
 pub use config::{AdminToken, CloudConfig, ConfigError};
-pub use postgres::PgStore;
 pub use server::Endpoint;
-pub use store::{Store, StoreError};
+pub use store::{PgStore, Store, StoreBackend, StoreError};
 
 /// Why the endpoint could not start. Neither is recoverable without operator action except
 /// a store locked by another process, which frees when that process exits.

@@ -47,12 +47,12 @@ use serde::{Deserialize, Serialize};
 use time::Date;
 
 use crate::auth::{check_token_name, token_sha256, Role, TOKEN_BYTES};
-use crate::backend::StoreBackend;
-use crate::config::{AdminToken, CloudConfig, ConfigError, ServerLimits, StoreKind};
+use crate::config::{AdminToken, CloudConfig, ConfigError, ServerLimits};
 use crate::ingest::{ingest, IngestError, IngestSummary};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::store::{Registration, Store, StoreError};
+use crate::store::StoreBackend;
+use crate::store::{Registration, Store, StoreError, StoreKind};
 use crate::usage::{days_of, per_sim, DateRange, Derived, SimFault, UsageError};
 use crate::CloudError;
 
@@ -455,7 +455,8 @@ impl Endpoint {
     pub async fn connect(config: &CloudConfig) -> Result<Endpoint, CloudError> {
         let token = config.read_admin_token()?;
         let billing = crate::billing_api::Billing::from_cloud_config(config)?;
-        let store = StoreBackend::open(config).await?;
+        let store =
+            StoreBackend::open(config.store_kind(), config.data_dir(), config.cache_capacity_bytes()).await?;
         tracing::info!(store = store.kind(), "store open");
         Ok(Self::with_backend(store, token)
             .with_rate_limiter(RateLimiter::new(config.rate_limit()))
@@ -1068,8 +1069,8 @@ fn zone_range(p: &ZoneParams) -> Result<(Option<u64>, DateRange), ApiError> {
     Ok((iccid, range))
 }
 
-fn ledger_error(e: crate::ledger::LedgerError) -> ApiError {
-    use crate::ledger::LedgerError;
+fn ledger_error(e: crate::store::ledger::LedgerError) -> ApiError {
+    use crate::store::ledger::LedgerError;
     match e {
         LedgerError::Store(s) => s.into(),
         LedgerError::Usage(u @ (UsageError::UnknownTimeZone(_) | UsageError::SettlementWindow(_))) => {

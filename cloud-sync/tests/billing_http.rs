@@ -321,7 +321,7 @@ async fn periodic_billing_debits_on_its_own() {
 /// exactly the charge and each alert is recorded once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_endpoint_processes_on_one_postgres_bill_once() {
-    let db = countersign_cloud::postgres::testing::TestDatabase::create().await.unwrap();
+    let db = countersign_cloud::store::postgres::testing::TestDatabase::create().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("admin.token");
     write_secret(&token_file, &TOKEN).unwrap();

@@ -71,7 +71,7 @@ struct Running {
     store: StoreBackend,
     server: common::Server,
     _dir: tempfile::TempDir,
-    _db: Option<countersign_cloud::postgres::testing::TestDatabase>,
+    _db: Option<countersign_cloud::store::postgres::testing::TestDatabase>,
 }
 
 impl Running {

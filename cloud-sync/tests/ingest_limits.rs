@@ -48,7 +48,7 @@ fn sign(batch_seq: u64, created_ms: u64, records: &[(u64, Vec<u8>)]) -> Vec<u8> 
 struct Guard {
     _server: common::Server,
     _dir: tempfile::TempDir,
-    _db: Option<countersign_cloud::postgres::testing::TestDatabase>,
+    _db: Option<countersign_cloud::store::postgres::testing::TestDatabase>,
 }
 
 async fn start(kind: Kind) -> (String, StoreBackend, Guard) {

@@ -19,7 +19,7 @@ use axum::Router;
 use countersign_cloud::lago::{
     transaction_id, ExportStats, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH,
 };
-use countersign_cloud::postgres::testing::TestDatabase;
+use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::{PgStore, Store, StoreBackend};
 use countersign_meter::RecordId;

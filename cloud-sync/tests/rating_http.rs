@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use countersign_cloud::client::{self, ClientError};
-use countersign_cloud::config::StoreKind;
-use countersign_cloud::ledger::LedgerDay;
-use countersign_cloud::postgres::testing::TestDatabase;
+use countersign_cloud::store::ledger::LedgerDay;
+use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
+use countersign_cloud::store::StoreKind;
 use countersign_cloud::usage::{DailyUsage, DateRange, Settlement};
 use countersign_cloud::{CloudConfig, Endpoint, PgStore, Store, StoreBackend};
 use countersign_protocol::keys::write_secret;

@@ -4,8 +4,9 @@
 //! worth of stores ingesting the same batches at once.
 #![allow(clippy::unwrap_used)]
 
-use countersign_cloud::postgres::testing::TestDatabase;
-use countersign_cloud::postgres::{PgStore, MIGRATIONS};
+use countersign_cloud::store::postgres::migrations::MIGRATIONS;
+use countersign_cloud::store::postgres::testing::TestDatabase;
+use countersign_cloud::store::PgStore;
 use countersign_cloud::store::{InsertOutcome, NewRecord, Registration, StoredRecord};
 use countersign_cloud::{Store, StoreBackend, StoreError};
 use countersign_meter::{RecordId, Totals};

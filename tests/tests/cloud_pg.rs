@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use countersign_cloud::postgres::testing::TestDatabase;
+use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::{client, usage::DateRange, PgStore};
 use countersign_e2e::fleet::{Faults, Fleet, STEP_S};
 use countersign_meter::{RecordId, Report, Totals};

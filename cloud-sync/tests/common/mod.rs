@@ -5,7 +5,7 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code, unused_macros, clippy::unwrap_used)]
 
-use countersign_cloud::postgres::testing::TestDatabase;
+use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::{Endpoint, StoreBackend};
 use countersign_testkit::procs::Exe;

@@ -1,6 +1,6 @@
 //! The Lago outbox on PostgreSQL: the same outbox semantics as the sled
-//! [`Outbox`](crate::lago::Outbox), with the same pure decisions
-//! ([`crate::lago::plan_event`], [`crate::lago::next_step`]); only the
+//! [`Outbox`](crate::store::sled::lago::Outbox), with the same pure decisions
+//! ([`plan_event`], [`countersign_rating::lago::next_step`]); only the
 //! IO differs.
 //!
 //! | table            | key                               | value                               |
@@ -38,15 +38,16 @@
 //! SIM swaps inside the epoch (co-located with `record_ids`). The export lock is per
 //! PostgreSQL node: every endpoint must reach the same coordinator.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use countersign_meter::Totals;
 use tokio::sync::Mutex;
 
 use super::{db_error, pool_error, u64_from_sql, u64_to_sql, usage_record, PgStore};
-use crate::lago::{
-    plan_event, LagoConfig, LagoError, LAGO_EVENTS_PER_CALL_MAX, LAGO_PLAN_RECORDS_PER_FLUSH_MAX,
-};
+
+use countersign_rating::lago::{plan_event, plannable, LAGO_EVENTS_PER_CALL_MAX};
+
+use crate::store::lago::LAGO_PLAN_RECORDS_PER_FLUSH_MAX;
 use crate::store::StoreError;
 
 /// Key of the session advisory lock the active exporter holds (arbitrary, stable: "lago").
@@ -74,10 +75,8 @@ impl std::fmt::Debug for PgOutbox {
     }
 }
 
-fn not_active() -> LagoError {
-    LagoError::Store(StoreError::DatabaseUnavailable(
-        "this exporter does not hold the lago export lock".into(),
-    ))
+fn not_active() -> StoreError {
+    StoreError::DatabaseUnavailable("this exporter does not hold the lago export lock".into())
 }
 
 fn sql_seq(v: i64) -> Result<u64, StoreError> {
@@ -91,7 +90,7 @@ impl PgOutbox {
     }
 
     /// Whether this exporter holds the export lock, taking it if it is free.
-    pub async fn acquire(&self) -> Result<bool, LagoError> {
+    pub async fn acquire(&self) -> Result<bool, StoreError> {
         let mut active = self.active.lock().await;
         if let Some(c) = active.as_ref() {
             if !c.is_closed() {
@@ -123,7 +122,7 @@ impl PgOutbox {
 
     /// Plans an event for every stored record not planned yet whose SIM has a subscription;
     /// committed when it returns. Needs the lock. Returns how many were planned.
-    pub async fn plan(&self, config: &LagoConfig) -> Result<usize, LagoError> {
+    pub async fn plan(&self, subscriptions: &BTreeMap<u64, String>, code: &str) -> Result<usize, StoreError> {
         let mut active = self.active.lock().await;
         let writer = active.as_mut().ok_or_else(not_active)?;
         let next: i64 = writer
@@ -146,8 +145,8 @@ impl PgOutbox {
             let mut page = Vec::with_capacity(rows.len());
             for row in &rows {
                 let r = usage_record(row)?;
-                match config.subscriptions.get(&r.iccid) {
-                    Some(_) if !crate::lago::plannable(&r) => {}
+                match subscriptions.get(&r.iccid) {
+                    Some(_) if !plannable(&r) => {}
                     Some(sub) => page.push((r, sub.as_str())),
                     None => unmapped += 1,
                 }
@@ -189,9 +188,8 @@ impl PgOutbox {
             );
             for (r, sub) in &page {
                 let key = (r.id.meter_id, r.id.epoch);
-                let planned_event =
-                    plan_event(r, max.get(&key).copied().unwrap_or_default(), sub, &config.code)
-                        .map_err(StoreError::from)?;
+                let planned_event = plan_event(r, max.get(&key).copied().unwrap_or_default(), sub, code)
+                    .map_err(StoreError::from)?;
                 max.insert(key, planned_event.exported_max);
                 iccid.push(u64_to_sql(r.iccid));
                 meter.push(u64_to_sql(r.id.meter_id));
@@ -251,7 +249,7 @@ impl PgOutbox {
 
     /// The next events to send: up to `max` (export sequence, JSON bytes) in plan order.
     /// Needs the lock.
-    pub async fn peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, LagoError> {
+    pub async fn peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let active = self.active.lock().await;
         let client = active.as_ref().ok_or_else(not_active)?;
         let limit = i64::try_from(max.min(LAGO_EVENTS_PER_CALL_MAX)).unwrap_or(0);
@@ -267,7 +265,7 @@ impl PgOutbox {
     }
 
     /// Removes delivered events; committed when it returns. Needs the lock.
-    pub async fn settle(&self, delivered: &[u64]) -> Result<(), LagoError> {
+    pub async fn settle(&self, delivered: &[u64]) -> Result<(), StoreError> {
         if delivered.is_empty() {
             return Ok(());
         }
@@ -282,7 +280,7 @@ impl PgOutbox {
     }
 
     /// Events planned and not yet accepted by Lago, whoever planned them.
-    pub async fn pending(&self) -> Result<u64, LagoError> {
+    pub async fn pending(&self) -> Result<u64, StoreError> {
         let client = self.store.pool.get().await.map_err(pool_error)?;
         let n: i64 = client
             .query_one("SELECT count(*) FROM lago_outbox", &[])
@@ -290,6 +288,6 @@ impl PgOutbox {
             .map_err(db_error)?
             .try_get(0)
             .map_err(db_error)?;
-        Ok(sql_seq(n)?)
+        sql_seq(n)
     }
 }

@@ -11,18 +11,19 @@
 //! corrections are new adjustment entries. The ledger's time zone is fixed by its first
 //! settlement: days cut in another zone would not be the same days. Runs of one process are
 //! serialised by a lock of the store (sled allows one process per store); the PostgreSQL
-//! ledger, for several processes, is [`crate::postgres::ledger`].
-
+//! ledger, for several processes, is [`crate::store::postgres::ledger`].
 use std::collections::BTreeMap;
 
 use countersign_meter::Totals;
 use jiff::Timestamp;
 use time::Date;
 
-use crate::store::{Store, StoreError};
-use crate::usage::{
+use super::Store;
+use crate::store::ledger::{LedgerDay, LedgerError};
+use crate::store::StoreError;
+use countersign_rating::usage::{
     apply_settlement, derive_daily_in, settle, time_zone, Adjustment, Booked, DateRange, SettledDay,
-    Settlement, UsageError,
+    Settlement,
 };
 
 const SETTLED_TREE: &str = "ledger_settled";
@@ -30,31 +31,6 @@ const ADJUSTMENTS_TREE: &str = "ledger_adjustments";
 const META_TREE: &str = "ledger_meta";
 const TZ_KEY: &[u8] = b"tz";
 const VALUE_VERSION: u8 = 1;
-
-/// Why a ledger operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
-    /// The store failed; recoverable when the store error is.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The derivation or settlement refused the input. Not recoverable by retrying.
-    #[error(transparent)]
-    Usage(#[from] UsageError),
-    /// The ledger was settled in another time zone. Not recoverable: use that zone.
-    #[error("the ledger settles in time zone '{ledger}', not '{asked}'")]
-    ZoneMismatch {
-        /// The ledger's zone.
-        ledger: String,
-        /// The zone asked for.
-        asked: String,
-    },
-}
-
-impl From<sled::Error> for LedgerError {
-    fn from(e: sled::Error) -> Self {
-        LedgerError::Store(e.into())
-    }
-}
 
 fn day_key(iccid: u64, date: Date) -> [u8; 12] {
     let mut k = [0u8; 12];
@@ -90,15 +66,6 @@ fn encode_words(words: [i64; 3]) -> Vec<u8> {
         v.extend_from_slice(&w.to_be_bytes());
     }
     v
-}
-
-/// One SIM-day in the ledger.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LedgerDay {
-    /// The settled figure.
-    pub settled: SettledDay,
-    /// Its adjustments in order.
-    pub adjustments: Vec<Adjustment>,
 }
 
 /// The settlement ledger of a store.

@@ -1,5 +1,5 @@
 //! The settlement ledger on PostgreSQL: the same semantics as the sled
-//! [`Ledger`](crate::ledger::Ledger), with the same pure decision ([`usage::settle`](crate::usage::settle)); only
+//! [`Ledger`](crate::store::sled::ledger::Ledger), with the same pure decision ([`usage::settle`](countersign_rating::usage::settle)); only
 //! the IO differs.
 //!
 //! | table                | key                      | value                                     |
@@ -11,7 +11,7 @@
 //! **Concurrency: one settlement at a time, under a transaction-level advisory lock.** A run
 //! is one READ COMMITTED transaction that first takes `pg_advisory_xact_lock`
 //! ([`PG_LEDGER_LOCK_KEY`]), then reads the zone, derives every record, reads what is
-//! booked, decides with [`usage::settle`](crate::usage::settle), inserts, and commits, which releases the lock. The
+//! booked, decides with [`usage::settle`](countersign_rating::usage::settle), inserts, and commits, which releases the lock. The
 //! lock comes first so that every later statement, each with a fresh snapshot, sees all a
 //! previous run committed: two endpoint processes settling at the same moment run one after
 //! the other, and the second books only what the first left (usually nothing). Without it
@@ -45,9 +45,9 @@ use super::{
     db_error, for_each_meter, is_retryable_abort, pool_error, u32_from_sql, u64_from_sql, u64_to_sql,
     PgStore, PG_TRANSACTION_ATTEMPTS_MAX,
 };
-use crate::ledger::{LedgerDay, LedgerError};
+use crate::store::ledger::{LedgerDay, LedgerError};
 use crate::store::StoreError;
-use crate::usage::{
+use countersign_rating::usage::{
     apply_settlement, derive_daily_in, settle, time_zone, Adjustment, Booked, DateRange, Derived, SettledDay,
     Settlement, TimeZone,
 };

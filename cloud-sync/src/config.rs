@@ -452,11 +452,8 @@ fn store_kind(raw: &RawStore) -> Result<StoreKind, ConfigError> {
                 "store.postgres_url",
                 raw.postgres_url.clone().ok_or(ConfigError::Missing { key: "store.postgres_url" })?,
             )?;
-            if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                return Err(invalid(
-                    "store.postgres_url",
-                    format!("not a PostgreSQL connection string: {e}"),
-                ));
+            if let Err(e) = crate::store::postgres::check_url(&url) {
+                return Err(invalid("store.postgres_url", e));
             }
             let pool_connections = match &raw.postgres_pool_connections {
                 None => crate::store::postgres::PG_POOL_CONNECTIONS_DEFAULT,

@@ -116,6 +116,14 @@ pub const PG_STATEMENT_TIMEOUT_MS: u64 = 60_000;
 /// serialization failure (both safe to retry from the start).
 pub const PG_TRANSACTION_ATTEMPTS_MAX: u32 = 3;
 
+/// Whether `url` is a connection string this store can use (libpq key/value or a
+/// `postgresql://` URL), without connecting; the reason when it is not.
+pub fn check_url(url: &str) -> Result<(), String> {
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("not a PostgreSQL connection string: {e}"))
+}
+
 /// The 64 bits of a u64 as an i64 (two's complement), for a `BIGINT` column.
 pub fn u64_to_sql(v: u64) -> i64 {
     i64::from_ne_bytes(v.to_ne_bytes())

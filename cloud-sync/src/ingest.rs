@@ -18,16 +18,16 @@
 //! [`ingest`] runs these with the CPU steps on tokio's blocking pool; [`ingest_batch`] runs
 //! them synchronously on a sled [`Store`], for tests and tools.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use countersign_meter::{check_tag, DecodeError, RecordId, Report, VerifyError, METER_KEY_BYTES};
-use countersign_protocol::{
-    open, peek_header, BatchError, BatchHeader, BatchReply, RecordOutcome, RejectReason,
-};
-use ed25519_dalek::VerifyingKey;
+use countersign_protocol::{peek_header, BatchError, BatchHeader, BatchReply, RecordOutcome};
 use tracing::Instrument;
+
+pub use countersign_rating::batch::{
+    check_records, open_batch, CheckedBatch, OpenedBatch, OpenedRecord, OutcomeCountError,
+};
 
 pub use countersign_rating::check::{
     attribution_ms, check_created, validate_report, BASE_MAX, EVENTS_PER_DEVICE_SECOND_MAX,
@@ -35,8 +35,7 @@ pub use countersign_rating::check::{
     UPTIME_SLACK_S,
 };
 
-use crate::store::StoreBackend;
-use crate::store::{InsertOutcome, NewRecord, Store, StoreError};
+use crate::store::{Store, StoreBackend, StoreError};
 
 /// The endpoint's clock, Unix milliseconds; injected so that the time checks are testable.
 #[derive(Clone)]
@@ -114,171 +113,26 @@ impl IngestSummary {
     }
 }
 
-/// A batch whose gateway signature verified, with its records as slices of the body.
-#[derive(Clone, Debug)]
-pub struct OpenedBatch {
-    /// Its header (the gateway is authenticated).
-    pub header: BatchHeader,
-    /// The records, in batch order, each decoded once.
-    pub records: Vec<OpenedRecord>,
-}
-
-/// One record of an opened batch: its bytes and their one decoding. Every later step (meter
-/// keys, tag, checks, the stored id) uses this decoding; nothing decodes the report again.
-#[derive(Clone, Debug)]
-pub struct OpenedRecord {
-    /// When the gateway received it, Unix milliseconds.
-    pub received_ms: u64,
-    /// The device's bytes, tag included; a slice of the batch.
-    pub bytes: Bytes,
-    /// The report and the length of its body (the tag follows), or why it does not decode.
-    pub decoded: Result<(Report, usize), DecodeError>,
-}
-
-impl OpenedRecord {
-    /// Decodes `bytes` (once).
-    pub fn new(received_ms: u64, bytes: Bytes) -> Self {
-        let decoded = Report::decode(&bytes).map(|(r, body)| (r, body.len()));
-        Self { received_ms, bytes, decoded }
-    }
-}
-
-impl OpenedBatch {
-    /// The distinct meter ids the records name (records that do not decode name none).
-    pub fn meter_ids(&self) -> Vec<u64> {
-        let ids: BTreeSet<u64> =
-            self.records.iter().filter_map(|r| r.decoded.as_ref().ok().map(|(r, _)| r.meter_id)).collect();
-        ids.into_iter().collect()
-    }
-}
-
-/// Verifies the signature of `signed` with `gateway_key` (the key registered for the gateway
-/// its header names, `None` when unregistered) and walks its records.
-pub fn open_batch(signed: &Bytes, gateway_key: Option<VerifyingKey>) -> Result<OpenedBatch, IngestError> {
-    let batch = open(signed, |_| gateway_key)?;
-    let mut records = Vec::with_capacity(batch.len());
-    for record in batch.records() {
-        // `open` already walked every record, so none fails here; treat one that does as a
-        // malformed batch rather than trusting that.
-        let record = record?;
-        records.push(OpenedRecord::new(record.received_ms, signed.slice_ref(record.report)));
-    }
-    Ok(OpenedBatch { header: batch.header, records })
-}
-
-/// A batch after every device tag was checked: refusals decided, the rest ready to store.
-#[derive(Debug)]
-pub struct CheckedBatch {
-    /// Its header.
-    pub header: BatchHeader,
-    /// Per record in batch order: the refusal, or `None` when it goes to the store.
-    refusals: Vec<Option<RecordOutcome>>,
-    /// The verified records, in batch order (until [`CheckedBatch::take_records`]).
-    pub to_store: Vec<NewRecord>,
-    /// The ids of the records to store, in order: what the reply needs of them once they
-    /// went to the store.
-    ids: Vec<RecordId>,
-    /// Records to store attributed more than [`LATE_ATTRIBUTION_MS`] before the endpoint's
-    /// clock: they may fall in settled days (the ledger then books adjustments).
-    pub late: usize,
-}
-
-/// Decodes and verifies every report of an opened batch with the meter keys given, and
-/// refuses what [`validate_report`] refuses at `now_ms` (the endpoint's clock).
-pub fn check_records(
-    batch: OpenedBatch,
-    keys: &HashMap<u64, [u8; METER_KEY_BYTES]>,
-    now_ms: u64,
-) -> CheckedBatch {
-    let mut refusals = Vec::with_capacity(batch.records.len());
-    let mut to_store = Vec::with_capacity(batch.records.len());
-    let mut late = 0usize;
-    let mut ids = Vec::with_capacity(batch.records.len());
-    for record in batch.records {
-        let (received_ms, bytes) = (record.received_ms, record.bytes.clone());
-        match check_record(keys, record, now_ms) {
-            Ok(report) => {
-                if attribution_ms(&report, received_ms) < now_ms.saturating_sub(LATE_ATTRIBUTION_MS) {
-                    late = late.saturating_add(1);
-                }
-                refusals.push(None);
-                ids.push(report.id());
-                to_store.push(NewRecord { id: report.id(), iccid: report.iccid, received_ms, report: bytes });
-            }
-            Err(refusal) => {
-                if let RecordOutcome::Rejected { reason, detail } = &refusal {
-                    // Logged at warn once per cause by the server (`Metrics::log_admit`); here every one.
-                    tracing::debug!(reason = reason.code(), detail = %detail, "record rejected");
-                }
-                refusals.push(Some(refusal));
-            }
-        }
-    }
-    if late > 0 {
-        tracing::warn!(
-            gateway_id = batch.header.gateway_id,
-            batch_seq = batch.header.batch_seq,
-            late,
-            late_ms = LATE_ATTRIBUTION_MS,
-            "records attributed to days that may be settled; the ledger adjusts them"
-        );
-    }
-    CheckedBatch { header: batch.header, refusals, to_store, ids, late }
-}
-
-impl CheckedBatch {
-    /// The records to store, moved out (the batch keeps their ids for the reply), so they go
-    /// to the store without a copy.
-    pub fn take_records(&mut self) -> Vec<NewRecord> {
-        std::mem::take(&mut self.to_store)
-    }
-
-    /// The reply, given the store's outcomes for [`CheckedBatch::to_store`] in order.
-    pub fn reply(self, stored: Vec<InsertOutcome>) -> Result<BatchReply, StoreError> {
-        if stored.len() != self.ids.len() {
-            return Err(StoreError::Corrupt(format!(
-                "store answered {} outcomes for {} records",
-                stored.len(),
-                self.ids.len()
-            )));
-        }
-        let mut stored = stored.into_iter().zip(&self.ids);
-        let mut results = Vec::with_capacity(self.refusals.len());
-        for refusal in self.refusals {
-            let outcome = match refusal {
-                Some(r) => r,
-                None => match stored.next() {
-                    Some((InsertOutcome::Stored, _)) => RecordOutcome::Stored,
-                    Some((InsertOutcome::Duplicate, _)) => RecordOutcome::Duplicate,
-                    Some((InsertOutcome::Conflict, id)) => {
-                        tracing::warn!(record = %id, "record conflicts with the stored one");
-                        rejected(
-                            RejectReason::Conflict,
-                            format!("a different report with record id {id} is already stored"),
-                        )
-                    }
-                    None => return Err(StoreError::Corrupt("store answered too few outcomes".into())),
-                },
-            };
-            results.push(outcome);
-        }
-        let reply =
-            BatchReply { gateway_id: self.header.gateway_id, batch_seq: self.header.batch_seq, results };
-        let summary = IngestSummary::of(&reply);
-        tracing::info!(
-            stored = summary.stored,
-            duplicate = summary.duplicate,
-            rejected = summary.rejected,
-            "batch ingested"
-        );
-        Ok(reply)
-    }
-}
-
 async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, IngestError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| IngestError::Store(StoreError::Corrupt(format!("verification task failed: {e}"))))
+}
+
+/// The batch's reply from the store's outcomes, logged.
+fn reply(
+    checked: CheckedBatch,
+    outcomes: Vec<crate::store::InsertOutcome>,
+) -> Result<BatchReply, IngestError> {
+    let reply = checked.reply(outcomes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let summary = IngestSummary::of(&reply);
+    tracing::info!(
+        stored = summary.stored,
+        duplicate = summary.duplicate,
+        rejected = summary.rejected,
+        "batch ingested"
+    );
+    Ok(reply)
 }
 
 /// Verifies and stores one signed batch on either store. The reply is only returned once
@@ -307,7 +161,7 @@ async fn ingest_opened(
     let mut checked = cpu(move || check_records(opened, &keys, now_ms)).await?;
     let records = checked.take_records();
     let outcomes = store.insert_batch(checked.header.gateway_id, records).await?;
-    Ok(checked.reply(outcomes)?)
+    reply(checked, outcomes)
 }
 
 /// Verifies and stores one signed batch on a sled store, synchronously, then flushes. The
@@ -328,44 +182,16 @@ pub fn ingest_batch(store: &Store, signed: &[u8], now_ms: u64) -> Result<BatchRe
     let mut checked = check_records(opened, &keys, now_ms);
     let records = checked.take_records();
     let outcomes = store.insert_batch(checked.header.gateway_id, &records)?;
-    Ok(checked.reply(outcomes)?)
-}
-
-fn rejected(reason: RejectReason, detail: String) -> RecordOutcome {
-    RecordOutcome::Rejected { reason, detail }
-}
-
-/// Verifies one decoded report: the report to store, or the refusal.
-fn check_record(
-    keys: &HashMap<u64, [u8; METER_KEY_BYTES]>,
-    record: OpenedRecord,
-    now_ms: u64,
-) -> Result<Report, RecordOutcome> {
-    let (report, body_len) = match record.decoded {
-        Ok(d) => d,
-        Err(e) => return Err(rejected(RejectReason::Malformed, e.to_string())),
-    };
-    let Some(key) = keys.get(&report.meter_id) else {
-        return Err(rejected(
-            RejectReason::UnknownMeter,
-            format!("meter {} is not registered", report.meter_id),
-        ));
-    };
-    let (body, tag) = record.bytes.split_at(body_len);
-    if check_tag(body, tag, key).is_err() {
-        return Err(rejected(RejectReason::BadTag, VerifyError::BadTag.to_string()));
-    }
-    validate_report(&report, record.received_ms, now_ms)
-        .map_err(|(reason, detail)| rejected(reason, detail))?;
-    Ok(report)
+    reply(checked, outcomes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::usage::{UsageRecord, BYTES_PER_DEVICE_SECOND_MAX, USED_BYTES_PER_EPOCH_MAX};
-    use countersign_meter::CounterKind;
+    use countersign_meter::{CounterKind, Report};
     use countersign_meter::{DeviceTime, TimeQuality, Totals, REPORT_BYTES_MAX};
+    use countersign_protocol::RejectReason;
     use countersign_protocol::{BatchBuilder, BatchHeader, RecordRef};
     use ed25519_dalek::SigningKey;
     use proptest::prelude::*;

@@ -7,6 +7,8 @@
 //! - [`pricing`]: integer money, units, plans and charges, wallets, quota forecasts.
 //! - [`billing`]: plans applied to derived usage; wallet debits, top-ups and alerts decided.
 //! - [`check`]: what ingest checks in each report so that no later stage can fail on it.
+//! - [`batch`]: a signed batch opened, its tags checked, its records validated, and the
+//!   store's outcomes turned into the per-record reply.
 //! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing.
 //! - [`lago`]: which Lago event a record becomes; what Lago's answers mean.
 //! - [`reconcile`]: device against carrier usage per SIM-day under a provider model.
@@ -20,6 +22,7 @@
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod batch;
 pub mod billing;
 pub mod carrier;
 pub mod check;

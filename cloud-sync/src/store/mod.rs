@@ -28,7 +28,6 @@
 
 use std::path::{Path, PathBuf};
 
-use countersign_meter::RecordId;
 use serde::{Deserialize, Serialize};
 
 use countersign_rating::usage::UsageError;
@@ -45,6 +44,8 @@ pub mod sled;
 
 pub use self::postgres::PgStore;
 pub use self::sled::Store;
+/// The batch check (rating core) makes these; the store takes and answers them.
+pub use countersign_rating::batch::{InsertOutcome, NewRecord};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -157,30 +158,6 @@ impl From<::sled::Error> for StoreError {
 /// Most API tokens a store holds: each request may look one up, and the sled store finds
 /// names by walking them.
 pub const API_TOKENS_MAX: usize = 1024;
-
-/// A verified record on its way into a store.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewRecord {
-    /// Its record id (from the verified report).
-    pub id: RecordId,
-    /// The SIM the report names.
-    pub iccid: u64,
-    /// When the gateway received it, Unix milliseconds.
-    pub received_ms: u64,
-    /// The device's original bytes, tag included; a slice of the batch, not a copy.
-    pub report: bytes::Bytes,
-}
-
-/// What [`StoreBackend::insert_batch`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InsertOutcome {
-    /// The record was new and is now stored (durable after the next flush).
-    Stored,
-    /// The same record, byte for byte, was stored before.
-    Duplicate,
-    /// A different report with the same record id is stored; the new one was not.
-    Conflict,
-}
 
 /// What registering a key did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -519,7 +519,7 @@ async fn pg_daily_usage(
 }
 
 fn pg_date(s: &str) -> Result<Date, StoreError> {
-    crate::server::parse_date(s).ok_or_else(|| corrupt("date"))
+    crate::text::parse_date(s).ok_or_else(|| corrupt("date"))
 }
 
 /// Reads a wallet's currency and book inside `tx`; with `lock`, locks the wallet row first.
@@ -612,9 +612,8 @@ async fn pg_with_wallet<T: Send>(
     };
     if !w.debits.is_empty() {
         let groups: Vec<&str> = w.debits.iter().map(|d| d.group.as_str()).collect();
-        let starts: Vec<String> =
-            w.debits.iter().map(|d| crate::server::format_date(d.period.start)).collect();
-        let ends: Vec<String> = w.debits.iter().map(|d| crate::server::format_date(d.period.end)).collect();
+        let starts: Vec<String> = w.debits.iter().map(|d| crate::text::format_date(d.period.start)).collect();
+        let ends: Vec<String> = w.debits.iter().map(|d| crate::text::format_date(d.period.end)).collect();
         let plans: Vec<&str> = w.debits.iter().map(|d| d.plan_id.as_str()).collect();
         let amounts: Vec<i64> = w.debits.iter().map(|d| d.debited_micros).collect();
         let counts: Vec<i64> = w.debits.iter().map(|d| i64::from(d.debits)).collect();

@@ -203,7 +203,7 @@ impl LagoConfig {
         let mut subscriptions = BTreeMap::new();
         for (iccid, sub) in raw.subscriptions {
             let key = format!("subscriptions.{iccid}");
-            let i = crate::server::parse_iccid(&iccid).ok_or_else(|| config_err(&key, "not an ICCID"))?;
+            let i = crate::text::parse_iccid(&iccid).ok_or_else(|| config_err(&key, "not an ICCID"))?;
             if sub.is_empty() || sub.len() > LAGO_ID_BYTES_MAX {
                 return Err(config_err(&key, format!("expected 1 to {LAGO_ID_BYTES_MAX} bytes")));
             }

@@ -14,7 +14,9 @@
 //! - [`metrics`]: refusal counters for `/metrics`, the per-cause log limiter.
 //! - [`listen`]: the accept loop: connection limit, header and body deadlines.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
-//! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
+//! - [`server`]: the HTTP routes and [`Endpoint`].
+//! - [`wire`]: the JSON shapes and paths of the API, shared by the routes, the client and the
+//!   command line.
 //! - [`billing`]: the rating core's billing decisions, and [`billing::BillingError`], which
 //!   adds the store's failures to the decisions' refusals.
 //! - [`billing_store`]: wallets, debits per period, top-ups and alerts in both stores.
@@ -45,6 +47,7 @@ pub mod postgres;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod wire;
 
 // The rating core, where it has always been reachable: `countersign_cloud::usage` and the
 // like keep their paths for the binary, the tests and the fuzz targets.

@@ -9,12 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use countersign_cloud::auth::Role;
-use countersign_cloud::billing_api::{self, Billing, ForecastQuery};
+use countersign_cloud::billing_api::{self, Billing};
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
 use countersign_cloud::lago::{LagoConfig, LagoExporter};
 use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
-use countersign_cloud::server::{parse_date, parse_iccid};
+use countersign_cloud::text::{parse_date, parse_iccid};
 use countersign_cloud::usage::DateRange;
+use countersign_cloud::wire::billing::{ChargesQuery, ForecastQuery};
+use countersign_cloud::wire::render::{charges_csv, charges_table};
 use countersign_cloud::{client, CloudConfig, Endpoint};
 use countersign_protocol::keys::{parse_public_key, read_secret, write_secret, SECRET_KEY_BYTES};
 use rand_core::{OsRng, RngCore};
@@ -551,12 +553,12 @@ async fn billing(command: BillingCommand) -> Result<()> {
                 anyhow::bail!("--format: expected json, table or csv, got '{format}'");
             }
             let token = read_token(&token_file)?;
-            let q = client::ChargesQuery { customer, group, period, from, to };
+            let q = ChargesQuery { customer, group, period, from, to };
             let r =
                 client::billing_charges(&http()?, &endpoint, &token, &q).await.context("charges query")?;
             match format.as_str() {
-                "csv" => print!("{}", billing_api::charges_csv(&r).context("encoding csv")?),
-                "table" => print!("{}", billing_api::charges_table(&r)),
+                "csv" => print!("{}", charges_csv(&r).context("encoding csv")?),
+                "table" => print!("{}", charges_table(&r)),
                 _ => print(&r)?,
             }
             Ok(())

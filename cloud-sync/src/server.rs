@@ -43,7 +43,7 @@ use countersign_meter::{Totals, METER_KEY_BYTES};
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 use countersign_protocol::keys::parse_public_key;
 use countersign_protocol::{peek_header, BatchError, BatchReply, ErrorBody, BATCHES_PATH};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use time::Date;
 
 use crate::auth::{check_token_name, token_sha256, Role, TOKEN_BYTES};
@@ -53,141 +53,20 @@ use crate::ingest::{ingest, IngestError, IngestSummary};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::{Registration, Store, StoreError};
-use crate::usage::{days_of, per_sim, DateRange, Derived, SimFault, UsageError};
+use crate::text::{format_date, parse_date, parse_iccid, ICCID_DIGITS_MAX};
+use crate::usage::{days_of, per_sim, DateRange, SimFault, UsageError};
+use crate::wire::admin::{
+    FaultsReply, GatewayRegistration, MeterRegistration, RegistrationReply, SettleReply, SettleRequest,
+    TokenInfo, TokenList, TokenRegistration, ADMIN_BODY_BYTES_MAX, ADMIN_FAULTS_PATH, ADMIN_GATEWAYS_PATH,
+    ADMIN_METERS_PATH, ADMIN_SETTLE_PATH, ADMIN_TOKENS_PATH, ADMIN_TOKEN_PATH,
+};
+use crate::wire::ops::{HealthReply, HEALTH_PATH, METRICS_PATH};
+use crate::wire::usage::{
+    underivable, AdjustmentJson, DayUsage, LedgerDayJson, LedgerReply, SimTotal, SimUsage, SimsUsage,
+    UnderivableSim, ZoneDay, ZoneDays, USAGE_DAYS_PATH, USAGE_LEDGER_PATH, USAGE_PATH, USAGE_SIMS_PATH,
+};
+use crate::wire::{QUERY_DATE_MAX, QUERY_DATE_MIN};
 use crate::CloudError;
-
-/// Path of the per-SIM usage query.
-pub const USAGE_PATH: &str = "/v1/usage";
-/// Path of the all-SIMs usage query.
-pub const USAGE_SIMS_PATH: &str = "/v1/usage/sims";
-/// Path of meter registration.
-pub const ADMIN_METERS_PATH: &str = "/v1/admin/meters";
-/// Path of gateway registration.
-pub const ADMIN_GATEWAYS_PATH: &str = "/v1/admin/gateways";
-/// Path of API token management (list, create).
-pub const ADMIN_TOKENS_PATH: &str = "/v1/admin/tokens";
-/// Path of one API token (revoke), axum/OpenAPI template.
-pub const ADMIN_TOKEN_PATH: &str = "/v1/admin/tokens/{name}";
-/// Path of the health check.
-pub const HEALTH_PATH: &str = "/health";
-/// Path of the Prometheus metrics.
-pub const METRICS_PATH: &str = "/metrics";
-/// Largest admin request body: a registration is well under 200 bytes.
-pub const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
-pub use countersign_rating::text::ICCID_DIGITS_MAX;
-
-/// One day of one SIM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DayUsage {
-    /// The UTC day, `YYYY-MM-DD` in JSON.
-    #[serde(with = "json_date")]
-    pub date: Date,
-    /// Bytes sent by the device.
-    pub up_bytes: u64,
-    /// Bytes received by the device.
-    pub down_bytes: u64,
-    /// `up_bytes + down_bytes`.
-    pub total_bytes: u64,
-}
-
-/// Answer of `GET /v1/usage`: one SIM, day by day, and its total.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SimUsage {
-    /// The SIM, a decimal string in JSON (19 digits do not fit a JavaScript number).
-    #[serde(with = "json_iccid")]
-    pub iccid: u64,
-    /// First day included, as asked; `null` when unbounded.
-    #[serde(with = "json_opt_date")]
-    pub from: Option<Date>,
-    /// Last day included, as asked; `null` when unbounded.
-    #[serde(with = "json_opt_date")]
-    pub to: Option<Date>,
-    /// Days on which the SIM reported, in date order (zero days included).
-    pub days: Vec<DayUsage>,
-    /// Bytes sent over the range.
-    pub up_bytes: u64,
-    /// Bytes received over the range.
-    pub down_bytes: u64,
-    /// `up_bytes + down_bytes`.
-    pub total_bytes: u64,
-}
-
-/// One SIM's total in [`SimsUsage`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SimTotal {
-    /// The SIM, a decimal string in JSON.
-    #[serde(with = "json_iccid")]
-    pub iccid: u64,
-    /// Bytes sent over the range.
-    pub up_bytes: u64,
-    /// Bytes received over the range.
-    pub down_bytes: u64,
-    /// `up_bytes + down_bytes`.
-    pub total_bytes: u64,
-}
-
-/// Answer of `GET /v1/usage/sims`: every SIM with usage in the range, by ICCID.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SimsUsage {
-    /// First day included, as asked; `null` when unbounded.
-    #[serde(with = "json_opt_date")]
-    pub from: Option<Date>,
-    /// Last day included, as asked; `null` when unbounded.
-    #[serde(with = "json_opt_date")]
-    pub to: Option<Date>,
-    /// SIMs that reported in the range, sorted by ICCID.
-    pub sims: Vec<SimTotal>,
-    /// Bytes sent by all of them (128 bits: a sum over SIMs is not bounded by one SIM's).
-    pub up_bytes: u128,
-    /// Bytes received by all of them.
-    pub down_bytes: u128,
-    /// `up_bytes + down_bytes`.
-    pub total_bytes: u128,
-    /// SIMs left out because their usage cannot be derived.
-    #[serde(default)]
-    pub underivable: Vec<UnderivableSim>,
-}
-
-/// A SIM left out of an answer because its usage cannot be derived (see
-/// [`crate::usage::SimFault`]); every other SIM in the answer is exact.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnderivableSim {
-    /// The SIM, a decimal string in JSON.
-    #[serde(with = "json_iccid")]
-    pub iccid: u64,
-    /// The record that made it underivable, `meter-epoch-seq`.
-    pub record: String,
-    /// Stable code: `time_out_of_range`, `counter_ceiling` or `overflow`.
-    pub code: String,
-    /// Why, for people.
-    pub reason: String,
-}
-
-impl From<&SimFault> for UnderivableSim {
-    fn from(f: &SimFault) -> Self {
-        Self {
-            iccid: f.iccid,
-            record: format!("{}-{}-{}", f.record.meter_id, f.record.epoch, f.record.seq),
-            code: f.reason.code().to_owned(),
-            reason: f.reason.to_string(),
-        }
-    }
-}
-
-/// The underivable SIMs of a derivation, by ICCID.
-pub fn underivable(d: &Derived) -> Vec<UnderivableSim> {
-    d.faults.values().map(UnderivableSim::from).collect()
-}
-
-/// Path of the list of SIMs whose usage cannot be derived.
-pub const ADMIN_FAULTS_PATH: &str = "/v1/admin/faults";
-
-/// Answer of `GET /v1/admin/faults`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FaultsReply {
-    /// Every SIM whose usage cannot be derived, by ICCID, with the record and the reason.
-    pub underivable: Vec<UnderivableSim>,
-}
 
 /// The error of a single-SIM answer for a SIM whose usage cannot be derived.
 pub(crate) fn underivable_error(f: &SimFault) -> ApiError {
@@ -197,74 +76,6 @@ pub(crate) fn underivable_error(f: &SimFault) -> ApiError {
         format!("usage cannot be derived: {f}; see {ADMIN_FAULTS_PATH}"),
     )
 }
-
-/// Body of `POST /v1/admin/meters`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MeterRegistration {
-    /// The meter's id.
-    pub meter_id: u64,
-    /// Its 32-byte HMAC key, 64 hex digits.
-    pub key_hex: String,
-}
-
-/// Body of `POST /v1/admin/gateways`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GatewayRegistration {
-    /// The gateway's id.
-    pub gateway_id: u64,
-    /// Its Ed25519 public key, 64 hex digits.
-    pub public_key_hex: String,
-}
-
-/// Answer of a registration: `created` (201) or `already_registered` (200).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegistrationReply {
-    /// What the registration did.
-    pub status: Registration,
-}
-
-/// Body of `POST /v1/admin/tokens`: the SHA-256 of a token made by the caller, who keeps
-/// the token itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenRegistration {
-    /// A unique name, 1 to 64 of `A-Z a-z 0-9 . _ -`.
-    pub name: String,
-    /// `query` or `admin`.
-    pub role: Role,
-    /// SHA-256 of the token's 32 bytes, 64 hex digits.
-    pub token_sha256_hex: String,
-}
-
-/// One token in [`TokenList`]; never its secret or hash.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenInfo {
-    /// Its name.
-    pub name: String,
-    /// Its role.
-    pub role: Role,
-}
-
-/// Answer of `GET /v1/admin/tokens`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenList {
-    /// Every token in the store, by name (the bootstrap admin token is not listed).
-    pub tokens: Vec<TokenInfo>,
-}
-
-/// Answer of `GET /health`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HealthReply {
-    /// Always `ok` when the process answers.
-    pub status: String,
-}
-
-pub use countersign_rating::text::{
-    format_date, json_date, json_iccid, json_opt_date, parse_date, parse_iccid,
-};
-
 /// An error answer: status, stable code, message.
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -776,12 +587,6 @@ struct UsageParams {
     to: Option<String>,
 }
 
-/// Earliest date a query parameter may name: nothing is metered before the Unix epoch.
-pub const QUERY_DATE_MIN: Date = time::macros::date!(1970 - 01 - 01);
-/// Latest date a query parameter may name: far enough that periods, lifetimes and windows
-/// computed from it stay inside the calendar (which ends at 9999-12-31).
-pub const QUERY_DATE_MAX: Date = time::macros::date!(2999 - 12 - 31);
-
 /// A date query parameter: absent, or `YYYY-MM-DD` inside
 /// [`QUERY_DATE_MIN`]`..=`[`QUERY_DATE_MAX`]; errors name the parameter.
 pub(crate) fn date_param(name: &str, value: Option<&str>) -> Result<Option<Date>, ApiError> {
@@ -944,111 +749,6 @@ async fn post_gateway(
     Ok(registered(r))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Time-zone days, settlement ledger.
-
-/// Path of usage per SIM-day in a time zone.
-pub const USAGE_DAYS_PATH: &str = "/v1/usage/days";
-/// Path of the settlement ledger.
-pub const USAGE_LEDGER_PATH: &str = "/v1/usage/ledger";
-/// Path of a settlement run.
-pub const ADMIN_SETTLE_PATH: &str = "/v1/admin/settle";
-
-/// One SIM-day in [`ZoneDays`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ZoneDay {
-    /// The SIM, a decimal string in JSON.
-    #[serde(with = "json_iccid")]
-    pub iccid: u64,
-    /// The day in the asked zone.
-    #[serde(with = "json_date")]
-    pub date: Date,
-    /// Bytes sent by the device.
-    pub up_bytes: u64,
-    /// Bytes received by the device.
-    pub down_bytes: u64,
-    /// `up_bytes + down_bytes`.
-    pub total_bytes: u64,
-}
-
-/// Answer of `GET /v1/usage/days`: current (unsettled) figures per SIM-day in `tz`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ZoneDays {
-    /// The IANA zone days were cut in.
-    pub tz: String,
-    /// SIM-days by ICCID, then date.
-    pub days: Vec<ZoneDay>,
-    /// SIMs left out because their usage cannot be derived.
-    #[serde(default)]
-    pub underivable: Vec<UnderivableSim>,
-}
-
-/// One adjustment in [`LedgerReply`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdjustmentJson {
-    /// 1, 2, … per day.
-    pub seq: u32,
-    /// Uplink bytes added (negative: removed).
-    pub delta_up_bytes: i64,
-    /// Downlink bytes added.
-    pub delta_down_bytes: i64,
-    /// When it was booked, Unix seconds.
-    pub made_at_s: i64,
-}
-
-/// One settled SIM-day in [`LedgerReply`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LedgerDayJson {
-    /// The SIM.
-    #[serde(with = "json_iccid")]
-    pub iccid: u64,
-    /// The day in the ledger's zone.
-    #[serde(with = "json_date")]
-    pub date: Date,
-    /// Uplink bytes settled when the day closed (never changed).
-    pub settled_up_bytes: u64,
-    /// Downlink bytes settled.
-    pub settled_down_bytes: u64,
-    /// When it was settled, Unix seconds.
-    pub settled_at_s: i64,
-    /// Corrections booked since, in order.
-    pub adjustments: Vec<AdjustmentJson>,
-    /// Settled plus adjustments, both directions.
-    pub booked_total_bytes: i64,
-}
-
-/// Answer of `GET /v1/usage/ledger`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LedgerReply {
-    /// The ledger's zone, `null` before the first settlement.
-    pub tz: Option<String>,
-    /// Settled SIM-days by ICCID, then date.
-    pub days: Vec<LedgerDayJson>,
-}
-
-/// Body of `POST /v1/admin/settle`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SettleRequest {
-    /// IANA zone days are cut in; fixed by the ledger's first settlement.
-    pub tz: String,
-    /// Hours after a day's end before it closes.
-    pub settlement_hours: u32,
-}
-
-/// Answer of `POST /v1/admin/settle`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SettleReply {
-    /// SIM-days settled by this run.
-    pub settled: usize,
-    /// Adjustments booked by this run.
-    pub adjustments: usize,
-    /// SIMs none of whose days was settled or adjusted because their usage cannot be
-    /// derived.
-    #[serde(default)]
-    pub underivable: Vec<UnderivableSim>,
-}
-
 #[derive(Debug, Deserialize)]
 struct ZoneParams {
     tz: Option<String>,
@@ -1205,46 +905,5 @@ async fn delete_token(
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no token named '{name}'")))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use time::macros::date;
-
-    #[test]
-    fn json_shapes_are_pinned() {
-        let u = SimUsage {
-            iccid: 8_988_280_666_000_000_001,
-            from: Some(date!(2026 - 11 - 24)),
-            to: None,
-            days: vec![DayUsage { date: date!(2026 - 11 - 24), up_bytes: 1, down_bytes: 2, total_bytes: 3 }],
-            up_bytes: 1,
-            down_bytes: 2,
-            total_bytes: 3,
-        };
-        let s = serde_json::to_string(&u).unwrap();
-        assert_eq!(
-            s,
-            r#"{"iccid":"8988280666000000001","from":"2026-11-24","to":null,"days":[{"date":"2026-11-24","up_bytes":1,"down_bytes":2,"total_bytes":3}],"up_bytes":1,"down_bytes":2,"total_bytes":3}"#
-        );
-        assert_eq!(serde_json::from_str::<SimUsage>(&s).unwrap(), u);
-        let r =
-            serde_json::to_string(&RegistrationReply { status: Registration::AlreadyRegistered }).unwrap();
-        assert_eq!(r, r#"{"status":"already_registered"}"#);
-    }
-
-    #[test]
-    fn parameters_parse_strictly() {
-        assert_eq!(parse_iccid("8988280666000000001"), Some(8_988_280_666_000_000_001));
-        for bad in ["", "+1", "-1", "12a", " 1", "99999999999999999999", "123456789012345678901"] {
-            assert_eq!(parse_iccid(bad), None, "{bad}");
-        }
-        assert_eq!(parse_date("2026-02-28"), Some(date!(2026 - 02 - 28)));
-        for bad in ["2026-02-30", "2026-2-1", "26-01-01", "2026-01-01T00:00"] {
-            assert_eq!(parse_date(bad), None, "{bad}");
-        }
-        assert_eq!(format_date(date!(2026 - 01 - 05)), "2026-01-05");
     }
 }

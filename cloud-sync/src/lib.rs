@@ -14,13 +14,13 @@
 //! - [`metrics`]: refusal counters for `/metrics`, the per-cause log limiter.
 //! - [`listen`]: the accept loop: connection limit, header and body deadlines.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
-//! - [`server`]: the HTTP routes and [`Endpoint`].
+//! - [`api`]: the HTTP routes by area, their token checks and error answers, and [`Endpoint`].
 //! - [`wire`]: the JSON shapes and paths of the API, shared by the routes, the client and the
 //!   command line.
 //! - [`billing`]: the rating core's billing decisions, and [`billing::BillingError`], which
 //!   adds the store's failures to the decisions' refusals.
 //! - [`billing_store`]: wallets, debits per period, top-ups and alerts in both stores.
-//! - [`billing_api`]: [`billing_api::Billing`] (runs, charges, wallets, forecasts) and its routes.
+//! - [`billing_api`]: [`billing_api::Billing`] (runs, charges, wallets, forecasts).
 //! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
 //! - [`ledger`]: settled SIM-days and adjustments in the store.
 //! - [`client`]: an async client for the admin and usage API.
@@ -30,6 +30,7 @@
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod billing;
@@ -45,7 +46,6 @@ pub mod metrics;
 pub mod negcache;
 pub mod postgres;
 pub mod ratelimit;
-pub mod server;
 pub mod store;
 pub mod wire;
 
@@ -53,10 +53,10 @@ pub mod wire;
 // like keep their paths for the binary, the tests and the fuzz targets.
 pub use countersign_rating::{carrier, pricing, reconcile, text, usage};
 
+pub use api::Endpoint;
 pub use backend::StoreBackend;
 pub use config::{AdminToken, CloudConfig, ConfigError};
 pub use postgres::PgStore;
-pub use server::Endpoint;
 pub use store::{Store, StoreError};
 
 /// Why the endpoint could not start. Neither is recoverable without operator action except

@@ -20,7 +20,8 @@
 //! - [`billing`]: the rating core's billing decisions, and [`billing::BillingError`], which
 //!   adds the store's failures to the decisions' refusals.
 //! - [`billing_store`]: wallets, debits per period, top-ups and alerts in both stores.
-//! - [`billing_api`]: [`billing_api::Billing`] (runs, charges, wallets, forecasts).
+//! - [`service`]: the IO sequences behind the routes: [`service::billing::Billing`] (runs,
+//!   charges, wallets, top-ups) and [`service::billing::forecast`].
 //! - [`lago`]: the durable Lago outbox and exporter (exactly once per record).
 //! - [`ledger`]: settled SIM-days and adjustments in the store.
 //! - [`client`]: an async client for the admin and usage API.
@@ -34,7 +35,6 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod billing;
-pub mod billing_api;
 pub mod billing_store;
 pub mod client;
 pub mod config;
@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod negcache;
 pub mod postgres;
 pub mod ratelimit;
+pub mod service;
 pub mod store;
 pub mod wire;
 

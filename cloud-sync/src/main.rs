@@ -9,10 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use countersign_cloud::auth::Role;
-use countersign_cloud::billing_api::{self, Billing};
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
 use countersign_cloud::lago::{LagoConfig, LagoExporter};
 use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
+use countersign_cloud::service::billing::{load_plans, Billing};
 use countersign_cloud::text::{parse_date, parse_iccid};
 use countersign_cloud::usage::DateRange;
 use countersign_cloud::wire::billing::{ChargesQuery, ForecastQuery};
@@ -407,8 +407,7 @@ async fn run(command: Command) -> Result<()> {
             let c = CloudConfig::load(&config).with_context(|| format!("config {}", config.display()))?;
             c.read_admin_token().with_context(|| format!("config {}", config.display()))?;
             if let Some(b) = c.billing() {
-                billing_api::load_plans(&b.plans_file)
-                    .with_context(|| format!("config {}", config.display()))?;
+                load_plans(&b.plans_file).with_context(|| format!("config {}", config.display()))?;
             }
             println!("config ok");
             Ok(())
@@ -537,7 +536,7 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
 async fn billing(command: BillingCommand) -> Result<()> {
     match command {
         BillingCommand::CheckPlans { plans } => {
-            let p = billing_api::load_plans(&plans)?;
+            let p = load_plans(&plans)?;
             println!(
                 "plans ok: {} plan(s), {} group(s), {} SIM(s), {} wallet(s), days in {}",
                 p.plans.len(),

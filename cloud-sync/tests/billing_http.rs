@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use countersign_cloud::billing_api;
 use countersign_cloud::client::{self, ClientError};
+use countersign_cloud::service::billing::Billing;
 use countersign_cloud::wire::billing::{ChargesQuery, ForecastQuery, TopupStatus};
 use countersign_cloud::{CloudConfig, Endpoint};
 use countersign_protocol::keys::write_secret;
@@ -296,8 +296,7 @@ async fn periodic_billing_debits_on_its_own() {
     )
     .unwrap();
     let b = std::sync::Arc::new(
-        billing_api::Billing::new(pricing, "plans.toml".into(), std::time::Duration::from_millis(50))
-            .unwrap(),
+        Billing::new(pricing, "plans.toml".into(), std::time::Duration::from_millis(50)).unwrap(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(b.clone().run_periodically(backend.clone(), async move {

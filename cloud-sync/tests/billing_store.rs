@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use countersign_cloud::billing_api::Billing;
 use countersign_cloud::postgres::testing::TestDatabase;
 use countersign_cloud::postgres::PgStore;
 use countersign_cloud::pricing::PricingConfig;
+use countersign_cloud::service::billing::Billing;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::wire::billing::TopupStatus;
 use countersign_cloud::{Store, StoreBackend};

@@ -22,8 +22,8 @@ use crate::api::error::ApiError;
 use crate::api::params::date_param;
 use crate::api::{AppState, Routes};
 use crate::billing::{PeriodSelector, Refusal};
-use crate::billing_api::{forecast, Billing};
 use crate::pricing::{check_name, parse_money_micros};
+use crate::service::billing::{forecast, Billing};
 use crate::text::{format_date, parse_iccid};
 use crate::wire::billing::{
     ChargesReply, ForecastQuery, ForecastReply, RunReply, TopupReply, TopupRequest, TopupStatus,

@@ -46,10 +46,10 @@ use axum::Router;
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 
 use crate::backend::StoreBackend;
-use crate::billing_api::Billing;
 use crate::config::{AdminToken, CloudConfig, ConfigError, ServerLimits, StoreKind};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::service::billing::Billing;
 use crate::store::Store;
 use crate::wire::admin::ADMIN_BODY_BYTES_MAX;
 use crate::CloudError;

@@ -1,7 +1,9 @@
 //! Billing as a service of the endpoint: [`Billing`] (a validated plan file) runs billing,
 //! prices charges, shows wallets, books top-ups and forecasts lifetime quotas over the store;
-//! the routes of `crate::api` expose it. The decisions are [`crate::billing`]'s, the
-//! persistence [`crate::billing_store`]'s.
+//! the billing routes of `crate::api` expose it, `serve` runs it periodically. The decisions
+//! are [`crate::billing`]'s, the persistence [`crate::billing_store`]'s, the answers
+//! [`crate::wire::billing`]'s. Knows nothing of HTTP: a refusal is a [`BillingError`], which
+//! the API maps to its status.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

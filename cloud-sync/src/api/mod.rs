@@ -17,6 +17,11 @@
 //! | `POST /v1/admin/settle`           | admin token      | [`SettleReply`] for a [`SettleRequest`] |
 //! | `GET /health`                     | none             | `{"status":"ok"}`                      |
 //! | `GET /metrics`                    | query token      | Prometheus text: refusals, timeouts    |
+//! | `GET /v1/billing/charges`         | query token      | [`ChargesReply`]                       |
+//! | `GET /v1/billing/wallets`         | query token      | [`WalletsReply`]                       |
+//! | `GET /v1/billing/forecast`        | query token      | [`ForecastReply`]                      |
+//! | `POST /v1/admin/billing/run`      | admin token      | [`RunReply`]                           |
+//! | `POST /v1/admin/wallets/{customer}/topups` | admin token | [`TopupReply`], 201 or 200          |
 //!
 //! Every route runs on either store ([`StoreBackend`]). Every error is an [`ErrorBody`] with a
 //! stable `code`. Blocking work (signature checks, sled) runs on tokio's blocking pool so the
@@ -27,14 +32,30 @@
 //! traffic, and a scraper holds a token as easily as a dashboard does (Prometheus:
 //! `authorization: { credentials_file: ... }`).
 //!
-//! The billing routes are listed in [`billing`]. One file per area ([`usage`], [`admin`],
-//! [`billing`], [`batches`], [`ops`]) holds its handlers and says which token its routes need;
-//! this module assembles them behind the token checks of [`auth`], and every error answer is
-//! built in [`error`].
+//! One file per area (`usage.rs`, `admin.rs`, `billing.rs`, `batches.rs`, `ops.rs`) holds its
+//! handlers and says which token its routes need; this module assembles them behind the token
+//! checks of `auth.rs`, and every error answer is built in `error.rs`. The answers are
+//! [`crate::wire`]'s shapes, the billing IO [`crate::service`]'s.
 //!
 //! Import direction: `api` → [`crate::wire`] (the shapes), `api` → [`crate::service`] (the
 //! IO sequences), `api` → the store; nothing below imports `api`, and `api` imports neither
 //! the client nor the CLI.
+//!
+//! [`BatchReply`]: countersign_protocol::BatchReply
+//! [`ErrorBody`]: countersign_protocol::ErrorBody
+//! [`SimUsage`]: crate::wire::usage::SimUsage
+//! [`SimsUsage`]: crate::wire::usage::SimsUsage
+//! [`ZoneDays`]: crate::wire::usage::ZoneDays
+//! [`LedgerReply`]: crate::wire::usage::LedgerReply
+//! [`RegistrationReply`]: crate::wire::admin::RegistrationReply
+//! [`TokenList`]: crate::wire::admin::TokenList
+//! [`SettleReply`]: crate::wire::admin::SettleReply
+//! [`SettleRequest`]: crate::wire::admin::SettleRequest
+//! [`ChargesReply`]: crate::wire::billing::ChargesReply
+//! [`WalletsReply`]: crate::wire::billing::WalletsReply
+//! [`ForecastReply`]: crate::wire::billing::ForecastReply
+//! [`RunReply`]: crate::wire::billing::RunReply
+//! [`TopupReply`]: crate::wire::billing::TopupReply
 
 use std::sync::Arc;
 

@@ -2,6 +2,9 @@
 //!
 //! `base_url` is the endpoint's root, e.g. `https://rating.example:8443` (a trailing slash is
 //! fine); `token` is the admin token as hex, as the token file holds it.
+//!
+//! The shapes sent and decoded are [`crate::wire`]'s, the same the routes use. Import
+//! direction: client → wire; the client knows nothing of the routes (`crate::api`).
 
 use countersign_meter::METER_KEY_BYTES;
 use countersign_protocol::ErrorBody;
@@ -10,11 +13,22 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::auth::{token_sha256, Role, TOKEN_BYTES};
-use crate::server::{
-    format_date, GatewayRegistration, MeterRegistration, SimUsage, SimsUsage, TokenList, TokenRegistration,
-    ADMIN_GATEWAYS_PATH, ADMIN_METERS_PATH, ADMIN_TOKENS_PATH, USAGE_PATH, USAGE_SIMS_PATH,
-};
+use crate::text::format_date;
 use crate::usage::DateRange;
+use crate::wire::admin::{
+    FaultsReply, GatewayRegistration, MeterRegistration, SettleReply, SettleRequest, TokenList,
+    TokenRegistration, ADMIN_FAULTS_PATH, ADMIN_GATEWAYS_PATH, ADMIN_METERS_PATH, ADMIN_SETTLE_PATH,
+    ADMIN_TOKENS_PATH,
+};
+use crate::wire::billing::{
+    ChargesQuery, ChargesReply, ForecastQuery, ForecastReply, RunReply, TopupReply, TopupRequest,
+    WalletsReply, ADMIN_BILLING_RUN_PATH, ADMIN_WALLET_TOPUPS_PATH, BILLING_CHARGES_PATH,
+    BILLING_FORECAST_PATH, BILLING_WALLETS_PATH,
+};
+use crate::wire::usage::{
+    LedgerReply, SimUsage, SimsUsage, ZoneDays, USAGE_DAYS_PATH, USAGE_LEDGER_PATH, USAGE_PATH,
+    USAGE_SIMS_PATH,
+};
 
 /// Why a request to the endpoint failed.
 #[derive(Debug, thiserror::Error)]
@@ -182,22 +196,18 @@ pub async fn usage_days(
     tz: &str,
     iccid: Option<u64>,
     range: DateRange,
-) -> Result<crate::server::ZoneDays, ClientError> {
+) -> Result<ZoneDays, ClientError> {
     let mut query = vec![("tz", tz.to_owned())];
     if let Some(i) = iccid {
         query.push(("iccid", i.to_string()));
     }
     query.extend(range_query(range));
-    get_json(http, &url(base_url, crate::server::USAGE_DAYS_PATH), token, &query).await
+    get_json(http, &url(base_url, USAGE_DAYS_PATH), token, &query).await
 }
 
 /// The SIMs whose usage cannot be derived, with the record and the reason (admin token).
-pub async fn faults(
-    http: &reqwest::Client,
-    base_url: &str,
-    token: &str,
-) -> Result<crate::server::FaultsReply, ClientError> {
-    get_json(http, &url(base_url, crate::server::ADMIN_FAULTS_PATH), token, &[]).await
+pub async fn faults(http: &reqwest::Client, base_url: &str, token: &str) -> Result<FaultsReply, ClientError> {
+    get_json(http, &url(base_url, ADMIN_FAULTS_PATH), token, &[]).await
 }
 
 /// The settlement ledger: settled SIM-days and their adjustments.
@@ -207,13 +217,13 @@ pub async fn usage_ledger(
     token: &str,
     iccid: Option<u64>,
     range: DateRange,
-) -> Result<crate::server::LedgerReply, ClientError> {
+) -> Result<LedgerReply, ClientError> {
     let mut query = Vec::new();
     if let Some(i) = iccid {
         query.push(("iccid", i.to_string()));
     }
     query.extend(range_query(range));
-    get_json(http, &url(base_url, crate::server::USAGE_LEDGER_PATH), token, &query).await
+    get_json(http, &url(base_url, USAGE_LEDGER_PATH), token, &query).await
 }
 
 /// Runs a settlement: closes days `settlement_hours` after their end in `tz`, books
@@ -224,9 +234,9 @@ pub async fn settle(
     token: &str,
     tz: &str,
     settlement_hours: u32,
-) -> Result<crate::server::SettleReply, ClientError> {
-    let u = url(base_url, crate::server::ADMIN_SETTLE_PATH);
-    let body = crate::server::SettleRequest { tz: tz.to_owned(), settlement_hours };
+) -> Result<SettleReply, ClientError> {
+    let u = url(base_url, ADMIN_SETTLE_PATH);
+    let body = SettleRequest { tz: tz.to_owned(), settlement_hours };
     let response = http
         .post(&u)
         .bearer_auth(token.trim())
@@ -304,29 +314,13 @@ async fn post_for<T: DeserializeOwned, B: Serialize>(
         .map_err(|source| ClientError::BadResponse { url: url.to_owned(), source })
 }
 
-/// Which charges to ask for: one customer and/or group, and `period` (each group's period
-/// containing that day) or `from`/`to` (one range); neither: the periods containing today.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ChargesQuery {
-    /// One customer only.
-    pub customer: Option<String>,
-    /// One group only.
-    pub group: Option<String>,
-    /// A day inside the periods to price.
-    pub period: Option<time::Date>,
-    /// First day of an explicit range.
-    pub from: Option<time::Date>,
-    /// Last day of an explicit range (included).
-    pub to: Option<time::Date>,
-}
-
 /// The explained charges per customer and group (`GET /v1/billing/charges`).
 pub async fn billing_charges(
     http: &reqwest::Client,
     base_url: &str,
     token: &str,
     q: &ChargesQuery,
-) -> Result<crate::billing_api::ChargesReply, ClientError> {
+) -> Result<ChargesReply, ClientError> {
     let mut query = Vec::new();
     if let Some(c) = &q.customer {
         query.push(("customer", c.clone()));
@@ -338,7 +332,7 @@ pub async fn billing_charges(
         query.push(("period", format_date(p)));
     }
     query.extend(range_query(DateRange { from: q.from, to: q.to }));
-    get_json(http, &url(base_url, crate::billing_api::BILLING_CHARGES_PATH), token, &query).await
+    get_json(http, &url(base_url, BILLING_CHARGES_PATH), token, &query).await
 }
 
 /// Runs billing now: every prepaid wallet debited by what its periods' charges grew
@@ -347,8 +341,8 @@ pub async fn billing_run(
     http: &reqwest::Client,
     base_url: &str,
     token: &str,
-) -> Result<crate::billing_api::RunReply, ClientError> {
-    post_for(http, &url(base_url, crate::billing_api::ADMIN_BILLING_RUN_PATH), token, None::<&()>).await
+) -> Result<RunReply, ClientError> {
+    post_for(http, &url(base_url, ADMIN_BILLING_RUN_PATH), token, None::<&()>).await
 }
 
 /// Wallets: balance, debits per period, top-ups, alerts (`GET /v1/billing/wallets`).
@@ -357,9 +351,9 @@ pub async fn billing_wallets(
     base_url: &str,
     token: &str,
     customer: Option<&str>,
-) -> Result<crate::billing_api::WalletsReply, ClientError> {
+) -> Result<WalletsReply, ClientError> {
     let query: Vec<(&str, String)> = customer.map(|c| ("customer", c.to_owned())).into_iter().collect();
-    get_json(http, &url(base_url, crate::billing_api::BILLING_WALLETS_PATH), token, &query).await
+    get_json(http, &url(base_url, BILLING_WALLETS_PATH), token, &query).await
 }
 
 /// Books a top-up of `amount` (decimal, the wallet's currency) under the caller's
@@ -371,10 +365,10 @@ pub async fn billing_topup(
     customer: &str,
     topup_id: &str,
     amount: &str,
-) -> Result<crate::billing_api::TopupReply, ClientError> {
+) -> Result<TopupReply, ClientError> {
     // Customer names are checked to be URL-safe by the endpoint; an unsafe one is refused there.
-    let path = crate::billing_api::ADMIN_WALLET_TOPUPS_PATH.replace("{customer}", customer);
-    let body = crate::billing_api::TopupRequest { topup_id: topup_id.to_owned(), amount: amount.to_owned() };
+    let path = ADMIN_WALLET_TOPUPS_PATH.replace("{customer}", customer);
+    let body = TopupRequest { topup_id: topup_id.to_owned(), amount: amount.to_owned() };
     post_for(http, &url(base_url, &path), token, Some(&body)).await
 }
 
@@ -383,8 +377,8 @@ pub async fn billing_forecast(
     http: &reqwest::Client,
     base_url: &str,
     token: &str,
-    q: &crate::billing_api::ForecastQuery,
-) -> Result<crate::billing_api::ForecastReply, ClientError> {
+    q: &ForecastQuery,
+) -> Result<ForecastReply, ClientError> {
     let mut query = vec![("iccid", q.iccid.to_string())];
     if let Some(v) = q.quota_bytes {
         query.push(("quota_bytes", v.to_string()));
@@ -397,5 +391,5 @@ pub async fn billing_forecast(
     if let Some(w) = q.window_days {
         query.push(("window_days", w.to_string()));
     }
-    get_json(http, &url(base_url, crate::billing_api::BILLING_FORECAST_PATH), token, &query).await
+    get_json(http, &url(base_url, BILLING_FORECAST_PATH), token, &query).await
 }

@@ -13,10 +13,13 @@
 //! - [`metrics`]: refusal counters for `/metrics`, the per-cause log limiter.
 //! - [`listen`]: the accept loop: connection limit, header and body deadlines.
 //! - [`ingest`]: one batch in, one reply out, durable before it returns.
-//! - [`server`]: the HTTP routes, [`Endpoint`], and the JSON shapes of the API.
+//! - [`api`]: the HTTP routes by area, their token checks and error answers, and [`Endpoint`].
+//! - [`wire`]: the JSON shapes and paths of the API, shared by the routes, the client and the
+//!   command line.
 //! - [`billing`]: the rating core's billing decisions, and [`billing::BillingError`], which
 //!   adds the store's failures to the decisions' refusals.
-//! - [`billing_api`]: [`billing_api::Billing`] (runs, charges, wallets, forecasts) and its routes.
+//! - [`service`]: the IO sequences behind the routes: [`service::billing::Billing`] (runs,
+//!   charges, wallets, top-ups) and [`service::billing::forecast`].
 //! - [`lago`]: the Lago exporter over the store's durable outbox (exactly once per record).
 //! - [`client`]: an async client for the admin and usage API.
 //!
@@ -25,9 +28,9 @@
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod api;
 pub mod auth;
 pub mod billing;
-pub mod billing_api;
 pub mod client;
 pub mod config;
 pub mod ingest;
@@ -36,15 +39,16 @@ pub mod listen;
 pub mod metrics;
 pub mod negcache;
 pub mod ratelimit;
-pub mod server;
+pub mod service;
 pub mod store;
+pub mod wire;
 
 // The rating core, where it has always been reachable: `countersign_cloud::usage` and the
 // like keep their paths for the binary, the tests and the fuzz targets.
 pub use countersign_rating::{carrier, pricing, reconcile, text, usage};
 
+pub use api::Endpoint;
 pub use config::{AdminToken, CloudConfig, ConfigError};
-pub use server::Endpoint;
 pub use store::{PgStore, Store, StoreBackend, StoreError};
 
 /// Why the endpoint could not start. Neither is recoverable without operator action except

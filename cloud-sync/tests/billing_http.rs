@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
-use countersign_cloud::billing_api::{self, TopupStatus};
-use countersign_cloud::client::{self, ChargesQuery, ClientError};
+use countersign_cloud::client::{self, ClientError};
+use countersign_cloud::service::billing::Billing;
+use countersign_cloud::wire::billing::{ChargesQuery, ForecastQuery, TopupStatus};
 use countersign_cloud::{CloudConfig, Endpoint};
 use countersign_protocol::keys::write_secret;
 use countersign_protocol::BatchReply;
@@ -223,7 +224,7 @@ async fn worked_example_wallet_and_forecast_over_http() {
 
     // Forecast from the plan's lifetime quota (2 TB over a year from 1 November): 650 GB used
     // in the 30 days to 30 November, 1350 GB remain: ⌈1350 × 30 / 650⌉ = 63 days.
-    let q = billing_api::ForecastQuery {
+    let q = ForecastQuery {
         iccid: SIM.parse().unwrap(),
         as_of: Some(date!(2026 - 11 - 30)),
         ..Default::default()
@@ -295,8 +296,7 @@ async fn periodic_billing_debits_on_its_own() {
     )
     .unwrap();
     let b = std::sync::Arc::new(
-        billing_api::Billing::new(pricing, "plans.toml".into(), std::time::Duration::from_millis(50))
-            .unwrap(),
+        Billing::new(pricing, "plans.toml".into(), std::time::Duration::from_millis(50)).unwrap(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(b.clone().run_periodically(backend.clone(), async move {
@@ -399,7 +399,7 @@ async fn without_plans_billing_routes_answer_not_configured() {
     assert!(matches!(&e, ClientError::Refused { status: 404, code, .. } if code == "not_configured"), "{e}");
     let e = client::billing_run(&http, &server.base, &token).await.unwrap_err();
     assert!(matches!(&e, ClientError::Refused { status: 404, code, .. } if code == "not_configured"), "{e}");
-    let q = billing_api::ForecastQuery {
+    let q = ForecastQuery {
         iccid: SIM.parse().unwrap(),
         quota_bytes: Some(1000),
         since: Some(date!(2026 - 11 - 01)),

@@ -6,11 +6,12 @@
 
 use std::time::Duration;
 
-use countersign_cloud::billing_api::{Billing, TopupStatus};
 use countersign_cloud::pricing::PricingConfig;
+use countersign_cloud::service::billing::Billing;
 use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::store::PgStore;
+use countersign_cloud::wire::billing::TopupStatus;
 use countersign_cloud::{Store, StoreBackend};
 use countersign_testkit::{network_time, unix_s, ReportBuilder};
 

@@ -6,9 +6,9 @@
 use std::path::Path;
 
 use countersign_cloud::client::{self, ClientError};
-use countersign_cloud::server::{DayUsage, SimTotal, SimsUsage};
 use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::usage::DateRange;
+use countersign_cloud::wire::usage::{DayUsage, SimTotal, SimsUsage};
 use countersign_cloud::{CloudConfig, Endpoint, StoreBackend};
 use countersign_meter::{
     CounterWidth, DeviceTime, MemoryStore, Meter, MeterConfig, Report, Totals, REPORT_BYTES_MAX,

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use countersign_cloud::auth::Role;
 use countersign_cloud::client;
-use countersign_cloud::server::parse_date;
+use countersign_cloud::text::parse_date;
 use countersign_cloud::{CloudConfig, Endpoint};
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 use countersign_protocol::keys::write_secret;

@@ -1,0 +1,216 @@
+//! The rating work: settlement runs, the settlement ledger, the SIMs whose usage cannot be
+//! derived, and reconciliation with the carrier's usage files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
+use countersign_cloud::client;
+use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
+use countersign_cloud::text::parse_iccid;
+use countersign_cloud::usage::DateRange;
+
+use super::{date_arg, http, iccid_arg, read_token};
+
+/// Commands of the rating work (settlement, reconciliation), kept apart for easy merging.
+#[derive(Subcommand)]
+pub(crate) enum RatingCommand {
+    /// Close days N hours after their end in a time zone and book adjustments for closed days.
+    Settle {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// IANA time zone days are cut in, e.g. Europe/Berlin.
+        #[arg(long)]
+        tz: String,
+        /// Hours after a day's end before it closes.
+        #[arg(long, default_value_t = 48)]
+        settlement_hours: u32,
+    },
+    /// List the SIMs whose usage cannot be derived (left out of usage, settlement, billing),
+    /// with the record and the reason, as JSON.
+    Faults {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
+    /// Print the settlement ledger (settled SIM-days and their adjustments) as JSON.
+    Ledger {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// One SIM only.
+        #[arg(long, value_parser = iccid_arg)]
+        iccid: Option<u64>,
+        /// First day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        from: Option<time::Date>,
+        /// Last day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        to: Option<time::Date>,
+    },
+    /// Compare device-counted usage (from the endpoint) with carrier usage files per SIM-day.
+    Reconcile {
+        /// Endpoint base URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The admin token file.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// 1NCE daily usage JSON of one SIM, as ICCID=FILE or FILE named <ICCID>.json.
+        #[arg(long)]
+        carrier_json: Vec<String>,
+        /// Daily usage CSV (iccid, date, volume and/or volume_rx + volume_tx; MB strings).
+        #[arg(long)]
+        carrier_csv: Vec<PathBuf>,
+        /// Session records CSV (iccid, start, end, volume_rx, volume_tx[, volume_total]).
+        #[arg(long)]
+        carrier_sessions: Vec<PathBuf>,
+        /// Provider model: 1nce or exact.
+        #[arg(long, default_value = "1nce")]
+        provider: String,
+        /// IANA time zone the carrier's days are cut in.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// First day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        from: Option<time::Date>,
+        /// Last day included, YYYY-MM-DD.
+        #[arg(long, value_parser = date_arg)]
+        to: Option<time::Date>,
+        /// Absolute tolerance, bytes.
+        #[arg(long, default_value_t = 1024)]
+        tolerance_bytes: u64,
+        /// Relative tolerance, basis points of the expected bytes (100 = 1 %).
+        #[arg(long, default_value_t = 100)]
+        tolerance_bp: u32,
+        /// Output format: json or csv.
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
+}
+
+/// Runs one command of this area.
+pub(crate) async fn run(command: RatingCommand) -> Result<()> {
+    match command {
+        RatingCommand::Settle { endpoint, token_file, tz, settlement_hours } => {
+            let token = read_token(&token_file)?;
+            let r =
+                client::settle(&http()?, &endpoint, &token, &tz, settlement_hours).await.context("settle")?;
+            println!("{}", serde_json::to_string_pretty(&r).context("encoding the answer")?);
+            Ok(())
+        }
+        RatingCommand::Faults { endpoint, token_file } => {
+            let token = read_token(&token_file)?;
+            let r = client::faults(&http()?, &endpoint, &token).await.context("faults query")?;
+            println!("{}", serde_json::to_string_pretty(&r).context("encoding the answer")?);
+            Ok(())
+        }
+        RatingCommand::Ledger { endpoint, token_file, iccid, from, to } => {
+            let token = read_token(&token_file)?;
+            let r = client::usage_ledger(&http()?, &endpoint, &token, iccid, DateRange { from, to })
+                .await
+                .context("ledger query")?;
+            println!("{}", serde_json::to_string_pretty(&r).context("encoding the answer")?);
+            Ok(())
+        }
+        RatingCommand::Reconcile {
+            endpoint,
+            token_file,
+            carrier_json,
+            carrier_csv,
+            carrier_sessions,
+            provider,
+            tz,
+            from,
+            to,
+            tolerance_bytes,
+            tolerance_bp,
+            format,
+        } => {
+            if format != "json" && format != "csv" {
+                anyhow::bail!("--format: expected json or csv, got '{format}'");
+            }
+            let model = ProviderModel::builtin(&provider).context("--provider")?;
+            let zone = countersign_cloud::usage::time_zone(&tz).context("--tz")?;
+            let mut carrier = Vec::new();
+            for arg in &carrier_json {
+                let (iccid, path) = carrier_json_arg(arg)?;
+                let text = read_carrier_file(&path)?;
+                carrier.extend(
+                    carrier::parse_1nce_daily_json(iccid, &text)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
+            for path in &carrier_csv {
+                let text = read_carrier_file(path)?;
+                carrier
+                    .extend(carrier::parse_daily_csv(&text).with_context(|| format!("{}", path.display()))?);
+            }
+            for path in &carrier_sessions {
+                let text = read_carrier_file(path)?;
+                carrier.extend(
+                    carrier::parse_sessions_csv(&text, &zone)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
+            let range = DateRange { from, to };
+            let token = read_token(&token_file)?;
+            let days = client::usage_days(&http()?, &endpoint, &token, &tz, None, range)
+                .await
+                .context("device usage query")?;
+            let device = days.days.iter().map(|d| ((d.iccid, d.date), d.total_bytes)).collect();
+            let tolerance = Tolerance { bytes: tolerance_bytes, basis_points: tolerance_bp };
+            let mut r =
+                reconcile::reconcile(&device, &carrier, &model, tolerance, range).context("reconciling")?;
+            // The endpoint left these SIMs out: their carrier days are not "missing on the
+            // device", they cannot be compared.
+            for u in &days.underivable {
+                reconcile::mark_underivable(
+                    &mut r,
+                    u.iccid,
+                    format!("device usage cannot be derived: {}", u.reason),
+                );
+            }
+            if format == "csv" {
+                print!("{}", reconcile::to_csv(&r).context("encoding csv")?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r).context("encoding json")?);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads a 1NCE JSON argument: `ICCID=FILE`, or `FILE` whose stem is the ICCID.
+fn carrier_json_arg(arg: &str) -> Result<(u64, PathBuf)> {
+    let (iccid, path) = match arg.split_once('=') {
+        Some((i, p)) => (i.to_owned(), PathBuf::from(p)),
+        None => {
+            let p = PathBuf::from(arg);
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            (stem, p)
+        }
+    };
+    let iccid = parse_iccid(&iccid)
+        .with_context(|| format!("--carrier-json {arg}: give ICCID=FILE or name the file <ICCID>.json"))?;
+    Ok((iccid, path))
+}
+
+fn read_carrier_file(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.len() > CARRIER_FILE_BYTES_MAX as u64 {
+        anyhow::bail!("{}: larger than {CARRIER_FILE_BYTES_MAX} bytes", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}

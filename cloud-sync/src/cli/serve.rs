@@ -1,0 +1,124 @@
+//! `serve` (the endpoint, with the Lago export and periodic billing when configured) and
+//! `check-config`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use countersign_cloud::lago::{LagoConfig, LagoExporter};
+use countersign_cloud::service::billing::{load_plans, Billing};
+use countersign_cloud::{CloudConfig, Endpoint};
+
+/// Seconds between Lago export rounds when the outbox is drained.
+const LAGO_EXPORT_INTERVAL_S: u64 = 10;
+
+/// Commands that run or check an endpoint on this machine.
+#[derive(Subcommand)]
+pub(crate) enum ServeCommand {
+    /// Run the endpoint until SIGINT or SIGTERM.
+    Serve {
+        /// The TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// A Lago export config (TOML); when given, stored usage is forwarded to Lago.
+        #[arg(long)]
+        lago_config: Option<PathBuf>,
+    },
+    /// Validate a config file and the admin token file it names.
+    CheckConfig {
+        /// The TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Runs one command of this area.
+pub(crate) async fn run(command: ServeCommand) -> Result<()> {
+    match command {
+        ServeCommand::Serve { config, lago_config } => serve(&config, lago_config.as_deref()).await,
+        ServeCommand::CheckConfig { config } => {
+            let c = CloudConfig::load(&config).with_context(|| format!("config {}", config.display()))?;
+            c.read_admin_token().with_context(|| format!("config {}", config.display()))?;
+            if let Some(b) = c.billing() {
+                load_plans(&b.plans_file).with_context(|| format!("config {}", config.display()))?;
+            }
+            println!("config ok");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
+    let config =
+        CloudConfig::load(config_path).with_context(|| format!("config {}", config_path.display()))?;
+    let endpoint =
+        Endpoint::connect(&config).await.with_context(|| format!("config {}", config_path.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen())
+        .await
+        .with_context(|| format!("listen: cannot bind {}", config.listen()))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let export = match lago_config {
+        None => None,
+        Some(lago_path) => {
+            let lago = LagoConfig::load(lago_path)
+                .with_context(|| format!("lago config {}", lago_path.display()))?;
+            // On PostgreSQL every process runs an exporter; one at a time is active (export lock).
+            let exporter = LagoExporter::new(endpoint.store(), lago).context("lago exporter")?;
+            Some(tokio::spawn(
+                exporter.run(Duration::from_secs(LAGO_EXPORT_INTERVAL_S), stopped(stop_rx.clone())),
+            ))
+        }
+    };
+    // Periodic billing whenever a plans file is configured (interval: billing.run_interval_s).
+    let billing = endpoint.billing().cloned().map(|b: std::sync::Arc<Billing>| {
+        tracing::info!(interval_s = b.run_interval().as_secs(), "periodic billing");
+        tokio::spawn(b.run_periodically(endpoint.store().clone(), stopped(stop_rx.clone())))
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let served = endpoint.serve(listener, stopped(stop_rx)).await.context("serving");
+    if let Some(export) = export {
+        match export.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "lago export stopped"),
+            Err(e) => tracing::error!(error = %e, "lago export task failed"),
+        }
+    }
+    if let Some(task) = billing {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "periodic billing task failed");
+        }
+    }
+    served
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}

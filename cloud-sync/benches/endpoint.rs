@@ -156,7 +156,7 @@ async fn run(a: &Args, store: &str) {
     let endpoint = Endpoint::connect(&config)
         .await
         .unwrap()
-        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
+        .with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let backend = endpoint.store().clone();
     let gateway_keys: Vec<SigningKey> =
         (0..a.gateways).map(|g| SigningKey::from_bytes(&[g as u8 + 1; 32])).collect();

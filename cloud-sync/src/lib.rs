@@ -12,15 +12,14 @@
 //! - [`negcache`]: bounded negative caches of unknown gateway ids and tokens.
 //! - [`metrics`]: refusal counters for `/metrics`, the per-cause log limiter.
 //! - [`listen`]: the accept loop: connection limit, header and body deadlines.
-//! - [`ingest`]: one batch in, one reply out, durable before it returns.
 //! - [`api`]: the HTTP routes by area, their token checks and error answers, and [`Endpoint`].
 //! - [`wire`]: the JSON shapes and paths of the API, shared by the routes, the client and the
 //!   command line.
 //! - [`billing`]: the rating core's billing decisions, and [`billing::BillingError`], which
 //!   adds the store's failures to the decisions' refusals.
-//! - [`service`]: the IO sequences behind the routes: [`service::billing::Billing`] (runs,
-//!   charges, wallets, top-ups) and [`service::billing::forecast`].
-//! - [`lago`]: the Lago exporter over the store's durable outbox (exactly once per record).
+//! - [`service`]: the IO sequences: [`service::ingest`] (one batch in, one reply out, durable
+//!   before it returns), [`service::billing::Billing`] (runs, charges, wallets, top-ups,
+//!   forecasts) and [`service::lago`] (the exporter, exactly once per record).
 //! - [`client`]: an async client for the admin and usage API.
 //!
 //! The library logs through `tracing` and never installs a subscriber.
@@ -33,8 +32,6 @@ pub mod auth;
 pub mod billing;
 pub mod client;
 pub mod config;
-pub mod ingest;
-pub mod lago;
 pub mod listen;
 pub mod metrics;
 pub mod negcache;

@@ -84,7 +84,9 @@ async fn start(config: &CloudConfig) -> common::Server {
                 // The endpoint's clock at 2026-12-01T00:00:00Z: the reports below are inside
                 // its window whenever the test runs.
                 endpoint =
-                    Some(e.with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000)));
+                    Some(e.with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| {
+                        1_796_083_200_000
+                    })));
                 break;
             }
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
@@ -390,7 +392,7 @@ async fn without_plans_billing_routes_answer_not_configured() {
     let endpoint = Endpoint::connect(&config)
         .await
         .unwrap()
-        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
+        .with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| 1_796_083_200_000));
     assert!(endpoint.billing().is_none());
     let server = serve(endpoint).await;
     let http = reqwest::Client::new();

@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
-use countersign_cloud::lago::{LagoConfig, LagoExporter, LAGO_EVENTS_BATCH_PATH};
+use countersign_cloud::service::lago::{LagoConfig, LagoExporter, LAGO_EVENTS_BATCH_PATH};
 use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
 use countersign_cloud::{CloudConfig, Endpoint, StoreBackend};

@@ -93,7 +93,7 @@ async fn start(env: &Env) -> Running {
     let endpoint = Endpoint::connect(&config(env))
         .await
         .unwrap()
-        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
+        .with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let store = endpoint.store().clone();
     let server = common::serve(endpoint).await;
     Running { base: server.base.clone(), store, server }

@@ -5,7 +5,7 @@
 //! is injected, so the window is tested without the real clock.
 #![allow(clippy::unwrap_used)]
 
-use countersign_cloud::ingest::{
+use countersign_cloud::service::ingest::{
     Clock, EVENTS_PER_DEVICE_SECOND_MAX, RECEIVED_AGE_MS_MAX, RECEIVED_AHEAD_MS_MAX, UPTIME_SLACK_S,
 };
 use countersign_cloud::usage::{BYTES_PER_DEVICE_SECOND_MAX, USED_BYTES_PER_EPOCH_MAX};

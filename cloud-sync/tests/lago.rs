@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use countersign_cloud::lago::{
+use countersign_cloud::service::lago::{
     transaction_id, ExportStats, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH,
 };
 use countersign_cloud::store::postgres::testing::TestDatabase;

@@ -334,7 +334,7 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
     let endpoint = Endpoint::connect(&config)
         .await
         .unwrap()
-        .with_clock(countersign_cloud::ingest::Clock::from_fn(|| 1_796_083_200_000));
+        .with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let server = common::serve(endpoint).await;
     let base = server.base.clone();
     let mut c =

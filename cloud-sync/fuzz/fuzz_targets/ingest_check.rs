@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use countersign_cloud::ingest::{check_records, OpenedBatch, OpenedRecord};
-use countersign_cloud::lago::plan_event;
+use countersign_cloud::service::ingest::{check_records, OpenedBatch, OpenedRecord};
+use countersign_cloud::service::lago::plan_event;
 use countersign_cloud::usage::{derive_daily_in, time_zone, UsageRecord};
 use countersign_meter::{Report, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::BatchHeader;

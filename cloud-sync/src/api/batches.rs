@@ -1,5 +1,5 @@
 //! `POST /v1/batches`: a signed batch in, per-record outcomes out. The gateway's rate limit
-//! is checked before any signature work; the batch itself is [`crate::ingest`]'s. Answers
+//! is checked before any signature work; the batch itself is [`crate::service::ingest`]'s. Answers
 //! [`BatchReply`], or an error the gateway can act on (retry, back off, drop).
 
 use std::time::Instant;
@@ -15,8 +15,8 @@ use countersign_protocol::{peek_header, BatchReply, BATCHES_PATH};
 
 use crate::api::error::{ingest_error, ApiError};
 use crate::api::{AppState, Routes};
-use crate::ingest::{ingest, IngestError, IngestSummary};
 use crate::metrics::Metrics;
+use crate::service::ingest::{ingest, IngestError, IngestSummary};
 
 /// The batch upload route (authenticated by the batch's signature, not a token).
 pub(super) fn routes() -> Routes {

@@ -8,7 +8,7 @@ use axum::Json;
 use countersign_protocol::{BatchError, ErrorBody};
 
 use crate::billing::{BillingError, Refusal};
-use crate::ingest::IngestError;
+use crate::service::ingest::IngestError;
 use crate::store::ledger::LedgerError;
 use crate::store::StoreError;
 use crate::usage::{SimFault, UsageError};

@@ -93,7 +93,7 @@ pub(crate) struct AppState {
     /// Plans and wallets, when a plans file is configured.
     pub(crate) billing: Option<Arc<Billing>>,
     /// The endpoint's clock for ingest's time window.
-    clock: crate::ingest::Clock,
+    clock: crate::service::ingest::Clock,
 }
 
 /// One route of the API, as `openapi.yaml` names it.
@@ -149,7 +149,7 @@ pub struct Endpoint {
     token: Arc<AdminToken>,
     limiter: Arc<RateLimiter>,
     billing: Option<Arc<Billing>>,
-    clock: crate::ingest::Clock,
+    clock: crate::service::ingest::Clock,
     limits: ServerLimits,
     metrics: Arc<Metrics>,
 }
@@ -200,14 +200,14 @@ impl Endpoint {
             token: Arc::new(token),
             limiter: Arc::new(RateLimiter::new(crate::config::RateLimit::default())),
             billing: None,
-            clock: crate::ingest::Clock::system(),
+            clock: crate::service::ingest::Clock::system(),
             limits: ServerLimits::default(),
             metrics: Arc::new(Metrics::new()),
         }
     }
 
     /// The same endpoint with another clock (ingest's time window; tests).
-    pub fn with_clock(mut self, clock: crate::ingest::Clock) -> Endpoint {
+    pub fn with_clock(mut self, clock: crate::service::ingest::Clock) -> Endpoint {
         self.clock = clock;
         self
     }

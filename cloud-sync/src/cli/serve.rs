@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use countersign_cloud::lago::{LagoConfig, LagoExporter};
 use countersign_cloud::service::billing::{load_plans, Billing};
+use countersign_cloud::service::lago::{LagoConfig, LagoExporter};
 use countersign_cloud::{CloudConfig, Endpoint};
 
 /// Seconds between Lago export rounds when the outbox is drained.

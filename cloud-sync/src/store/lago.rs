@@ -1,6 +1,6 @@
 //! The Lago outbox on both backends: events planned from stored records, held until Lago
 //! accepted them. What an event says is the rating core's [`plan_event`](countersign_rating::lago::plan_event);
-//! the exporter that sends them is [`crate::lago`].
+//! the exporter that sends them is [`crate::service::lago`].
 
 use std::collections::BTreeMap;
 

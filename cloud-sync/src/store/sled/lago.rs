@@ -1,7 +1,7 @@
 //! The Lago outbox in the sled store: trees `lago_outbox` (export sequence → event JSON),
 //! `lago_planned` (record id → export sequence), `lago_epoch_max` (meter ‖ epoch → the
 //! highest `used` exported) and `lago_meta` (the next export sequence). Planning writes all
-//! four in one sled transaction; see [`crate::lago`] for why that makes the export exactly
+//! four in one sled transaction; see [`crate::service::lago`] for why that makes the export exactly
 //! once.
 
 use std::collections::BTreeMap;

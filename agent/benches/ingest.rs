@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use countersign_agent::classify::{classify, Verdict};
 use countersign_agent::Buffer;
-use countersign_meter::report::REPORT_BYTES_MAX;
-use countersign_meter::{DeviceTime, Report, Totals};
+use countersign_meter::DeviceTime;
+use countersign_testkit::report::ReportBuilder;
 
 const REPORTS: u32 = 20_000;
 
@@ -16,19 +16,16 @@ fn payloads() -> Vec<(String, Vec<u8>)> {
     (0..REPORTS)
         .map(|i| {
             let meter_id = u64::from(i % 10_000);
-            let r = Report {
+            let r = ReportBuilder::new(
                 meter_id,
-                epoch: 1,
-                seq: i / 10_000,
-                iccid: 8_988_280_666_000_000_000 + meter_id,
-                time: DeviceTime::uptime(i).expect("valid"),
-                base: Totals { up: 30 << 20, down: 12 << 20 },
-                used: Totals { up: u64::from(i) * 100, down: u64::from(i) * 300 },
-                extras: Default::default(),
-            };
-            let mut buf = [0u8; REPORT_BYTES_MAX];
-            let n = r.encode(&[1u8; 32], &mut buf).expect("encodes");
-            (format!("countersign/v1/reports/{meter_id}"), buf[..n].to_vec())
+                i / 10_000,
+                8_988_280_666_000_000_000 + meter_id,
+                DeviceTime::uptime(i).expect("valid"),
+            )
+            .epoch(1)
+            .base(30 << 20, 12 << 20)
+            .used(u64::from(i) * 100, u64::from(i) * 300);
+            (format!("countersign/v1/reports/{meter_id}"), r.encode(&[1u8; 32]))
         })
         .collect()
 }

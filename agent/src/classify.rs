@@ -65,22 +65,14 @@ pub fn classify(topic: &str, payload: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use countersign_meter::{DeviceTime, Totals};
+    use countersign_meter::DeviceTime;
+    use countersign_testkit::report::ReportBuilder;
 
     fn report(meter_id: u64) -> Vec<u8> {
-        let r = Report {
-            meter_id,
-            epoch: 1,
-            seq: 2,
-            iccid: 8_988_280_666_000_000_001,
-            time: DeviceTime::uptime(5).unwrap(),
-            base: Totals::default(),
-            used: Totals { up: 10, down: 20 },
-            extras: Default::default(),
-        };
-        let mut buf = [0u8; REPORT_BYTES_MAX];
-        let n = r.encode(&[0u8; 32], &mut buf).unwrap();
-        buf[..n].to_vec()
+        ReportBuilder::new(meter_id, 2, 8_988_280_666_000_000_001, DeviceTime::uptime(5).unwrap())
+            .epoch(1)
+            .used(10, 20)
+            .encode(&[0u8; 32])
     }
 
     #[test]

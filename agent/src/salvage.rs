@@ -140,22 +140,14 @@ pub fn scan_bytes(bytes: &[u8], found: &mut BTreeSet<Candidate>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use countersign_meter::{DeviceTime, Totals};
+    use countersign_meter::DeviceTime;
+    use countersign_testkit::report::ReportBuilder;
 
     fn report(seq: u32) -> Vec<u8> {
-        let r = Report {
-            meter_id: 12,
-            epoch: 1,
-            seq,
-            iccid: 8_988_280_666_000_000_012,
-            time: DeviceTime::uptime(seq).unwrap(),
-            base: Totals::default(),
-            used: Totals { up: u64::from(seq) * 1000, down: 7 },
-            extras: Default::default(),
-        };
-        let mut buf = [0u8; REPORT_BYTES_MAX];
-        let n = r.encode(&[9u8; 32], &mut buf).unwrap();
-        buf[..n].to_vec()
+        ReportBuilder::new(12, seq, 8_988_280_666_000_000_012, DeviceTime::uptime(seq).unwrap())
+            .epoch(1)
+            .used(u64::from(seq) * 1000, 7)
+            .encode(&[9u8; 32])
     }
 
     #[test]

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::{CloudConfig, Endpoint};
-use countersign_meter::{DeviceTime, Report, TimeQuality, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::keys::write_secret;
-use countersign_protocol::{BatchBuilder, BatchHeader, BatchReply, RecordOutcome, RecordRef, BATCHES_PATH};
+use countersign_protocol::{BatchReply, RecordOutcome, BATCHES_PATH};
+use countersign_testkit::batch::{signed_batch_at, signing_key};
+use countersign_testkit::report::{network_time, ReportBuilder};
 use ed25519_dalek::SigningKey;
 
 const TOKEN: [u8; 32] = [0x5a; 32];
@@ -94,37 +95,27 @@ fn batches(a: &Args, gateway: usize, key: &SigningKey, sizes: &mut Vec<usize>) -
     let mut out = Vec::with_capacity(a.batches);
     let mut n = 0u64;
     for b in 0..a.batches {
-        let mut builder = BatchBuilder::new(BatchHeader {
-            gateway_id: gateway as u64 + 1,
-            batch_seq: b as u64,
-            created_ms: NOON_S * 1000,
-        });
         let mut reports = Vec::with_capacity(a.records);
         for _ in 0..a.records {
             let m = n % a.meters_per_gateway;
             n += 1;
             let meter_id = first_meter + m;
             let s = &mut seq[m as usize];
-            let r = Report {
+            let report = ReportBuilder::new(
                 meter_id,
-                epoch: 3,
-                seq: *s,
-                iccid: 8_988_280_666_000_000_000 + meter_id,
-                time: DeviceTime::wall_clock(TimeQuality::Network, NOON_S + u64::from(*s) * 60).unwrap(),
-                base: Totals { up: 1_500_000, down: 9_000_000 },
-                used: Totals { up: 20_000 + u64::from(*s) * 700, down: 90_000 + u64::from(*s) * 2_900 },
-                extras: Default::default(),
-            };
+                *s,
+                8_988_280_666_000_000_000 + meter_id,
+                network_time(NOON_S + u64::from(*s) * 60),
+            )
+            .epoch(3)
+            .base(1_500_000, 9_000_000)
+            .used(20_000 + u64::from(*s) * 700, 90_000 + u64::from(*s) * 2_900)
+            .encode(&meter_key(meter_id));
             *s += 1;
-            let mut buf = [0u8; REPORT_BYTES_MAX];
-            let len = r.encode(&meter_key(meter_id), &mut buf).unwrap();
-            sizes.push(len);
-            reports.push(buf[..len].to_vec());
+            sizes.push(report.len());
+            reports.push(report);
         }
-        for r in &reports {
-            builder.push(RecordRef { received_ms: NOON_S * 1000, report: r }).unwrap();
-        }
-        out.push(builder.sign(key));
+        out.push(signed_batch_at(key, gateway as u64 + 1, b as u64, NOON_S * 1000, &reports));
     }
     out
 }
@@ -158,8 +149,7 @@ async fn run(a: &Args, store: &str) {
         .unwrap()
         .with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let backend = endpoint.store().clone();
-    let gateway_keys: Vec<SigningKey> =
-        (0..a.gateways).map(|g| SigningKey::from_bytes(&[g as u8 + 1; 32])).collect();
+    let gateway_keys: Vec<SigningKey> = (0..a.gateways).map(|g| signing_key(g as u8 + 1)).collect();
     for (g, k) in gateway_keys.iter().enumerate() {
         backend.add_gateway(g as u64 + 1, k.verifying_key()).await.unwrap();
         let first = 1_000 + g as u64 * a.meters_per_gateway;

@@ -235,39 +235,22 @@ fn check_record(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use countersign_protocol::{BatchBuilder, RecordRef};
-    use ed25519_dalek::SigningKey;
+    use countersign_testkit::batch::{signed_batch_at, signing_key};
+    use countersign_testkit::report::{network_time, ReportBuilder};
 
     const KEY: [u8; 32] = [4u8; 32];
     const NOW_MS: u64 = 1_795_521_600_000;
 
     fn report(seq: u32, key: &[u8; 32]) -> Vec<u8> {
-        let r = Report {
-            meter_id: 5,
-            epoch: 0,
-            seq,
-            iccid: 8_988_280_666_000_000_001,
-            time: countersign_meter::DeviceTime::wall_clock(
-                countersign_meter::TimeQuality::Network,
-                NOW_MS / 1000,
-            )
-            .unwrap(),
-            base: countersign_meter::Totals::default(),
-            used: countersign_meter::Totals { up: 10, down: 10 },
-            extras: Default::default(),
-        };
-        let mut buf = [0u8; countersign_meter::REPORT_BYTES_MAX];
-        let n = r.encode(key, &mut buf).unwrap();
-        buf[..n].to_vec()
+        ReportBuilder::new(5, seq, 8_988_280_666_000_000_001, network_time(NOW_MS / 1000))
+            .used(10, 10)
+            .encode(key)
     }
 
     fn opened(reports: &[Vec<u8>]) -> OpenedBatch {
-        let gateway = SigningKey::from_bytes(&[11u8; 32]);
-        let mut b = BatchBuilder::new(BatchHeader { gateway_id: 1, batch_seq: 9, created_ms: NOW_MS });
-        for r in reports {
-            b.push(RecordRef { received_ms: NOW_MS, report: r }).unwrap();
-        }
-        open_batch(&Bytes::from(b.sign(&gateway)), Some(gateway.verifying_key())).unwrap()
+        let gateway = signing_key(11);
+        let signed = signed_batch_at(&gateway, 1, 9, NOW_MS, reports);
+        open_batch(&Bytes::from(signed), Some(gateway.verifying_key())).unwrap()
     }
 
     #[test]

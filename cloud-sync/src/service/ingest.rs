@@ -189,10 +189,10 @@ pub fn ingest_batch(store: &Store, signed: &[u8], now_ms: u64) -> Result<BatchRe
 mod tests {
     use super::*;
     use crate::usage::{UsageRecord, BYTES_PER_DEVICE_SECOND_MAX, USED_BYTES_PER_EPOCH_MAX};
-    use countersign_meter::{CounterKind, Report};
-    use countersign_meter::{DeviceTime, TimeQuality, Totals, REPORT_BYTES_MAX};
+    use countersign_meter::{CounterKind, DeviceTime, Report, TimeQuality, Totals};
     use countersign_protocol::RejectReason;
-    use countersign_protocol::{BatchBuilder, BatchHeader, RecordRef};
+    use countersign_testkit::batch::{signed_batch, signing_key};
+    use countersign_testkit::report::ReportBuilder;
     use ed25519_dalek::SigningKey;
     use proptest::prelude::*;
 
@@ -200,7 +200,7 @@ mod tests {
     const NOW_MS: u64 = 1_795_521_600_000;
 
     fn gateway() -> SigningKey {
-        SigningKey::from_bytes(&[11u8; 32])
+        signing_key(11)
     }
 
     fn report(meter_id: u64, seq: u32, up: u64, key: &[u8; 32]) -> Vec<u8> {
@@ -214,27 +214,11 @@ mod tests {
     }
 
     fn report_at(meter_id: u64, seq: u32, up: u64, key: &[u8; 32], time: DeviceTime) -> Vec<u8> {
-        let r = Report {
-            meter_id,
-            epoch: 0,
-            seq,
-            iccid: 8_988_280_666_000_000_001,
-            time,
-            base: Totals::default(),
-            used: Totals { up, down: up },
-            extras: Default::default(),
-        };
-        let mut buf = [0u8; REPORT_BYTES_MAX];
-        let n = r.encode(key, &mut buf).unwrap();
-        buf[..n].to_vec()
+        ReportBuilder::new(meter_id, seq, 8_988_280_666_000_000_001, time).used(up, up).encode(key)
     }
 
     fn batch(reports: &[(u64, Vec<u8>)], key: &SigningKey) -> Vec<u8> {
-        let mut b = BatchBuilder::new(BatchHeader { gateway_id: 1, batch_seq: 9, created_ms: NOW_MS });
-        for (received_ms, r) in reports {
-            b.push(RecordRef { received_ms: *received_ms, report: r }).unwrap();
-        }
-        b.sign(key)
+        signed_batch(key, 1, 9, NOW_MS, reports)
     }
 
     fn store() -> (tempfile::TempDir, Store) {
@@ -310,15 +294,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, IngestError::Batch(ref b) if !b.is_auth()), "{e}");
-        let mut b = BatchBuilder::new(BatchHeader { gateway_id: 2, batch_seq: 0, created_ms: 0 });
-        b.push(RecordRef { received_ms: 0, report: &reports[0].1 }).unwrap();
-        let e = ingest_batch(&store, &b.sign(&gateway()), NOW_MS).unwrap_err();
+        let signed = signed_batch(&gateway(), 2, 0, 0, &[(0, &reports[0].1)]);
+        let e = ingest_batch(&store, &signed, NOW_MS).unwrap_err();
         assert!(matches!(e, IngestError::Batch(BatchError::UnknownGateway(2))), "{e}");
         // A batch created outside the window around the endpoint's clock: refused whole.
         for created_ms in [NOW_MS + RECEIVED_AHEAD_MS_MAX + 1, NOW_MS - RECEIVED_AGE_MS_MAX - 1, 0] {
-            let mut b = BatchBuilder::new(BatchHeader { gateway_id: 1, batch_seq: 0, created_ms });
-            b.push(RecordRef { received_ms: NOW_MS, report: &reports[0].1 }).unwrap();
-            let e = ingest_batch(&store, &b.sign(&gateway()), NOW_MS).unwrap_err();
+            let signed = signed_batch(&gateway(), 1, 0, created_ms, &[(NOW_MS, &reports[0].1)]);
+            let e = ingest_batch(&store, &signed, NOW_MS).unwrap_err();
             assert!(matches!(e, IngestError::Clock(ref why) if why.contains("batch creation time")), "{e}");
         }
         assert_eq!(store.record_count(), 0);

@@ -209,7 +209,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use countersign_meter::{DeviceTime, Report, TimeQuality, REPORT_BYTES_MAX};
+    use countersign_testkit::report::{network_time, ReportBuilder};
 
     const SIM: u64 = 8_988_280_666_000_000_001;
     /// 2026-11-24T12:00:00Z.
@@ -217,19 +217,8 @@ mod tests {
     const DAY_S: u64 = 86_400;
 
     fn insert(store: &Store, seq: u32, up: u64, at_s: u64) {
-        let r = Report {
-            meter_id: 1,
-            epoch: 0,
-            seq,
-            iccid: SIM,
-            time: DeviceTime::wall_clock(TimeQuality::Network, at_s).unwrap(),
-            base: Totals::default(),
-            used: Totals { up, down: 0 },
-            extras: Default::default(),
-        };
-        let mut buf = [0u8; REPORT_BYTES_MAX];
-        let n = r.encode(&[1u8; 32], &mut buf).unwrap();
-        store.insert_record(r.id(), 1, at_s * 1000, &buf[..n]).unwrap();
+        let r = ReportBuilder::new(1, seq, SIM, network_time(at_s)).used(up, 0);
+        store.insert_record(r.id(), 1, at_s * 1000, &r.encode(&[1u8; 32])).unwrap();
     }
 
     fn at(s: u64) -> Timestamp {

@@ -35,7 +35,7 @@ pub use countersign_rating::check::{
     UPTIME_SLACK_S,
 };
 
-use crate::store::{Store, StoreBackend, StoreError};
+use crate::store::{blocking, Store, StoreBackend, StoreError};
 
 /// The endpoint's clock, Unix milliseconds; injected so that the time checks are testable.
 #[derive(Clone)]
@@ -114,9 +114,8 @@ impl IngestSummary {
 }
 
 async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, IngestError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| IngestError::Store(StoreError::Corrupt(format!("verification task failed: {e}"))))
+    // The same pool as store work: a task that panicked fails the batch as a store fault.
+    blocking(move || Ok(f())).await
 }
 
 /// The batch's reply from the store's outcomes, logged.

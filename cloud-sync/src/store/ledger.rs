@@ -8,7 +8,7 @@ use countersign_rating::usage::{Adjustment, DateRange, SettledDay, Settlement, U
 use jiff::Timestamp;
 
 use super::sled::ledger::Ledger;
-use super::{StoreBackend, StoreError};
+use super::{blocking, StoreBackend, StoreError};
 
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +55,11 @@ impl StoreBackend {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
-                tokio::task::spawn_blocking(move || {
+                blocking(move || {
                     let ledger = Ledger::open(&s)?;
                     Ok((ledger.zone()?, ledger.days(iccid, range)?))
                 })
                 .await
-                .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
             }
             Self::Postgres(p) => p.ledger_days(iccid, range).await,
         }
@@ -78,9 +77,7 @@ impl StoreBackend {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
-                tokio::task::spawn_blocking(move || Ledger::open(&s)?.settle(&tz_name, settlement_hours, now))
-                    .await
-                    .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
+                blocking(move || Ledger::open(&s)?.settle(&tz_name, settlement_hours, now)).await
             }
             Self::Postgres(p) => p.ledger_settle(&tz_name, settlement_hours, now).await,
         }

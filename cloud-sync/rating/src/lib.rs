@@ -11,6 +11,8 @@
 //!   store's outcomes turned into the per-record reply.
 //! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing.
 //! - [`lago`]: which Lago event a record becomes; what Lago's answers mean.
+//! - [`rollup`]: usage per SIM and quarter-hour bucket kept up to date record by record;
+//!   what inserting a record (in order or late) changes.
 //! - [`reconcile`]: device against carrier usage per SIM-day under a provider model.
 //!
 //! What this crate does not know, by design: storage (sled, SQL), HTTP, the network, threads
@@ -29,5 +31,6 @@ pub mod check;
 pub mod lago;
 pub mod pricing;
 pub mod reconcile;
+pub mod rollup;
 pub mod text;
 pub mod usage;

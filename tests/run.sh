@@ -21,6 +21,8 @@ command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
 command -v size >/dev/null || missing+=(binutils)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+# `systemd-analyze` checks the agent's unit (cross/check-deb.sh: verify and security).
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 # The agent's HTTPS test serves with `openssl s_server`; test certificates come from rcgen.
 command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -93,6 +93,14 @@ if cargo tree --workspace -i aws-lc-rs >/dev/null 2>&1; then
 fi
 echo "no aws-lc-rs"
 
+step "dependency policy: no regex engine in the gateway agent"
+# EnvFilter's span and field matching pulled regex into the agent (320 KiB of its size
+# budget); the agent filters logs with tracing-subscriber's `Targets` instead.
+if cargo tree -p countersign-agent -e normal -i regex-automata >/dev/null 2>&1; then
+  echo "regex-automata is in the agent's tree:"; cargo tree -p countersign-agent -e normal -i regex-automata; exit 1
+fi
+echo "no regex in countersign-agent"
+
 step "dependency policy: the rating core is pure (no runtime, store, HTTP or database client)"
 impure=$(cargo tree -p countersign-rating -e normal --prefix none -f '{p}' | sed 's/ .*//' | sort -u |
   grep -Ex 'tokio|sled|axum|hyper|reqwest|tokio-postgres|postgres|deadpool-postgres|rumqttc' || true)
@@ -122,9 +130,11 @@ step "cross builds: agent for aarch64, armv7 and this machine (profile release-g
 # Installs the Debian cross gcc, libc and qemu-user and the rustup targets when missing.
 cross/build.sh --host --no-firmware
 
-step "size budget: stripped gateway agent <= 4 MiB"
-cross/check-size.sh target/aarch64-unknown-linux-gnu/release-gateway/countersign-agent
-cross/check-size.sh target/armv7-unknown-linux-gnueabihf/release-gateway/countersign-agent
+# Ratcheted down from 4 MiB as bytes come out (3.63 MiB for aarch64 now); the goal is 3 MiB.
+GATEWAY_AGENT_BYTES_MAX=$((3840 * 1024))
+step "size budget: stripped gateway agent <= $GATEWAY_AGENT_BYTES_MAX bytes (3.75 MiB)"
+cross/check-size.sh target/aarch64-unknown-linux-gnu/release-gateway/countersign-agent "$GATEWAY_AGENT_BYTES_MAX"
+cross/check-size.sh target/armv7-unknown-linux-gnueabihf/release-gateway/countersign-agent "$GATEWAY_AGENT_BYTES_MAX"
 
 step "packages: .deb for amd64, arm64, armhf; contents, scripts, install into an isolated root"
 debs=()

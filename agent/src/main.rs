@@ -277,16 +277,28 @@ async fn send_candidates(
     Ok(counts)
 }
 
+/// `RUST_LOG` as `target=level` directives (`info`, `countersign_agent=debug,rumqttc=warn`);
+/// anything else, or nothing, means `info`. `Targets` rather than `EnvFilter`, whose span and
+/// field matching would bring a regex engine into the gateway binary's size budget.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    rust_log
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
+}
+
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::prelude::*;
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let json = std::env::var("COUNTERSIGN_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        tracing_subscriber::registry().with(layer.json().with_filter(filter)).init();
     } else {
         // Colour codes only for people: logs piped to files and journald stay plain.
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        tracing_subscriber::registry()
+            .with(layer.with_ansi(std::io::stderr().is_terminal()).with_filter(filter))
+            .init();
     }
 }
 
@@ -302,5 +314,25 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_takes_target_directives_and_falls_back_to_info() {
+        let f = log_filter(Some("countersign_agent=debug,rumqttc=warn"));
+        assert!(f.would_enable("countersign_agent::pipeline::commit", &Level::DEBUG));
+        assert!(!f.would_enable("rumqttc::state", &Level::INFO));
+        assert!(f.would_enable("rumqttc::state", &Level::WARN));
+        let plain = log_filter(Some("debug"));
+        assert!(plain.would_enable("sled", &Level::DEBUG));
+        for default in [log_filter(None), log_filter(Some("countersign_agent=loudly"))] {
+            assert!(default.would_enable("countersign_agent", &Level::INFO));
+            assert!(!default.would_enable("countersign_agent", &Level::DEBUG));
+        }
     }
 }

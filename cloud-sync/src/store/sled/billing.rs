@@ -19,7 +19,7 @@ use countersign_rating::billing::{
     AlertRecord, BillingError as Refusal, BookedDebit, Topup, WalletBook, WalletWrite,
 };
 use countersign_rating::pricing::BillingPeriod;
-use countersign_rating::usage::{derive_daily_in, Derived, TimeZone};
+use countersign_rating::usage::{Derived, TimeZone};
 
 use super::Store;
 use crate::store::billing::{active_keys, corrupt, currency_changed, now_ms, parse_active, AlertValue};
@@ -260,22 +260,11 @@ impl Store {
         let tz = tz.clone();
         blocking(move || {
             let as_of = now_ms();
-            let mut failure = None;
-            let records = s.usage_records().map_while(|r| match r {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    failure = Some(e);
-                    None
-                }
-            });
-            let mut daily = derive_daily_in(records, &tz);
-            if let Some(e) = failure {
-                return Err(e);
+            let mut daily = s.daily_usage_in(&tz)?;
+            if let Some(sim) = iccid {
+                daily.retain_sim(sim);
             }
-            if let (Ok(d), Some(sim)) = (daily.as_mut(), iccid) {
-                d.retain_sim(sim);
-            }
-            Ok((daily?, as_of))
+            Ok((daily, as_of))
         })
         .await
     }

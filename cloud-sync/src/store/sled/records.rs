@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Store;
 use crate::store::{InsertOutcome, NewRecord, StoreError, StoredRecord};
-use countersign_rating::usage::{derive_daily, derive_daily_in, Derived, TimeZone, UsageRecord};
+use countersign_rating::usage::{derive_daily_in, Derived, TimeZone, UsageRecord};
 
 /// Version byte that starts every value of the `records` tree.
 pub const RECORD_VALUE_VERSION: u8 = 1;
@@ -109,19 +109,8 @@ impl Store {
     /// asked for. Fine for the embedded store's scale; the PostgreSQL store keeps derived
     /// daily totals instead.
     pub fn daily_usage(&self) -> Result<Derived, StoreError> {
-        let mut failure = None;
-        let records = self.records.iter().map_while(|item| match usage_record(item) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                failure = Some(e);
-                None
-            }
-        });
-        let daily = derive_daily(records);
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        Ok(daily?)
+        // UTC days are zone days in UTC (`derive_daily` is `derive_daily_in` in UTC).
+        self.daily_usage_in(&TimeZone::UTC)
     }
 
     /// Bytes per (ICCID, day in `tz`) over every stored record, streamed in key order

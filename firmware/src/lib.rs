@@ -35,8 +35,8 @@ pub use flash_log::{FlashLog, FlashLogError};
 pub use meter::{Checkpoint, CheckpointStore, MemoryStore, Meter, MeterConfig, MeterError, ReportPolicy};
 pub use report::{
     check_tag, peek_meter_id, verify, CounterKind, DecodeError, DeviceTime, ExtraCounter, RecordId, Report,
-    ReportError, TimeQuality, Totals, VerifyError, METER_KEY_BYTES, REPORT_BYTES_MAX, REPORT_VERSION,
-    TAG_BYTES,
+    ReportError, TimeQuality, Totals, VerifyError, METER_KEY_BYTES, RECORD_KEY_BYTES, REPORT_BYTES_MAX,
+    REPORT_VERSION, TAG_BYTES,
 };
 
 #[cfg(feature = "std")]

@@ -11,11 +11,14 @@
 use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
-use countersign_meter::{check_tag, DecodeError, RecordId, Report, VerifyError, METER_KEY_BYTES};
+use countersign_meter::{
+    check_tag, DecodeError, DeviceTime, RecordId, Report, Totals, VerifyError, METER_KEY_BYTES,
+};
 use countersign_protocol::{open, BatchError, BatchHeader, BatchReply, RecordOutcome, RejectReason};
 use ed25519_dalek::VerifyingKey;
 
 use crate::check::{attribution_ms, validate_report, LATE_ATTRIBUTION_MS};
+use crate::usage::UsageRecord;
 
 /// A verified record on its way into a store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +31,35 @@ pub struct NewRecord {
     pub received_ms: u64,
     /// The device's original bytes, tag included; a slice of the batch, not a copy.
     pub report: Bytes,
+    /// Bytes counted in its epoch up to it (from the one decoding, for the rollups).
+    pub used: Totals,
+    /// When the device says it made the report.
+    pub time: DeviceTime,
+}
+
+impl NewRecord {
+    /// The record of a verified `report` whose bytes are `bytes`.
+    pub fn new(report: &Report, received_ms: u64, bytes: Bytes) -> Self {
+        Self {
+            id: report.id(),
+            iccid: report.iccid,
+            received_ms,
+            report: bytes,
+            used: report.used,
+            time: report.time,
+        }
+    }
+
+    /// What the usage derivation needs of it.
+    pub fn usage(&self) -> UsageRecord {
+        UsageRecord {
+            id: self.id,
+            iccid: self.iccid,
+            used: self.used,
+            time: self.time,
+            received_ms: self.received_ms,
+        }
+    }
 }
 
 /// What storing one [`NewRecord`] did.
@@ -141,7 +173,7 @@ pub fn check_records(
                 }
                 refusals.push(None);
                 ids.push(report.id());
-                to_store.push(NewRecord { id: report.id(), iccid: report.iccid, received_ms, report: bytes });
+                to_store.push(NewRecord::new(&report, received_ms, bytes));
             }
             Err(refusal) => {
                 if let RecordOutcome::Rejected { reason, detail } = &refusal {

@@ -100,6 +100,8 @@ pub struct Booked {
 /// record it precedes. Each side fits: a contribution is at most one record's `used`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BucketDelta {
+    /// The record (of the epoch being planned) whose contribution changes.
+    pub seq: u32,
     /// The SIM.
     pub iccid: u64,
     /// The bucket.
@@ -163,7 +165,7 @@ pub fn plan_insert(
     if let Some(bucket) = new.bucket {
         let (up, down) = change(max_through, before, Totals::default(), Totals::default())
             .ok_or(RollupError { seq: new.seq })?;
-        plan.deltas.push(BucketDelta { iccid: new.iccid, bucket, up, down, records: 1 });
+        plan.deltas.push(BucketDelta { seq: new.seq, iccid: new.iccid, bucket, up, down, records: 1 });
     }
     // Walking forward: the predecessor's running maximum before and after the insert.
     let (mut old_prev, mut new_prev) = (before, max_through);
@@ -183,7 +185,14 @@ pub fn plan_insert(
             let (up, down) =
                 change(now, new_prev, old, old_prev).ok_or(RollupError { seq: later.entry.seq })?;
             if (up, down) != (0, 0) {
-                plan.deltas.push(BucketDelta { iccid: later.entry.iccid, bucket, up, down, records: 0 });
+                plan.deltas.push(BucketDelta {
+                    seq: later.entry.seq,
+                    iccid: later.entry.iccid,
+                    bucket,
+                    up,
+                    down,
+                    records: 0,
+                });
             }
         }
         (old_prev, new_prev) = (old, now);
@@ -344,8 +353,8 @@ mod tests {
         assert_eq!(
             plan.deltas,
             [
-                BucketDelta { iccid: 1, bucket: 10, up: 150, down: 0, records: 1 },
-                BucketDelta { iccid: 1, bucket: 20, up: -150, down: 0, records: 0 },
+                BucketDelta { seq: 1, iccid: 1, bucket: 10, up: 150, down: 0, records: 1 },
+                BucketDelta { seq: 2, iccid: 1, bucket: 20, up: -150, down: 0, records: 0 },
             ]
         );
         // A late record above everything after it raises them all, and their contributions fall.

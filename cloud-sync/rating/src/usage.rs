@@ -226,7 +226,8 @@ pub struct Derived {
 
 impl Derived {
     /// Marks `iccid` underivable and drops its days (the first fault of a SIM is kept).
-    fn fault(&mut self, fault: SimFault) {
+    /// Public for readers that assemble a derivation from rollups.
+    pub fn fault(&mut self, fault: SimFault) {
         let iccid = fault.iccid;
         if self.faults.contains_key(&iccid) {
             return;
@@ -252,8 +253,8 @@ impl Derived {
     }
 
     /// Adds `added` to `iccid` on `date`, or marks the SIM underivable when its total would
-    /// leave 64 bits.
-    fn add(&mut self, iccid: u64, record: RecordId, date: Date, added: Totals) {
+    /// leave 64 bits. Public for readers that assemble a derivation from rollups.
+    pub fn add(&mut self, iccid: u64, record: RecordId, date: Date, added: Totals) {
         if self.faults.contains_key(&iccid) {
             return;
         }

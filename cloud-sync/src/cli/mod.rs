@@ -1,7 +1,7 @@
 //! The command line by area: each module holds its clap subcommands and their handler;
 //! `main.rs` keeps the top-level parser and the dispatch.
 //!
-//! - [`serve`]: `serve`, `check-config`.
+//! - [`serve`]: `serve`, `check-config`, `rollups-rebuild`, `rollups-check`.
 //! - [`admin`]: `keygen-meter`, `keygen-token`, `register-meter`, `register-gateway`,
 //!   `create-token`, `revoke-token`, `list-tokens`.
 //! - [`usage`]: the `usage` command.

@@ -1,5 +1,5 @@
-//! `serve` (the endpoint, with the Lago export and periodic billing when configured) and
-//! `check-config`.
+//! `serve` (the endpoint, with the Lago export and periodic billing when configured),
+//! `check-config`, and the rollup maintenance commands `rollups-rebuild` and `rollups-check`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,6 +31,23 @@ pub(crate) enum ServeCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Derive the usage rollups again from the stored records (the embedded store: stop the
+    /// endpoint first, it holds the store's lock).
+    RollupsRebuild {
+        /// The endpoint's TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Compare the usage rollups with a derivation from the stored records; exits 1 when
+    /// they differ (the embedded store: stop the endpoint first).
+    RollupsCheck {
+        /// The endpoint's TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Differences to describe at most.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 /// Runs one command of this area.
@@ -46,7 +63,34 @@ pub(crate) async fn run(command: ServeCommand) -> Result<()> {
             println!("config ok");
             Ok(())
         }
+        ServeCommand::RollupsRebuild { config } => {
+            let store = open_store(&config).await?;
+            let started = std::time::Instant::now();
+            let records = store.rebuild_rollups().await.context("rebuilding the rollups")?;
+            println!("rollups rebuilt from {records} records in {:.1} s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        ServeCommand::RollupsCheck { config, limit } => {
+            let store = open_store(&config).await?;
+            let check = store.check_rollups(limit).await.context("checking the rollups")?;
+            println!("{}", serde_json::to_string_pretty(&check).context("encoding the answer")?);
+            if check.differences > 0 {
+                anyhow::bail!(
+                    "rollups differ from the records in {} places; run rollups-rebuild",
+                    check.differences
+                );
+            }
+            Ok(())
+        }
     }
+}
+
+/// The store a config names, opened on this machine.
+async fn open_store(config_path: &Path) -> Result<countersign_cloud::store::StoreBackend> {
+    let c = CloudConfig::load(config_path).with_context(|| format!("config {}", config_path.display()))?;
+    countersign_cloud::store::StoreBackend::open(c.store_kind(), c.data_dir(), c.cache_capacity_bytes())
+        .await
+        .with_context(|| format!("opening the store of config {}", config_path.display()))
 }
 
 async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {

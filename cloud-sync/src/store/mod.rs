@@ -117,6 +117,19 @@ pub enum StoreError {
     /// revoked.
     #[error("the store already holds {API_TOKENS_MAX} api tokens; revoke one first")]
     TooManyTokens,
+    /// Concurrent writes to the same records kept invalidating each other's plans.
+    /// Recoverable: retry the batch.
+    #[error("store contended: {what} were written concurrently; retry")]
+    Contended {
+        /// What was contended.
+        what: &'static str,
+    },
+    /// This store does not do what was asked. Not recoverable by retrying.
+    #[error("not supported: {what}")]
+    Unsupported {
+        /// What is not supported.
+        what: &'static str,
+    },
 }
 
 /// Runs blocking store work (sled calls, flushes) on tokio's blocking pool: the one helper
@@ -141,7 +154,10 @@ impl StoreError {
     pub fn is_recoverable(&self) -> bool {
         matches!(
             self,
-            StoreError::Open { .. } | StoreError::Unavailable(_) | StoreError::DatabaseUnavailable(_)
+            StoreError::Open { .. }
+                | StoreError::Unavailable(_)
+                | StoreError::DatabaseUnavailable(_)
+                | StoreError::Contended { .. }
         )
     }
 }

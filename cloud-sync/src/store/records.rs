@@ -6,6 +6,8 @@ use countersign_meter::RecordId;
 use super::{blocking, InsertOutcome, NewRecord, StoreBackend, StoreError, StoredRecord};
 use countersign_rating::usage::{Derived, TimeZone};
 
+use super::sled::rollups::RollupCheck;
+
 impl StoreBackend {
     /// Stores a batch's verified records; durable when this returns. One outcome per input.
     pub async fn insert_batch(
@@ -53,7 +55,7 @@ impl StoreBackend {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
-                blocking(move || s.daily_usage()).await
+                blocking(move || s.rollup_daily_in(iccid, &TimeZone::UTC, Default::default())).await
             }
             Self::Postgres(p) => p.daily_usage(iccid).await,
         }
@@ -65,7 +67,7 @@ impl StoreBackend {
         let mut daily = match self {
             Self::Sled(s) => {
                 let s = s.clone();
-                blocking(move || s.daily_usage_in(&tz)).await?
+                blocking(move || s.rollup_daily_in(iccid, &tz, Default::default())).await?
             }
             Self::Postgres(p) => p.daily_usage_in(iccid, &tz).await?,
         };
@@ -73,5 +75,34 @@ impl StoreBackend {
             daily.retain_sim(sim);
         }
         Ok(daily)
+    }
+
+    /// Derives the rollups again from the records (see
+    /// [`super::sled::rollups::Store::rebuild_rollups`]); returns the records seen. The
+    /// PostgreSQL store keeps no rollups yet and says so.
+    pub async fn rebuild_rollups(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.rebuild_rollups()).await
+            }
+            Self::Postgres(_) => Err(StoreError::Unsupported {
+                what: "rollups on the postgresql store (it derives usage from its daily table)",
+            }),
+        }
+    }
+
+    /// Compares the rollups with a derivation from the records (see
+    /// [`super::sled::rollups::Store::check_rollups`]).
+    pub async fn check_rollups(&self, limit: usize) -> Result<RollupCheck, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.check_rollups(limit)).await
+            }
+            Self::Postgres(_) => Err(StoreError::Unsupported {
+                what: "rollups on the postgresql store (it derives usage from its daily table)",
+            }),
+        }
     }
 }

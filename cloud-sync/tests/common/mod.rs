@@ -43,7 +43,7 @@ pub async fn insert(store: &StoreBackend, records: Vec<NewRecord>) {
 /// The record ingest would store for `report`, tagged under the meter's `key` and received
 /// at `received_ms`.
 pub fn new_record(report: &ReportBuilder, key: &[u8; 32], received_ms: u64) -> NewRecord {
-    NewRecord { id: report.id(), iccid: report.iccid(), received_ms, report: report.encode(key).into() }
+    NewRecord::new(report.report(), received_ms, report.encode(key).into())
 }
 
 /// The `[store]` settings of a test's endpoint: sled with a small cache, or its PostgreSQL

@@ -218,7 +218,7 @@ mod tests {
 
     fn insert(store: &Store, seq: u32, up: u64, at_s: u64) {
         let r = ReportBuilder::new(1, seq, SIM, network_time(at_s)).used(up, 0);
-        store.insert_record(r.id(), 1, at_s * 1000, &r.encode(&[1u8; 32])).unwrap();
+        store.insert_one(1, at_s * 1000, &r.encode(&[1u8; 32])).unwrap();
     }
 
     fn at(s: u64) -> Timestamp {

@@ -27,6 +27,7 @@ pub mod lago;
 pub mod ledger;
 pub mod records;
 pub mod registry;
+pub mod rollups;
 
 /// Name of the sled directory inside the configured `data_dir`.
 pub const STORE_DIR_NAME: &str = "sled";
@@ -35,6 +36,9 @@ const RECORDS_TREE: &str = "records";
 const METERS_TREE: &str = "meters";
 const GATEWAYS_TREE: &str = "gateways";
 const TOKENS_TREE: &str = "api_tokens";
+const ROLLUP_DAYS_TREE: &str = "rollup_days";
+const ROLLUP_FAULTY_TREE: &str = "rollup_faulty";
+const ROLLUP_META_TREE: &str = "rollup_meta";
 
 /// The endpoint's store. Cheap to clone: clones share one `sled::Db`.
 #[derive(Clone, Debug)]
@@ -44,6 +48,12 @@ pub struct Store {
     meters: sled::Tree,
     gateways: sled::Tree,
     tokens: sled::Tree,
+    rollup_days: sled::Tree,
+    rollup_faulty: sled::Tree,
+    rollup_meta: sled::Tree,
+    /// What the store remembers of each meter between batches, shared by clones (see
+    /// [`rollups`]).
+    meter_state: std::sync::Arc<rollups::Meters>,
     /// Serialises token changes: a name must stay unique across the check and the write.
     token_lock: std::sync::Arc<std::sync::Mutex<()>>,
     /// Serialises settlement runs of this process (the only one that can open the store), as
@@ -69,16 +79,25 @@ impl Store {
         let meters = db.open_tree(METERS_TREE).map_err(open_err)?;
         let gateways = db.open_tree(GATEWAYS_TREE).map_err(open_err)?;
         let tokens = db.open_tree(TOKENS_TREE).map_err(open_err)?;
-        Ok(Self {
+        let rollup_days = db.open_tree(ROLLUP_DAYS_TREE).map_err(open_err)?;
+        let rollup_faulty = db.open_tree(ROLLUP_FAULTY_TREE).map_err(open_err)?;
+        let rollup_meta = db.open_tree(ROLLUP_META_TREE).map_err(open_err)?;
+        let store = Self {
             db,
             records,
             meters,
             gateways,
             tokens,
+            rollup_days,
+            rollup_faulty,
+            rollup_meta,
+            meter_state: Default::default(),
             token_lock: Default::default(),
             ledger_lock: Default::default(),
             lookups: Default::default(),
-        })
+        };
+        store.ensure_rollups()?;
+        Ok(store)
     }
 
     /// Blocks until everything written so far is on disk.
@@ -149,11 +168,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (id, bytes) = report(0, 100);
-        assert_eq!(store.insert_record(id, 1, 10, &bytes).unwrap(), InsertOutcome::Stored);
+        assert_eq!(store.insert_one(1, 10, &bytes).unwrap(), InsertOutcome::Stored);
         // The same bytes via another gateway or at another time: still the same record.
-        assert_eq!(store.insert_record(id, 2, 20, &bytes).unwrap(), InsertOutcome::Duplicate);
+        assert_eq!(store.insert_one(2, 20, &bytes).unwrap(), InsertOutcome::Duplicate);
         let (_, other) = report(0, 999);
-        assert_eq!(store.insert_record(id, 1, 10, &other).unwrap(), InsertOutcome::Conflict);
+        assert_eq!(store.insert_one(1, 10, &other).unwrap(), InsertOutcome::Conflict);
         // The first copy is kept, as evidence.
         let kept = store.record(id).unwrap().unwrap();
         assert_eq!(kept, StoredRecord { gateway_id: 1, received_ms: 10, report: bytes });
@@ -166,8 +185,8 @@ mod tests {
         {
             let store = open(dir.path());
             for (seq, up) in [(0, 0), (2, 300), (1, 100)] {
-                let (id, bytes) = report(seq, up);
-                store.insert_record(id, 1, 0, &bytes).unwrap();
+                let (_, bytes) = report(seq, up);
+                store.insert_one(1, 0, &bytes).unwrap();
             }
             store.flush().unwrap();
         }

@@ -1,40 +1,89 @@
 //! The `records` tree: verified reports by record id, and usage derived from them.
 
-use countersign_meter::{RecordId, Report};
+use countersign_meter::{RecordId, Report, Totals};
 use serde::{Deserialize, Serialize};
 
 use super::Store;
-use crate::store::{InsertOutcome, NewRecord, StoreError, StoredRecord};
+use crate::store::{StoreError, StoredRecord};
 use countersign_rating::usage::{derive_daily_in, Derived, TimeZone, UsageRecord};
 
-/// Version byte that starts every value of the `records` tree.
-pub const RECORD_VALUE_VERSION: u8 = 1;
+/// Version byte of values written before rollups: the record alone.
+pub const RECORD_VALUE_V1: u8 = 1;
+/// Version byte of every value written now: the record and its epoch's running maximum
+/// through it (see [`super::rollups`]).
+pub const RECORD_VALUE_VERSION: u8 = 2;
 
 #[derive(Serialize, Deserialize)]
-struct WireValue<'a> {
+struct WireValueV1<'a> {
     gateway_id: u64,
     received_ms: u64,
     #[serde(borrow)]
     report: &'a [u8],
 }
 
-fn encode_value(gateway_id: u64, received_ms: u64, report: &[u8]) -> Result<Vec<u8>, StoreError> {
+#[derive(Serialize, Deserialize)]
+struct WireValueV2<'a> {
+    gateway_id: u64,
+    received_ms: u64,
+    #[serde(borrow)]
+    report: &'a [u8],
+    max_up: u64,
+    max_down: u64,
+}
+
+/// A decoded `records` value.
+pub(crate) struct RecordValue<'a> {
+    pub gateway_id: u64,
+    pub received_ms: u64,
+    /// The device's original bytes, tag included.
+    pub report: &'a [u8],
+    /// The epoch's running maximum through this record; `None` in a version 1 value, whose
+    /// store has not had its rollups built yet.
+    pub max_through: Option<Totals>,
+}
+
+pub(crate) fn encode_value(
+    gateway_id: u64,
+    received_ms: u64,
+    report: &[u8],
+    max_through: Totals,
+) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![RECORD_VALUE_VERSION];
-    let body = postcard::to_stdvec(&WireValue { gateway_id, received_ms, report })
+    let value =
+        WireValueV2 { gateway_id, received_ms, report, max_up: max_through.up, max_down: max_through.down };
+    let body = postcard::to_stdvec(&value)
         .map_err(|e| StoreError::Corrupt(format!("record value does not encode: {e}")))?;
     out.extend_from_slice(&body);
     Ok(out)
 }
 
-fn decode_value(bytes: &[u8]) -> Result<WireValue<'_>, StoreError> {
+pub(crate) fn decode_value(bytes: &[u8]) -> Result<RecordValue<'_>, StoreError> {
+    fn whole<'a, T: Deserialize<'a>>(rest: &'a [u8]) -> Result<T, StoreError> {
+        let (v, tail): (T, &[u8]) = postcard::take_from_bytes(rest)
+            .map_err(|e| StoreError::Corrupt(format!("record value does not decode: {e}")))?;
+        if !tail.is_empty() {
+            return Err(StoreError::Corrupt("record value has trailing bytes".into()));
+        }
+        Ok(v)
+    }
     match bytes.split_first() {
         Some((&RECORD_VALUE_VERSION, rest)) => {
-            let (v, tail): (WireValue<'_>, &[u8]) = postcard::take_from_bytes(rest)
-                .map_err(|e| StoreError::Corrupt(format!("record value does not decode: {e}")))?;
-            if !tail.is_empty() {
-                return Err(StoreError::Corrupt("record value has trailing bytes".into()));
-            }
-            Ok(v)
+            let v: WireValueV2<'_> = whole(rest)?;
+            Ok(RecordValue {
+                gateway_id: v.gateway_id,
+                received_ms: v.received_ms,
+                report: v.report,
+                max_through: Some(Totals { up: v.max_up, down: v.max_down }),
+            })
+        }
+        Some((&RECORD_VALUE_V1, rest)) => {
+            let v: WireValueV1<'_> = whole(rest)?;
+            Ok(RecordValue {
+                gateway_id: v.gateway_id,
+                received_ms: v.received_ms,
+                report: v.report,
+                max_through: None,
+            })
         }
         Some((v, _)) => Err(StoreError::Corrupt(format!("record value has unknown version {v}"))),
         None => Err(StoreError::Corrupt("record value is empty".into())),
@@ -42,47 +91,17 @@ fn decode_value(bytes: &[u8]) -> Result<WireValue<'_>, StoreError> {
 }
 
 impl Store {
-    /// Stores a verified report under its record id unless a record with that id exists.
-    /// Not durable until [`Store::flush`] returns.
-    pub fn insert_record(
+    /// Stores one report's bytes through [`Store::insert_batch`], for tests.
+    #[cfg(test)]
+    pub(crate) fn insert_one(
         &self,
-        id: RecordId,
         gateway_id: u64,
         received_ms: u64,
-        report: &[u8],
-    ) -> Result<InsertOutcome, StoreError> {
-        let value = encode_value(gateway_id, received_ms, report)?;
-        match self.records.compare_and_swap(id.to_key(), None::<&[u8]>, Some(value))? {
-            Ok(()) => Ok(InsertOutcome::Stored),
-            Err(cas) => {
-                let current = cas.current.ok_or_else(|| {
-                    StoreError::Corrupt(format!("record {id}: insert refused but no record present"))
-                })?;
-                if decode_value(&current)?.report == report {
-                    Ok(InsertOutcome::Duplicate)
-                } else {
-                    Ok(InsertOutcome::Conflict)
-                }
-            }
-        }
-    }
-
-    /// Stores a batch's verified records (see [`Store::insert_record`]) and flushes, so they
-    /// are durable when this returns. One outcome per input, in input order; a second copy
-    /// of an id inside the batch is settled against the first, as across batches.
-    pub fn insert_batch(
-        &self,
-        gateway_id: u64,
-        records: &[NewRecord],
-    ) -> Result<Vec<InsertOutcome>, StoreError> {
-        let mut outcomes = Vec::with_capacity(records.len());
-        for r in records {
-            outcomes.push(self.insert_record(r.id, gateway_id, r.received_ms, &r.report)?);
-        }
-        // Flush even when nothing was stored: a duplicate may be an earlier attempt's write
-        // that was never flushed, and it is acknowledged now.
-        self.flush()?;
-        Ok(outcomes)
+        bytes: &[u8],
+    ) -> Result<crate::store::InsertOutcome, StoreError> {
+        let (report, _) = Report::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let record = crate::store::NewRecord::new(&report, received_ms, bytes.to_vec().into());
+        Ok(self.insert_batch(gateway_id, &[record])?[0])
     }
 
     /// The stored record with this id.
@@ -102,20 +121,20 @@ impl Store {
         self.records.len()
     }
 
-    /// Bytes per (ICCID, UTC day) over every stored record (see [`countersign_rating::usage`]).
-    ///
-    /// This scans the whole `records` tree in key order and decodes every report: O(records)
-    /// per query, because an epoch's running maximum needs all its reports whatever range is
-    /// asked for. Fine for the embedded store's scale; the PostgreSQL store keeps derived
-    /// daily totals instead.
+    /// Bytes per (ICCID, UTC day), from the rollups (see [`Store::rollup_daily_in`]).
     pub fn daily_usage(&self) -> Result<Derived, StoreError> {
-        // UTC days are zone days in UTC (`derive_daily` is `derive_daily_in` in UTC).
-        self.daily_usage_in(&TimeZone::UTC)
+        self.rollup_daily_in(None, &TimeZone::UTC, Default::default())
     }
 
-    /// Bytes per (ICCID, day in `tz`) over every stored record, streamed in key order
-    /// through [`derive_daily_in`]: O(records), like [`Store::daily_usage`].
+    /// Bytes per (ICCID, day in `tz`), from the rollups (see [`Store::rollup_daily_in`]).
     pub fn daily_usage_in(&self, tz: &TimeZone) -> Result<Derived, StoreError> {
+        self.rollup_daily_in(None, tz, Default::default())
+    }
+
+    /// Bytes per (ICCID, day in `tz`) derived from every stored record, streamed in key
+    /// order through [`derive_daily_in`]: O(records). The model the rollups are checked
+    /// against; reads use [`Store::rollup_daily_in`].
+    pub fn derive_from_records_in(&self, tz: &TimeZone) -> Result<Derived, StoreError> {
         let mut failure = None;
         let records = self.usage_records().map_while(|r| match r {
             Ok(r) => Some(r),
@@ -160,14 +179,19 @@ mod tests {
 
     #[test]
     fn record_value_format_is_pinned() {
-        let v = encode_value(7, 1_795_000_000_123, &[0xaa, 0xbb]).unwrap();
-        assert_eq!(hex::encode(&v), "0107fbbcd9f29e3402aabb");
+        let max = Totals { up: 300, down: 5 };
+        let v = encode_value(7, 1_795_000_000_123, &[0xaa, 0xbb], max).unwrap();
+        assert_eq!(hex::encode(&v), "0207fbbcd9f29e3402aabbac0205");
         let back = decode_value(&v).unwrap();
         assert_eq!(
-            (back.gateway_id, back.received_ms, back.report),
-            (7, 1_795_000_000_123, &[0xaa, 0xbb][..])
+            (back.gateway_id, back.received_ms, back.report, back.max_through),
+            (7, 1_795_000_000_123, &[0xaa, 0xbb][..], Some(max))
         );
-        assert!(matches!(decode_value(&[2, 0]), Err(StoreError::Corrupt(_))));
+        // Version 1 (before rollups) still reads, without a running maximum.
+        let v1 = hex::decode("0107fbbcd9f29e3402aabb").unwrap();
+        let back = decode_value(&v1).unwrap();
+        assert_eq!((back.gateway_id, back.report, back.max_through), (7, &[0xaa, 0xbb][..], None));
+        assert!(matches!(decode_value(&[3, 0]), Err(StoreError::Corrupt(_))));
         assert!(matches!(decode_value(&[]), Err(StoreError::Corrupt(_))));
         let mut trailing = v.clone();
         trailing.push(0);

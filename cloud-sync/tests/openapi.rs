@@ -581,6 +581,18 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         assert_eq!((s, v["up_bytes"].as_u64()), (200, Some(1100)));
         assert_eq!(c.call("get", "/v1/usage/sims", "/v1/usage/sims", Some(tok), None).await.0, 200);
     }
+    // The same SIM by its 20-digit ICCID (Luhn check digit 0 appended): checked, dropped.
+    let (s, v, _) = c
+        .call("get", "/v1/usage", "/v1/usage?iccid=89882806660000000010&from=2026-11-24", Some(&query), None)
+        .await;
+    assert_eq!(
+        (s, v["iccid"].as_str(), v["up_bytes"].as_u64()),
+        (200, Some("8988280666000000001"), Some(1100))
+    );
+    let (s, v, _) =
+        c.call("get", "/v1/usage", "/v1/usage?iccid=89882806660000000013", Some(&query), None).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("Luhn"), "{v}");
     // Days in a time zone, settlement and the ledger (embedded store).
     let (s, v, _) =
         c.call("get", "/v1/usage/days", "/v1/usage/days?tz=Europe/Berlin", Some(&query), None).await;

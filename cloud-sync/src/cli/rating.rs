@@ -8,7 +8,7 @@ use clap::Subcommand;
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
 use countersign_cloud::client;
 use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
-use countersign_cloud::text::parse_iccid;
+use countersign_cloud::text::iccid_from_text;
 use countersign_cloud::usage::DateRange;
 
 use super::{date_arg, http, iccid_arg, read_token};
@@ -202,7 +202,7 @@ fn carrier_json_arg(arg: &str) -> Result<(u64, PathBuf)> {
             (stem, p)
         }
     };
-    let iccid = parse_iccid(&iccid)
+    let iccid = iccid_from_text(&iccid)
         .with_context(|| format!("--carrier-json {arg}: give ICCID=FILE or name the file <ICCID>.json"))?;
     Ok((iccid, path))
 }

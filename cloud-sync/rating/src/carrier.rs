@@ -17,9 +17,13 @@
 //!
 //! # Formats
 //!
-//! - 1NCE daily JSON, one file per ICCID (the ICCID is in the API path, not the body):
-//!   `{"stats":[{"date":"2026-11-01","data":{"volume":"0.015482","volume_tx":"0.005100","volume_rx":"0.010382"},"sms":{…}}]}`.
+//! - 1NCE daily JSON, one file per ICCID (the ICCID is in the API path, not the body), as
+//!   1NCE publishes it ([`parse_1nce_daily_json`]):
+//!   `{"stats":[{"date":"2021-06-30T00:00:00.000Z","data":{"volume":"0.002803","volume_tx":"0.001321","volume_rx":"0.001482",…},"sms":{…}}]}`.
 //!   `sms` and unknown keys are ignored; a day without `data` counts zero bytes.
+//! - 1NCE Data Streamer usage records ([`parse_1nce_streamer_usage`]): `start_timestamp`,
+//!   `end_timestamp`, `sim.iccid`, `traffic_type`, `volume: {total, rx, tx}` (MB numbers),
+//!   summed per SIM and day of `end_timestamp`, SMS records and retransmitted ids skipped.
 //! - Daily CSV with a header naming the columns, in any order: `iccid`, `date`, and `volume`
 //!   and/or `volume_rx` + `volume_tx` (MB strings). Other columns are ignored.
 //! - Session CSV: `iccid`, `start`, `end` (RFC 3339), `volume_rx`, `volume_tx`, optional
@@ -301,6 +305,179 @@ pub fn parse_1nce_daily_json(iccid: u64, text: &str) -> Result<Vec<CarrierDay>, 
         out.push(CarrierDay { iccid, date, rx_bytes: rx, tx_bytes: tx, total_bytes: total, sessions: None });
     }
     Ok(out)
+}
+
+/// The Data Streamer's traffic type id for data (its `traffic_type.id`: 5 = Data, 6 = SMS).
+pub const ONCE_STREAMER_DATA: u64 = 5;
+/// The Data Streamer's traffic type id for SMS.
+pub const ONCE_STREAMER_SMS: u64 = 6;
+/// Fraction digits of the Data Streamer's volumes (documented as DECIMAL(14,6)).
+pub const ONCE_STREAMER_FRACTION_DIGITS: usize = 6;
+
+/// An MB volume of a Data Streamer record: a JSON number of at most
+/// [`ONCE_STREAMER_FRACTION_DIGITS`] fraction digits (DECIMAL(14,6), at most 8 integer digits,
+/// so a double holds it exactly enough to print it back digit for digit), or a decimal string.
+fn streamer_mb(row: usize, name: &'static str, v: &serde_json::Value) -> Result<u64, CarrierError> {
+    let bad = |reason: String| CarrierError::Field { row, field: name, reason };
+    match v {
+        serde_json::Value::String(s) => field(row, name, parse_mb(s)),
+        serde_json::Value::Number(n) => {
+            let x = n.as_f64().filter(|x| x.is_finite() && *x >= 0.0 && *x < 1e8).ok_or_else(|| {
+                bad(format!("{n} is not a DECIMAL(14,6) volume (0 up to 10^8 MB, 6 fraction digits)"))
+            })?;
+            let text = format!("{x:.prec$}", prec = ONCE_STREAMER_FRACTION_DIGITS);
+            // The decimal printed must be the number given: else it had more fraction digits.
+            if text.parse::<f64>().ok() != Some(x) {
+                return Err(bad(format!(
+                    "{n} has more than {ONCE_STREAMER_FRACTION_DIGITS} fraction digits"
+                )));
+            }
+            field(row, name, parse_mb(&text))
+        }
+        other => Err(bad(format!("expected a number, got {}", json_kind(other)))),
+    }
+}
+
+/// Parses 1NCE Data Streamer usage records and sums the data records per SIM and day of
+/// their `end_timestamp` in `tz`.
+///
+/// Source: 1NCE's documentation "Usage Records" of the Data Streamer,
+/// <https://help.1nce.com/docs/platform-services/platform-services-data-streamer/data-streamer-usage-records>
+/// (examples `05_Data_Usage_Record`, `06_SMS_Usage_Record`, tables "Usage Data Properties",
+/// "Traffic Type Object", "Volume Object"); fixtures in `tests/fixtures/1nce/`. What it says
+/// and what is done here:
+///
+/// - A stream delivers JSON objects, a REST message "an array of one or more objects": the
+///   file is such an array, one object, or one object per line (a log of messages).
+/// - `id`: 64-bit, unique per record; "duplicate received event IDs indicate possible
+///   retransmissions" — a repeated id with the same content is skipped, with other content
+///   refused.
+/// - `start_timestamp`, `end_timestamp`: ISO 8601 UTC. A record is attributed to the day of
+///   its end in `tz`, like the session CSV. Both must parse; their order is not checked (the
+///   published data example itself ends before it starts).
+/// - `traffic_type.id`: 5 = Data, 6 = SMS (SMS records count messages, not bytes: skipped);
+///   any other type is refused.
+/// - `volume.total`, `volume.rx`, `volume.tx`: DECIMAL(14,6), data in MB, `total` = `tx` +
+///   `rx`, `tx` upstream sent by the endpoint, `rx` downstream received; parsed exactly as
+///   [`parse_mb`] does.
+/// - `sim.iccid`: a string, 19 digits or 20 with the Luhn digit
+///   ([`crate::text::iccid_from_text`]).
+/// - A record is one slice of a data session (one at most every 15 minutes while more than
+///   100 kB flows, one at its close), not a session: `sessions` stays `None` and
+///   reconciliation uses the provider's sessions per day.
+///
+/// Every refusal names the row (position in the array or line, from 1) and the field.
+pub fn parse_1nce_streamer_usage(text: &str, tz: &TimeZone) -> Result<Vec<CarrierDay>, CarrierError> {
+    if text.len() > CARRIER_FILE_BYTES_MAX {
+        return Err(CarrierError::TooLarge("the file size limit"));
+    }
+    if text.trim().is_empty() {
+        return Err(CarrierError::Malformed("empty: no usage record".into()));
+    }
+    let records: Vec<(usize, serde_json::Value)> = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Array(a)) => a.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect(),
+        Ok(v @ serde_json::Value::Object(_)) => vec![(1, v)],
+        Ok(other) => {
+            return Err(CarrierError::Malformed(format!("expected usage records, got {}", json_kind(&other))))
+        }
+        Err(_) => {
+            let mut out = Vec::new();
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let v = serde_json::from_str(line)
+                    .map_err(|e| CarrierError::Malformed(format!("line {}: {e}", i + 1)))?;
+                out.push((i + 1, v));
+            }
+            out
+        }
+    };
+    if records.len() > CARRIER_ROWS_MAX {
+        return Err(CarrierError::TooLarge("the row limit"));
+    }
+    let mut seen = BTreeMap::<u64, (u64, Timestamp, u64)>::new();
+    let mut days = BTreeMap::<(u64, Date), CarrierDay>::new();
+    for (row, rec) in &records {
+        let row = *row;
+        let err = |field: &'static str, reason: String| CarrierError::Field { row, field, reason };
+        let r = rec
+            .as_object()
+            .ok_or_else(|| err("record", format!("expected an object, got {}", json_kind(rec))))?;
+        let id = match r.get("id") {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().ok_or_else(|| err("id", format!("{n} is not a 64-bit id")))?
+            }
+            Some(other) => return Err(err("id", format!("expected a number, got {}", json_kind(other)))),
+            None => return Err(err("id", "missing".into())),
+        };
+        let kind = r
+            .get("traffic_type")
+            .and_then(serde_json::Value::as_object)
+            .and_then(|t| t.get("id"))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| err("traffic_type.id", "missing or not a number".into()))?;
+        match kind {
+            ONCE_STREAMER_DATA => {}
+            ONCE_STREAMER_SMS => continue,
+            other => {
+                return Err(err(
+                    "traffic_type.id",
+                    format!("{other}: only 5 (Data) and 6 (SMS) are documented"),
+                ))
+            }
+        }
+        let ts = |name: &'static str| -> Result<Timestamp, CarrierError> {
+            let s = json_str(row, r, name, name)?.ok_or_else(|| err(name, "missing".into()))?;
+            s.parse::<Timestamp>()
+                .map_err(|e| err(name, format!("'{s}' is not an ISO 8601 time with offset: {e}")))
+        };
+        let (_start, end) = (ts("start_timestamp")?, ts("end_timestamp")?);
+        let sim = r
+            .get("sim")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| err("sim", "missing or not an object".into()))?;
+        let iccid_text =
+            json_str(row, sim, "iccid", "sim.iccid")?.ok_or_else(|| err("sim.iccid", "missing".into()))?;
+        let iccid = iccid_from_text(iccid_text).map_err(|e| err("sim.iccid", e.to_string()))?;
+        let volume = r
+            .get("volume")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| err("volume", "missing or not an object".into()))?;
+        let part = |key: &str, name: &'static str| -> Result<Option<u64>, CarrierError> {
+            volume.get(key).filter(|v| !v.is_null()).map(|v| streamer_mb(row, name, v)).transpose()
+        };
+        let rx = part("rx", "volume.rx")?;
+        let tx = part("tx", "volume.tx")?;
+        let total = match part("total", "volume.total")? {
+            Some(t) => t,
+            None => rx.zip(tx).and_then(|(a, b)| a.checked_add(b)).ok_or_else(|| {
+                err("volume.total", "missing, and volume.rx + volume.tx are not both given".into())
+            })?,
+        };
+        match seen.get(&id) {
+            Some(&prev) if prev == (iccid, end, total) => continue,
+            Some(_) => return Err(err("id", format!("{id} was given before with other content"))),
+            None => {
+                seen.insert(id, (iccid, end, total));
+            }
+        }
+        let date =
+            crate::usage::zone_date(end, tz).ok_or_else(|| err("end_timestamp", "out of range".into()))?;
+        let d = days.entry((iccid, date)).or_insert(CarrierDay {
+            iccid,
+            date,
+            rx_bytes: Some(0),
+            tx_bytes: Some(0),
+            total_bytes: 0,
+            sessions: None,
+        });
+        let add = |a: Option<u64>, b: Option<u64>| a.zip(b).and_then(|(a, b)| a.checked_add(b));
+        d.rx_bytes = add(d.rx_bytes, rx);
+        d.tx_bytes = add(d.tx_bytes, tx);
+        d.total_bytes = d
+            .total_bytes
+            .checked_add(total)
+            .ok_or_else(|| err("volume.total", "day total overflows".into()))?;
+    }
+    Ok(days.into_values().collect())
 }
 
 /// Column name → index, from the header row.
@@ -593,6 +770,84 @@ mod tests {
             e.to_string(),
             "row 2, iccid: '89882806660000000013' fails the Luhn check: its check digit should be 0"
         );
+    }
+
+    const STREAMER_PUBLISHED: &str =
+        include_str!("../tests/fixtures/1nce/streamer-usage-published-examples.json");
+    const STREAMER_NIGHT: &str = include_str!("../tests/fixtures/1nce/streamer-usage-night.ndjson");
+
+    #[test]
+    fn once_streamer_records_as_published() {
+        // The data example: 0.001176 MB up (1 233.1 B), nothing down; the SMS example is skipped.
+        let days = parse_1nce_streamer_usage(STREAMER_PUBLISHED, &TimeZone::UTC).unwrap();
+        assert_eq!(
+            days,
+            vec![CarrierDay {
+                iccid: SIM,
+                date: date!(2021 - 08 - 09),
+                rx_bytes: Some(0),
+                tx_bytes: Some(1_233),
+                total_bytes: 1_233,
+                sessions: None
+            }]
+        );
+        // One record per line, a retransmission skipped, days cut by end time in the zone.
+        let utc = parse_1nce_streamer_usage(STREAMER_NIGHT, &TimeZone::UTC).unwrap();
+        assert_eq!(utc.len(), 1);
+        assert_eq!(
+            (utc[0].total_bytes, utc[0].rx_bytes, utc[0].tx_bytes),
+            (MB_BYTES + 3 * MB_BYTES / 4, Some(MB_BYTES), Some(3 * MB_BYTES / 4))
+        );
+        // Berlin is UTC+2 in August: 22:30Z and 23:10Z are already 10 August.
+        let berlin =
+            parse_1nce_streamer_usage(STREAMER_NIGHT, &TimeZone::get("Europe/Berlin").unwrap()).unwrap();
+        let got: Vec<(Date, u64)> = berlin.iter().map(|d| (d.date, d.total_bytes)).collect();
+        assert_eq!(
+            got,
+            vec![(date!(2021 - 08 - 09), MB_BYTES / 2), (date!(2021 - 08 - 10), 5 * MB_BYTES / 4)]
+        );
+    }
+
+    #[test]
+    fn once_streamer_refusals_name_row_and_field() {
+        let first = STREAMER_NIGHT.lines().next().unwrap();
+        let base: serde_json::Value = serde_json::from_str(first).unwrap();
+        let with = |path: &[&str], v: serde_json::Value| {
+            let mut r = base.clone();
+            let mut at = &mut r;
+            for p in &path[..path.len() - 1] {
+                at = &mut at[*p];
+            }
+            at[path[path.len() - 1]] = v;
+            r
+        };
+        for (bad, field) in [
+            (with(&["volume", "total"], serde_json::json!(0.0000001)), "volume.total"),
+            (with(&["volume", "total"], serde_json::json!(-1)), "volume.total"),
+            (with(&["volume", "rx"], serde_json::json!("1e3")), "volume.rx"),
+            (with(&["volume", "tx"], serde_json::json!(true)), "volume.tx"),
+            (with(&["traffic_type", "id"], serde_json::json!(7)), "traffic_type.id"),
+            (with(&["end_timestamp"], serde_json::json!("2021-08-09 12:51")), "end_timestamp"),
+            (with(&["start_timestamp"], serde_json::Value::Null), "start_timestamp"),
+            (with(&["sim", "iccid"], serde_json::json!("89882806660000000013")), "sim.iccid"),
+            (with(&["sim", "iccid"], serde_json::json!(8988280666000000001u64)), "sim.iccid"),
+            (with(&["id"], serde_json::json!("1")), "id"),
+            (with(&["volume"], serde_json::json!([])), "volume"),
+            // Same id, other content: not a retransmission.
+            (with(&["volume", "total"], serde_json::json!(0.4)), "id"),
+        ] {
+            let text = serde_json::json!([base, bad]).to_string();
+            let e = parse_1nce_streamer_usage(&text, &TimeZone::UTC).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("row 2, {field}: ")), "{field}: {e}");
+        }
+        // Numbers and strings of six fraction digits are exact.
+        let r = with(&["volume"], serde_json::json!({"total": 99999999.999999, "rx": "0.000001", "tx": 1}));
+        let d = parse_1nce_streamer_usage(&r.to_string(), &TimeZone::UTC).unwrap();
+        assert_eq!(d[0].total_bytes, parse_mb("99999999.999999").unwrap());
+        assert_eq!((d[0].rx_bytes, d[0].tx_bytes), (Some(1), Some(MB_BYTES)));
+        for bad in ["", "7", "[1]", "{\"id\":1}\nnot json"] {
+            assert!(parse_1nce_streamer_usage(bad, &TimeZone::UTC).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub(crate) enum RatingCommand {
         /// Session records CSV (iccid, start, end, volume_rx, volume_tx[, volume_total]).
         #[arg(long)]
         carrier_sessions: Vec<PathBuf>,
+        /// 1NCE Data Streamer usage records (JSON array, object, or one object per line).
+        #[arg(long)]
+        carrier_streamer: Vec<PathBuf>,
         /// Provider model: 1nce or exact.
         #[arg(long, default_value = "1nce")]
         provider: String,
@@ -130,6 +133,7 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
             carrier_json,
             carrier_csv,
             carrier_sessions,
+            carrier_streamer,
             provider,
             tz,
             from,
@@ -161,6 +165,13 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
                 let text = read_carrier_file(path)?;
                 carrier.extend(
                     carrier::parse_sessions_csv(&text, &zone)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
+            for path in &carrier_streamer {
+                let text = read_carrier_file(path)?;
+                carrier.extend(
+                    carrier::parse_1nce_streamer_usage(&text, &zone)
                         .with_context(|| format!("{}", path.display()))?,
                 );
             }

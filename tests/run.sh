@@ -87,6 +87,9 @@ step "format"
 cargo fmt --all -- --check
 (cd firmware/boards/mps2-an386 && cargo fmt -- --check)
 
+step "openapi.yaml: a standard validator (openapi-spec-validator, pinned, in a venv)"
+tests/openapi-validate.sh
+
 step "dependency policy: ring is the only crypto provider"
 if cargo tree --workspace -i aws-lc-rs >/dev/null 2>&1; then
   echo "aws-lc-rs is in the dependency tree:"; cargo tree --workspace -i aws-lc-rs; exit 1

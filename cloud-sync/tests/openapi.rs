@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 
 use countersign_cloud::auth::Role;
 use countersign_cloud::client;
-use countersign_cloud::text::parse_date;
 use countersign_cloud::{CloudConfig, Endpoint};
 use countersign_protocol::batch::BATCH_BYTES_MAX;
 use countersign_protocol::keys::write_secret;
@@ -59,8 +58,10 @@ fn spec_routes(spec: &Value) -> BTreeSet<(String, String)> {
     out
 }
 
-fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
-    match schema.get("$ref").and_then(Value::as_str) {
+/// Resolves a `$ref` to a Response Object (`#/components/responses/…`): an OpenAPI
+/// structure, not a JSON Schema one. Schemas are resolved by the JSON Schema library.
+fn resolve<'a>(spec: &'a Value, object: &'a Value) -> &'a Value {
+    match object.get("$ref").and_then(Value::as_str) {
         Some(r) => {
             let mut v = spec;
             for part in r.trim_start_matches("#/").split('/') {
@@ -69,135 +70,210 @@ fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
             assert!(!v.is_null(), "dangling $ref {r}");
             resolve(spec, v)
         }
-        None => schema,
+        None => object,
     }
 }
 
-/// Matches the only pattern shape the spec uses: `^[class]{n}$` or `^[class]{m,n}$`.
-fn pattern_matches(pattern: &str, s: &str) -> bool {
-    let inner = pattern.strip_prefix("^[").and_then(|p| p.strip_suffix('$')).expect("supported pattern");
-    let (class, count) = inner.split_once("]{").expect("supported pattern");
-    let count = count.strip_suffix('}').expect("supported pattern");
-    let (min, max) = match count.split_once(',') {
-        Some((a, b)) => (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()),
-        None => (count.parse().unwrap(), count.parse().unwrap()),
-    };
-    let class: Vec<char> = class.chars().collect();
-    let in_class = |c: char| {
-        let mut i = 0;
-        while i < class.len() {
-            if i + 2 < class.len() && class[i + 1] == '-' {
-                if (class[i]..=class[i + 2]).contains(&c) {
-                    return true;
-                }
-                i += 3;
-            } else {
-                if class[i] == c {
-                    return true;
-                }
-                i += 1;
-            }
-        }
-        false
-    };
-    let n = s.chars().count();
-    (min..=max).contains(&n) && s.chars().all(in_class)
+/// Which JSON Schema dialect the file's Schema Objects are written in, from its `openapi`
+/// field: 3.0.x is an extended subset of JSON Schema Wright draft 00 (draft 4's keywords,
+/// plus OpenAPI's `nullable`), 3.1.x is JSON Schema 2020-12 itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dialect {
+    Oas30,
+    Oas31,
 }
 
-/// Validates `v` against an OpenAPI 3.0 schema (the subset the spec uses). Errors name the
-/// JSON path.
-fn validate(spec: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
-    let schema = resolve(spec, schema);
-    if v.is_null() {
-        return if schema["nullable"] == Value::Bool(true) { Ok(()) } else { Err(format!("{at}: null")) };
+fn dialect(spec: &Value) -> Dialect {
+    match spec["openapi"].as_str() {
+        Some(v) if v.starts_with("3.0.") => Dialect::Oas30,
+        Some(v) if v.starts_with("3.1.") => Dialect::Oas31,
+        other => panic!("openapi version {other:?} not handled"),
     }
-    if let Some(options) = schema.get("oneOf").and_then(Value::as_array) {
-        let ok = options.iter().filter(|o| validate(spec, o, v, at).is_ok()).count();
-        return if ok == 1 { Ok(()) } else { Err(format!("{at}: matches {ok} of oneOf, not 1: {v}")) };
+}
+
+/// Keywords of the OpenAPI 3.0 Schema Object that are not JSON Schema (annotations or
+/// OpenAPI's own); `nullable` is translated, the rest constrain nothing.
+const OAS30_ONLY: [&str; 8] =
+    ["nullable", "discriminator", "readOnly", "writeOnly", "xml", "externalDocs", "example", "deprecated"];
+
+/// An OpenAPI 3.0 Schema Object as a JSON Schema draft 4 schema. `$ref` stays as written
+/// (it points into the same document, see `Contract::validate`) and, as OpenAPI 3.0 says,
+/// its siblings are ignored. `nullable: true` adds `"null"` to the types given by `type`
+/// in the same object, and only then (OpenAPI 3.0.3, Schema Object, `nullable`); an `enum`
+/// must still list `null` to allow it.
+fn oas30_to_draft4(schema: &Value) -> Value {
+    let Some(obj) = schema.as_object() else { return schema.clone() };
+    if let Some(r) = obj.get("$ref") {
+        return serde_json::json!({ "$ref": r });
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(v) {
-            return Err(format!("{at}: {v} not in {allowed:?}"));
+    let mut out = serde_json::Map::new();
+    for (k, v) in obj {
+        if OAS30_ONLY.contains(&k.as_str()) {
+            continue;
+        }
+        let v = match k.as_str() {
+            "properties" | "patternProperties" => Value::Object(
+                v.as_object()
+                    .expect("properties is a map")
+                    .iter()
+                    .map(|(name, s)| (name.clone(), oas30_to_draft4(s)))
+                    .collect(),
+            ),
+            "items" | "additionalProperties" | "not" => oas30_to_draft4(v),
+            "allOf" | "anyOf" | "oneOf" => {
+                Value::Array(v.as_array().expect("a list of schemas").iter().map(oas30_to_draft4).collect())
+            }
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), v);
+    }
+    if obj.get("nullable") == Some(&Value::Bool(true)) {
+        if let Some(t) = out.get("type").cloned() {
+            let mut types = match t {
+                Value::Array(a) => a,
+                t => vec![t],
+            };
+            types.push(Value::from("null"));
+            out.insert("type".into(), Value::Array(types));
         }
     }
-    match schema.get("type").and_then(Value::as_str) {
-        Some("object") => {
-            let obj = v.as_object().ok_or(format!("{at}: not an object"))?;
-            for r in schema["required"].as_array().into_iter().flatten() {
-                let r = r.as_str().unwrap();
-                if !obj.contains_key(r) {
-                    return Err(format!("{at}: missing {r}"));
-                }
-            }
-            let props = schema["properties"].as_object();
-            for (k, val) in obj {
-                match props.and_then(|p| p.get(k)) {
-                    Some(s) => validate(spec, s, val, &format!("{at}.{k}"))?,
-                    None if schema["additionalProperties"] == Value::Bool(false) => {
-                        return Err(format!("{at}: undocumented property {k}"))
-                    }
-                    None => {}
-                }
-            }
-        }
-        Some("boolean") if !v.is_boolean() => return Err(format!("{at}: not a boolean")),
-        Some("boolean") => {}
-        Some("array") => {
-            let items = v.as_array().ok_or(format!("{at}: not an array"))?;
-            for (i, item) in items.iter().enumerate() {
-                validate(spec, &schema["items"], item, &format!("{at}[{i}]"))?;
-            }
-        }
-        Some("string") => {
-            let s = v.as_str().ok_or(format!("{at}: not a string"))?;
-            if let Some(p) = schema.get("pattern").and_then(Value::as_str) {
-                if !pattern_matches(p, s) {
-                    return Err(format!("{at}: '{s}' does not match {p}"));
-                }
-            }
-            if schema["format"] == "date" && parse_date(s).is_none() {
-                return Err(format!("{at}: '{s}' is not a date"));
-            }
-        }
-        Some("integer") => {
-            let n = v
-                .as_i64()
-                .map(i128::from)
-                .or(v.as_u64().map(i128::from))
-                .ok_or(format!("{at}: not an integer"))?;
-            if let Some(min) = schema.get("minimum").and_then(Value::as_i64) {
-                if n < i128::from(min) {
-                    return Err(format!("{at}: {n} < {min}"));
-                }
-            }
-        }
-        Some(other) => panic!("schema type {other} not supported by this checker"),
-        None => {}
+    Value::Object(out)
+}
+
+/// The contract's schemas, checked by a JSON Schema library (`jsonschema`), not by hand.
+struct Contract {
+    dialect: Dialect,
+    /// `components.schemas` in the library's dialect, under the same pointer as in the file,
+    /// so every `$ref: "#/components/schemas/…"` resolves in the document built around it.
+    schemas: Value,
+}
+
+impl Contract {
+    fn new(spec: &Value) -> Contract {
+        let dialect = dialect(spec);
+        let raw = spec["components"]["schemas"].as_object().expect("components.schemas");
+        let schemas = match dialect {
+            Dialect::Oas30 => raw.iter().map(|(k, s)| (k.clone(), oas30_to_draft4(s))).collect(),
+            Dialect::Oas31 => raw.clone(),
+        };
+        Contract { dialect, schemas: Value::Object(schemas) }
     }
-    Ok(())
+
+    /// Every way `v` deviates from `schema` (a Schema Object of the file), by JSON path.
+    fn validate(&self, schema: &Value, v: &Value) -> Result<(), String> {
+        let (root, draft) = match self.dialect {
+            Dialect::Oas30 => (oas30_to_draft4(schema), jsonschema::Draft::Draft4),
+            Dialect::Oas31 => (schema.clone(), jsonschema::Draft::Draft202012),
+        };
+        let doc = serde_json::json!({ "allOf": [root], "components": { "schemas": self.schemas } });
+        let validator = jsonschema::options()
+            .with_draft(draft)
+            .should_validate_formats(true)
+            .build(&doc)
+            .map_err(|e| format!("schema does not compile: {e}"))?;
+        let errors: Vec<String> =
+            validator.iter_errors(v).map(|e| format!("${}: {e}", e.instance_path())).collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+#[test]
+fn the_file_is_openapi_3_0_and_its_schemas_compile() {
+    let spec = spec();
+    assert_eq!(dialect(&spec), Dialect::Oas30, "openapi: {}", spec["openapi"]);
+    let contract = Contract::new(&spec);
+    for name in spec["components"]["schemas"].as_object().unwrap().keys() {
+        let r = serde_json::json!({ "$ref": format!("#/components/schemas/{name}") });
+        // Compiles (every $ref resolves); whether `null` passes is the schema's business.
+        if let Err(e) = contract.validate(&r, &Value::Null) {
+            assert!(!e.starts_with("schema does not compile"), "{name}: {e}");
+        }
+    }
 }
 
 #[test]
 fn the_checker_can_fail() {
     let spec = spec();
-    let reply = &spec["components"]["schemas"]["SimUsage"];
+    let c = Contract::new(&spec);
+    let reply = serde_json::json!({ "$ref": "#/components/schemas/SimUsage" });
     let good = serde_json::json!({"iccid": "8988", "from": null, "to": "2026-11-24", "days": [],
         "up_bytes": 1, "down_bytes": 2, "total_bytes": 3});
-    validate(&spec, reply, &good, "$").unwrap();
+    c.validate(&reply, &good).unwrap();
     for (field, bad) in [
         ("iccid", serde_json::json!(8988)),
         ("iccid", serde_json::json!("89a")),
+        ("iccid", serde_json::json!("898828066600000000012")),
+        ("iccid", Value::Null),
         ("to", serde_json::json!("2026-13-01")),
+        ("to", serde_json::json!(20261124)),
         ("up_bytes", serde_json::json!(-1)),
+        ("up_bytes", serde_json::json!(1.5)),
+        ("days", serde_json::json!([{"date": "2026-11-24", "up_bytes": 1, "down_bytes": 1}])),
         ("extra", serde_json::json!(1)),
     ] {
         let mut v = good.clone();
-        v[field] = bad;
-        assert!(validate(&spec, reply, &v, "$").is_err(), "{field}");
+        v[field] = bad.clone();
+        let e = c.validate(&reply, &v).expect_err(&format!("{field} = {bad} passed"));
+        assert!(e.contains('$'), "{e}");
     }
-    let outcome = &spec["components"]["schemas"]["RecordOutcome"];
-    validate(&spec, outcome, &serde_json::json!({"status": "stored"}), "$").unwrap();
-    assert!(validate(&spec, outcome, &serde_json::json!({"status": "rejected"}), "$").is_err());
+    let mut v = good.clone();
+    v.as_object_mut().unwrap().remove("from");
+    assert!(c.validate(&reply, &v).is_err(), "a required nullable property left out");
+    let outcome = serde_json::json!({ "$ref": "#/components/schemas/RecordOutcome" });
+    c.validate(&outcome, &serde_json::json!({"status": "stored"})).unwrap();
+    c.validate(&outcome, &serde_json::json!({"status": "rejected", "reason": "bad_tag", "detail": "x"}))
+        .unwrap();
+    assert!(c.validate(&outcome, &serde_json::json!({"status": "rejected"})).is_err());
+    assert!(c.validate(&outcome, &serde_json::json!({"status": "stored", "reason": "bad_tag"})).is_err());
+    // A deviation two $refs deep: SimsUsage → UnderivableSims → Iccid / code.
+    let sims = serde_json::json!({ "$ref": "#/components/schemas/SimsUsage" });
+    let fault = serde_json::json!({"iccid": "1", "record": "1-0-2", "code": "overflow", "reason": "r"});
+    let good = serde_json::json!({"from": null, "to": null, "sims": [], "up_bytes": 0,
+        "down_bytes": 0, "total_bytes": 0, "underivable": [fault]});
+    c.validate(&sims, &good).unwrap();
+    let mut bad = good.clone();
+    bad["underivable"][0]["code"] = "melted".into();
+    let e = c.validate(&sims, &bad).unwrap_err();
+    assert!(e.contains("/underivable/0/code"), "{e}");
+    // nullable without null in the types: an integer or null, nothing else.
+    let alert = serde_json::json!({ "$ref": "#/components/schemas/Alert" });
+    let a = serde_json::json!({"seq": 1, "alert": "overdrawn", "threshold_micros": null,
+        "overdraft_limit_micros": 5, "balance_micros": -1, "raised_at_s": 0});
+    c.validate(&alert, &a).unwrap();
+    let mut b = a.clone();
+    b["threshold_micros"] = "5".into();
+    assert!(c.validate(&alert, &b).is_err());
+    // The error body every refusal carries.
+    let err = serde_json::json!({ "$ref": "#/components/schemas/ErrorBody" });
+    c.validate(&err, &serde_json::json!({"code": "not_found", "error": "no such route"})).unwrap();
+    assert!(c.validate(&err, &serde_json::json!({"code": "not_found"})).is_err());
+    assert!(c.validate(&err, &serde_json::json!({"code": "x", "error": "y", "for people.": null})).is_err());
+}
+
+#[test]
+fn nullable_follows_openapi_3_0() {
+    let s = serde_json::json!({"type": "object", "additionalProperties": false,
+        "properties": {"a": {"type": "string", "nullable": true, "format": "date"},
+                       "b": {"type": "string", "enum": ["x"], "nullable": true},
+                       "c": {"nullable": true, "$ref": "#/components/schemas/Date"},
+                       "d": {"type": "integer"}}});
+    let c = Contract::new(&spec());
+    c.validate(&s, &serde_json::json!({"a": null, "d": 1})).unwrap();
+    c.validate(&s, &serde_json::json!({"a": "2026-01-31", "b": "x"})).unwrap();
+    for bad in [
+        serde_json::json!({"a": "2026-02-30"}),
+        // An enum must list null itself (OpenAPI 3.0.3).
+        serde_json::json!({"b": null}),
+        // Siblings of $ref are ignored: not nullable.
+        serde_json::json!({"c": null}),
+        serde_json::json!({"d": null}),
+    ] {
+        assert!(c.validate(&s, &bad).is_err(), "{bad}");
+    }
 }
 
 #[test]
@@ -215,6 +291,7 @@ fn every_route_is_documented_and_every_operation_served() {
 
 struct Checker {
     spec: Value,
+    contract: Contract,
     http: reqwest::Client,
     base: String,
     seen: BTreeSet<(String, String, u16)>,
@@ -287,7 +364,7 @@ impl Checker {
             }
         };
         if !schema.is_null() {
-            if let Err(e) = validate(&self.spec, &schema, &value, "$") {
+            if let Err(e) = self.contract.validate(&schema, &value) {
                 panic!("{method} {path} {status}: {e}\n{text}");
             }
         }
@@ -337,8 +414,14 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         .with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| 1_796_083_200_000));
     let server = common::serve(endpoint).await;
     let base = server.base.clone();
-    let mut c =
-        Checker { spec: spec(), http: reqwest::Client::new(), base: base.clone(), seen: BTreeSet::new() };
+    let spec = spec();
+    let mut c = Checker {
+        contract: Contract::new(&spec),
+        spec,
+        http: reqwest::Client::new(),
+        base: base.clone(),
+        seen: BTreeSet::new(),
+    };
     let admin = hex::encode(TOKEN);
     let gw = gateway_key();
     let meter_key = [0xa1u8; 32];
@@ -498,6 +581,18 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         assert_eq!((s, v["up_bytes"].as_u64()), (200, Some(1100)));
         assert_eq!(c.call("get", "/v1/usage/sims", "/v1/usage/sims", Some(tok), None).await.0, 200);
     }
+    // The same SIM by its 20-digit ICCID (Luhn check digit 0 appended): checked, dropped.
+    let (s, v, _) = c
+        .call("get", "/v1/usage", "/v1/usage?iccid=89882806660000000010&from=2026-11-24", Some(&query), None)
+        .await;
+    assert_eq!(
+        (s, v["iccid"].as_str(), v["up_bytes"].as_u64()),
+        (200, Some("8988280666000000001"), Some(1100))
+    );
+    let (s, v, _) =
+        c.call("get", "/v1/usage", "/v1/usage?iccid=89882806660000000013", Some(&query), None).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("Luhn"), "{v}");
     // Days in a time zone, settlement and the ledger (embedded store).
     let (s, v, _) =
         c.call("get", "/v1/usage/days", "/v1/usage/days?tz=Europe/Berlin", Some(&query), None).await;

@@ -24,7 +24,7 @@ use crate::api::{AppState, Routes};
 use crate::billing::{PeriodSelector, Refusal};
 use crate::pricing::{check_name, parse_money_micros};
 use crate::service::billing::{forecast, Billing};
-use crate::text::{format_date, parse_iccid};
+use crate::text::{format_date, iccid_from_text};
 use crate::wire::billing::{
     ChargesReply, ForecastQuery, ForecastReply, RunReply, TopupReply, TopupRequest, TopupStatus,
     WalletsReply, ADMIN_BILLING_RUN_PATH, ADMIN_WALLET_TOPUPS_PATH, BILLING_CHARGES_PATH,
@@ -153,9 +153,7 @@ async fn get_forecast(
     let p = query.map(|Query(p)| p).map_err(|r| ApiError::bad_request(r.body_text()))?;
     let iccid = match p.iccid.as_deref() {
         None | Some("") => return Err(ApiError::bad_request("iccid: required")),
-        Some(s) => {
-            parse_iccid(s).ok_or_else(|| ApiError::bad_request(format!("iccid: '{s}' is not an ICCID")))?
-        }
+        Some(s) => iccid_from_text(s).map_err(|e| ApiError::bad_request(format!("iccid: {e}")))?,
     };
     let q = ForecastQuery {
         iccid,

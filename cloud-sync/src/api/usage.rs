@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::api::error::{ledger_error, underivable_error, ApiError};
 use crate::api::params::date_param;
 use crate::api::{AppState, Routes};
-use crate::text::{format_date, parse_iccid, ICCID_DIGITS_MAX};
+use crate::text::{format_date, iccid_from_text};
 use crate::usage::{days_of, per_sim, DateRange, UsageError};
 use crate::wire::usage::{
     underivable, AdjustmentJson, DayUsage, LedgerDayJson, LedgerReply, SimTotal, SimUsage, SimsUsage,
@@ -67,11 +67,7 @@ async fn get_usage(
     let params = query_params(query)?;
     let iccid = match params.iccid.as_deref() {
         None | Some("") => return Err(ApiError::bad_request("iccid: required")),
-        Some(s) => parse_iccid(s).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "iccid: expected up to {ICCID_DIGITS_MAX} decimal digits, got '{s}'"
-            ))
-        })?,
+        Some(s) => iccid_from_text(s).map_err(|e| ApiError::bad_request(format!("iccid: {e}")))?,
     };
     let range = range_params(&params)?;
     let derived = state.store.daily_usage(Some(iccid)).await?;
@@ -147,9 +143,7 @@ struct ZoneParams {
 fn zone_range(p: &ZoneParams) -> Result<(Option<u64>, DateRange), ApiError> {
     let iccid = match p.iccid.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(
-            parse_iccid(s).ok_or_else(|| ApiError::bad_request(format!("iccid: '{s}' is not an ICCID")))?,
-        ),
+        Some(s) => Some(iccid_from_text(s).map_err(|e| ApiError::bad_request(format!("iccid: {e}")))?),
     };
     let range = range_params(&UsageParams { iccid: None, from: p.from.clone(), to: p.to.clone() })?;
     Ok((iccid, range))

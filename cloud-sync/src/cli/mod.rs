@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use countersign_cloud::text::{parse_date, parse_iccid};
+use countersign_cloud::text::{iccid_from_text, parse_date};
 use countersign_protocol::keys::read_secret;
 
 pub(crate) mod admin;
@@ -30,7 +30,7 @@ pub(crate) mod usage;
 const REQUEST_TIMEOUT_S: u64 = 30;
 
 fn iccid_arg(s: &str) -> Result<u64, String> {
-    parse_iccid(s).ok_or_else(|| format!("expected the ICCID as decimal digits, got '{s}'"))
+    iccid_from_text(s).map_err(|e| e.to_string())
 }
 
 fn date_arg(s: &str) -> Result<time::Date, String> {

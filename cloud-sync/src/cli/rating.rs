@@ -8,7 +8,7 @@ use clap::Subcommand;
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
 use countersign_cloud::client;
 use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
-use countersign_cloud::text::parse_iccid;
+use countersign_cloud::text::iccid_from_text;
 use countersign_cloud::usage::DateRange;
 
 use super::{date_arg, http, iccid_arg, read_token};
@@ -76,6 +76,9 @@ pub(crate) enum RatingCommand {
         /// Session records CSV (iccid, start, end, volume_rx, volume_tx[, volume_total]).
         #[arg(long)]
         carrier_sessions: Vec<PathBuf>,
+        /// 1NCE Data Streamer usage records (JSON array, object, or one object per line).
+        #[arg(long)]
+        carrier_streamer: Vec<PathBuf>,
         /// Provider model: 1nce or exact.
         #[arg(long, default_value = "1nce")]
         provider: String,
@@ -130,6 +133,7 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
             carrier_json,
             carrier_csv,
             carrier_sessions,
+            carrier_streamer,
             provider,
             tz,
             from,
@@ -161,6 +165,13 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
                 let text = read_carrier_file(path)?;
                 carrier.extend(
                     carrier::parse_sessions_csv(&text, &zone)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
+            for path in &carrier_streamer {
+                let text = read_carrier_file(path)?;
+                carrier.extend(
+                    carrier::parse_1nce_streamer_usage(&text, &zone)
                         .with_context(|| format!("{}", path.display()))?,
                 );
             }
@@ -202,7 +213,7 @@ fn carrier_json_arg(arg: &str) -> Result<(u64, PathBuf)> {
             (stem, p)
         }
     };
-    let iccid = parse_iccid(&iccid)
+    let iccid = iccid_from_text(&iccid)
         .with_context(|| format!("--carrier-json {arg}: give ICCID=FILE or name the file <ICCID>.json"))?;
     Ok((iccid, path))
 }

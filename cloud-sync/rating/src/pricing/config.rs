@@ -407,8 +407,8 @@ impl PricingConfig {
             }
             let mut iccids = Vec::with_capacity(a.iccids.len());
             for (j, s) in a.iccids.iter().enumerate() {
-                let iccid = crate::text::parse_iccid(s)
-                    .ok_or_else(|| invalid(format!("{key}.iccids[{j}]"), format!("'{s}' is not an ICCID")))?;
+                let iccid = crate::text::iccid_from_text(s)
+                    .map_err(|e| invalid(format!("{key}.iccids[{j}]"), e.to_string()))?;
                 if let Some(other) = by_iccid.insert(iccid, assignments.len()) {
                     let place = match assignments.get(other) {
                         Some(o) => {

@@ -118,7 +118,7 @@ for t in "${wanted[@]}"; do
     # gets a 404, or the channel manifest marks it unavailable) cannot be built with this
     # toolchain: skipped loudly. Anything else fails the build.
     case "$t" in *-musl*)
-      if grep -Eq '404|not available|is not installable|component download failed' <<<"$out"; then
+      if grep -Eqi '404|unavailable|not available|not installable|component download failed' <<<"$out"; then
         unavailable+=("$t"); continue
       fi ;;
     esac
@@ -134,7 +134,8 @@ if [ ${#unavailable[@]} -gt 0 ]; then
   done
   mapfile -t targets < <(printf '%s\n' "${targets[@]}" | grep -vxF -f <(printf '%s\n' "${unavailable[@]}"))
 fi
-echo "${wanted[*]}"
+{ printf '%s\n' "${wanted[@]}" | grep -vxF -f <(printf '%s\n' "${unavailable[@]:-}") || true; } | tr '\n' ' '
+echo
 
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 [ -n "$target_dir" ] || { echo "cross/build.sh: cannot find cargo's target directory" >&2; exit 1; }
@@ -144,10 +145,14 @@ glibc_floor() {
   readelf --dyn-syms -W "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sort -u -V | tail -n 1
 }
 
-step "agent (profile $profile): ${targets[*]}"
-target_args=()
-for t in "${targets[@]}"; do target_args+=(--target "$t"); done
-cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile" "${target_args[@]}"
+# One cargo invocation for every triple: build scripts and proc macros are built once, and
+# the targets' crates compile side by side.
+if [ ${#targets[@]} -gt 0 ]; then
+  step "agent (profile $profile): ${targets[*]}"
+  target_args=()
+  for t in "${targets[@]}"; do target_args+=(--target "$t"); done
+  cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile" "${target_args[@]}"
+fi
 
 bins=()
 for t in "${targets[@]}"; do bins+=("$target_dir/$t/$profile/countersign-agent"); done
@@ -160,8 +165,9 @@ fi
 step "artifacts"
 for bin in "${bins[@]}"; do
   [ -x "$bin" ] || { echo "cross/build.sh: expected $bin after the build" >&2; exit 1; }
-  case "$bin" in
-    */*-musl*/*)
+  rel=${bin#"$target_dir"/}
+  case "${rel%%/*}" in
+    *-musl*)
       # Static: no program interpreter, no dynamic section, so no libc needed on the gateway.
       if readelf -lW "$bin" | grep -q 'INTERP' || readelf -dW "$bin" | grep -q 'NEEDED'; then
         echo "cross/build.sh: $bin is not static:" >&2; readelf -lW "$bin" | grep -A1 INTERP >&2; exit 1

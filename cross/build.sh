@@ -2,19 +2,25 @@
 # Builds Countersign for the devices it runs on, without Docker:
 #   - countersign-agent for aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf
 #     (ARM Linux gateways), profile `release-gateway` (size-tuned, see Cargo.toml);
+#   - with --musl, the same agent static for aarch64-unknown-linux-musl,
+#     armv7-unknown-linux-musleabihf and x86_64-unknown-linux-musl (OpenWrt-class gateways,
+#     the .ipk packages, any Linux whatever its libc);
 #   - the firmware crate countersign-meter for thumbv7em-none-eabihf (Cortex-M4/M7), release.
 # Installs what is missing first: the rustup targets and the Debian cross toolchains
 # (gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross
-# qemu-user). Linkers, runners and the per-target C compilers ring needs come from
-# .cargo/config.toml; this script never exports a global CC.
+# qemu-user, and musl-tools for x86_64 musl). Linkers, runners and the per-target C compilers
+# ring needs come from .cargo/config.toml; this script never exports a global CC.
 #
 # Usage: cross/build.sh [--profile NAME] [--target TRIPLE]... [--host] [--no-firmware] [--musl]
 #   --profile NAME   cargo profile for the agent (default: release-gateway)
-#   --target TRIPLE  build the agent only for this gateway triple (repeatable; default: both)
+#   --target TRIPLE  build the agent only for this triple (repeatable; default: the two gnu
+#                    gateway triples); any of the gnu or musl triples above
 #   --host           also build the agent for this machine (amd64 .deb), same profile
 #   --no-firmware    skip the thumbv7em firmware build
-#   --musl           also try aarch64-unknown-linux-musl (static; see cross/README.md)
-# Safe to run again. Prints each artifact with its size and glibc floor.
+#   --musl           also build the three static musl agents (checked: no PT_INTERP)
+# Safe to run again. Prints each artifact with its size and glibc floor (or "static").
+# A musl triple whose Rust standard library the rustup distribution server does not offer
+# is skipped with a loud message (see cross/README.md); every other failure fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,15 +36,19 @@ while [ $# -gt 0 ]; do
     --host) host=1; shift ;;
     --no-firmware) firmware=0; shift ;;
     --musl) musl=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "cross/build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+musl_triples=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf x86_64-unknown-linux-musl)
 [ ${#targets[@]} -gt 0 ] || targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+[ "$musl" -eq 0 ] || targets+=("${musl_triples[@]}")
+mapfile -t targets < <(printf '%s\n' "${targets[@]}" | awk '!seen[$0]++')
 for t in "${targets[@]}"; do
   case "$t" in
     aarch64-unknown-linux-gnu|armv7-unknown-linux-gnueabihf) ;;
-    *) echo "cross/build.sh: unsupported gateway target '$t' (aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf)" >&2; exit 2 ;;
+    aarch64-unknown-linux-musl|armv7-unknown-linux-musleabihf|x86_64-unknown-linux-musl) ;;
+    *) echo "cross/build.sh: unsupported gateway target '$t' (aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf, ${musl_triples[*]})" >&2; exit 2 ;;
   esac
 done
 
@@ -65,15 +75,24 @@ need_pkgs() {
       [ -e /usr/arm-linux-gnueabihf/lib/libc.so ] || echo libc6-dev-armhf-cross
       command -v qemu-arm >/dev/null || echo qemu-user
       ;;
+    # Static musl: the gcc of the architecture drives the link and compiles ring; musl's
+    # libc.a and start files come with the rustup target (self-contained linking).
     aarch64-unknown-linux-musl)
       command -v aarch64-linux-gnu-gcc >/dev/null || echo gcc-aarch64-linux-gnu
+      command -v qemu-aarch64 >/dev/null || echo qemu-user
+      ;;
+    armv7-unknown-linux-musleabihf)
+      command -v arm-linux-gnueabihf-gcc >/dev/null || echo gcc-arm-linux-gnueabihf
+      command -v qemu-arm >/dev/null || echo qemu-user
+      ;;
+    x86_64-unknown-linux-musl)
+      command -v musl-gcc >/dev/null || echo musl-tools
       ;;
   esac
 }
 
 step "Debian cross toolchains"
 all=("${targets[@]}")
-[ "$musl" -eq 0 ] || all+=(aarch64-unknown-linux-musl)
 mapfile -t missing < <(for t in "${all[@]}"; do need_pkgs "$t"; done | sort -u)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -91,10 +110,32 @@ step "rustup targets"
 installed=$(rustup target list --installed)
 wanted=("${all[@]}")
 [ "$firmware" -eq 0 ] || wanted+=(thumbv7em-none-eabihf)
+unavailable=()
 for t in "${wanted[@]}"; do
-  grep -qx "$t" <<<"$installed" || rustup target add "$t"
+  grep -qx "$t" <<<"$installed" && continue
+  if ! out=$(rustup target add "$t" 2>&1); then
+    # A musl target whose standard library the distribution server does not offer (rustup
+    # gets a 404, or the channel manifest marks it unavailable) cannot be built with this
+    # toolchain: skipped loudly. Anything else fails the build.
+    case "$t" in *-musl*)
+      if grep -Eqi '404|unavailable|not available|not installable|component download failed' <<<"$out"; then
+        unavailable+=("$t"); continue
+      fi ;;
+    esac
+    echo "$out" >&2
+    echo "cross/build.sh: rustup target add $t failed" >&2; exit 1
+  fi
 done
-echo "${wanted[*]}"
+if [ ${#unavailable[@]} -gt 0 ]; then
+  for t in "${unavailable[@]}"; do
+    printf '\n!!! SKIPPED %s: rustup cannot install its standard library here\n' "$t" >&2
+    printf '!!! (%s has no rust-std for it); the other targets are built.\n' \
+      "$(rustup show active-toolchain | cut -d' ' -f1)" >&2
+  done
+  mapfile -t targets < <(printf '%s\n' "${targets[@]}" | grep -vxF -f <(printf '%s\n' "${unavailable[@]}"))
+fi
+{ printf '%s\n' "${wanted[@]}" | grep -vxF -f <(printf '%s\n' "${unavailable[@]:-}") || true; } | tr '\n' ' '
+echo
 
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 [ -n "$target_dir" ] || { echo "cross/build.sh: cannot find cargo's target directory" >&2; exit 1; }
@@ -104,10 +145,14 @@ glibc_floor() {
   readelf --dyn-syms -W "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sort -u -V | tail -n 1
 }
 
-step "agent (profile $profile): ${targets[*]}"
-target_args=()
-for t in "${targets[@]}"; do target_args+=(--target "$t"); done
-cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile" "${target_args[@]}"
+# One cargo invocation for every triple: build scripts and proc macros are built once, and
+# the targets' crates compile side by side.
+if [ ${#targets[@]} -gt 0 ]; then
+  step "agent (profile $profile): ${targets[*]}"
+  target_args=()
+  for t in "${targets[@]}"; do target_args+=(--target "$t"); done
+  cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile" "${target_args[@]}"
+fi
 
 bins=()
 for t in "${targets[@]}"; do bins+=("$target_dir/$t/$profile/countersign-agent"); done
@@ -120,31 +165,22 @@ fi
 step "artifacts"
 for bin in "${bins[@]}"; do
   [ -x "$bin" ] || { echo "cross/build.sh: expected $bin after the build" >&2; exit 1; }
-  printf '%s\n  %s bytes, needs glibc >= %s\n' "$bin" "$(stat -c %s "$bin")" "$(glibc_floor "$bin" | sed 's/GLIBC_//')"
+  rel=${bin#"$target_dir"/}
+  case "${rel%%/*}" in
+    *-musl*)
+      # Static: no program interpreter, no dynamic section, so no libc needed on the gateway.
+      if readelf -lW "$bin" | grep -q 'INTERP' || readelf -dW "$bin" | grep -q 'NEEDED'; then
+        echo "cross/build.sh: $bin is not static:" >&2; readelf -lW "$bin" | grep -A1 INTERP >&2; exit 1
+      fi
+      printf '%s\n  %s bytes, static (no PT_INTERP, no NEEDED), %s\n' "$bin" "$(stat -c %s "$bin")" \
+        "$(readelf -hW "$bin" | sed -n 's/^ *Type: *\([A-Z]*\).*/\1/p' | sed 's/DYN/static-pie/; s/EXEC/static executable/')"
+      ;;
+    *) printf '%s\n  %s bytes, needs glibc >= %s\n' "$bin" "$(stat -c %s "$bin")" "$(glibc_floor "$bin" | sed 's/GLIBC_//')" ;;
+  esac
 done
 
 if [ "$firmware" -eq 1 ]; then
   step "firmware: countersign-meter for thumbv7em-none-eabihf (release)"
   cargo build --locked -p countersign-meter --target thumbv7em-none-eabihf --release
   ls -l "$target_dir"/thumbv7em-none-eabihf/release/libcountersign_meter.rlib
-fi
-
-if [ "$musl" -eq 1 ]; then
-  step "experimental: aarch64-unknown-linux-musl (static)"
-  # Debian ships no aarch64 musl cross gcc. Rust's musl targets bring their own musl libc and
-  # start files (self-contained linking), so the glibc cross gcc serves as the linker driver
-  # and compiles ring's freestanding C and assembly.
-  if CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc \
-     CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc \
-     AR_aarch64_unknown_linux_musl=aarch64-linux-gnu-ar \
-     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64 \
-     cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile" \
-       --target aarch64-unknown-linux-musl; then
-    bin="$target_dir/aarch64-unknown-linux-musl/$profile/countersign-agent"
-    printf '%s\n  %s bytes, %s\n' "$bin" "$(stat -c %s "$bin")" \
-      "$(readelf -l "$bin" | grep -q INTERP && echo 'dynamic (unexpected)' || echo 'static, no glibc needed')"
-  else
-    echo "the musl build failed (see above); the glibc builds are unaffected" >&2
-    exit 1
-  fi
 fi

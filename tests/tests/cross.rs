@@ -2,12 +2,16 @@
 //! a private Mosquitto (host) → `countersign-agent` for aarch64 / armv7 under `qemu-aarch64` /
 //! `qemu-arm` → `countersign-cloud` (host). Checks exact totals per SIM, a kill -9 of the agent
 //! mid-run, a clean SIGTERM, and `inspect` (opens the sled database, prints JSON) on the
-//! emulated target.
+//! emulated target. The same chain runs for the glibc builds and for the static musl builds
+//! (the `.ipk` binaries; the x86_64 one runs natively, the ARM ones under QEMU without `-L`:
+//! a static binary needs no loader or libraries from a sysroot).
 //!
-//! The binaries come from `cross/build.sh` (profile `release-gateway`, or the profile named by
-//! `COUNTERSIGN_CROSS_PROFILE`). Without them these tests skip with a loud message, unless
-//! `COUNTERSIGN_REQUIRE_CROSS=1` (set by `tests/run.sh`, which builds them first): then a
-//! missing binary or emulator is a failure.
+//! The binaries come from `cross/build.sh` (`--musl` for the static ones; profile
+//! `release-gateway`, or the profile named by `COUNTERSIGN_CROSS_PROFILE`). Without them these
+//! tests skip with a loud message, unless `COUNTERSIGN_REQUIRE_CROSS=1` (set by `tests/run.sh`,
+//! which builds them first): then a missing binary or emulator is a failure. A musl target is
+//! required only when the Rust toolchain has its standard library (`cross/build.sh` installs it
+//! wherever the rustup distribution server offers it, and skips the target loudly otherwise).
 
 use std::io::Write;
 use std::path::Path;
@@ -33,8 +37,7 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The cross-built agent for `triple` behind its QEMU runner, or `None` (after a loud
 /// message) when it was not built and the run does not require it.
-/// `in_ci`: whether `COUNTERSIGN_REQUIRE_CROSS=1` makes it required (the experimental musl
-/// build never is: CI does not build it).
+/// `in_ci`: whether `COUNTERSIGN_REQUIRE_CROSS=1` makes it required.
 fn cross_agent(triple: &str, runner: &[&str], in_ci: bool) -> Result<Option<Exe>> {
     let profile = std::env::var(PROFILE_ENV).unwrap_or_else(|_| DEFAULT_PROFILE.to_owned());
     let path = target_dir()?.join(triple).join(&profile).join("countersign-agent");
@@ -171,11 +174,50 @@ async fn armv7_agent_under_qemu_opens_sled_and_delivers_exact_totals() -> Result
     }
 }
 
-/// The experimental static build (`cross/build.sh --musl`); not built in CI.
+/// Whether the Rust toolchain running the tests has the standard library for `triple`
+/// (`rustup target add` succeeded): then `cross/build.sh --musl` builds it, and CI requires it.
+fn toolchain_has_std(triple: &str) -> bool {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    std::process::Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            Path::new(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib").join(triple).join("lib")
+        })
+        .is_some_and(|lib| lib.is_dir())
+}
+
+/// The static builds (`cross/build.sh --musl`) that the `.ipk` packages ship.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aarch64_musl_agent_under_qemu_delivers_exact_totals() -> Result<()> {
-    match cross_agent("aarch64-unknown-linux-musl", &["qemu-aarch64"], false)? {
+    let triple = "aarch64-unknown-linux-musl";
+    match cross_agent(triple, &["qemu-aarch64"], toolchain_has_std(triple))? {
         Some(agent) => chain_with(agent, 65).await,
+        None => Ok(()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn armv7_musl_agent_under_qemu_delivers_exact_totals() -> Result<()> {
+    let triple = "armv7-unknown-linux-musleabihf";
+    match cross_agent(triple, &["qemu-arm"], toolchain_has_std(triple))? {
+        Some(agent) => chain_with(agent, 33).await,
+        None => Ok(()),
+    }
+}
+
+/// Natively: this machine is x86_64 (the same static binary the x86_64 `.ipk` ships).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x86_64_musl_agent_delivers_exact_totals() -> Result<()> {
+    let triple = "x86_64-unknown-linux-musl";
+    if std::env::consts::ARCH != "x86_64" {
+        let _ = writeln!(std::io::stderr(), "!!! SKIPPED: the {triple} agent needs an x86_64 machine");
+        return Ok(());
+    }
+    match cross_agent(triple, &[], toolchain_has_std(triple))? {
+        Some(agent) => chain_with(agent, 86).await,
         None => Ok(()),
     }
 }

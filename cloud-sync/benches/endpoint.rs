@@ -217,8 +217,39 @@ async fn run(a: &Args, store: &str) {
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().unwrap().as_secs_f64() * 1e3,
     );
+    reads(&base, store).await;
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+/// Times the usage reads over what was just stored (best and worst of 5 each), so that the
+/// read side's cost is printed beside the ingest rate it was bought with.
+async fn reads(base: &str, store: &str) {
+    let http = reqwest::Client::new();
+    let token = hex::encode(TOKEN);
+    let sim = 8_988_280_666_000_000_000u64 + 1_000;
+    // The reports span 2026-11-24 from noon on (one a minute per meter).
+    let reads = [
+        ("one_sim_one_day", format!("/v1/usage?iccid={sim}&from=2026-11-24&to=2026-11-24")),
+        ("all_sims_one_day", "/v1/usage/sims?from=2026-11-24&to=2026-11-24".to_owned()),
+        ("zone_days_one_sim", format!("/v1/usage/days?tz=Europe/Berlin&iccid={sim}")),
+    ];
+    for (name, path) in reads {
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = http.get(format!("{base}{path}")).bearer_auth(&token).send().await.unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            let _ = r.bytes().await.unwrap();
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "store={store} read={name} ms_min={:.2} ms_max={:.2}",
+            times[0].as_secs_f64() * 1e3,
+            times[times.len() - 1].as_secs_f64() * 1e3
+        );
+    }
 }
 
 fn main() {

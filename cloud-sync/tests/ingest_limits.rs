@@ -155,8 +155,8 @@ async fn records_later_stages_cannot_count_are_refused_with_reasons(kind: Kind) 
     assert_eq!(store.record_count().await.unwrap(), 2);
 
     // What was stored derives without a fault, in any zone.
-    let derived = store.daily_usage(None).await.unwrap();
+    let derived = store.daily_usage(None, Default::default()).await.unwrap();
     assert!(derived.faults.is_empty());
     let tz = countersign_cloud::usage::time_zone("Pacific/Kiritimati").unwrap();
-    assert!(store.daily_usage_in(None, tz).await.unwrap().faults.is_empty());
+    assert!(store.daily_usage_in(None, tz, Default::default()).await.unwrap().faults.is_empty());
 }

@@ -260,7 +260,11 @@ async fn postgres_concurrent_settlements_book_exactly_what_one_settlement_books(
     let (tz, days) = ledger_of(&stores[2]).await;
     assert_eq!(tz.as_deref(), Some("Europe/Berlin"));
     let fresh: DailyUsage = stores[3]
-        .daily_usage_in(None, countersign_cloud::usage::time_zone("Europe/Berlin").unwrap())
+        .daily_usage_in(
+            None,
+            countersign_cloud::usage::time_zone("Europe/Berlin").unwrap(),
+            Default::default(),
+        )
         .await
         .unwrap()
         .daily;

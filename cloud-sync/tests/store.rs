@@ -118,13 +118,13 @@ async fn usage_spans_meters_and_sims(env: Env) {
     ];
     let out = s.insert_batch(1, records).await.unwrap();
     assert!(out.iter().all(|o| *o == InsertOutcome::Stored));
-    let all = s.daily_usage(None).await.unwrap().daily;
+    let all = s.daily_usage(None, Default::default()).await.unwrap().daily;
     let totals: Vec<_> = all.iter().map(|((sim, _), t)| (*sim, *t)).collect();
     assert_eq!(
         totals,
         vec![(SIM, Totals { up: 300, down: 600 }), (OTHER_SIM, Totals { up: 240, down: 480 })]
     );
-    let one = s.daily_usage(Some(OTHER_SIM)).await.unwrap().daily;
+    let one = s.daily_usage(Some(OTHER_SIM), Default::default()).await.unwrap().daily;
     assert_eq!(one.get(&(OTHER_SIM, all.keys().next().unwrap().1)), Some(&Totals { up: 240, down: 480 }));
 }
 

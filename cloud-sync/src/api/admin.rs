@@ -88,7 +88,7 @@ async fn post_settle(
 
 async fn get_faults(State(state): State<AppState>) -> Result<Json<FaultsReply>, ApiError> {
     // Which SIMs are faulty does not depend on the zone days are cut in.
-    let derived = state.store.daily_usage(None).await?;
+    let derived = state.store.daily_usage(None, Default::default()).await?;
     Ok(Json(FaultsReply { underivable: underivable(&derived) }))
 }
 

@@ -70,7 +70,7 @@ async fn get_usage(
         Some(s) => iccid_from_text(s).map_err(|e| ApiError::bad_request(format!("iccid: {e}")))?,
     };
     let range = range_params(&params)?;
-    let derived = state.store.daily_usage(Some(iccid)).await?;
+    let derived = state.store.daily_usage(Some(iccid), range).await?;
     if let Some(f) = derived.fault_of(iccid) {
         return Err(underivable_error(f));
     }
@@ -107,7 +107,7 @@ async fn get_usage_sims(
         )));
     }
     let range = range_params(&params)?;
-    let derived = state.store.daily_usage(None).await?;
+    let derived = state.store.daily_usage(None, range).await?;
     let (mut up, mut down) = (0u128, 0u128);
     let mut sims = Vec::new();
     for (iccid, t) in per_sim(&derived.daily, range)? {
@@ -158,7 +158,7 @@ async fn get_usage_days(
         p.tz.clone().ok_or_else(|| ApiError::bad_request("tz: required, e.g. Europe/Berlin or UTC"))?;
     let tz = crate::usage::time_zone(&tz_name).map_err(|e| ApiError::bad_request(format!("tz: {e}")))?;
     let (iccid, range) = zone_range(&p)?;
-    let derived = state.store.daily_usage_in(iccid, tz).await?;
+    let derived = state.store.daily_usage_in(iccid, tz, range).await?;
     let mut days = Vec::new();
     for ((i, date), t) in &derived.daily {
         let (i, date) = (*i, *date);

@@ -4,7 +4,7 @@
 use countersign_meter::RecordId;
 
 use super::{blocking, InsertOutcome, NewRecord, StoreBackend, StoreError, StoredRecord};
-use countersign_rating::usage::{Derived, TimeZone};
+use countersign_rating::usage::{DateRange, Derived, TimeZone};
 
 use super::sled::rollups::RollupCheck;
 
@@ -50,12 +50,13 @@ impl StoreBackend {
     }
 
     /// Bytes per (ICCID, UTC day); with `iccid`, at least that SIM's days are exact (others
-    /// may be absent).
-    pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<Derived, StoreError> {
+    /// may be absent). Days outside `range` may be absent (sled reads only the range's rows;
+    /// PostgreSQL derives them all and leaves the filtering to the caller).
+    pub async fn daily_usage(&self, iccid: Option<u64>, range: DateRange) -> Result<Derived, StoreError> {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
-                blocking(move || s.rollup_daily_in(iccid, &TimeZone::UTC, Default::default())).await
+                blocking(move || s.rollup_daily_in(iccid, &TimeZone::UTC, range)).await
             }
             Self::Postgres(p) => p.daily_usage(iccid).await,
         }
@@ -63,11 +64,16 @@ impl StoreBackend {
 
     /// Bytes per (ICCID, day in `tz`); with `iccid`, only that SIM's days, exact (an epoch's
     /// running maximum spans SIM swaps, so its meters' other records are derived too).
-    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: TimeZone) -> Result<Derived, StoreError> {
+    pub async fn daily_usage_in(
+        &self,
+        iccid: Option<u64>,
+        tz: TimeZone,
+        range: DateRange,
+    ) -> Result<Derived, StoreError> {
         let mut daily = match self {
             Self::Sled(s) => {
                 let s = s.clone();
-                blocking(move || s.rollup_daily_in(iccid, &tz, Default::default())).await?
+                blocking(move || s.rollup_daily_in(iccid, &tz, range)).await?
             }
             Self::Postgres(p) => p.daily_usage_in(iccid, &tz).await?,
         };

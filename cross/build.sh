@@ -20,7 +20,10 @@
 #   --musl           also build the three static musl agents (checked: no PT_INTERP)
 # Safe to run again. Prints each artifact with its size and glibc floor (or "static").
 # A musl triple whose Rust standard library the rustup distribution server does not offer
-# is skipped with a loud message (see cross/README.md); every other failure fails.
+# for the active toolchain is built with the fallback toolchain
+# $COUNTERSIGN_MUSL_FALLBACK_TOOLCHAIN (default 1.93.0, the newest whose armv7 musl std this
+# machine's rustup mirror serves; installed with --profile minimal) and skipped with a loud
+# message only when that fails too (see cross/README.md); every other failure fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -126,13 +129,30 @@ for t in "${wanted[@]}"; do
     echo "cross/build.sh: rustup target add $t failed" >&2; exit 1
   fi
 done
+# The unavailable ones through the fallback toolchain, when it can have them.
+fallback=${COUNTERSIGN_MUSL_FALLBACK_TOOLCHAIN:-1.93.0}
+fallback_targets=()
+still_unavailable=()
+for t in "${unavailable[@]}"; do
+  if rustup toolchain install "$fallback" --profile minimal --target "$t" >/dev/null 2>&1 ||
+    rustup target add --toolchain "$fallback" "$t" >/dev/null 2>&1; then
+    printf '\n!!! %s: no rust-std for the active toolchain here; built with rust %s instead\n' "$t" "$fallback" >&2
+    fallback_targets+=("$t")
+  else
+    still_unavailable+=("$t")
+  fi
+done
+unavailable=("${still_unavailable[@]}")
 if [ ${#unavailable[@]} -gt 0 ]; then
   for t in "${unavailable[@]}"; do
     printf '\n!!! SKIPPED %s: rustup cannot install its standard library here\n' "$t" >&2
     printf '!!! (%s has no rust-std for it); the other targets are built.\n' \
       "$(rustup show active-toolchain | cut -d' ' -f1)" >&2
   done
-  mapfile -t targets < <(printf '%s\n' "${targets[@]}" | grep -vxF -f <(printf '%s\n' "${unavailable[@]}"))
+fi
+if [ $(( ${#unavailable[@]} + ${#fallback_targets[@]} )) -gt 0 ]; then
+  mapfile -t targets < <(printf '%s\n' "${targets[@]}" |
+    grep -vxF -f <(printf '%s\n' "${unavailable[@]}" "${fallback_targets[@]}") || true)
 fi
 { printf '%s\n' "${wanted[@]}" | grep -vxF -f <(printf '%s\n' "${unavailable[@]:-}") || true; } | tr '\n' ' '
 echo
@@ -154,8 +174,13 @@ if [ ${#targets[@]} -gt 0 ]; then
   cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile" "${target_args[@]}"
 fi
 
+for t in "${fallback_targets[@]}"; do
+  step "agent (profile $profile, rust $fallback): $t"
+  cargo "+$fallback" build --locked -p countersign-agent --bin countersign-agent --profile "$profile" --target "$t"
+done
+
 bins=()
-for t in "${targets[@]}"; do bins+=("$target_dir/$t/$profile/countersign-agent"); done
+for t in "${targets[@]}" "${fallback_targets[@]}"; do bins+=("$target_dir/$t/$profile/countersign-agent"); done
 if [ "$host" -eq 1 ]; then
   step "agent (profile $profile): this machine"
   cargo build --locked -p countersign-agent --bin countersign-agent --profile "$profile"

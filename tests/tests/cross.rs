@@ -174,19 +174,31 @@ async fn armv7_agent_under_qemu_opens_sled_and_delivers_exact_totals() -> Result
     }
 }
 
-/// Whether the Rust toolchain running the tests has the standard library for `triple`
-/// (`rustup target add` succeeded): then `cross/build.sh --musl` builds it, and CI requires it.
+/// Whether `cross/build.sh --musl` can build `triple` here: the Rust toolchain running the
+/// tests has its standard library, or the fallback toolchain the script uses for musl
+/// targets the active one lacks (`COUNTERSIGN_MUSL_FALLBACK_TOOLCHAIN`, default 1.93.0) has
+/// it. Then CI requires the binary.
 fn toolchain_has_std(triple: &str) -> bool {
+    let sysroot_has = |mut cmd: std::process::Command| {
+        cmd.output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                Path::new(String::from_utf8_lossy(&o.stdout).trim())
+                    .join("lib/rustlib")
+                    .join(triple)
+                    .join("lib")
+            })
+            .is_some_and(|lib| lib.is_dir())
+    };
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
-    std::process::Command::new(rustc)
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            Path::new(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib").join(triple).join("lib")
-        })
-        .is_some_and(|lib| lib.is_dir())
+    let mut active = std::process::Command::new(rustc);
+    active.args(["--print", "sysroot"]);
+    let fallback =
+        std::env::var("COUNTERSIGN_MUSL_FALLBACK_TOOLCHAIN").unwrap_or_else(|_| "1.93.0".to_owned());
+    let mut other = std::process::Command::new("rustup");
+    other.args(["run", &fallback, "rustc", "--print", "sysroot"]);
+    sysroot_has(active) || sysroot_has(other)
 }
 
 /// The static builds (`cross/build.sh --musl`) that the `.ipk` packages ship.

@@ -7,12 +7,13 @@
 //! | tree            | key                                 | value                                  |
 //! | --------------- | ----------------------------------- | -------------------------------------- |
 //! | `records`       | record id (16 bytes)                | version 2: the record and its epoch's running maximum through it |
-//! | `rollup_days`   | ICCID (8) · UTC day (4), big-endian | version 1, then postcard of the day's non-empty quarter hours: (slot, up, down, records) in slot order |
+//! | `rollup_days`   | ICCID (8) · UTC day (4) · meter (8), big-endian | version 1, then postcard of the day's non-empty quarter hours: (slot, up, down, records) in slot order |
 //! | `rollup_faulty` | ICCID (8) · record id (16)          | empty                                  |
 //! | `rollup_meta`   | `version`                           | [`ROLLUP_VERSION`] (4 bytes BE) once built |
 //!
-//! One row per SIM and UTC day that has records: a SIM's usage over a range is a range scan
-//! of its rows, in proportion to the days in the answer and never to history. A day in any
+//! One row per SIM, UTC day and meter that has records (a SIM is almost always reported by
+//! one meter): a SIM's usage over a range is a range scan of its rows, in proportion to the
+//! days in the answer and never to history. A row is written only by batches of its meter. A day in any
 //! zone whose offsets are whole quarter hours (every zone since 1972) is a set of whole
 //! buckets of at most three rows. A faulty record (see
 //! [`countersign_rating::usage::record_fault`]) adds to no row; its SIM is listed in
@@ -29,8 +30,8 @@
 //! transaction under its global write lock; inside it the commit checks that no other
 //! commit touched the batch's meters since planning began (per-meter generations, bumped by
 //! every commit, with the new tails) and plans again when one did, at most
-//! [`INGEST_REPLANS_MAX`] times. Rows are read and changed inside the lock, because two
-//! meters may report the same SIM.
+//! [`INGEST_REPLANS_MAX`] times. Rows are keyed by their meter too, so they are read while
+//! planning and only written inside the lock: the lock holds blind writes alone.
 //!
 //! Limits: the per-meter state is one small entry per meter that wrote since the store
 //! opened (bounded by the registered meters); a batch plans in memory proportional to its
@@ -150,24 +151,51 @@ impl Meters {
 /// Buckets per `rollup_days` row: the quarter hours of a UTC day.
 pub const BUCKETS_PER_ROW: u64 = 86_400 / BUCKET_S;
 /// Bytes of a `rollup_days` key.
-pub const DAY_KEY_BYTES: usize = 8 + 4;
+pub const DAY_KEY_BYTES: usize = 8 + 4 + 8;
 /// Version byte that starts every `rollup_days` value.
 pub const DAY_ROW_VERSION: u8 = 1;
 
-/// The `rollup_days` key of a SIM's UTC day (`day`: days since 1970-01-01).
-pub fn day_key(iccid: u64, day: u32) -> [u8; DAY_KEY_BYTES] {
+/// The `rollup_days` key of what one meter reported for a SIM on a UTC day (`day`: days
+/// since 1970-01-01). The meter is last so that a SIM's day is one key range, and so that a
+/// row is written only by batches of its meter (see the module docs).
+pub fn day_key(iccid: u64, day: u32, meter_id: u64) -> [u8; DAY_KEY_BYTES] {
     let mut k = [0u8; DAY_KEY_BYTES];
+    k[..8].copy_from_slice(&iccid.to_be_bytes());
+    k[8..12].copy_from_slice(&day.to_be_bytes());
+    k[12..].copy_from_slice(&meter_id.to_be_bytes());
+    k
+}
+
+/// The first key of a SIM's UTC day: a range bound below every meter's row of that day.
+fn day_bound(iccid: u64, day: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
     k[..8].copy_from_slice(&iccid.to_be_bytes());
     k[8..].copy_from_slice(&day.to_be_bytes());
     k
 }
 
-/// A `rollup_days` key split into ICCID and UTC day.
-pub fn parse_day_key(k: &[u8]) -> Option<(u64, u32)> {
+/// The bound just above every row of a SIM's UTC day `day` (exclusive): the first key of the
+/// next day, or of the next SIM after the last day.
+fn day_bound_after(iccid: u64, day: u32) -> Vec<u8> {
+    match day.checked_add(1) {
+        Some(next) => day_bound(iccid, next).to_vec(),
+        None => match iccid.checked_add(1) {
+            Some(n) => day_bound(n, 0).to_vec(),
+            None => vec![0xff; DAY_KEY_BYTES + 1],
+        },
+    }
+}
+
+/// A `rollup_days` key split into ICCID, UTC day and meter.
+pub fn parse_day_key(k: &[u8]) -> Option<(u64, u32, u64)> {
     if k.len() != DAY_KEY_BYTES {
         return None;
     }
-    Some((u64::from_be_bytes(k[..8].try_into().ok()?), u32::from_be_bytes(k[8..].try_into().ok()?)))
+    Some((
+        u64::from_be_bytes(k[..8].try_into().ok()?),
+        u32::from_be_bytes(k[8..12].try_into().ok()?),
+        u64::from_be_bytes(k[12..].try_into().ok()?),
+    ))
 }
 
 /// The row (UTC day) and slot (quarter hour in it) of a bucket.
@@ -561,7 +589,8 @@ impl Store {
             let (day, slot) = row_of(d.bucket).ok_or_else(|| {
                 StoreError::Corrupt(format!("record {}: bucket {} beyond the calendar", r.id, d.bucket))
             })?;
-            let s = plan.rows.entry(day_key(d.iccid, day)).or_default().entry(slot).or_default();
+            let s =
+                plan.rows.entry(day_key(d.iccid, day, r.id.meter_id)).or_default().entry(slot).or_default();
             match (
                 s.up.checked_add(i128::from(d.up)),
                 s.down.checked_add(i128::from(d.down)),
@@ -590,6 +619,26 @@ impl Store {
                 tails.insert(meter, t);
             }
         }
+        // A row belongs to one meter (its key names it), so what is read here is still what
+        // is stored at commit unless the generation check below sends the batch back.
+        let mut rows: Vec<(IVec, Option<IVec>)> = Vec::with_capacity(plan.rows.len());
+        for (k, deltas) in &plan.rows {
+            let stored = match self.rollup_days.get(k).map_err(|e| CommitError::Store(e.into()))? {
+                Some(v) => decode_day_row(&v).map_err(CommitError::Store)?,
+                None => DayRow::new(),
+            };
+            let row = apply_deltas(stored, deltas).ok_or_else(|| {
+                CommitError::Store(StoreError::Corrupt(format!(
+                    "rollup row {}: a slot would leave its range",
+                    hex::encode(k)
+                )))
+            })?;
+            let value = match row.is_empty() {
+                true => None,
+                false => Some(IVec::from(encode_day_row(&row).map_err(CommitError::Store)?)),
+            };
+            rows.push((IVec::from(&k[..]), value));
+        }
         if records.is_empty() && plan.rows.is_empty() && plan.faulty.is_empty() {
             // Only duplicates and conflicts: settled against records that never change.
             return Ok(());
@@ -598,33 +647,15 @@ impl Store {
             (&self.records, &self.rollup_days, &self.rollup_faulty).transaction(|(rec, days, faulty)| {
                 // Under sled's write lock: no other commit runs until this one is applied.
                 if plan.meters.iter().any(|(m, s)| self.meter_state.get(*m).generation != s.generation) {
-                    return Err(ConflictableTransactionError::Abort(None));
+                    return Err(ConflictableTransactionError::Abort(()));
                 }
                 for (k, v) in &records {
                     rec.insert(k.clone(), v.clone())?;
                 }
-                // Rows are read here, under the lock, because other meters' batches may
-                // change them too (a SIM reported by two meters): deltas add to what is stored.
-                for (k, deltas) in &plan.rows {
-                    let stored = match days.get(&k[..])? {
-                        Some(v) => decode_day_row(&v),
-                        None => Ok(DayRow::new()),
-                    };
-                    let row = stored.and_then(|row| {
-                        apply_deltas(row, deltas).ok_or_else(|| {
-                            StoreError::Corrupt(format!(
-                                "rollup row {}: a slot would leave its range",
-                                hex::encode(k)
-                            ))
-                        })
-                    });
-                    let row = match row.and_then(|r| encode_day_row(&r).map(|v| (r.is_empty(), v))) {
-                        Ok(r) => r,
-                        Err(e) => return Err(ConflictableTransactionError::Abort(Some(e))),
-                    };
-                    match row {
-                        (true, _) => days.remove(&k[..])?,
-                        (false, v) => days.insert(&k[..], v)?,
+                for (k, v) in &rows {
+                    match v {
+                        Some(v) => days.insert(k.clone(), v.clone())?,
+                        None => days.remove(k.clone())?,
                     };
                 }
                 for k in &plan.faulty {
@@ -637,8 +668,7 @@ impl Store {
             });
         match result {
             Ok(()) => Ok(()),
-            Err(TransactionError::Abort(None)) => Err(CommitError::Replan),
-            Err(TransactionError::Abort(Some(e))) => Err(CommitError::Store(e)),
+            Err(TransactionError::Abort(())) => Err(CommitError::Replan),
             Err(TransactionError::Storage(e)) => {
                 // The meters' state may be ahead of the trees now: forget it.
                 for m in plan.meters.keys() {
@@ -713,7 +743,11 @@ impl Store {
             max = Totals { up: max.up.max(usage.used.up), down: max.down.max(usage.used.down) };
             match EpochEntry::of(&usage).bucket.and_then(row_of) {
                 Some((day, slot)) => {
-                    let d = rows.entry(day_key(usage.iccid, day)).or_default().entry(slot).or_default();
+                    let d = rows
+                        .entry(day_key(usage.iccid, day, id.meter_id))
+                        .or_default()
+                        .entry(slot)
+                        .or_default();
                     // Cannot overflow: each side is at most one record's `used` (< 2^64).
                     let add = |a: i128, b: u64, c: u64| a.checked_add(i128::from(b - c));
                     match (add(d.up, max.up, before.up), add(d.down, max.down, before.down)) {
@@ -945,7 +979,7 @@ impl Store {
         let unnamed = RecordId { meter_id: 0, epoch: 0, seq: 0 };
         for kv in rows {
             let (k, v) = kv?;
-            let (sim, day) = parse_day_key(&k)
+            let (sim, day, _) = parse_day_key(&k)
                 .ok_or_else(|| StoreError::Corrupt(format!("rollup row key of {} bytes", k.len())))?;
             if !(first_row..=last_row).contains(&day) || out.fault_of(sim).is_some() {
                 continue;
@@ -977,11 +1011,13 @@ impl Store {
         last_row: u32,
     ) -> Box<dyn Iterator<Item = sled::Result<(IVec, IVec)>> + '_> {
         match iccid {
-            Some(sim) => Box::new(self.rollup_days.range(day_key(sim, first_row)..=day_key(sim, last_row))),
+            Some(sim) => Box::new(
+                self.rollup_days.range(day_bound(sim, first_row).to_vec()..day_bound_after(sim, last_row)),
+            ),
             None if first_row == 0 && last_row == u32::MAX => Box::new(self.rollup_days.iter()),
             None => {
                 let mut current: Option<sled::Iter> = None;
-                let mut from = Some(day_key(0, first_row));
+                let mut from = Some(day_bound(0, first_row));
                 Box::new(std::iter::from_fn(move || loop {
                     if let Some(rows) = current.as_mut() {
                         match rows.next() {
@@ -1002,15 +1038,16 @@ impl Store {
                             from = None;
                             return Some(Ok((k, v)));
                         }
-                        Some((sim, day)) if day < first_row => from = Some(day_key(sim, first_row)),
-                        Some((sim, day)) if day > last_row => {
-                            from = sim.checked_add(1).map(|n| day_key(n, first_row))
+                        Some((sim, day, _)) if day < first_row => from = Some(day_bound(sim, first_row)),
+                        Some((sim, day, _)) if day > last_row => {
+                            from = sim.checked_add(1).map(|n| day_bound(n, first_row))
                         }
-                        Some((sim, _)) => {
-                            current = Some(
-                                self.rollup_days.range(day_key(sim, first_row)..=day_key(sim, last_row)),
-                            );
-                            from = sim.checked_add(1).map(|n| day_key(n, first_row));
+                        Some((sim, _, _)) => {
+                            current =
+                                Some(self.rollup_days.range(
+                                    day_bound(sim, first_row).to_vec()..day_bound_after(sim, last_row),
+                                ));
+                            from = sim.checked_add(1).map(|n| day_bound(n, first_row));
                         }
                     }
                 }))
@@ -1194,7 +1231,10 @@ mod tests {
         let v = encode_day_row(&row).unwrap();
         assert_eq!(hex::encode(&v), "010203ac0205025f000001");
         assert_eq!(decode_day_row(&v).unwrap(), row);
-        assert_eq!(hex::encode(day_key(8_988_280_666_000_000_001, 20_000)), "7cbcc9a4ce71040100004e20");
+        assert_eq!(
+            hex::encode(day_key(8_988_280_666_000_000_001, 20_000, 7)),
+            "7cbcc9a4ce71040100004e200000000000000007"
+        );
         for bad in
             ["", "02", "0101600000", "01020300000003000000", "010203ac020502", "010203ac0205025f00000100"]
         {

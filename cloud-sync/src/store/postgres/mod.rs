@@ -93,6 +93,7 @@ pub mod ledger;
 pub mod migrations;
 pub mod records;
 pub mod registry;
+pub mod rollups;
 
 use self::records::{for_each_meter, usage_record};
 use self::registry::KeyCache;
@@ -254,6 +255,8 @@ impl PgStore {
             }
             other => other,
         })?;
+        // A database written before the rollups (migration 5) gets them now.
+        store.ensure_rollups().await?;
         Ok(store)
     }
 

@@ -1036,6 +1036,58 @@ mod tests {
         });
     }
 
+    /// Batches of the same epochs ingested concurrently, late records included, in any
+    /// interleaving: the tails serialise them and the rollups equal the derivation.
+    #[test]
+    fn concurrent_batches_of_the_same_epochs_keep_the_rollups_exact() {
+        let rt = runtime();
+        let db = rt.block_on(TestDatabase::create()).unwrap();
+        rt.block_on(async {
+            let store = connect(&db).await;
+            // Two meters, two epochs each, 60 seqs, dealt round-robin to 6 writers in
+            // descending seq order (every writer's batches are late against the others').
+            let mut specs: Vec<Spec> = Vec::new();
+            for meter in 1..=2u64 {
+                for epoch in 0..2u32 {
+                    for seq in (0..60u32).rev() {
+                        let (sim, at) = ((seq % 3) as usize, 700 * u64::from(seq));
+                        let used = u64::from(seq.wrapping_mul(7919) % 5_000);
+                        specs.push((meter, epoch, seq, sim, used, used / 2, at, seq == 41));
+                    }
+                }
+            }
+            let writers = 6;
+            let mut tasks = Vec::new();
+            for w in 0..writers {
+                let mine: Vec<NewRecord> = specs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % writers == w)
+                    .map(|(_, s)| new_record(*s))
+                    .collect();
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    for batch in mine.chunks(5) {
+                        store.insert_batch(1, batch).await.unwrap();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            assert_eq!(store.record_count().await.unwrap(), 240);
+            for zone in ["UTC", "Asia/Kathmandu"] {
+                let tz = time_zone(zone).unwrap();
+                let model = store.derive_from_records_in(None, &tz).await.unwrap();
+                let rolled = store.rollup_daily_in(None, &tz, DateRange::default()).await.unwrap();
+                assert_eq!(rolled.daily, model.daily, "{zone}");
+                assert_eq!(rolled.faults, model.faults, "{zone}");
+            }
+            let check = store.check_rollups(10).await.unwrap();
+            assert_eq!(check.differences, 0, "{check:?}");
+        });
+    }
+
     /// A late record that raises more later records than one read chunk holds reads on.
     #[test]
     fn a_late_record_raising_a_long_epoch_reads_it_in_growing_chunks() {

@@ -267,6 +267,23 @@ pub(super) async fn plan_batch(
         let locked = tails.get(&key).copied().unwrap_or_default();
         let mut tail = locked;
         let own: Vec<i64> = records.iter().map(|r| i64::from(r.id.seq)).collect();
+        if locked.last_seq.is_none() {
+            // A new epoch (one query per epoch, once): stored records without a tail would
+            // be rollups planned from nothing, so refuse rather than count wrong.
+            let stored = tx
+                .prepare_cached(
+                    "SELECT seq FROM record_ids WHERE meter_id = $1 AND epoch = $2
+                     AND seq <> ALL($3::int8[]) LIMIT 1",
+                )
+                .await?;
+            if tx.query_opt(&stored, &[&key.0, &key.1, &own]).await?.is_some() {
+                return Err(Retry::Fail(StoreError::Corrupt(format!(
+                    "meter {} epoch {}: stored records but no epoch tail (run rollups-rebuild)",
+                    u64_from_sql(key.0),
+                    key.1
+                ))));
+            }
+        }
         // The batch's records of the epoch and the stored ones it raised, by seq.
         let mut overlay: BTreeMap<u32, Booked> = BTreeMap::new();
         for r in records {
@@ -579,6 +596,7 @@ impl PgStore {
             .start()
             .await
             .map_err(db_error)?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await.map_err(db_error)?;
         let mut out = RollupCheck::default();
         let note = |out: &mut RollupCheck, what: String| {
             out.differences = out.differences.saturating_add(1);
@@ -778,8 +796,11 @@ fn fault_row(row: &Row) -> Result<SimFault, StoreError> {
 /// migration advisory lock). Holds `epoch_tails` in EXCLUSIVE mode first, so that no ingest
 /// commits while the records are read.
 async fn rebuild_in(tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, StoreError> {
+    // One pass over every record: no statement timeout (the sort of a large table alone can
+    // take longer than a request's).
     tx.batch_execute(
-        "LOCK TABLE epoch_tails IN EXCLUSIVE MODE;
+        "SET LOCAL statement_timeout = 0;
+         LOCK TABLE epoch_tails IN EXCLUSIVE MODE;
          DELETE FROM rollup_buckets;
          DELETE FROM rollup_faulty;
          DELETE FROM epoch_tails;

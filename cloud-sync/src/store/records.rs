@@ -49,16 +49,15 @@ impl StoreBackend {
         }
     }
 
-    /// Bytes per (ICCID, UTC day); with `iccid`, at least that SIM's days are exact (others
-    /// may be absent). Days outside `range` may be absent (sled reads only the range's rows;
-    /// PostgreSQL derives them all and leaves the filtering to the caller).
+    /// Bytes per (ICCID, UTC day) from the rollups of either store; with `iccid`, only that
+    /// SIM's days; only the days in `range`.
     pub async fn daily_usage(&self, iccid: Option<u64>, range: DateRange) -> Result<Derived, StoreError> {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
                 blocking(move || s.rollup_daily_in(iccid, &TimeZone::UTC, range)).await
             }
-            Self::Postgres(p) => p.daily_usage(iccid).await,
+            Self::Postgres(p) => p.daily_usage(iccid, range).await,
         }
     }
 
@@ -75,7 +74,7 @@ impl StoreBackend {
                 let s = s.clone();
                 blocking(move || s.rollup_daily_in(iccid, &tz, range)).await?
             }
-            Self::Postgres(p) => p.daily_usage_in(iccid, &tz).await?,
+            Self::Postgres(p) => p.daily_usage_in(iccid, &tz, range).await?,
         };
         if let Some(sim) = iccid {
             daily.retain_sim(sim);
@@ -84,17 +83,15 @@ impl StoreBackend {
     }
 
     /// Derives the rollups again from the records (see
-    /// [`super::sled::rollups::Store::rebuild_rollups`]); returns the records seen. The
-    /// PostgreSQL store keeps no rollups yet and says so.
+    /// [`super::sled::rollups::Store::rebuild_rollups`] and
+    /// [`super::postgres::PgStore::rebuild_rollups`]); returns the records seen.
     pub async fn rebuild_rollups(&self) -> Result<u64, StoreError> {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();
                 blocking(move || s.rebuild_rollups()).await
             }
-            Self::Postgres(_) => Err(StoreError::Unsupported {
-                what: "rollups on the postgresql store (it derives usage from its daily table)",
-            }),
+            Self::Postgres(p) => p.rebuild_rollups().await,
         }
     }
 
@@ -106,9 +103,7 @@ impl StoreBackend {
                 let s = s.clone();
                 blocking(move || s.check_rollups(limit)).await
             }
-            Self::Postgres(_) => Err(StoreError::Unsupported {
-                what: "rollups on the postgresql store (it derives usage from its daily table)",
-            }),
+            Self::Postgres(p) => p.check_rollups(limit).await,
         }
     }
 }

@@ -23,3 +23,10 @@ SELECT create_distributed_table('billing_wallets', 'customer');
 SELECT create_distributed_table('billing_debits', 'customer', colocate_with => 'billing_wallets');
 SELECT create_distributed_table('billing_topups', 'customer', colocate_with => 'billing_wallets');
 SELECT create_distributed_table('billing_alerts', 'customer', colocate_with => 'billing_wallets');
+
+-- Migration 5: usage rollups. Buckets and faulty records per SIM, co-located with the
+-- records; epoch tails per meter, co-located with the record ids (an epoch spans SIM swaps).
+SELECT create_reference_table('rollup_meta');
+SELECT create_distributed_table('rollup_buckets', 'iccid', colocate_with => 'records');
+SELECT create_distributed_table('rollup_faulty', 'iccid', colocate_with => 'records');
+SELECT create_distributed_table('epoch_tails', 'meter_id', colocate_with => 'record_ids');

@@ -163,7 +163,48 @@ CREATE TABLE lago_epoch_max (
         name: "billing wallets, debits per period, top-ups, alerts",
         sql: PG_BILLING_MIGRATION_SQL,
     },
+    Migration {
+        version: 5,
+        name: "usage rollups: running maxima, buckets, faulty records, epoch tails",
+        sql: PG_ROLLUP_MIGRATION_SQL,
+    },
 ];
+
+/// The tables of the usage rollups (see [`super::rollups`]), applied as migration 5. Bucket
+/// sums are `NUMERIC` so that a SIM whose usage leaves 64 bits is stored as it is and read
+/// as an overflow fault, never refused at ingest. The rollups of a database written before
+/// are built at connect ([`PgStore::ensure_rollups`](super::PgStore::ensure_rollups)).
+pub const PG_ROLLUP_MIGRATION_SQL: &str = "
+ALTER TABLE records ADD COLUMN max_up BIGINT, ADD COLUMN max_down BIGINT;
+CREATE TABLE rollup_buckets (
+    iccid BIGINT NOT NULL,
+    bucket BIGINT NOT NULL CHECK (bucket >= 0),
+    up NUMERIC(40, 0) NOT NULL,
+    down NUMERIC(40, 0) NOT NULL,
+    records INTEGER NOT NULL CHECK (records >= 0),
+    PRIMARY KEY (iccid, bucket)
+);
+CREATE INDEX rollup_buckets_bucket ON rollup_buckets (bucket);
+CREATE TABLE rollup_faulty (
+    iccid BIGINT NOT NULL,
+    meter_id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL CHECK (epoch BETWEEN 0 AND 4294967295),
+    seq BIGINT NOT NULL CHECK (seq BETWEEN 0 AND 4294967295),
+    PRIMARY KEY (iccid, meter_id, epoch, seq)
+);
+CREATE TABLE epoch_tails (
+    meter_id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL CHECK (epoch BETWEEN 0 AND 4294967295),
+    last_seq BIGINT CHECK (last_seq BETWEEN 0 AND 4294967295),
+    max_up BIGINT NOT NULL,
+    max_down BIGINT NOT NULL,
+    PRIMARY KEY (meter_id, epoch)
+);
+CREATE TABLE rollup_meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
 
 impl PgStore {
     /// Applies every migration not yet recorded in `schema_migrations`, under a transaction

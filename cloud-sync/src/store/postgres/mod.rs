@@ -16,6 +16,13 @@
 //! | `lago_planned` | `(iccid, meter_id, epoch, seq)` → export seq | distributed by `iccid` |
 //! | `lago_outbox` | `(iccid, export_seq)` → event JSON    | distributed by `iccid`    |
 //! | `lago_epoch_max` | `(meter_id, epoch)` → exported max | distributed by `meter_id` |
+//! | `rollup_buckets` | `(iccid, bucket)` → up, down, records | distributed by `iccid`   |
+//! | `rollup_faulty` | `(iccid, meter_id, epoch, seq)`      | distributed by `iccid`    |
+//! | `epoch_tails` | `(meter_id, epoch)` → last seq, running max | distributed by `meter_id` |
+//! | `rollup_meta` | `name` → value (rollups built)        | reference table           |
+//!
+//! The usage rollups are [`rollups`] (migration 5): usage is read from them, maintained in
+//! the ingest transaction.
 //!
 //! The ledger and the Lago outbox are [`ledger`] and [`lago`] (migration 3); each states how
 //! it stays correct with several endpoint processes on one database: settlement runs one at
@@ -73,7 +80,7 @@
 //!
 //! # Layout
 //!
-//! One file per feature, as on sled: `records`, `registry`, `ledger`, `billing`, `lago`; and
+//! One file per feature, as on sled: `records`, `rollups`, `registry`, `ledger`, `billing`, `lago`; and
 //! `migrations`, the schema of all of them, which this backend owns.
 
 /// The statements that distribute the schema on Citus (see "Running on Citus"), run once by
@@ -93,6 +100,7 @@ pub mod ledger;
 pub mod migrations;
 pub mod records;
 pub mod registry;
+pub mod rollups;
 
 use self::records::{for_each_meter, usage_record};
 use self::registry::KeyCache;
@@ -254,6 +262,8 @@ impl PgStore {
             }
             other => other,
         })?;
+        // A database written before the rollups (migration 5) gets them now.
+        store.ensure_rollups().await?;
         Ok(store)
     }
 

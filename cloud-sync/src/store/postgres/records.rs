@@ -12,7 +12,7 @@ use super::{
     PG_TRANSACTION_ATTEMPTS_MAX,
 };
 use crate::store::{InsertOutcome, NewRecord, StoreError, StoredRecord};
-use countersign_rating::usage::{derive_daily, derive_daily_in, Derived, TimeZone, UsageError, UsageRecord};
+use countersign_rating::usage::{derive_daily_in, DateRange, Derived, TimeZone, UsageError, UsageRecord};
 
 /// Rows fetched per round trip while streaming records for a usage query.
 pub const PG_USAGE_FETCH_ROWS: i32 = 10_000;
@@ -91,12 +91,17 @@ impl PgStore {
         let (new, old): (Vec<&Input<'_>>, Vec<&Input<'_>>) =
             inputs.iter().partition(|i| claimed.contains(&i.record.id));
         if !new.is_empty() {
+            // The rollups first: locks the epochs' tails and plans every new record.
+            let new_records: Vec<&NewRecord> = new.iter().map(|i| i.record).collect();
+            let rollups = super::rollups::plan_batch(&tx, &new_records).await?;
             let store = tx
                 .prepare_cached(
-                    "INSERT INTO records (iccid, meter_id, epoch, seq, gateway_id, received_ms, report)
-                     SELECT u.iccid, u.meter_id, u.epoch, u.seq, $5, u.received_ms, u.report
-                     FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $6::int8[], $7::bytea[])
-                          AS u(iccid, meter_id, epoch, seq, received_ms, report)",
+                    "INSERT INTO records
+                         (iccid, meter_id, epoch, seq, gateway_id, received_ms, report, max_up, max_down)
+                     SELECT u.iccid, u.meter_id, u.epoch, u.seq, $5, u.received_ms, u.report, u.mu, u.md
+                     FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $6::int8[], $7::bytea[],
+                                 $8::int8[], $9::int8[])
+                          AS u(iccid, meter_id, epoch, seq, received_ms, report, mu, md)",
                 )
                 .await
                 .map_err(Retry::from)?;
@@ -106,8 +111,30 @@ impl PgStore {
             let seq: Vec<i64> = new.iter().map(|i| i64::from(i.record.id.seq)).collect();
             let received: Vec<i64> = new.iter().map(|i| u64_to_sql(i.record.received_ms)).collect();
             let report: Vec<&[u8]> = new.iter().map(|i| &i.record.report[..]).collect();
+            let mut max_up = Vec::with_capacity(new.len());
+            let mut max_down = Vec::with_capacity(new.len());
+            for i in &new {
+                let m = rollups.max.get(&i.record.id).ok_or_else(|| {
+                    Retry::Fail(StoreError::Corrupt(format!("record {}: not planned", i.record.id)))
+                })?;
+                max_up.push(u64_to_sql(m.up));
+                max_down.push(u64_to_sql(m.down));
+            }
             let n = tx
-                .execute(&store, &[&iccid, &meter, &epoch, &seq, &u64_to_sql(gateway_id), &received, &report])
+                .execute(
+                    &store,
+                    &[
+                        &iccid,
+                        &meter,
+                        &epoch,
+                        &seq,
+                        &u64_to_sql(gateway_id),
+                        &received,
+                        &report,
+                        &max_up,
+                        &max_down,
+                    ],
+                )
                 .await
                 .map_err(Retry::from)?;
             if usize::try_from(n).ok() != Some(new.len()) {
@@ -116,6 +143,7 @@ impl PgStore {
                     new.len()
                 ))));
             }
+            super::rollups::write_plan(&tx, &rollups).await?;
             for i in &new {
                 outcomes[i.index] = Some(InsertOutcome::Stored);
             }
@@ -188,20 +216,34 @@ impl PgStore {
         u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("record count {n}")))
     }
 
-    /// Bytes per (ICCID, UTC day), derived with [`derive_daily`] from the stored reports in
-    /// record id order. With `iccid`, only the meters that ever reported that SIM are read
-    /// (all of their records: an epoch's running maximum may span a SIM swap), and only that
-    /// SIM's days are returned.
-    ///
-    /// Streams the records meter by meter, so memory is bounded by the largest meter's
-    /// history, not by the table.
-    pub async fn daily_usage(&self, iccid: Option<u64>) -> Result<Derived, StoreError> {
-        self.derive(iccid, derive_daily).await
+    /// Bytes per (ICCID, UTC day) from the rollups, of one SIM or of all, only the days in
+    /// `range` (see [`PgStore::rollup_daily_in`]).
+    pub async fn daily_usage(&self, iccid: Option<u64>, range: DateRange) -> Result<Derived, StoreError> {
+        self.rollup_daily_in(iccid, &TimeZone::UTC, range).await
     }
 
-    /// Bytes per (ICCID, day in `tz`), derived with [`derive_daily_in`] exactly as
-    /// [`PgStore::daily_usage`] derives UTC days (same streaming, same per-SIM filter).
-    pub async fn daily_usage_in(&self, iccid: Option<u64>, tz: &TimeZone) -> Result<Derived, StoreError> {
+    /// Bytes per (ICCID, day in `tz`) from the rollups, of one SIM or of all, only the days
+    /// in `range` (see [`PgStore::rollup_daily_in`]).
+    pub async fn daily_usage_in(
+        &self,
+        iccid: Option<u64>,
+        tz: &TimeZone,
+        range: DateRange,
+    ) -> Result<Derived, StoreError> {
+        self.rollup_daily_in(iccid, tz, range).await
+    }
+
+    /// Bytes per (ICCID, day in `tz`) derived with [`derive_daily_in`] from the stored
+    /// reports in record id order: O(records). The model the rollups are tested against,
+    /// and the answer for zones whose days are not whole quarter hours. With `iccid`, only
+    /// the meters that ever reported that SIM are read (all of their records: an epoch's
+    /// running maximum may span a SIM swap), and only that SIM's days are returned. Streams
+    /// the records meter by meter, so memory is bounded by the largest meter's history.
+    pub async fn derive_from_records_in(
+        &self,
+        iccid: Option<u64>,
+        tz: &TimeZone,
+    ) -> Result<Derived, StoreError> {
         self.derive(iccid, |records| derive_daily_in(records, tz)).await
     }
 
@@ -227,7 +269,7 @@ impl PgStore {
     }
 }
 
-enum Retry {
+pub(super) enum Retry {
     /// Aborted by PostgreSQL for a deadlock or serialization failure: run it again.
     Abort(tokio_postgres::Error),
     /// Anything else.
@@ -353,7 +395,7 @@ fn id_set(rows: &[Row]) -> Result<HashSet<RecordId>, StoreError> {
     rows.iter().map(row_id).collect()
 }
 
-pub(super) fn usage_record(row: &Row) -> Result<UsageRecord, StoreError> {
+pub(crate) fn usage_record(row: &Row) -> Result<UsageRecord, StoreError> {
     let id = row_id(row)?;
     let received_ms = u64_from_sql(row.try_get(3).map_err(db_error)?);
     let bytes: &[u8] = row.try_get(4).map_err(db_error)?;

@@ -878,8 +878,32 @@ fn describe_row(v: &[u8]) -> String {
     }
 }
 
+/// Whether every day boundary of `tz` between two UTC days falls on a bucket boundary
+/// (true of every zone since 1972; checked through the zone's transitions in the span).
+pub(crate) fn rows_on_buckets(tz: &TimeZone, first_row: u32, last_row: u32) -> bool {
+    let start = i64::from(first_row).saturating_mul(86_400);
+    // Beyond today's rules nothing changes: bound the walk at 2200.
+    let end = i64::from(last_row).saturating_add(1).saturating_mul(86_400).min(7_258_118_400);
+    let on_quarter = |t: Timestamp| tz.to_offset(t).seconds() % BUCKET_S as i32 == 0;
+    let Ok(first) = Timestamp::from_second(start.min(end)) else { return false };
+    if !on_quarter(first) {
+        return false;
+    }
+    let mut transitions = tz.following(first);
+    loop {
+        match transitions.next() {
+            Some(t) if t.timestamp().as_second() <= end => {
+                if t.offset().seconds() % BUCKET_S as i32 != 0 {
+                    return false;
+                }
+            }
+            _ => return true,
+        }
+    }
+}
+
 /// The usage view of a stored report.
-fn decode_usage(id: RecordId, report: &[u8], received_ms: u64) -> Result<UsageRecord, StoreError> {
+pub(crate) fn decode_usage(id: RecordId, report: &[u8], received_ms: u64) -> Result<UsageRecord, StoreError> {
     let (report, _) = Report::decode(report)
         .map_err(|e| StoreError::Corrupt(format!("record {id}: stored report does not decode: {e}")))?;
     Ok(UsageRecord::from_report(&report, received_ms))
@@ -945,7 +969,7 @@ impl Store {
         };
         let first_row = range.from.and_then(utc_day).map_or(0, |d| d.saturating_sub(1));
         let last_row = range.to.and_then(utc_day).map_or(u32::MAX, |d| d.saturating_add(2));
-        if !self.rows_on_buckets(tz, first_row, last_row) {
+        if !rows_on_buckets(tz, first_row, last_row) {
             let mut all = self.derive_from_records_in(tz)?;
             if let Some(sim) = iccid {
                 all.retain_sim(sim);
@@ -1051,30 +1075,6 @@ impl Store {
                         }
                     }
                 }))
-            }
-        }
-    }
-
-    /// Whether every day boundary of `tz` between two UTC days falls on a bucket boundary
-    /// (true of every zone since 1972; checked through the zone's transitions in the span).
-    fn rows_on_buckets(&self, tz: &TimeZone, first_row: u32, last_row: u32) -> bool {
-        let start = i64::from(first_row).saturating_mul(86_400);
-        // Beyond today's rules nothing changes: bound the walk at 2200.
-        let end = i64::from(last_row).saturating_add(1).saturating_mul(86_400).min(7_258_118_400);
-        let on_quarter = |t: Timestamp| tz.to_offset(t).seconds() % BUCKET_S as i32 == 0;
-        let Ok(first) = Timestamp::from_second(start.min(end)) else { return false };
-        if !on_quarter(first) {
-            return false;
-        }
-        let mut transitions = tz.following(first);
-        loop {
-            match transitions.next() {
-                Some(t) if t.timestamp().as_second() <= end => {
-                    if t.offset().seconds() % BUCKET_S as i32 != 0 {
-                        return false;
-                    }
-                }
-                _ => return true,
             }
         }
     }

@@ -36,6 +36,9 @@ const SAMPLES: usize = 200;
 const KEY: [u8; 32] = [7u8; 32];
 const FIRST_SIM: u64 = 8_988_280_666_000_000_000;
 
+/// A read's name, p50 and p99 (ms).
+type Timing = (&'static str, f64, f64);
+
 struct Args {
     store: String,
     sims: u64,
@@ -127,7 +130,7 @@ async fn run(a: Args) {
     println!("store={} sims={} steps={:?}", a.store, a.sims, a.steps);
     let mut loaded = 0u64;
     let mut days_loaded = 0u64;
-    let mut table: Vec<(u64, Vec<(&str, f64, f64)>)> = Vec::new();
+    let mut table: Vec<(u64, Vec<Timing>)> = Vec::new();
     for (k, &target) in a.steps.iter().enumerate() {
         let (batches, days) =
             step_records(a.sims, target - loaded, days_loaded, STEPS_MAX - u32::try_from(k).unwrap());

@@ -40,6 +40,7 @@ pub mod ledger;
 pub mod postgres;
 pub mod records;
 pub mod registry;
+pub mod rollups;
 pub mod sled;
 
 pub use self::postgres::PgStore;

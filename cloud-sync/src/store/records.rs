@@ -6,8 +6,6 @@ use countersign_meter::RecordId;
 use super::{blocking, InsertOutcome, NewRecord, StoreBackend, StoreError, StoredRecord};
 use countersign_rating::usage::{DateRange, Derived, TimeZone};
 
-use super::sled::rollups::RollupCheck;
-
 impl StoreBackend {
     /// Stores a batch's verified records; durable when this returns. One outcome per input.
     pub async fn insert_batch(
@@ -80,30 +78,5 @@ impl StoreBackend {
             daily.retain_sim(sim);
         }
         Ok(daily)
-    }
-
-    /// Derives the rollups again from the records (see
-    /// [`super::sled::rollups::Store::rebuild_rollups`] and
-    /// [`super::postgres::PgStore::rebuild_rollups`]); returns the records seen.
-    pub async fn rebuild_rollups(&self) -> Result<u64, StoreError> {
-        match self {
-            Self::Sled(s) => {
-                let s = s.clone();
-                blocking(move || s.rebuild_rollups()).await
-            }
-            Self::Postgres(p) => p.rebuild_rollups().await,
-        }
-    }
-
-    /// Compares the rollups with a derivation from the records (see
-    /// [`super::sled::rollups::Store::check_rollups`]).
-    pub async fn check_rollups(&self, limit: usize) -> Result<RollupCheck, StoreError> {
-        match self {
-            Self::Sled(s) => {
-                let s = s.clone();
-                blocking(move || s.check_rollups(limit)).await
-            }
-            Self::Postgres(p) => p.check_rollups(limit).await,
-        }
     }
 }

@@ -74,7 +74,7 @@ use tokio_postgres::Row;
 use super::migrations::PG_MIGRATION_LOCK_KEY;
 use super::records::{usage_record, Retry, PG_USAGE_FETCH_ROWS};
 use super::{db_error, pool_error, read_snapshot, u32_from_sql, u64_from_sql, u64_to_sql, PgStore};
-use crate::store::sled::rollups::{rows_on_buckets, RollupCheck};
+use crate::store::rollups::{rows_on_buckets, RollupCheck};
 use crate::store::{NewRecord, StoreError};
 
 /// Version of the rollup layout, written to `rollup_meta` once built.

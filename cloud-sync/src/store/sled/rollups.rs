@@ -23,7 +23,7 @@
 //!
 //! A batch is planned without locks, in record id order: a record after everything stored of
 //! its epoch (the common case) needs no read at all, because the store remembers each
-//! meter's latest epoch tail (its last seq and running maximum, [`Meters`]); a late record
+//! meter's latest epoch tail (its last seq and running maximum, `Meters`); a late record
 //! reads its predecessor and, lazily, the later records it changes (the tree's, overlaid by
 //! what the batch itself plans). The plan — record values, signed changes per row and slot,
 //! faulty entries — is committed in one sled transaction over the three trees. sled runs a
@@ -54,13 +54,13 @@ use countersign_rating::rollup::{bucket_date, plan_insert, Booked, EpochEntry, I
 use countersign_rating::usage::{
     day_start, record_fault, DateRange, Derived, FaultReason, SimFault, TimeZone, UsageRecord,
 };
-use jiff::Timestamp;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{IVec, Transactional};
 use time::Date;
 
 use super::records::{decode_value, encode_value};
 use super::Store;
+use crate::store::rollups::{rows_on_buckets, RollupCheck};
 use crate::store::{InsertOutcome, NewRecord, StoreError};
 
 /// Version of the rollup layout; a store whose `rollup_meta` holds another is rebuilt.
@@ -687,7 +687,7 @@ impl Store {
     /// Derives the rollups again from the records: clears them, then walks the records in
     /// key order, epoch by epoch, writing each record's running maximum and adding its
     /// contribution to its row. O(records) time, O(one batch) memory; logs progress every
-    /// [`REBUILD_PROGRESS_RECORDS`]. Ingest must not run meanwhile (the endpoint runs it at
+    /// `REBUILD_PROGRESS_RECORDS`. Ingest must not run meanwhile (the endpoint runs it at
     /// open, before it serves; the CLI command opens the store itself, so no endpoint can
     /// hold it). Interrupted, it starts again from the beginning at the next open. Returns
     /// the records seen.
@@ -878,46 +878,11 @@ fn describe_row(v: &[u8]) -> String {
     }
 }
 
-/// Whether every day boundary of `tz` between two UTC days falls on a bucket boundary
-/// (true of every zone since 1972; checked through the zone's transitions in the span).
-pub(crate) fn rows_on_buckets(tz: &TimeZone, first_row: u32, last_row: u32) -> bool {
-    let start = i64::from(first_row).saturating_mul(86_400);
-    // Beyond today's rules nothing changes: bound the walk at 2200.
-    let end = i64::from(last_row).saturating_add(1).saturating_mul(86_400).min(7_258_118_400);
-    let on_quarter = |t: Timestamp| tz.to_offset(t).seconds() % BUCKET_S as i32 == 0;
-    let Ok(first) = Timestamp::from_second(start.min(end)) else { return false };
-    if !on_quarter(first) {
-        return false;
-    }
-    let mut transitions = tz.following(first);
-    loop {
-        match transitions.next() {
-            Some(t) if t.timestamp().as_second() <= end => {
-                if t.offset().seconds() % BUCKET_S as i32 != 0 {
-                    return false;
-                }
-            }
-            _ => return true,
-        }
-    }
-}
-
 /// The usage view of a stored report.
 pub(crate) fn decode_usage(id: RecordId, report: &[u8], received_ms: u64) -> Result<UsageRecord, StoreError> {
     let (report, _) = Report::decode(report)
         .map_err(|e| StoreError::Corrupt(format!("record {id}: stored report does not decode: {e}")))?;
     Ok(UsageRecord::from_report(&report, received_ms))
-}
-
-/// What [`Store::check_rollups`] found.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RollupCheck {
-    /// Records compared.
-    pub records: u64,
-    /// Differences found.
-    pub differences: u64,
-    /// The first differences, described.
-    pub described: Vec<String>,
 }
 
 /// The tree's later records merged with the batch's, the batch's copy winning on equal keys.

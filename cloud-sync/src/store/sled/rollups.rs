@@ -696,19 +696,21 @@ impl Store {
         self.rollup_meta.remove(META_VERSION_KEY)?;
         self.rollup_days.clear()?;
         self.rollup_faulty.clear()?;
-        let seen = self.derive_rollups(&self.rollup_days, &self.rollup_faulty, true)?;
+        let seen = self.derive_rollups(&self.rollup_days, &self.rollup_faulty, true, |_, _, _| {})?;
         self.rollup_meta.insert(META_VERSION_KEY, &ROLLUP_VERSION.to_be_bytes()[..])?;
         self.flush()?;
         Ok(seen)
     }
 
     /// Writes the rollups of every stored record into `days` and `faulty` (empty trees), and
-    /// with `write_max` each record's running maximum into its value. Returns the records.
+    /// with `write_max` each record's running maximum into its value; `on_max` sees every
+    /// record whose stored running maximum differs from the derived one. Returns the records.
     fn derive_rollups(
         &self,
         days: &sled::Tree,
         faulty: &sled::Tree,
         write_max: bool,
+        mut on_max: impl FnMut(RecordId, Option<Totals>, Totals),
     ) -> Result<u64, StoreError> {
         let mut seen = 0u64;
         let mut epoch: Option<(u64, u32)> = None;
@@ -763,8 +765,14 @@ impl Store {
                     faulty.insert(faulty_key(usage.iccid, id), &[][..])?;
                 }
             }
-            if write_max && value.max_through != Some(max) {
-                values.insert(&k[..], encode_value(value.gateway_id, value.received_ms, value.report, max)?);
+            if value.max_through != Some(max) {
+                on_max(id, value.max_through, max);
+                if write_max {
+                    values.insert(
+                        &k[..],
+                        encode_value(value.gateway_id, value.received_ms, value.report, max)?,
+                    );
+                }
             }
             seen += 1;
             if seen % REBUILD_BATCH_RECORDS == 0 {
@@ -795,32 +803,13 @@ impl Store {
         if !self.rollups_built()? {
             note(&mut out, "rollups are not marked built".into());
         }
-        let mut epoch: Option<(u64, u32)> = None;
-        let mut max = Totals::default();
-        for kv in self.records.iter() {
-            let (k, v) = kv?;
-            let id = RecordId::from_key(&k)
-                .ok_or_else(|| StoreError::Corrupt(format!("record key of {} bytes", k.len())))?;
-            let value = decode_value(&v)?;
-            let usage = decode_usage(id, value.report, value.received_ms)?;
-            if epoch != Some((id.meter_id, id.epoch)) {
-                epoch = Some((id.meter_id, id.epoch));
-                max = Totals::default();
-            }
-            max = Totals { up: max.up.max(usage.used.up), down: max.down.max(usage.used.down) };
-            out.records += 1;
-            if value.max_through != Some(max) {
-                note(
-                    &mut out,
-                    format!("record {id}: running maximum {:?}, derived {max:?}", value.max_through),
-                );
-            }
-        }
         let days = self.db().open_tree(CHECK_DAYS_TREE)?;
         let faulty = self.db().open_tree(CHECK_FAULTY_TREE)?;
         days.clear()?;
         faulty.clear()?;
-        self.derive_rollups(&days, &faulty, false)?;
+        out.records = self.derive_rollups(&days, &faulty, false, |id, stored, derived| {
+            note(&mut out, format!("record {id}: running maximum {stored:?}, derived {derived:?}"))
+        })?;
         for (what, stored, derived) in
             [("row", &self.rollup_days, &days), ("faulty", &self.rollup_faulty, &faulty)]
         {

@@ -231,7 +231,8 @@ async fn reads(base: &str, store: &str) {
     // The reports span 2026-11-24 from noon on (one a minute per meter).
     let reads = [
         ("one_sim_one_day", format!("/v1/usage?iccid={sim}&from=2026-11-24&to=2026-11-24")),
-        ("all_sims_one_day", "/v1/usage/sims?from=2026-11-24&to=2026-11-24".to_owned()),
+        ("page_1000_sims_one_day", "/v1/usage/sims?from=2026-11-24&to=2026-11-24&limit=1000".to_owned()),
+        ("page_10000_sims_one_day", "/v1/usage/sims?from=2026-11-24&to=2026-11-24&limit=10000".to_owned()),
         ("zone_days_one_sim", format!("/v1/usage/days?tz=Europe/Berlin&iccid={sim}")),
     ];
     for (name, path) in reads {

@@ -19,8 +19,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use countersign_cloud::store::postgres::testing::TestDatabase;
+use countersign_cloud::store::rollups::SimPage;
 use countersign_cloud::store::{StoreBackend, StoreKind};
-use countersign_cloud::usage::{time_zone, DateRange};
+use countersign_cloud::usage::{time_zone, DateRange, TimeZone};
 use countersign_rating::batch::NewRecord;
 use countersign_testkit::report::{network_time, ReportBuilder};
 use time::{Date, Duration as Days};
@@ -160,18 +161,34 @@ async fn run(a: Args) {
         );
         let mut reads = Vec::new();
         let sims: Vec<u64> = (0..SAMPLES as u64).map(|i| FIRST_SIM + (i * 7_919) % a.sims).collect();
-        for (name, f) in [("one_sim_month", 0), ("one_sim_zone_week", 1), ("all_sims_day", 2)] {
+        let reads_of = [
+            ("one_sim_month", 0),
+            ("one_sim_zone_week", 1),
+            ("page_1000_sims_day", 2),
+            ("page_1000_sims_zone_day", 3),
+            ("all_sims_day_unpaged", 4),
+        ];
+        for (name, f) in reads_of {
             let mut times = Vec::new();
-            let samples = if f == 2 { 5 } else { SAMPLES };
+            let samples = if f == 4 { 5 } else { SAMPLES };
             for sim in sims.iter().take(samples) {
+                // A page starting anywhere in the fleet (its first page when near the end).
+                let page = SimPage { after: (*sim + 1000 < FIRST_SIM + a.sims).then_some(*sim), limit: 1000 };
                 let t = Instant::now();
                 let derived = match f {
                     0 => store.daily_usage(Some(*sim), month).await.unwrap(),
                     1 => store.daily_usage_in(Some(*sim), berlin.clone(), week).await.unwrap(),
+                    2 => store.usage_page(TimeZone::UTC, day, page).await.unwrap().derived,
+                    3 => store.usage_page(berlin.clone(), day, page).await.unwrap().derived,
                     _ => store.daily_usage(None, day).await.unwrap(),
                 };
                 times.push(t.elapsed());
                 assert!(!derived.daily.is_empty(), "{name}: empty answer");
+                if f == 2 || f == 3 {
+                    let sims_in_page: std::collections::BTreeSet<u64> =
+                        derived.daily.keys().map(|(i, _)| *i).collect();
+                    assert!(sims_in_page.len() <= 1000, "{name}: page of {} SIMs", sims_in_page.len());
+                }
             }
             times.sort();
             let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::auth::{token_sha256, Role, TOKEN_BYTES};
+use crate::store::rollups::USAGE_PAGE_SIMS_MAX;
 use crate::text::format_date;
 use crate::usage::DateRange;
 use crate::wire::admin::{
@@ -63,6 +64,13 @@ pub enum ClientError {
         /// The decoding error.
         source: reqwest::Error,
     },
+    /// A paged answer went on for more than [`CLIENT_PAGES_MAX`] pages (or a page said
+    /// nothing): the endpoint pages wrongly. Not recoverable by retrying.
+    #[error("{url} answered more than {CLIENT_PAGES_MAX} pages")]
+    TooManyPages {
+        /// The URL asked.
+        url: String,
+    },
 }
 
 impl ClientError {
@@ -71,7 +79,7 @@ impl ClientError {
         match self {
             ClientError::Transport { .. } => true,
             ClientError::Refused { status, .. } => *status >= 500,
-            ClientError::BadResponse { .. } => false,
+            ClientError::BadResponse { .. } | ClientError::TooManyPages { .. } => false,
         }
     }
 }
@@ -178,17 +186,50 @@ pub async fn usage(
     get_json(http, &url(base_url, USAGE_PATH), token, &query).await
 }
 
-/// Totals of every SIM with usage within `range`.
+/// Pages the client asks for at most when following `next_after`: enough for
+/// [`CLIENT_PAGES_MAX`] × [`USAGE_PAGE_SIMS_MAX`] SIMs; a fleet beyond is refused rather
+/// than read without end.
+pub const CLIENT_PAGES_MAX: usize = 100_000;
+
+/// Totals of every SIM with usage within `range`, every page of it (the totals summed over
+/// the pages, `next_after` `None`).
 pub async fn usage_sims(
     http: &reqwest::Client,
     base_url: &str,
     token: &str,
     range: DateRange,
 ) -> Result<SimsUsage, ClientError> {
-    get_json(http, &url(base_url, USAGE_SIMS_PATH), token, &range_query(range)).await
+    let url = url(base_url, USAGE_SIMS_PATH);
+    let mut all: Option<SimsUsage> = None;
+    let mut after = None;
+    for _ in 0..CLIENT_PAGES_MAX {
+        let mut query = range_query(range);
+        query.push(("limit", USAGE_PAGE_SIMS_MAX.to_string()));
+        if let Some(a) = after {
+            query.push(("after", format!("{a}")));
+        }
+        let page: SimsUsage = get_json(http, &url, token, &query).await?;
+        after = page.next_after;
+        all = Some(match all {
+            None => page,
+            Some(mut acc) => {
+                acc.sims.extend(page.sims);
+                acc.underivable.extend(page.underivable);
+                acc.up_bytes = acc.up_bytes.saturating_add(page.up_bytes);
+                acc.down_bytes = acc.down_bytes.saturating_add(page.down_bytes);
+                acc.total_bytes = acc.total_bytes.saturating_add(page.total_bytes);
+                acc
+            }
+        });
+        if after.is_none() {
+            return all.ok_or(ClientError::TooManyPages { url });
+        }
+    }
+    Err(ClientError::TooManyPages { url })
 }
 
-/// Usage per SIM-day with days cut in the IANA zone `tz`, within `range`; one SIM with `iccid`.
+/// Usage per SIM-day with days cut in the IANA zone `tz`, within `range`; one SIM with
+/// `iccid`, else every page of every SIM.
 pub async fn usage_days(
     http: &reqwest::Client,
     base_url: &str,
@@ -197,12 +238,37 @@ pub async fn usage_days(
     iccid: Option<u64>,
     range: DateRange,
 ) -> Result<ZoneDays, ClientError> {
+    let url = url(base_url, USAGE_DAYS_PATH);
     let mut query = vec![("tz", tz.to_owned())];
     if let Some(i) = iccid {
         query.push(("iccid", i.to_string()));
+        query.extend(range_query(range));
+        return get_json(http, &url, token, &query).await;
     }
     query.extend(range_query(range));
-    get_json(http, &url(base_url, USAGE_DAYS_PATH), token, &query).await
+    query.push(("limit", USAGE_PAGE_SIMS_MAX.to_string()));
+    let mut all: Option<ZoneDays> = None;
+    let mut after = None;
+    for _ in 0..CLIENT_PAGES_MAX {
+        let mut q = query.clone();
+        if let Some(a) = after {
+            q.push(("after", format!("{a}")));
+        }
+        let page: ZoneDays = get_json(http, &url, token, &q).await?;
+        after = page.next_after;
+        all = Some(match all {
+            None => page,
+            Some(mut acc) => {
+                acc.days.extend(page.days);
+                acc.underivable.extend(page.underivable);
+                acc
+            }
+        });
+        if after.is_none() {
+            return all.ok_or(ClientError::TooManyPages { url });
+        }
+    }
+    Err(ClientError::TooManyPages { url })
 }
 
 /// The SIMs whose usage cannot be derived, with the record and the reason (admin token).

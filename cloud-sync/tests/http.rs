@@ -272,8 +272,49 @@ async fn batches_are_verified_deduplicated_and_rated(kind: Kind) {
         down_bytes: 10_100,
         total_bytes: 12_600,
         underivable: vec![],
+        next_after: None,
     };
     assert_eq!(sims, expected);
+    // Pages of one SIM each: the cursor is the last ICCID of a page; the last page says null.
+    let page = |q: String| {
+        let http = http.clone();
+        async move {
+            let v: serde_json::Value = http
+                .get(format!("{base}/v1/usage/sims?{q}"))
+                .bearer_auth(token())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v
+        }
+    };
+    let first = page("limit=1".into()).await;
+    assert_eq!(first["sims"].as_array().unwrap().len(), 1);
+    assert_eq!(first["sims"][0]["iccid"], SIM_A.to_string());
+    assert_eq!(first["next_after"], SIM_A.to_string());
+    assert_eq!(first["total_bytes"], 12_300);
+    let second = page(format!("limit=1&after={SIM_A}")).await;
+    assert_eq!(second["sims"][0]["iccid"], SIM_B.to_string());
+    assert_eq!(second["next_after"], serde_json::Value::Null);
+    let past = page(format!("after={SIM_B}")).await;
+    assert_eq!((past["sims"].as_array().unwrap().len(), &past["next_after"]), (0, &serde_json::Value::Null));
+    for (q, name) in [("limit=0", "limit"), ("limit=10001", "limit"), ("after=12x", "after")] {
+        let v = page(q.into()).await;
+        assert!(v["error"].as_str().unwrap().starts_with(&format!("{name}:")), "{q}: {v}");
+    }
+    let v: serde_json::Value = http
+        .get(format!("{base}/v1/usage?iccid={SIM_A}&limit=5"))
+        .bearer_auth(token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["error"].as_str().unwrap().starts_with("limit:"), "{v}");
     let raw: serde_json::Value = http
         .get(format!("{base}/v1/usage?iccid={SIM_A}&from=2026-11-26"))
         .bearer_auth(token())

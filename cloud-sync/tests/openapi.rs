@@ -233,7 +233,7 @@ fn the_checker_can_fail() {
     let sims = serde_json::json!({ "$ref": "#/components/schemas/SimsUsage" });
     let fault = serde_json::json!({"iccid": "1", "record": "1-0-2", "code": "overflow", "reason": "r"});
     let good = serde_json::json!({"from": null, "to": null, "sims": [], "up_bytes": 0,
-        "down_bytes": 0, "total_bytes": 0, "underivable": [fault]});
+        "down_bytes": 0, "total_bytes": 0, "underivable": [fault], "next_after": null});
     c.validate(&sims, &good).unwrap();
     let mut bad = good.clone();
     bad["underivable"][0]["code"] = "melted".into();

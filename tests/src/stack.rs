@@ -93,26 +93,38 @@ impl Cloud {
         Ok(())
     }
 
-    /// Per-SIM totals and the grand total, as the endpoint derives them.
+    /// Per-SIM totals and the grand total, as the endpoint derives them (every page).
     pub async fn usage_sims(&self) -> Result<(BTreeMap<u64, Totals>, u64)> {
-        let v: serde_json::Value = reqwest::Client::new()
-            .get(format!("{}/v1/usage/sims", self.url))
-            .bearer_auth(&self.token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
         let mut sims = BTreeMap::new();
-        for s in v["sims"].as_array().context("no sims")? {
-            let iccid: u64 = s["iccid"].as_str().context("iccid")?.parse()?;
-            let t = Totals {
-                up: s["up_bytes"].as_u64().context("up")?,
-                down: s["down_bytes"].as_u64().context("down")?,
-            };
-            sims.insert(iccid, t);
+        let mut total = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let mut url = format!("{}/v1/usage/sims?limit=10000", self.url);
+            if let Some(a) = &after {
+                url.push_str(&format!("&after={a}"));
+            }
+            let v: serde_json::Value = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(&self.token)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            for s in v["sims"].as_array().context("no sims")? {
+                let iccid: u64 = s["iccid"].as_str().context("iccid")?.parse()?;
+                let t = Totals {
+                    up: s["up_bytes"].as_u64().context("up")?,
+                    down: s["down_bytes"].as_u64().context("down")?,
+                };
+                sims.insert(iccid, t);
+            }
+            total += v["total_bytes"].as_u64().context("total")?;
+            match v["next_after"].as_str() {
+                Some(a) => after = Some(a.to_owned()),
+                None => return Ok((sims, total)),
+            }
         }
-        Ok((sims, v["total_bytes"].as_u64().context("total")?))
     }
 
     /// Waits until the endpoint's grand total is `total` (or the timeout passes) and returns

@@ -171,6 +171,27 @@ pub mod json_iccid {
     }
 }
 
+/// Serde adapter: an optional ICCID as a string of decimal digits, `null` when absent.
+pub mod json_opt_iccid {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    /// Serializes the value in its text form, or `null`.
+    pub fn serialize<S: Serializer>(iccid: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match iccid {
+            Some(i) => s.serialize_str(&i.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Parses the text form or `null`, naming what was expected.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) => super::iccid_from_text(&s).map(Some).map_err(D::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

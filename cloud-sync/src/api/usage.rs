@@ -12,7 +12,8 @@ use crate::api::error::{ledger_error, underivable_error, ApiError};
 use crate::api::params::date_param;
 use crate::api::{AppState, Routes};
 use crate::text::{format_date, iccid_from_text};
-use crate::usage::{days_of, per_sim, DateRange, UsageError};
+use crate::store::rollups::{SimPage, UsagePage, USAGE_PAGE_SIMS_DEFAULT, USAGE_PAGE_SIMS_MAX};
+use crate::usage::{days_of, per_sim, DateRange, TimeZone, UsageError};
 use crate::wire::usage::{
     underivable, AdjustmentJson, DayUsage, LedgerDayJson, LedgerReply, SimTotal, SimUsage, SimsUsage,
     ZoneDay, ZoneDays, USAGE_DAYS_PATH, USAGE_LEDGER_PATH, USAGE_PATH, USAGE_SIMS_PATH,
@@ -33,6 +34,38 @@ struct UsageParams {
     iccid: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// The page asked for by `limit` (SIMs, default [`USAGE_PAGE_SIMS_DEFAULT`], at most
+/// [`USAGE_PAGE_SIMS_MAX`]) and `after` (the previous page's `next_after`).
+fn page_params(limit: Option<&str>, after: Option<&str>) -> Result<SimPage, ApiError> {
+    let limit = match limit {
+        None | Some("") => USAGE_PAGE_SIMS_DEFAULT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=USAGE_PAGE_SIMS_MAX).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "limit: expected SIMs per page, 1 through {USAGE_PAGE_SIMS_MAX}, got '{s}'"
+                )))
+            }
+        },
+    };
+    let after = match after {
+        None | Some("") => None,
+        Some(s) => Some(iccid_from_text(s).map_err(|e| ApiError::bad_request(format!("after: {e}")))?),
+    };
+    Ok(SimPage { after, limit })
+}
+
+/// Refuses paging parameters on an answer about one SIM.
+fn no_page_params(limit: Option<&str>, after: Option<&str>) -> Result<(), ApiError> {
+    if limit.is_some() || after.is_some() {
+        let name = if limit.is_some() { "limit" } else { "after" };
+        return Err(ApiError::bad_request(format!("{name}: pages are of SIMs; not with iccid")));
+    }
+    Ok(())
 }
 
 fn range_params(params: &UsageParams) -> Result<DateRange, ApiError> {
@@ -69,6 +102,7 @@ async fn get_usage(
         None | Some("") => return Err(ApiError::bad_request("iccid: required")),
         Some(s) => iccid_from_text(s).map_err(|e| ApiError::bad_request(format!("iccid: {e}")))?,
     };
+    no_page_params(params.limit.as_deref(), params.after.as_deref())?;
     let range = range_params(&params)?;
     let derived = state.store.daily_usage(Some(iccid), range).await?;
     if let Some(f) = derived.fault_of(iccid) {
@@ -107,7 +141,8 @@ async fn get_usage_sims(
         )));
     }
     let range = range_params(&params)?;
-    let derived = state.store.daily_usage(None, range).await?;
+    let page = page_params(params.limit.as_deref(), params.after.as_deref())?;
+    let UsagePage { derived, next_after } = state.store.usage_page(TimeZone::UTC, range, page).await?;
     let (mut up, mut down) = (0u128, 0u128);
     let mut sims = Vec::new();
     for (iccid, t) in per_sim(&derived.daily, range)? {
@@ -129,6 +164,7 @@ async fn get_usage_sims(
         down_bytes: down,
         total_bytes: up.saturating_add(down),
         underivable: underivable(&derived),
+        next_after,
     }))
 }
 
@@ -138,6 +174,8 @@ struct ZoneParams {
     iccid: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
 }
 
 fn zone_range(p: &ZoneParams) -> Result<(Option<u64>, DateRange), ApiError> {
@@ -145,7 +183,13 @@ fn zone_range(p: &ZoneParams) -> Result<(Option<u64>, DateRange), ApiError> {
         None | Some("") => None,
         Some(s) => Some(iccid_from_text(s).map_err(|e| ApiError::bad_request(format!("iccid: {e}")))?),
     };
-    let range = range_params(&UsageParams { iccid: None, from: p.from.clone(), to: p.to.clone() })?;
+    let range = range_params(&UsageParams {
+        iccid: None,
+        from: p.from.clone(),
+        to: p.to.clone(),
+        limit: None,
+        after: None,
+    })?;
     Ok((iccid, range))
 }
 
@@ -158,7 +202,17 @@ async fn get_usage_days(
         p.tz.clone().ok_or_else(|| ApiError::bad_request("tz: required, e.g. Europe/Berlin or UTC"))?;
     let tz = crate::usage::time_zone(&tz_name).map_err(|e| ApiError::bad_request(format!("tz: {e}")))?;
     let (iccid, range) = zone_range(&p)?;
-    let derived = state.store.daily_usage_in(iccid, tz, range).await?;
+    let (derived, next_after) = match iccid {
+        Some(_) => {
+            no_page_params(p.limit.as_deref(), p.after.as_deref())?;
+            (state.store.daily_usage_in(iccid, tz, range).await?, None)
+        }
+        None => {
+            let page = page_params(p.limit.as_deref(), p.after.as_deref())?;
+            let UsagePage { derived, next_after } = state.store.usage_page(tz, range, page).await?;
+            (derived, next_after)
+        }
+    };
     let mut days = Vec::new();
     for ((i, date), t) in &derived.daily {
         let (i, date) = (*i, *date);
@@ -172,7 +226,7 @@ async fn get_usage_days(
             });
         }
     }
-    Ok(Json(ZoneDays { tz: tz_name, days, underivable: underivable(&derived) }))
+    Ok(Json(ZoneDays { tz: tz_name, days, underivable: underivable(&derived), next_after }))
 }
 
 async fn get_usage_ledger(
@@ -183,6 +237,8 @@ async fn get_usage_ledger(
     if p.tz.is_some() {
         return Err(ApiError::bad_request("tz: the ledger's zone is fixed; do not pass it"));
     }
+    no_page_params(p.limit.as_deref(), p.after.as_deref())
+        .map_err(|_| ApiError::bad_request("limit, after: the ledger is not paged"))?;
     let (iccid, range) = zone_range(&p)?;
     let (tz, days) = state.store.ledger(iccid, range).await.map_err(ledger_error)?;
     let mut out = Vec::with_capacity(days.len());

@@ -3,6 +3,7 @@
 
 use countersign_meter::RecordId;
 
+use super::rollups::{SimPage, UsagePage};
 use super::{blocking, InsertOutcome, NewRecord, StoreBackend, StoreError, StoredRecord};
 use countersign_rating::usage::{DateRange, Derived, TimeZone};
 
@@ -56,6 +57,18 @@ impl StoreBackend {
                 blocking(move || s.rollup_daily_in(iccid, &TimeZone::UTC, range)).await
             }
             Self::Postgres(p) => p.daily_usage(iccid, range).await,
+        }
+    }
+
+    /// One page of SIMs' usage per day in `tz` over `range`, in ICCID order (see
+    /// [`SimPage`]); costs the page's SIMs and days, not the fleet or its history.
+    pub async fn usage_page(&self, tz: TimeZone, range: DateRange, page: SimPage) -> Result<UsagePage, StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.rollup_page_in(&tz, range, page)).await
+            }
+            Self::Postgres(p) => p.rollup_page_in(&tz, range, page).await,
         }
     }
 

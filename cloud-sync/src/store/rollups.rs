@@ -5,8 +5,9 @@
 //! `daily_usage_in`.
 
 use countersign_rating::rollup::BUCKET_S;
-use countersign_rating::usage::TimeZone;
+use countersign_rating::usage::{day_start, DateRange, Derived, TimeZone};
 use jiff::Timestamp;
+use time::Date;
 
 use super::{blocking, StoreBackend, StoreError};
 
@@ -19,6 +20,68 @@ pub struct RollupCheck {
     pub differences: u64,
     /// The first differences, described.
     pub described: Vec<String>,
+}
+
+/// Most SIMs one page of an all-SIMs usage read may ask for.
+pub const USAGE_PAGE_SIMS_MAX: usize = 10_000;
+/// SIMs in a page when the caller does not say.
+pub const USAGE_PAGE_SIMS_DEFAULT: usize = 1_000;
+
+/// One page of an all-SIMs usage read: the SIMs after `after` (exclusive) in ICCID order, at
+/// most `limit` of them. ICCID order is unsigned numeric order on both stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimPage {
+    /// The last ICCID of the previous page; `None` for the first page.
+    pub after: Option<u64>,
+    /// SIMs in the page, 1 through [`USAGE_PAGE_SIMS_MAX`].
+    pub limit: usize,
+}
+
+impl SimPage {
+    /// The first ICCID the page may hold; `None` when `after` is the last possible ICCID.
+    pub fn first_iccid(&self) -> Option<u64> {
+        match self.after {
+            None => Some(0),
+            Some(a) => a.checked_add(1),
+        }
+    }
+}
+
+/// A page of usage: the page's SIMs, and where the next page starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsagePage {
+    /// Usage of the page's SIMs in the range asked for, and the faulty SIMs among the ICCIDs
+    /// the page covers (from its first ICCID through `next_after`, or to the end).
+    pub derived: Derived,
+    /// The ICCID to pass as `after` for the next page; `None` when this is the last.
+    pub next_after: Option<u64>,
+}
+
+impl UsagePage {
+    /// A page cut from a full derivation (the answer for zones whose days are not on bucket
+    /// boundaries, which are read from the records anyway).
+    pub(crate) fn cut(mut all: Derived, page: SimPage) -> Self {
+        let Some(first) = page.first_iccid() else { return Self::default() };
+        let sims: std::collections::BTreeSet<u64> =
+            all.daily.keys().map(|(i, _)| *i).filter(|i| *i >= first).take(page.limit + 1).collect();
+        let next_after = (sims.len() > page.limit).then(|| sims.iter().nth(page.limit - 1).copied()).flatten();
+        let last = next_after.unwrap_or(u64::MAX);
+        all.daily.retain(|(i, _), _| (first..=last).contains(i));
+        all.faults.retain(|i, _| (first..=last).contains(i));
+        Self { derived: all, next_after }
+    }
+}
+
+/// The UTC days (rows) that can hold a bucket of `range`'s days in `tz`: a zone's day lies
+/// within a day of UTC's, so one row of margin each side; unbounded ends stay unbounded.
+pub(crate) fn rows_of_range(tz: &TimeZone, range: DateRange) -> (u32, u32) {
+    let utc_day = |d: Date| -> Option<u32> {
+        let t = day_start(d, tz)?;
+        u32::try_from(u64::try_from(t.as_second()).ok()? / 86_400).ok()
+    };
+    let first_row = range.from.and_then(utc_day).map_or(0, |d| d.saturating_sub(1));
+    let last_row = range.to.and_then(utc_day).map_or(u32::MAX, |d| d.saturating_add(2));
+    (first_row, last_row)
 }
 
 /// Whether every day boundary of `tz` between two UTC days falls on a bucket boundary

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use time::Date;
 
-use crate::text::{json_date, json_iccid, json_opt_date};
+use crate::text::{json_date, json_iccid, json_opt_date, json_opt_iccid};
 use crate::usage::{Derived, SimFault};
 
 /// Path of the per-SIM usage query.
@@ -67,7 +67,7 @@ pub struct SimTotal {
     pub total_bytes: u64,
 }
 
-/// Answer of `GET /v1/usage/sims`: every SIM with usage in the range, by ICCID.
+/// Answer of `GET /v1/usage/sims`: one page of the SIMs with usage in the range, by ICCID.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimsUsage {
     /// First day included, as asked; `null` when unbounded.
@@ -76,17 +76,20 @@ pub struct SimsUsage {
     /// Last day included, as asked; `null` when unbounded.
     #[serde(with = "json_opt_date")]
     pub to: Option<Date>,
-    /// SIMs that reported in the range, sorted by ICCID.
+    /// The page's SIMs that reported in the range, sorted by ICCID.
     pub sims: Vec<SimTotal>,
-    /// Bytes sent by all of them (128 bits: a sum over SIMs is not bounded by one SIM's).
+    /// Bytes sent by the page's SIMs (128 bits: a sum over SIMs is not bounded by one SIM's).
     pub up_bytes: u128,
-    /// Bytes received by all of them.
+    /// Bytes received by the page's SIMs.
     pub down_bytes: u128,
     /// `up_bytes + down_bytes`.
     pub total_bytes: u128,
-    /// SIMs left out because their usage cannot be derived.
+    /// SIMs among the ICCIDs the page covers left out because their usage cannot be derived.
     #[serde(default)]
     pub underivable: Vec<UnderivableSim>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    #[serde(default, with = "json_opt_iccid")]
+    pub next_after: Option<u64>,
 }
 
 /// A SIM left out of an answer because its usage cannot be derived (see
@@ -142,11 +145,14 @@ pub struct ZoneDay {
 pub struct ZoneDays {
     /// The IANA zone days were cut in.
     pub tz: String,
-    /// SIM-days by ICCID, then date.
+    /// SIM-days by ICCID, then date (without `iccid`: of one page of SIMs).
     pub days: Vec<ZoneDay>,
     /// SIMs left out because their usage cannot be derived.
     #[serde(default)]
     pub underivable: Vec<UnderivableSim>,
+    /// Without `iccid`: pass as `after` for the next page; `null` on the last page.
+    #[serde(default, with = "json_opt_iccid")]
+    pub next_after: Option<u64>,
 }
 
 /// One adjustment in [`LedgerReply`].

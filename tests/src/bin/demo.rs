@@ -196,27 +196,32 @@ async fn demo(args: Args) -> Result<bool> {
     Ok(ok)
 }
 
-/// Per-SIM (up, down) and the grand total, as the endpoint reports them.
+/// Per-SIM (up, down) and the grand total, as the endpoint reports them (every page).
 async fn usage_sims(
     http: &reqwest::Client,
     base_url: &str,
     token: &str,
 ) -> Result<(BTreeMap<u64, (u64, u64)>, u64)> {
-    let v: serde_json::Value = http
-        .get(format!("{base_url}/v1/usage/sims"))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
     let mut sims = BTreeMap::new();
-    for s in v["sims"].as_array().context("usage reply has no sims")? {
-        let iccid: u64 = s["iccid"].as_str().and_then(|x| x.parse().ok()).context("sim without iccid")?;
-        let up = s["up_bytes"].as_u64().context("sim without up_bytes")?;
-        let down = s["down_bytes"].as_u64().context("sim without down_bytes")?;
-        sims.insert(iccid, (up, down));
+    let mut total = 0u64;
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("{base_url}/v1/usage/sims?limit=10000");
+        if let Some(a) = &after {
+            url.push_str(&format!("&after={a}"));
+        }
+        let v: serde_json::Value =
+            http.get(url).bearer_auth(token).send().await?.error_for_status()?.json().await?;
+        for s in v["sims"].as_array().context("usage reply has no sims")? {
+            let iccid: u64 = s["iccid"].as_str().and_then(|x| x.parse().ok()).context("sim without iccid")?;
+            let up = s["up_bytes"].as_u64().context("sim without up_bytes")?;
+            let down = s["down_bytes"].as_u64().context("sim without down_bytes")?;
+            sims.insert(iccid, (up, down));
+        }
+        total += v["total_bytes"].as_u64().context("usage reply has no total_bytes")?;
+        match v["next_after"].as_str() {
+            Some(a) => after = Some(a.to_owned()),
+            None => return Ok((sims, total)),
+        }
     }
-    let total = v["total_bytes"].as_u64().context("usage reply has no total_bytes")?;
-    Ok((sims, total))
 }

@@ -15,9 +15,11 @@ use countersign_rating::billing::{
 };
 use countersign_rating::pricing::BillingPeriod;
 use countersign_rating::text::{format_date, parse_date};
-use countersign_rating::usage::{derive_daily_in, Derived, TimeZone};
+use countersign_rating::usage::{derive_daily_in, DateRange, Derived, TimeZone};
 
 use super::{db_error, for_each_meter, pool_error, read_snapshot, PgStore};
+use super::rollups::rollup_daily_tx;
+use crate::store::rollups::{rows_of_range, rows_on_buckets};
 use crate::store::billing::{active_keys, corrupt, currency_changed, parse_active, AlertValue};
 use crate::store::StoreError;
 
@@ -38,17 +40,24 @@ impl PgStore {
             .map_err(db_error)?
             .try_get(0)
             .map_err(db_error)?;
-        let mut total = Derived::default();
-        // The same meter-by-meter stream as the usage routes, inside this snapshot.
-        for_each_meter(&tx, iccid, |meter| {
-            total.absorb(derive_daily_in(meter, tz)?);
-            Ok(())
-        })
-        .await?;
+        // From the rollups, inside the same snapshot as the clock reading. A zone whose day
+        // boundaries are not on quarter hours is derived from the records (exact, O(records)).
+        let (first_row, last_row) = rows_of_range(tz, DateRange::default());
+        let total = if rows_on_buckets(tz, first_row, last_row) {
+            rollup_daily_tx(&tx, iccid, tz, DateRange::default(), (first_row, last_row)).await?
+        } else {
+            let mut total = Derived::default();
+            for_each_meter(&tx, iccid, |meter| {
+                total.absorb(derive_daily_in(meter, tz)?);
+                Ok(())
+            })
+            .await?;
+            if let Some(sim) = iccid {
+                total.retain_sim(sim);
+            }
+            total
+        };
         tx.commit().await.map_err(db_error)?;
-        if let Some(sim) = iccid {
-            total.retain_sim(sim);
-        }
         Ok((total, as_of))
     }
 

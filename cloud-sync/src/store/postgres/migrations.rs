@@ -168,6 +168,11 @@ CREATE TABLE lago_epoch_max (
         name: "usage rollups: running maxima, buckets, faulty records, epoch tails",
         sql: PG_ROLLUP_MIGRATION_SQL,
     },
+    Migration {
+        version: 6,
+        name: "usage rollups: SIMs by UTC day, for paged reads of every SIM",
+        sql: PG_ROLLUP_DAY_INDEX_SQL,
+    },
 ];
 
 /// The tables of the usage rollups (see [`super::rollups`]), applied as migration 5. Bucket
@@ -204,6 +209,14 @@ CREATE TABLE rollup_meta (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+";
+
+/// Migration 6: the rollup buckets indexed by UTC day and ICCID (replacing the index by
+/// bucket), so that a page of SIMs of a day is read in ICCID order from the index, and a
+/// range of every SIM's days still is an index range.
+pub const PG_ROLLUP_DAY_INDEX_SQL: &str = "
+CREATE INDEX rollup_buckets_day_iccid ON rollup_buckets ((bucket / 96), iccid);
+DROP INDEX rollup_buckets_bucket;
 ";
 
 impl PgStore {

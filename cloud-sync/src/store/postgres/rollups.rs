@@ -66,7 +66,7 @@ use std::collections::{BTreeMap, HashMap};
 use countersign_meter::{RecordId, Totals};
 use countersign_rating::rollup::{bucket_date, plan_insert, Booked, EpochEntry, BUCKET_S};
 use countersign_rating::usage::{
-    day_start, record_fault, DateRange, Derived, FaultReason, SimFault, TimeZone, UsageRecord,
+    record_fault, DateRange, Derived, FaultReason, SimFault, TimeZone, UsageRecord,
 };
 use time::Date;
 use tokio_postgres::Row;
@@ -74,7 +74,7 @@ use tokio_postgres::Row;
 use super::migrations::PG_MIGRATION_LOCK_KEY;
 use super::records::{usage_record, Retry, PG_USAGE_FETCH_ROWS};
 use super::{db_error, pool_error, read_snapshot, u32_from_sql, u64_from_sql, u64_to_sql, PgStore};
-use crate::store::rollups::{rows_on_buckets, RollupCheck};
+use crate::store::rollups::{rows_of_range, rows_on_buckets, RollupCheck, SimPage, UsagePage};
 use crate::store::{NewRecord, StoreError};
 
 /// Version of the rollup layout, written to `rollup_meta` once built.
@@ -682,86 +682,239 @@ impl PgStore {
         tz: &TimeZone,
         range: DateRange,
     ) -> Result<Derived, StoreError> {
-        let utc_day = |d: Date| -> Option<u32> {
-            let t = day_start(d, tz)?;
-            u32::try_from(u64::try_from(t.as_second()).ok()? / 86_400).ok()
-        };
-        let first_row = range.from.and_then(utc_day).map_or(0, |d| d.saturating_sub(1));
-        let last_row = range.to.and_then(utc_day).map_or(u32::MAX, |d| d.saturating_add(2));
+        let (first_row, last_row) = rows_of_range(tz, range);
         if !rows_on_buckets(tz, first_row, last_row) {
             let mut all = self.derive_from_records_in(iccid, tz).await?;
             all.daily.retain(|(_, d), _| range.contains(*d));
             return Ok(all);
         }
-        let first_bucket = i64::from(first_row).saturating_mul(BUCKETS_PER_DAY as i64);
-        let end_bucket = i64::from(last_row).saturating_add(1).saturating_mul(BUCKETS_PER_DAY as i64);
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = read_snapshot(&mut client).await?;
-        let mut out = Derived::default();
-        // Faults first: a faulty SIM's days are left out whatever its other records say.
-        let faults =
-            "SELECT DISTINCT ON (f.iccid) f.meter_id, f.epoch, f.seq, r.received_ms, r.report, f.iccid
-             FROM rollup_faulty f LEFT JOIN records r
-                  ON r.iccid = f.iccid AND r.meter_id = f.meter_id AND r.epoch = f.epoch AND r.seq = f.seq";
-        let order = "ORDER BY f.iccid, (f.meter_id < 0), f.meter_id, f.epoch, f.seq";
-        let rows = match iccid {
-            Some(sim) => tx.query(&format!("{faults} WHERE f.iccid = $1 {order}"), &[&u64_to_sql(sim)]).await,
-            None => tx.query(&format!("{faults} {order}"), &[]).await,
-        }
-        .map_err(db_error)?;
-        for row in &rows {
-            out.fault(fault_row(row)?);
-        }
-        let buckets = "SELECT iccid, bucket, up::text, down::text FROM rollup_buckets
-             WHERE bucket >= $1 AND bucket < $2 AND records > 0";
-        let portal = match iccid {
-            Some(sim) => {
-                tx.bind(&format!("{buckets} AND iccid = $3"), &[&first_bucket, &end_bucket, &u64_to_sql(sim)])
-                    .await
-            }
-            None => tx.bind(buckets, &[&first_bucket, &end_bucket]).await,
-        }
-        .map_err(db_error)?;
-        // The zone's date of each bucket, cached: most rows share a handful of days.
-        let mut dates: HashMap<u64, Option<Date>> = HashMap::new();
-        // Overflow of a SIM's total is blamed on no record: buckets do not keep record ids.
-        let unnamed = RecordId { meter_id: 0, epoch: 0, seq: 0 };
-        loop {
-            let rows = tx.query_portal(&portal, PG_USAGE_FETCH_ROWS).await.map_err(db_error)?;
-            if rows.is_empty() {
-                break;
-            }
-            for row in rows {
-                let sim = u64_from_sql(row.try_get(0).map_err(db_error)?);
-                let bucket: i64 = row.try_get(1).map_err(db_error)?;
-                let up: String = row.try_get(2).map_err(db_error)?;
-                let down: String = row.try_get(3).map_err(db_error)?;
-                if out.fault_of(sim).is_some() {
-                    continue;
-                }
-                let bucket = u64::try_from(bucket)
-                    .map_err(|_| StoreError::Corrupt(format!("rollup bucket {bucket} is negative")))?;
-                let date = *dates.entry(bucket).or_insert_with(|| bucket_date(bucket, tz));
-                let date =
-                    date.ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))?;
-                if !range.contains(date) {
-                    continue;
-                }
-                let parse = |s: &str| {
-                    s.parse::<u128>().map_err(|_| {
-                        StoreError::Corrupt(format!("rollup bucket {bucket} of {sim}: bytes {s}"))
-                    })
-                };
-                let (up, down) = (parse(&up)?, parse(&down)?);
-                match (u64::try_from(up), u64::try_from(down)) {
-                    (Ok(up), Ok(down)) => out.add(sim, unnamed, date, Totals { up, down }),
-                    _ => out.fault(SimFault { iccid: sim, record: unnamed, reason: FaultReason::Overflow }),
-                }
-            }
-        }
+        let out = rollup_daily_tx(&tx, iccid, tz, range, (first_row, last_row)).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(out)
     }
+
+    /// One page of SIMs' usage per day in `tz` over `range` (see [`SimPage`]), as
+    /// [`crate::store::sled::Store::rollup_page_in`]: the SIMs with buckets in the range after
+    /// `page.after` in unsigned ICCID order, found through the `(bucket / 96, iccid)` index
+    /// one UTC day at a time, then their buckets by primary key. Costs the page's SIMs times
+    /// the days in the range, whatever the history and fleet size.
+    pub async fn rollup_page_in(
+        &self,
+        tz: &TimeZone,
+        range: DateRange,
+        page: SimPage,
+    ) -> Result<UsagePage, StoreError> {
+        let (first_row, last_row) = rows_of_range(tz, range);
+        if !rows_on_buckets(tz, first_row, last_row) {
+            let mut all = self.derive_from_records_in(None, tz).await?;
+            all.daily.retain(|(_, d), _| range.contains(*d));
+            return Ok(UsagePage::cut(all, page));
+        }
+        let Some(first) = page.first_iccid() else { return Ok(UsagePage::default()) };
+        let (first_bucket, end_bucket) = buckets_of_rows(first_row, last_row);
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = read_snapshot(&mut client).await?;
+        // The UTC days to probe: an unbounded end of the range is the first or last day with
+        // buckets (min and max of the index's leading key: two index probes).
+        let (mut d1, mut d2) = (i64::from(first_row), i64::from(last_row));
+        if first_row == 0 || last_row == u32::MAX {
+            let bounds = tx
+                .query_one(
+                    &format!(
+                        "SELECT min(bucket / {BUCKETS_PER_DAY}), max(bucket / {BUCKETS_PER_DAY}) FROM rollup_buckets
+                         WHERE bucket / {BUCKETS_PER_DAY} BETWEEN $1 AND $2"
+                    ),
+                    &[&d1, &d2],
+                )
+                .await
+                .map_err(db_error)?;
+            match (bounds.try_get(0).map_err(db_error)?, bounds.try_get(1).map_err(db_error)?) {
+                (Some(lo), Some(hi)) => (d1, d2) = (lo, hi),
+                _ => {
+                    let faults = faults_in(&tx, first, u64::MAX).await?;
+                    tx.commit().await.map_err(db_error)?;
+                    return Ok(UsagePage { derived: faults_then_rows(faults, Derived::default()), next_after: None });
+                }
+            }
+        }
+        let want = i64::try_from(page.limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let mut sims: Vec<u64> = Vec::new();
+        for (a, b) in sql_spans(first, u64::MAX) {
+            let need = want - sims.len() as i64;
+            if need <= 0 {
+                break;
+            }
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT DISTINCT s.iccid FROM generate_series($1::bigint, $2::bigint) AS d(day),
+                         LATERAL (SELECT DISTINCT iccid FROM rollup_buckets
+                                  WHERE bucket / {BUCKETS_PER_DAY} = d.day AND iccid BETWEEN $3 AND $4
+                                    AND bucket >= $5 AND bucket < $6 AND records > 0
+                                  ORDER BY iccid LIMIT $7) s
+                         ORDER BY s.iccid LIMIT $7"
+                    ),
+                    &[&d1, &d2, &a, &b, &first_bucket, &end_bucket, &need],
+                )
+                .await
+                .map_err(db_error)?;
+            for r in rows {
+                sims.push(u64_from_sql(r.try_get(0).map_err(db_error)?));
+            }
+        }
+        let next_after = (sims.len() > page.limit).then(|| sims[page.limit - 1]);
+        sims.truncate(page.limit);
+        let faults = faults_in(&tx, first, next_after.unwrap_or(u64::MAX)).await?;
+        let keys: Vec<i64> = sims.iter().map(|s| u64_to_sql(*s)).collect();
+        let portal = tx
+            .bind(
+                "SELECT iccid, bucket, up::text, down::text FROM rollup_buckets
+                 WHERE iccid = ANY($1) AND bucket >= $2 AND bucket < $3 AND records > 0",
+                &[&keys, &first_bucket, &end_bucket],
+            )
+            .await
+            .map_err(db_error)?;
+        let rows = read_buckets(&tx, &portal, tz, range).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(UsagePage { derived: faults_then_rows(faults, rows), next_after })
+    }
+}
+
+/// [`PgStore::rollup_daily_in`] inside the snapshot `tx`, over the UTC days `rows` (whose day
+/// boundaries in `tz` are on buckets).
+pub(super) async fn rollup_daily_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    iccid: Option<u64>,
+    tz: &TimeZone,
+    range: DateRange,
+    (first_row, last_row): (u32, u32),
+) -> Result<Derived, StoreError> {
+    let faults = match iccid {
+        Some(sim) => faults_in(tx, sim, sim).await?,
+        None => faults_in(tx, 0, u64::MAX).await?,
+    };
+    let (first_bucket, end_bucket) = buckets_of_rows(first_row, last_row);
+    let buckets = "SELECT iccid, bucket, up::text, down::text FROM rollup_buckets
+         WHERE bucket >= $1 AND bucket < $2 AND records > 0";
+    let portal = match iccid {
+        Some(sim) => {
+            tx.bind(&format!("{buckets} AND iccid = $3"), &[&first_bucket, &end_bucket, &u64_to_sql(sim)]).await
+        }
+        // The day expression lets the range use the (day, iccid) index.
+        None => {
+            let (d1, d2) = (i64::from(first_row), i64::from(last_row));
+            tx.bind(
+                &format!("{buckets} AND bucket / {BUCKETS_PER_DAY} BETWEEN $3 AND $4"),
+                &[&first_bucket, &end_bucket, &d1, &d2],
+            )
+            .await
+        }
+    }
+    .map_err(db_error)?;
+    let rows = read_buckets(tx, &portal, tz, range).await?;
+    Ok(faults_then_rows(faults, rows))
+}
+
+/// The buckets `[first, end)` of UTC days `first_row` through `last_row`.
+fn buckets_of_rows(first_row: u32, last_row: u32) -> (i64, i64) {
+    let per_day = BUCKETS_PER_DAY as i64;
+    (i64::from(first_row).saturating_mul(per_day), i64::from(last_row).saturating_add(1).saturating_mul(per_day))
+}
+
+/// The unsigned ICCIDs `first..=last` as spans of the signed column, in unsigned order:
+/// ICCIDs below 2^63 are the non-negative values, the rest follow as the negative ones.
+fn sql_spans(first: u64, last: u64) -> Vec<(i64, i64)> {
+    const HIGH: u64 = 1 << 63;
+    if first > last {
+        Vec::new()
+    } else if last < HIGH || first >= HIGH {
+        vec![(u64_to_sql(first), u64_to_sql(last))]
+    } else {
+        vec![(u64_to_sql(first), i64::MAX), (i64::MIN, u64_to_sql(last))]
+    }
+}
+
+/// The first faulty record of each faulty SIM among ICCIDs `first..=last`.
+async fn faults_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    first: u64,
+    last: u64,
+) -> Result<Vec<SimFault>, StoreError> {
+    let mut out = Vec::new();
+    for (a, b) in sql_spans(first, last) {
+        let rows = tx
+            .query(
+                "SELECT DISTINCT ON (f.iccid) f.meter_id, f.epoch, f.seq, r.received_ms, r.report, f.iccid
+                 FROM rollup_faulty f LEFT JOIN records r
+                      ON r.iccid = f.iccid AND r.meter_id = f.meter_id AND r.epoch = f.epoch AND r.seq = f.seq
+                 WHERE f.iccid BETWEEN $1 AND $2
+                 ORDER BY f.iccid, (f.meter_id < 0), f.meter_id, f.epoch, f.seq",
+                &[&a, &b],
+            )
+            .await
+            .map_err(db_error)?;
+        for row in &rows {
+            out.push(fault_row(row)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads bucket rows `(iccid, bucket, up, down)` from `portal` into per-day usage in `tz`,
+/// keeping the days in `range`.
+async fn read_buckets(
+    tx: &deadpool_postgres::Transaction<'_>,
+    portal: &tokio_postgres::Portal,
+    tz: &TimeZone,
+    range: DateRange,
+) -> Result<Derived, StoreError> {
+    let mut out = Derived::default();
+    // The zone's date of each bucket, cached: most rows share a handful of days.
+    let mut dates: HashMap<u64, Option<Date>> = HashMap::new();
+    // Overflow of a SIM's total is blamed on no record: buckets do not keep record ids.
+    let unnamed = RecordId { meter_id: 0, epoch: 0, seq: 0 };
+    loop {
+        let rows = tx.query_portal(portal, PG_USAGE_FETCH_ROWS).await.map_err(db_error)?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            let sim = u64_from_sql(row.try_get(0).map_err(db_error)?);
+            let bucket: i64 = row.try_get(1).map_err(db_error)?;
+            let up: String = row.try_get(2).map_err(db_error)?;
+            let down: String = row.try_get(3).map_err(db_error)?;
+            let bucket = u64::try_from(bucket)
+                .map_err(|_| StoreError::Corrupt(format!("rollup bucket {bucket} is negative")))?;
+            let date = *dates.entry(bucket).or_insert_with(|| bucket_date(bucket, tz));
+            let date = date.ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))?;
+            if !range.contains(date) {
+                continue;
+            }
+            let parse = |s: &str| {
+                s.parse::<u128>()
+                    .map_err(|_| StoreError::Corrupt(format!("rollup bucket {bucket} of {sim}: bytes {s}")))
+            };
+            let (up, down) = (parse(&up)?, parse(&down)?);
+            match (u64::try_from(up), u64::try_from(down)) {
+                (Ok(up), Ok(down)) => out.add(sim, unnamed, date, Totals { up, down }),
+                _ => out.fault(SimFault { iccid: sim, record: unnamed, reason: FaultReason::Overflow }),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The answer of a read: faulty SIMs first (their first faulty record wins over an overflow
+/// of their rows), then the rows of every other SIM.
+fn faults_then_rows(faults: Vec<SimFault>, rows: Derived) -> Derived {
+    let mut out = Derived::default();
+    for f in faults {
+        out.fault(f);
+    }
+    out.absorb(rows);
+    out
 }
 
 async fn built(client: &impl deadpool_postgres::GenericClient) -> Result<bool, StoreError> {
@@ -918,7 +1071,10 @@ mod tests {
     use crate::store::postgres::testing::TestDatabase;
 
     const KEY: [u8; 32] = [9u8; 32];
-    const SIMS: [u64; 3] = [8_988_280_666_000_000_001, 8_988_280_666_000_000_002, 8_988_280_666_000_000_003];
+    /// The last is above 2^63: PostgreSQL stores it as a negative BIGINT, pages still run in
+    /// unsigned order.
+    const SIMS: [u64; 4] =
+        [8_988_280_666_000_000_001, 8_988_280_666_000_000_002, 8_988_280_666_000_000_003, 9_300_000_000_000_000_001];
     /// 2026-03-29T00:00:00Z: Europe's spring DST change is in the first day.
     const START_S: u64 = 1_774_742_400;
 
@@ -939,7 +1095,7 @@ mod tests {
                 1u64..4,
                 0u32..2,
                 0u32..25,
-                0usize..3,
+                0usize..4,
                 0u64..5_000,
                 0u64..5_000,
                 0u64..3 * 86_400,
@@ -985,9 +1141,10 @@ mod tests {
             prop::sample::select(vec!["UTC", "Europe/Berlin", "Asia/Kathmandu"]),
             0u8..3,
             0u8..3,
+            1usize..4,
         );
         runner
-            .run(&strategy, |(specs, cuts, zone, from_day, days)| {
+            .run(&strategy, |(specs, cuts, zone, from_day, days, page_limit)| {
                 rt.block_on(async {
                     sql(&store, "TRUNCATE records, record_ids, rollup_buckets, rollup_faulty, epoch_tails")
                         .await;
@@ -1015,6 +1172,28 @@ mod tests {
                     let every = store.rollup_daily_in(None, &tz, range).await.unwrap();
                     prop_assert_eq!(every.daily, in_range(&model, None, range));
                     prop_assert_eq!(&every.faults, &model.faults);
+                    // Pages of any size, walked by their cursors in unsigned ICCID order, add
+                    // up to the same answer, with each SIM on exactly one page.
+                    for r in [range, DateRange::default()] {
+                        let (mut daily, mut faults) = (BTreeMap::new(), BTreeMap::new());
+                        let mut page = SimPage { after: None, limit: page_limit };
+                        for _ in 0..=SIMS.len() + 1 {
+                            let got = store.rollup_page_in(&tz, r, page).await.unwrap();
+                            let sims: std::collections::BTreeSet<u64> =
+                                got.derived.daily.keys().map(|(i, _)| *i).collect();
+                            prop_assert!(sims.len() <= page_limit);
+                            prop_assert!(sims.iter().all(|i| page.after.is_none_or(|a| *i > a)));
+                            prop_assert!(got.next_after.is_none_or(|n| sims.iter().all(|i| *i <= n)));
+                            daily.extend(got.derived.daily);
+                            faults.extend(got.derived.faults);
+                            match got.next_after {
+                                Some(n) => page.after = Some(n),
+                                None => break,
+                            }
+                        }
+                        prop_assert_eq!(daily, in_range(&model, None, r));
+                        prop_assert_eq!(&faults, &model.faults);
+                    }
                     for sim in SIMS {
                         let one = store.rollup_daily_in(Some(sim), &tz, range).await.unwrap();
                         prop_assert_eq!(one.daily, in_range(&model, Some(sim), range));

@@ -39,6 +39,7 @@ const TOKENS_TREE: &str = "api_tokens";
 const ROLLUP_DAYS_TREE: &str = "rollup_days";
 const ROLLUP_FAULTY_TREE: &str = "rollup_faulty";
 const ROLLUP_META_TREE: &str = "rollup_meta";
+const ROLLUP_CHANGED_TREE: &str = "rollup_changed";
 
 /// The endpoint's store. Cheap to clone: clones share one `sled::Db`.
 #[derive(Clone, Debug)]
@@ -51,6 +52,15 @@ pub struct Store {
     rollup_days: sled::Tree,
     rollup_faulty: sled::Tree,
     rollup_meta: sled::Tree,
+    rollup_changed: sled::Tree,
+    /// Changes to buckets before this one are marked in `rollup_changed` for the settlement
+    /// ledger (see [`rollups`]); 0 until the ledger has closed a day. Raised only under
+    /// `settle_gate`'s write lock.
+    changes_before_bucket: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Held (read) by every rollup commit across reading `changes_before_bucket` and
+    /// committing, and (write) by a settlement run while it raises the mark: so once it is
+    /// raised, every commit either is visible to the run's reads or marks what it changed.
+    settle_gate: std::sync::Arc<std::sync::RwLock<()>>,
     /// What the store remembers of each meter between batches, shared by clones (see
     /// [`rollups`]).
     meter_state: std::sync::Arc<rollups::Meters>,
@@ -82,6 +92,8 @@ impl Store {
         let rollup_days = db.open_tree(ROLLUP_DAYS_TREE).map_err(open_err)?;
         let rollup_faulty = db.open_tree(ROLLUP_FAULTY_TREE).map_err(open_err)?;
         let rollup_meta = db.open_tree(ROLLUP_META_TREE).map_err(open_err)?;
+        let rollup_changed = db.open_tree(ROLLUP_CHANGED_TREE).map_err(open_err)?;
+        let changes_before = rollups::stored_changes_before(&rollup_meta)?;
         let store = Self {
             db,
             records,
@@ -91,6 +103,9 @@ impl Store {
             rollup_days,
             rollup_faulty,
             rollup_meta,
+            rollup_changed,
+            changes_before_bucket: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(changes_before)),
+            settle_gate: Default::default(),
             meter_state: Default::default(),
             token_lock: Default::default(),
             ledger_lock: Default::default(),

@@ -52,7 +52,7 @@ use bytes::Bytes;
 use countersign_meter::{RecordId, Report, Totals, RECORD_KEY_BYTES};
 use countersign_rating::rollup::{bucket_date, plan_insert, Booked, EpochEntry, InsertPlan, BUCKET_S};
 use countersign_rating::usage::{
-    day_start, record_fault, DateRange, Derived, FaultReason, SimFault, TimeZone, UsageRecord,
+    record_fault, DateRange, Derived, FaultReason, SimFault, TimeZone, UsageRecord,
 };
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{IVec, Transactional};
@@ -60,7 +60,7 @@ use time::Date;
 
 use super::records::{decode_value, encode_value};
 use super::Store;
-use crate::store::rollups::{rows_on_buckets, RollupCheck};
+use crate::store::rollups::{rows_of_range, rows_on_buckets, RollupCheck, SimPage, UsagePage};
 use crate::store::{InsertOutcome, NewRecord, StoreError};
 
 /// Version of the rollup layout; a store whose `rollup_meta` holds another is rebuilt.
@@ -81,6 +81,31 @@ const CHECK_FAULTY_TREE: &str = "rollup_check_faulty";
 const REBUILD_PROGRESS_RECORDS: u64 = 1_000_000;
 
 const META_VERSION_KEY: &[u8] = b"version";
+/// `rollup_meta` key of the bucket before which changes are marked for the ledger.
+const META_CHANGES_BEFORE_KEY: &[u8] = b"changes_before_bucket";
+/// Bytes of a `rollup_changed` key: ICCID (8) · UTC day (4).
+pub const CHANGED_KEY_BYTES: usize = 12;
+
+/// The bucket before which changes are marked, as stored (0: none).
+pub(crate) fn stored_changes_before(meta: &sled::Tree) -> Result<u64, StoreError> {
+    match meta.get(META_CHANGES_BEFORE_KEY)? {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(&v[..])
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt(format!("rollup meta changes_before_bucket of {} bytes", v.len()))),
+    }
+}
+
+/// Which SIMs a rollup read answers for.
+#[derive(Clone, Copy, Debug)]
+enum Scope {
+    /// One SIM.
+    Sim(u64),
+    /// Every SIM.
+    All,
+    /// A page of SIMs in ICCID order.
+    Page(SimPage),
+}
 
 /// The last stored record of an epoch: its seq (`None` for an epoch with no record yet) and
 /// the epoch's running maximum through it.
@@ -643,8 +668,28 @@ impl Store {
             // Only duplicates and conflicts: settled against records that never change.
             return Ok(());
         }
-        let result =
-            (&self.records, &self.rollup_days, &self.rollup_faulty).transaction(|(rec, days, faulty)| {
+        // Rows changed before the ledger's mark are marked for the next settlement run;
+        // in-order arrival changes only open days and marks nothing.
+        let _gate = self.settle_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = self.changes_before_bucket.load(std::sync::atomic::Ordering::SeqCst);
+        let mut marks: Vec<[u8; CHANGED_KEY_BYTES]> = Vec::new();
+        if before > 0 {
+            for (k, deltas) in &plan.rows {
+                let (Some((sim, day, _)), Some(first_slot)) = (parse_day_key(k), deltas.keys().next()) else {
+                    continue;
+                };
+                if u64::from(day) * BUCKETS_PER_ROW + u64::from(*first_slot) < before {
+                    marks.push(day_bound(sim, day));
+                }
+            }
+            marks.dedup();
+        }
+        let mark = match marks.is_empty() {
+            true => 0,
+            false => self.db.generate_id().map_err(|e| CommitError::Store(e.into()))?,
+        };
+        let result = (&self.records, &self.rollup_days, &self.rollup_faulty, &self.rollup_changed).transaction(
+            |(rec, days, faulty, changed)| {
                 // Under sled's write lock: no other commit runs until this one is applied.
                 if plan.meters.iter().any(|(m, s)| self.meter_state.get(*m).generation != s.generation) {
                     return Err(ConflictableTransactionError::Abort(()));
@@ -661,11 +706,15 @@ impl Store {
                 for k in &plan.faulty {
                     faulty.insert(&k[..], &[][..])?;
                 }
+                for k in &marks {
+                    changed.insert(&k[..], &mark.to_be_bytes()[..])?;
+                }
                 for m in plan.meters.keys() {
                     self.meter_state.committed(*m, tails.get(m).copied());
                 }
                 Ok(())
-            });
+            },
+        );
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(())) => Err(CommitError::Replan),
@@ -677,6 +726,48 @@ impl Store {
                 Err(CommitError::Store(e.into()))
             }
         }
+    }
+
+    /// Raises the bucket before which ingest marks changed rows for the ledger (never
+    /// lowers it); durable when it returns. Waits for commits in flight: every commit after
+    /// it marks what it changes before `bucket`, every commit before it is visible to reads
+    /// that follow.
+    pub(crate) fn raise_changes_before(&self, bucket: u64) -> Result<(), StoreError> {
+        let _gate = self.settle_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if bucket <= self.changes_before_bucket.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.rollup_meta.insert(META_CHANGES_BEFORE_KEY, &bucket.to_be_bytes()[..])?;
+        self.rollup_meta.flush()?;
+        self.changes_before_bucket.store(bucket, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The marked rows of the next SIM from `from_sim` on: its ICCID, and each mark's UTC day
+    /// and the mark (a unique id, so that clearing it cannot clear a newer mark).
+    pub(crate) fn changed_rows_of_next_sim(&self, from_sim: u64) -> Result<Option<(u64, Vec<(u32, u64)>)>, StoreError> {
+        let mut out: Option<(u64, Vec<(u32, u64)>)> = None;
+        for kv in self.rollup_changed.range(from_sim.to_be_bytes().to_vec()..) {
+            let (k, v) = kv?;
+            let bad = || StoreError::Corrupt(format!("rollup_changed entry {}", hex::encode(&k)));
+            let (Ok(key), Ok(mark)) = (<[u8; CHANGED_KEY_BYTES]>::try_from(&k[..]), <[u8; 8]>::try_from(&v[..])) else {
+                return Err(bad());
+            };
+            let sim = u64::from_be_bytes(key[..8].try_into().map_err(|_| bad())?);
+            let day = u32::from_be_bytes(key[8..].try_into().map_err(|_| bad())?);
+            match out.as_mut() {
+                None => out = Some((sim, vec![(day, u64::from_be_bytes(mark))])),
+                Some((s, rows)) if *s == sim => rows.push((day, u64::from_be_bytes(mark))),
+                Some(_) => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Clears a mark unless the row was marked again since it was read.
+    pub(crate) fn clear_changed_row(&self, sim: u64, day: u32, mark: u64) -> Result<(), StoreError> {
+        let _ = self.rollup_changed.compare_and_swap(day_bound(sim, day), Some(&mark.to_be_bytes()[..]), None::<&[u8]>)?;
+        Ok(())
     }
 
     /// Whether the rollups match this version's layout (built, or written by it since).
@@ -916,26 +1007,91 @@ impl Store {
         tz: &TimeZone,
         range: DateRange,
     ) -> Result<Derived, StoreError> {
-        // UTC days that can hold a bucket of the range: a zone's day is within a day of UTC's.
-        let utc_day = |d: Date| -> Option<u32> {
-            let t = day_start(d, tz)?;
-            u32::try_from(u64::try_from(t.as_second()).ok()? / 86_400).ok()
-        };
-        let first_row = range.from.and_then(utc_day).map_or(0, |d| d.saturating_sub(1));
-        let last_row = range.to.and_then(utc_day).map_or(u32::MAX, |d| d.saturating_add(2));
+        let scope = iccid.map_or(Scope::All, Scope::Sim);
+        Ok(self.rollup_read(scope, tz, range)?.derived)
+    }
+
+    /// One page of SIMs' usage per day in `tz` over `range` (see [`SimPage`]): the SIMs with
+    /// rollup rows in the range after `page.after`, in ICCID order. Costs the rows of the
+    /// page's SIMs in the range plus two seeks per SIM, whatever the history and fleet size.
+    pub fn rollup_page_in(&self, tz: &TimeZone, range: DateRange, page: SimPage) -> Result<UsagePage, StoreError> {
+        self.rollup_read(Scope::Page(page), tz, range)
+    }
+
+    fn rollup_read(&self, scope: Scope, tz: &TimeZone, range: DateRange) -> Result<UsagePage, StoreError> {
+        let (first_row, last_row) = rows_of_range(tz, range);
         if !rows_on_buckets(tz, first_row, last_row) {
             let mut all = self.derive_from_records_in(tz)?;
-            if let Some(sim) = iccid {
-                all.retain_sim(sim);
-            }
             all.daily.retain(|(_, d), _| range.contains(*d));
-            return Ok(all);
+            return Ok(match scope {
+                Scope::Sim(sim) => {
+                    all.retain_sim(sim);
+                    UsagePage { derived: all, next_after: None }
+                }
+                Scope::All => UsagePage { derived: all, next_after: None },
+                Scope::Page(page) => UsagePage::cut(all, page),
+            });
+        }
+        // Rows first (a page learns its last ICCID from them), faults after, and the faults
+        // win: a faulty SIM's days are left out whatever its other records say.
+        let mut rows_out = Derived::default();
+        let from_sim = match scope {
+            Scope::Sim(sim) => sim,
+            Scope::All => 0,
+            Scope::Page(page) => match page.first_iccid() {
+                Some(first) => first,
+                None => return Ok(UsagePage::default()),
+            },
+        };
+        let rows = match scope {
+            Scope::Sim(sim) => self.rows_in(Some(sim), 0, first_row, last_row),
+            _ => self.rows_in(None, from_sim, first_row, last_row),
+        };
+        let limit = match scope {
+            Scope::Page(page) => page.limit,
+            _ => usize::MAX,
+        };
+        // The zone's date of each bucket, cached: most rows share a handful of days.
+        let mut dates: HashMap<u64, Option<Date>> = HashMap::new();
+        // Overflow of a SIM's total is blamed on no record: rows do not keep record ids.
+        let unnamed = RecordId { meter_id: 0, epoch: 0, seq: 0 };
+        let (mut sims, mut last_sim, mut next_after) = (0usize, None, None);
+        for kv in rows {
+            let (k, v) = kv?;
+            let (sim, day, _) = parse_day_key(&k)
+                .ok_or_else(|| StoreError::Corrupt(format!("rollup row key of {} bytes", k.len())))?;
+            if !(first_row..=last_row).contains(&day) {
+                continue;
+            }
+            if last_sim != Some(sim) {
+                if sims == limit {
+                    next_after = last_sim;
+                    break;
+                }
+                sims += 1;
+                last_sim = Some(sim);
+            }
+            for (slot, s) in decode_day_row(&v)? {
+                let bucket = u64::from(day) * BUCKETS_PER_ROW + u64::from(slot);
+                let date = *dates.entry(bucket).or_insert_with(|| bucket_date(bucket, tz));
+                let date =
+                    date.ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))?;
+                if !range.contains(date) {
+                    continue;
+                }
+                match (u64::try_from(s.up), u64::try_from(s.down)) {
+                    (Ok(up), Ok(down)) => rows_out.add(sim, unnamed, date, Totals { up, down }),
+                    _ => rows_out.fault(SimFault { iccid: sim, record: unnamed, reason: FaultReason::Overflow }),
+                }
+            }
         }
         let mut out = Derived::default();
-        // Faults first: a faulty SIM's days are left out whatever its other records say.
-        let faulty = match iccid {
-            Some(sim) => self.rollup_faulty.scan_prefix(sim.to_be_bytes()),
-            None => self.rollup_faulty.iter(),
+        let faulty = match (scope, next_after) {
+            (Scope::Sim(sim), _) => self.rollup_faulty.scan_prefix(sim.to_be_bytes()),
+            (_, Some(last)) => self.rollup_faulty.range(
+                from_sim.to_be_bytes().to_vec()..last.checked_add(1).map_or(vec![0xff; 9], |n| n.to_be_bytes().to_vec()),
+            ),
+            (_, None) => self.rollup_faulty.range(from_sim.to_be_bytes().to_vec()..),
         };
         let mut last_faulty = None;
         for kv in faulty {
@@ -950,41 +1106,17 @@ impl Store {
                 out.fault(self.fault_of(sim, id)?);
             }
         }
-        let rows = self.rows_in(iccid, first_row, last_row);
-        // The zone's date of each bucket, cached: most rows share a handful of days.
-        let mut dates: HashMap<u64, Option<Date>> = HashMap::new();
-        // Overflow of a SIM's total is blamed on no record: rows do not keep record ids.
-        let unnamed = RecordId { meter_id: 0, epoch: 0, seq: 0 };
-        for kv in rows {
-            let (k, v) = kv?;
-            let (sim, day, _) = parse_day_key(&k)
-                .ok_or_else(|| StoreError::Corrupt(format!("rollup row key of {} bytes", k.len())))?;
-            if !(first_row..=last_row).contains(&day) || out.fault_of(sim).is_some() {
-                continue;
-            }
-            for (slot, s) in decode_day_row(&v)? {
-                let bucket = u64::from(day) * BUCKETS_PER_ROW + u64::from(slot);
-                let date = *dates.entry(bucket).or_insert_with(|| bucket_date(bucket, tz));
-                let date =
-                    date.ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))?;
-                if !range.contains(date) {
-                    continue;
-                }
-                match (u64::try_from(s.up), u64::try_from(s.down)) {
-                    (Ok(up), Ok(down)) => out.add(sim, unnamed, date, Totals { up, down }),
-                    _ => out.fault(SimFault { iccid: sim, record: unnamed, reason: FaultReason::Overflow }),
-                }
-            }
-        }
-        Ok(out)
+        out.absorb(rows_out);
+        Ok(UsagePage { derived: out, next_after })
     }
 
-    /// The `rollup_days` rows of one SIM or of every SIM from UTC day `first_row` through
-    /// `last_row`. For every SIM and a bounded span it seeks from SIM to SIM (two seeks per
-    /// SIM with rows) instead of reading the SIMs' other days.
+    /// The `rollup_days` rows of one SIM or of every SIM from `from_sim` on, from UTC day
+    /// `first_row` through `last_row`. For every SIM and a bounded span it seeks from SIM to
+    /// SIM (two seeks per SIM with rows) instead of reading the SIMs' other days.
     fn rows_in(
         &self,
         iccid: Option<u64>,
+        from_sim: u64,
         first_row: u32,
         last_row: u32,
     ) -> Box<dyn Iterator<Item = sled::Result<(IVec, IVec)>> + '_> {
@@ -992,10 +1124,12 @@ impl Store {
             Some(sim) => Box::new(
                 self.rollup_days.range(day_bound(sim, first_row).to_vec()..day_bound_after(sim, last_row)),
             ),
-            None if first_row == 0 && last_row == u32::MAX => Box::new(self.rollup_days.iter()),
+            None if first_row == 0 && last_row == u32::MAX => {
+                Box::new(self.rollup_days.range(day_bound(from_sim, 0).to_vec()..))
+            }
             None => {
                 let mut current: Option<sled::Iter> = None;
-                let mut from = Some(day_bound(0, first_row));
+                let mut from = Some(day_bound(from_sim, first_row));
                 Box::new(std::iter::from_fn(move || loop {
                     if let Some(rows) = current.as_mut() {
                         match rows.next() {
@@ -1062,7 +1196,10 @@ mod tests {
     use super::*;
 
     const KEY: [u8; 32] = [9u8; 32];
-    const SIMS: [u64; 3] = [8_988_280_666_000_000_001, 8_988_280_666_000_000_002, 8_988_280_666_000_000_003];
+    /// The last is above 2^63: PostgreSQL stores it as a negative BIGINT, pages still run in
+    /// unsigned order.
+    const SIMS: [u64; 4] =
+        [8_988_280_666_000_000_001, 8_988_280_666_000_000_002, 8_988_280_666_000_000_003, 9_300_000_000_000_000_001];
     /// 2026-03-29T00:00:00Z: Europe's spring DST change is in the first day.
     const START_S: u64 = 1_774_742_400;
 
@@ -1087,7 +1224,7 @@ mod tests {
                 1u64..4,
                 0u32..2,
                 0u32..25,
-                0usize..3,
+                0usize..4,
                 0u64..5_000,
                 0u64..5_000,
                 0u64..3 * 86_400,
@@ -1110,6 +1247,7 @@ mod tests {
             zone in prop::sample::select(vec!["UTC", "Europe/Berlin", "Asia/Kathmandu", "America/St_Johns", "Pacific/Chatham"]),
             from_day in 0u8..3,
             days in 0u8..3,
+            page_limit in 1usize..4,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
@@ -1133,8 +1271,30 @@ mod tests {
             let every = store.rollup_daily_in(None, &tz, range).unwrap();
             let want: BTreeMap<_, _> =
                 model.daily.iter().filter(|((_, d), _)| range.contains(*d)).map(|(k, v)| (*k, *v)).collect();
-            prop_assert_eq!(every.daily, want);
+            prop_assert_eq!(&every.daily, &want);
             prop_assert_eq!(&every.faults, &model.faults);
+            // Pages of any size, walked by their cursors, add up to the same answer, with
+            // each SIM on exactly one page.
+            for r in [range, DateRange::default()] {
+                let (mut daily, mut faults) = (BTreeMap::new(), BTreeMap::new());
+                let mut page = SimPage { after: None, limit: page_limit };
+                for _ in 0..=SIMS.len() + 1 {
+                    let got = store.rollup_page_in(&tz, r, page).unwrap();
+                    let sims: std::collections::BTreeSet<u64> = got.derived.daily.keys().map(|(i, _)| *i).collect();
+                    prop_assert!(sims.len() <= page_limit);
+                    prop_assert!(sims.iter().all(|i| page.after.is_none_or(|a| *i > a)));
+                    prop_assert!(got.next_after.is_none_or(|n| sims.iter().all(|i| *i <= n)));
+                    daily.extend(got.derived.daily);
+                    faults.extend(got.derived.faults);
+                    match got.next_after {
+                        Some(n) => page.after = Some(n),
+                        None => break,
+                    }
+                }
+                let whole = store.rollup_daily_in(None, &tz, r).unwrap();
+                prop_assert_eq!(daily, whole.daily);
+                prop_assert_eq!(faults, whole.faults);
+            }
             for sim in SIMS {
                 let one = store.rollup_daily_in(Some(sim), &tz, range).unwrap();
                 let want: BTreeMap<_, _> = model.daily.iter()

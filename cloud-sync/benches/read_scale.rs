@@ -97,6 +97,51 @@ fn step_records(
     (batches, days)
 }
 
+/// One new day (`day` after LAST_DAY) of every SIM: three reports each, as a fresh epoch
+/// `epoch` of its meter (the meter rebooted), after everything loaded so far.
+fn day_records(sims: u64, day: u64, epoch: u32) -> impl Iterator<Item = Vec<NewRecord>> {
+    let start_s = LAST_DAY_S + day * 86_400;
+    let mut next = (0u64, 0u64); // (seq, sim)
+    std::iter::from_fn(move || {
+        let mut batch = Vec::with_capacity(BATCH_RECORDS);
+        while batch.len() < BATCH_RECORDS && next.0 < REPORTS_PER_DAY {
+            let (seq, sim) = next;
+            let at = start_s + seq * (86_400 / REPORTS_PER_DAY) + sim % 3_600;
+            let r = ReportBuilder::new(1 + sim, u32::try_from(seq).unwrap(), FIRST_SIM + sim, network_time(at))
+                .epoch(epoch)
+                .used(10_000 * (seq + 1), 40_000 * (seq + 1));
+            batch.push(NewRecord::new(r.report(), at * 1000, r.encode(&KEY).into()));
+            next = if sim + 1 == sims { (seq + 1, 0) } else { (seq, sim + 1) };
+        }
+        (!batch.is_empty()).then_some(batch)
+    })
+}
+
+/// Stores the batches through the store's ingest, several gateways' batches in flight, as
+/// the endpoint sees concurrent uploads (a flush covers all of them: one batch at a time
+/// would measure fsync latency). Returns the records stored.
+async fn load(store: &StoreBackend, batches: impl Iterator<Item = Vec<NewRecord>>) -> usize {
+    let mut n = 0usize;
+    let mut chunks = batches.peekable();
+    while chunks.peek().is_some() {
+        let mut handles = Vec::with_capacity(BATCHES_IN_FLIGHT);
+        for g in 0..BATCHES_IN_FLIGHT {
+            let Some(batch) = chunks.next() else { break };
+            n += batch.len();
+            let s = store.clone();
+            handles.push(tokio::spawn(async move { s.insert_batch(g as u64 + 1, batch).await.unwrap() }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    }
+    n
+}
+
+fn instant(unix_s: u64) -> jiff::Timestamp {
+    jiff::Timestamp::from_second(i64::try_from(unix_s).unwrap()).unwrap()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e3
@@ -135,23 +180,8 @@ async fn run(a: Args) {
     for (k, &target) in a.steps.iter().enumerate() {
         let (batches, days) =
             step_records(a.sims, target - loaded, days_loaded, STEPS_MAX - u32::try_from(k).unwrap());
-        let mut n = 0usize;
         let t = Instant::now();
-        // Several gateways' batches in flight, as the endpoint sees concurrent uploads (a
-        // flush covers all of them: one batch at a time would measure fsync latency).
-        let mut chunks = batches.peekable();
-        while chunks.peek().is_some() {
-            let mut handles = Vec::with_capacity(BATCHES_IN_FLIGHT);
-            for g in 0..BATCHES_IN_FLIGHT {
-                let Some(batch) = chunks.next() else { break };
-                n += batch.len();
-                let s = store.clone();
-                handles.push(tokio::spawn(async move { s.insert_batch(g as u64 + 1, batch).await.unwrap() }));
-            }
-            for h in handles {
-                h.await.unwrap();
-            }
-        }
+        let n = load(&store, batches).await;
         let secs = t.elapsed().as_secs_f64();
         loaded += n as u64;
         days_loaded += days;
@@ -195,6 +225,29 @@ async fn run(a: Args) {
             println!("step {k}: {name} p50={p50:.2} ms p99={p99:.2} ms ({} samples)", times.len());
             reads.push((name, p50, p99));
         }
+        // Settlement (UTC, no window): the run after this load (step 0: the first run, over
+        // all history; later steps: the older history just loaded arrives as late data for
+        // closed days), then one new day of every SIM and the run that books it.
+        let newest_end = LAST_DAY_S + (k as u64 + 1) * 86_400;
+        let t = Instant::now();
+        let s = store.settle("UTC".into(), 0, instant(newest_end)).await.unwrap();
+        println!(
+            "step {k}: settle_after_load {:.2} s ({} SIM-days settled, {} adjusted)",
+            t.elapsed().as_secs_f64(),
+            s.settled.len(),
+            s.adjustments.len()
+        );
+        let epoch = STEPS_MAX + 1 + u32::try_from(k).unwrap();
+        loaded += load(&store, day_records(a.sims, k as u64 + 1, epoch)).await as u64;
+        let t = Instant::now();
+        let s = store.settle("UTC".into(), 0, instant(newest_end + 86_400)).await.unwrap();
+        let settle_s = t.elapsed().as_secs_f64();
+        println!(
+            "step {k}: settle_one_day {settle_s:.2} s ({} SIM-days settled, {} adjusted)",
+            s.settled.len(),
+            s.adjustments.len()
+        );
+        reads.push(("settle_one_day", settle_s * 1e3, settle_s * 1e3));
         table.push((loaded, reads));
     }
     if let (Some(first), Some(last)) = (table.first(), table.last()) {

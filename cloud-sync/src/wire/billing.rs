@@ -99,7 +99,7 @@ pub struct LineJson {
     /// Price per unit, micro-units.
     pub unit_price_micros: u64,
     /// Amount, micro-units.
-    pub amount_micros: u64,
+    pub amount_micros: i64,
     /// Amount as a decimal string with 6 fraction digits.
     pub amount: String,
     /// How the amount was rounded.

@@ -312,11 +312,11 @@ fn plan_from_raw(i: usize, r: RawPlan) -> Result<Plan, PricingError> {
 }
 
 /// Checks what a plan under Lago semantics needs so that Lago can hold the same plan; returns
-/// the currency's exponent. Lago's own rules (getlago/lago-api at
-/// 1b1c24a6a6c321d7900b05906bf1b20f706c97c2): `package_size` and `free_units` are integers of
-/// the metric's unit (app/services/charges/validators/package_service.rb); graduated, volume
-/// and standard charges have no free units, so the allowance is a zero-priced start of the
-/// first range, which a volume charge cannot express (one range prices all units).
+/// the currency's exponent. Lago's graduated, volume and standard charges have no free units
+/// (getlago/lago-api at 1b1c24a6a6c321d7900b05906bf1b20f706c97c2,
+/// app/services/charge_models/), so the allowance is a zero-priced start of the first range,
+/// which a volume charge cannot express (one range prices all units). The metric is the
+/// exporter's `bytes`, so package sizes and free units are whole bytes as Lago requires.
 fn lago_checks(
     key: &str,
     currency: &str,
@@ -332,14 +332,13 @@ fn lago_checks(
         };
         invalid(format!("{key}.currency"), format!("'{currency}' under semantics = \"lago\": {why}"))
     })?;
-    let ub = unit.bytes();
     match model {
         ChargeModel::Volume { .. } if included > 0 => Err(invalid(
             format!("{key}.included_bytes"),
             "Lago's volume charges have no free units: use a graduated plan or no allowance",
         )),
         ChargeModel::Graduated { tiers } => {
-            let first = tiers.first().map(|t| tier_bound_bytes(t, ub)).transpose()?.flatten();
+            let first = tiers.first().map(|t| tier_bound_bytes(t, unit.bytes())).transpose()?.flatten();
             match first {
                 Some(bound) if included > bound => Err(invalid(
                     format!("{key}.included_bytes"),
@@ -347,17 +346,6 @@ fn lago_checks(
                 )),
                 _ => Ok(exponent),
             }
-        }
-        ChargeModel::Package { package_bytes, .. } => {
-            for (name, bytes) in [("package_bytes", *package_bytes), ("included_bytes", included)] {
-                if bytes % ub != 0 {
-                    return Err(invalid(
-                        format!("{key}.{name}"),
-                        format!("Lago counts it in whole {} (unit): a multiple of {ub} bytes", unit.name()),
-                    ));
-                }
-            }
-            Ok(exponent)
         }
         _ => Ok(exponent),
     }

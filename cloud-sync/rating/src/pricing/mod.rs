@@ -133,4 +133,6 @@ pub use units::*;
 pub use wallets::*;
 
 #[cfg(test)]
+mod lago_tests;
+#[cfg(test)]
 mod tests;

@@ -92,7 +92,8 @@ pub struct LineJson {
     pub description: String,
     /// Bytes priced on the line.
     pub quantity_bytes: u64,
-    /// The unit's name ("GB"), or "package"/"period".
+    /// The unit's name ("GB"), or "package"/"period"/"tier" (a tier's flat amount), or the
+    /// currency (a `rounding` line, whose unit price is the minor unit in micro-units).
     pub unit: String,
     /// Bytes per unit.
     pub unit_bytes: u64,

@@ -221,7 +221,8 @@ pub struct ChargeLine {
     pub description: String,
     /// Bytes priced on this line.
     pub quantity_bytes: u64,
-    /// The pricing unit's name ("GB"), or "package"/"period".
+    /// The pricing unit's name ("GB"), or "package"/"period"/"tier" (a tier's flat amount), or
+    /// the currency (a `rounding` line, whose unit price is the minor unit in micro-units).
     pub unit: String,
     /// Bytes per unit.
     pub unit_bytes: u64,

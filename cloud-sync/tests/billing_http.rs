@@ -152,7 +152,7 @@ async fn worked_example_wallet_and_forecast_over_http() {
     );
     assert_eq!((c.period.start, c.period.end), (date!(2026 - 11 - 01), date!(2026 - 12 - 01)));
     assert_eq!((c.total_micros, c.total.as_str()), (48_000_000, "48.000000"));
-    let lines: Vec<(&str, u64, u64, &str)> = c
+    let lines: Vec<(&str, u64, i64, &str)> = c
         .lines
         .iter()
         .map(|l| (l.kind.as_str(), l.quantity_bytes, l.amount_micros, l.amount.as_str()))

@@ -92,14 +92,15 @@ pub struct LineJson {
     pub description: String,
     /// Bytes priced on the line.
     pub quantity_bytes: u64,
-    /// The unit's name ("GB"), or "package"/"period".
+    /// The unit's name ("GB"), or "package"/"period"/"tier" (a tier's flat amount), or the
+    /// currency (a `rounding` line, whose unit price is the minor unit in micro-units).
     pub unit: String,
     /// Bytes per unit.
     pub unit_bytes: u64,
     /// Price per unit, micro-units.
     pub unit_price_micros: u64,
     /// Amount, micro-units.
-    pub amount_micros: u64,
+    pub amount_micros: i64,
     /// Amount as a decimal string with 6 fraction digits.
     pub amount: String,
     /// How the amount was rounded.

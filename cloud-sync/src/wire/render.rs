@@ -117,10 +117,17 @@ pub fn charges_table(reply: &ChargesReply) -> String {
             r.raw_bytes, r.increment_bytes, r.scope, r.rounding_units, r.rounded_bytes, c.included_bytes, c.billable_bytes
         ));
         for l in &c.lines {
-            let price = if l.kind == "flat_fee" {
-                format!("{} per period", format_micros(l.unit_price_micros.into()))
-            } else {
-                format!("{} per {} ({} B)", format_micros(l.unit_price_micros.into()), l.unit, l.unit_bytes)
+            let price = match l.kind.as_str() {
+                "flat_fee" => format!("{} per period", format_micros(l.unit_price_micros.into())),
+                "tier_flat" => format!("{} once", format_micros(l.unit_price_micros.into())),
+                "minimum" => format!("{} at least", format_micros(l.unit_price_micros.into())),
+                "rounding" => format!("to {} {}", format_micros(l.unit_price_micros.into()), l.unit),
+                _ => format!(
+                    "{} per {} ({} B)",
+                    format_micros(l.unit_price_micros.into()),
+                    l.unit,
+                    l.unit_bytes
+                ),
             };
             out.push_str(&format!(
                 "  {:<9} {:<40} {:>16} B  {:<32} {:>16}\n",
@@ -201,5 +208,67 @@ iccids = ["8988280666000000001"]
         );
         assert!(table.contains("48.000000 USD"), "{table}");
         assert!(!reply.charges[0].in_progress);
+    }
+
+    #[test]
+    fn a_lago_charge_states_its_rounding_and_true_up() {
+        let cfg = PricingConfig::from_toml_str(
+            r#"
+[[plan]]
+id = "lago"
+semantics = "lago"
+currency = "USD"
+model = "per_unit"
+price = "0.01"
+minimum_charge = "1"
+
+[[assign]]
+customer = "acme"
+group = "fleet"
+plan = "lago"
+iccids = ["8988280666000000001"]
+"#,
+        )
+        .unwrap();
+        let items = vec![vec![crate::pricing::UsageItem {
+            iccid: 8_988_280_666_000_000_001,
+            date: date!(2026 - 11 - 10),
+            bytes: 499_999_999,
+        }]];
+        let list =
+            charges(&cfg, &items, PeriodSelector::Containing(date!(2026 - 11 - 10)), None, None).unwrap();
+        let c = charge_json(&list[0], date!(2026 - 12 - 02));
+        // 0.00499999999 USD is shown as 0.005000 and rounded once down to 0.00; the minimum
+        // of 1.00 is then a true-up of 1.00.
+        let lines: Vec<(&str, i64, &str)> =
+            c.lines.iter().map(|l| (l.kind.as_str(), l.amount_micros, l.amount.as_str())).collect();
+        assert_eq!(
+            lines,
+            [
+                ("per_unit", 5_000, "0.005000"),
+                ("rounding", -5_000, "-0.005000"),
+                ("minimum", 1_000_000, "1.000000")
+            ]
+        );
+        assert_eq!(c.total_micros, 1_000_000);
+        // The negative line survives the JSON contract both ways.
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""kind":"rounding","description":"usage fee 0.00499999999 USD rounded once, half up, to 2 decimal(s): 0.000000","quantity_bytes":0,"unit":"USD","unit_bytes":0,"unit_price_micros":10000,"amount_micros":-5000,"amount":"-0.005000","money_rounding":"half_up_to_currency_exponent_once_per_fee"}"#), "{json}");
+        assert_eq!(serde_json::from_str::<crate::wire::billing::GroupChargeJson>(&json).unwrap(), c);
+        let reply = ChargesReply {
+            time_zone: "UTC".into(),
+            period: Some(date!(2026 - 11 - 10)),
+            from: None,
+            to: None,
+            unassigned_sims: 0,
+            charges: vec![c],
+            totals: vec![],
+            underivable: vec![],
+        };
+        let table = charges_table(&reply);
+        assert!(table.contains("to 0.010000 USD"), "{table}");
+        assert!(table.contains("1.000000 at least"), "{table}");
+        let csv = charges_csv(&reply).unwrap();
+        assert!(csv.contains(",rounding,"), "{csv}");
     }
 }

@@ -103,6 +103,8 @@ struct RawPlan {
     billing_anchor_day: Option<u8>,
     lifetime_quota_bytes: Option<u64>,
     lifetime_years: Option<u32>,
+    semantics: Option<String>,
+    minimum_charge: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +112,7 @@ struct RawPlan {
 struct RawTier {
     up_to: Option<u64>,
     price: String,
+    flat_amount: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -145,7 +148,16 @@ fn tiers_at(key: &str, raw: Option<Vec<RawTier>>) -> Result<Vec<Tier>, PricingEr
             (Some(u), false) => previous = u,
             (None, true) => {}
         }
-        out.push(Tier { up_to_units: t.up_to, unit_price_micros: money_at(format!("{k}.price"), &t.price)? });
+        out.push(Tier {
+            up_to_units: t.up_to,
+            unit_price_micros: money_at(format!("{k}.price"), &t.price)?,
+            flat_amount_micros: t
+                .flat_amount
+                .as_deref()
+                .map(|f| money_at(format!("{k}.flat_amount"), f))
+                .transpose()?
+                .unwrap_or(0),
+        });
     }
     Ok(out)
 }
@@ -248,25 +260,95 @@ fn plan_from_raw(i: usize, r: RawPlan) -> Result<Plan, PricingError> {
             return Err(invalid(format!("{key}.lifetime_years"), "needs lifetime_quota_bytes"))
         }
     };
+    let flat_fee_micros =
+        r.flat_fee.as_deref().map(|f| money_at(format!("{key}.flat_fee"), f)).transpose()?.unwrap_or(0);
+    let minimum_micros = r
+        .minimum_charge
+        .as_deref()
+        .map(|f| money_at(format!("{key}.minimum_charge"), f))
+        .transpose()?
+        .unwrap_or(0);
+    let included_bytes = r.included_bytes.unwrap_or(0);
+    let semantics = match r.semantics.as_deref().unwrap_or("countersign") {
+        "countersign" => Semantics::Countersign,
+        "lago" => {
+            let exponent = lago_checks(&key, &r.currency, unit, &model, included_bytes)?;
+            let minor_micros = 10u64.pow(CURRENCY_EXPONENT_MAX - exponent);
+            for (name, micros) in [("flat_fee", flat_fee_micros), ("minimum_charge", minimum_micros)] {
+                if micros % minor_micros != 0 {
+                    return Err(invalid(
+                        format!("{key}.{name}"),
+                        format!(
+                            "Lago keeps it in whole minor units of {} ({} {0}): {} is not a multiple",
+                            r.currency,
+                            format_micros(minor_micros.into()),
+                            format_micros(micros.into())
+                        ),
+                    ));
+                }
+            }
+            Semantics::Lago { exponent }
+        }
+        other => {
+            return Err(invalid(format!("{key}.semantics"), format!("'{other}' is not countersign or lago")))
+        }
+    };
     Ok(Plan {
         lifetime,
         id: r.id,
         currency: r.currency,
         unit,
         model,
-        flat_fee_micros: r
-            .flat_fee
-            .as_deref()
-            .map(|f| money_at(format!("{key}.flat_fee"), f))
-            .transpose()?
-            .unwrap_or(0),
-        included_bytes: r.included_bytes.unwrap_or(0),
+        semantics,
+        minimum_micros,
+        flat_fee_micros,
+        included_bytes,
         rounding: Rounding {
             increment_bytes: increment,
             scope: r.rounding_scope.unwrap_or(RoundingScope::SimDay),
         },
         cycle,
     })
+}
+
+/// Checks what a plan under Lago semantics needs so that Lago can hold the same plan; returns
+/// the currency's exponent. Lago's graduated, volume and standard charges have no free units
+/// (getlago/lago-api at 1b1c24a6a6c321d7900b05906bf1b20f706c97c2,
+/// app/services/charge_models/), so the allowance is a zero-priced start of the first range,
+/// which a volume charge cannot express (one range prices all units). The metric is the
+/// exporter's `bytes`, so package sizes and free units are whole bytes as Lago requires.
+fn lago_checks(
+    key: &str,
+    currency: &str,
+    unit: Unit,
+    model: &ChargeModel,
+    included: u64,
+) -> Result<u32, PricingError> {
+    let exponent = lago_currency_exponent(currency).ok_or_else(|| {
+        let why = if LAGO_CURRENCIES_DISAGREEING.contains(&currency) {
+            "Lago rounds it to another exponent than ISO 4217, so no charge can match both"
+        } else {
+            "not a currency Lago accepts"
+        };
+        invalid(format!("{key}.currency"), format!("'{currency}' under semantics = \"lago\": {why}"))
+    })?;
+    match model {
+        ChargeModel::Volume { .. } if included > 0 => Err(invalid(
+            format!("{key}.included_bytes"),
+            "Lago's volume charges have no free units: use a graduated plan or no allowance",
+        )),
+        ChargeModel::Graduated { tiers } => {
+            let first = tiers.first().map(|t| tier_bound_bytes(t, unit.bytes())).transpose()?.flatten();
+            match first {
+                Some(bound) if included > bound => Err(invalid(
+                    format!("{key}.included_bytes"),
+                    format!("under Lago semantics the allowance is the start of the first tier: at most {bound} bytes"),
+                )),
+                _ => Ok(exponent),
+            }
+        }
+        _ => Ok(exponent),
+    }
 }
 
 /// Checks a customer, group or top-up name: 1 to [`NAME_BYTES_MAX`] of `A-Z a-z 0-9 . _ -`

@@ -9,9 +9,10 @@
 //! exactly; more than [`MONEY_FRACTION_DIGITS_MAX`] fraction digits is an error, not a silent
 //! rounding. Arithmetic is checked; an overflow is an error, never a wrap.
 //!
-//! Each charge line computes `bytes × unit price / unit bytes` exactly in `u128` and rounds
-//! **half up to the micro** once per line ([`MONEY_ROUNDING`]); the rule is stated on every
-//! line. Lines add up exactly to the charge's total.
+//! Under the default [`Semantics::Countersign`] each charge line computes `bytes × unit price /
+//! unit bytes` exactly in `u128` and rounds **half up to the micro** once per line
+//! ([`MONEY_ROUNDING`]); the rule is stated on every line. Lines add up exactly to the
+//! charge's total. Under [`Semantics::Lago`] the usage fee is rounded once instead (below).
 //!
 //! # Usage rounding
 //!
@@ -22,8 +23,45 @@
 //! # Order of operations
 //!
 //! raw usage → rounded per rounding unit → pooled over the plan's SIMs for the period →
-//! minus the included allowance → priced by the model (per unit, graduated, volume, package)
-//! → plus the flat fee.
+//! minus the included allowance → priced by the model (per unit, graduated, volume, package;
+//! each tier's `flat_amount` once when the tier applies) → raised to the plan's
+//! `minimum_charge` by a `minimum` true-up line → plus the flat fee (never part of the
+//! minimum, as Lago's subscription fee is not part of a charge's).
+//!
+//! # Lago semantics
+//!
+//! `semantics = "lago"` makes a period's charge equal Lago's for the same plan and usage, to
+//! the currency's minor unit, with Lago fed by the exporter's events (billable metric: sum of
+//! `properties.bytes`, so Lago's units are bytes; a tier bound is `up_to × unit bytes`, a
+//! price `price / unit bytes` as an exact decimal). The rules, from getlago/lago-api at
+//! commit 1b1c24a6a6c321d7900b05906bf1b20f706c97c2:
+//!
+//! - The usage fee is the exact sum of the model's parts (app/services/charge_models/:
+//!   `standard_service.rb` units × amount; `graduated_service.rb` with
+//!   `amount_details/range_graduated_service.rb`, each range's units × per-unit amount plus
+//!   its `flat_amount`, ranges taken until the first whose `to_value` is open or ≥ the units,
+//!   so the first range's flat amount applies even at zero units; `volume_service.rb`, the
+//!   matching range prices all units plus its flat amount; `package_service.rb`,
+//!   `ceil((units − free_units) / package_size) × amount`), rounded **once, half up, to the
+//!   currency's exponent** (`app/services/fees/charge_service.rb`:
+//!   `amount_result.amount.round(currency.exponent)`, BigDecimal's default ROUND_HALF_UP;
+//!   `config/initializers/money.rb` sets the same for Money). Part lines show their exact
+//!   amount to the micro ([`LAGO_PART_ROUNDING`]); a `rounding` line (negative when the fee
+//!   rounds down) brings them to the rounded fee ([`LAGO_FEE_ROUNDING`]).
+//! - Free units exist only on package charges (`free_units`): `included_bytes` is deducted
+//!   before packaging there. Graduated, volume and standard charges have none; the allowance
+//!   of a graduated or per-unit plan is what a Lago user configures instead, a zero-priced
+//!   start of the first range (tier bounds unchanged: 600 GB on $0.10/$0.08/$0.06 tiers with
+//!   10 GB free is $47.00, where Countersign's deduction gives $47.40), stated by an
+//!   `included` line; a volume plan with an allowance is refused. (Lago's percentage model
+//!   prices a metric that is itself money; bytes are not, so it has no equivalent here.)
+//! - `minimum_charge` is a charge's `min_amount_cents`: when the rounded fee is below it, a
+//!   true-up of the difference (`app/services/fees/create_true_up_service.rb`; our periods
+//!   are whole, so no proration). It and the flat fee (the plan's `amount_cents`) are whole
+//!   minor units, as Lago stores them in cents.
+//! - Exponents are ISO 4217's, for the currencies Lago accepts
+//!   (`app/models/concerns/currencies.rb`); [`LAGO_CURRENCIES_DISAGREEING`], where Lago's
+//!   money gem rounds otherwise, are refused.
 //!
 //! # Units
 //!
@@ -34,7 +72,7 @@
 //!
 //! [`PricingConfig::from_toml_str`] reads `time_zone` (the IANA zone billing days are cut in,
 //! default UTC), `[[plan]]` (optionally with `lifetime_quota_bytes` and `lifetime_years` for
-//! quota forecasts), `[[assign]]` (customer, group, plan, ICCIDs, optional `active_since`) and
+//! quota forecasts, `semantics`, `minimum_charge`, and `flat_amount` on tiers), `[[assign]]` (customer, group, plan, ICCIDs, optional `active_since`) and
 //! `[[wallet]]` (customer, currency, `opening_credit`, `alert_thresholds`, `overdraft_limit`).
 //! Every error names its key (`wallet[0].currency`). Applying plans to stored usage and
 //! debiting wallets is [`crate::billing`]'s.
@@ -132,5 +170,7 @@ pub use plans::*;
 pub use units::*;
 pub use wallets::*;
 
+#[cfg(test)]
+mod lago_tests;
 #[cfg(test)]
 mod tests;

@@ -32,7 +32,7 @@ fn worked_example_graduated_decimal_gb() {
     let c = charge(&p, 600 * GB);
     // $0.10 × 100 + $0.08 × 400 + $0.06 × 100 = $48.
     assert_eq!(c.total_micros, 48_000_000);
-    let amounts: Vec<u64> = c.lines.iter().map(|l| l.amount_micros).collect();
+    let amounts: Vec<i64> = c.lines.iter().map(|l| l.amount_micros).collect();
     assert_eq!(amounts, vec![10_000_000, 32_000_000, 6_000_000]);
     assert_eq!(c.lines[1].description, "tier 2: 100 GB < usage ≤ 500 GB");
     assert_eq!(c.lines[2].quantity_bytes, 100 * GB);
@@ -404,10 +404,10 @@ fn arb_tiers() -> impl Strategy<Value = Vec<Tier>> {
             .into_iter()
             .map(|(step, price)| {
                 bound += step;
-                Tier { up_to_units: Some(bound), unit_price_micros: price }
+                Tier { up_to_units: Some(bound), unit_price_micros: price, flat_amount_micros: 0 }
             })
             .collect();
-        tiers.push(Tier { up_to_units: None, unit_price_micros: last });
+        tiers.push(Tier { up_to_units: None, unit_price_micros: last, flat_amount_micros: 0 });
         tiers
     })
 }
@@ -423,11 +423,13 @@ fn plan_with(model: ChargeModel, unit: Unit) -> Plan {
         rounding: Rounding { increment_bytes: 1, scope: RoundingScope::SimDay },
         cycle: BillingCycle::Daily,
         lifetime: None,
+        semantics: Semantics::Countersign,
+        minimum_micros: 0,
     }
 }
 
 fn total(plan: &Plan, bytes: u64) -> u64 {
-    model_lines(plan, bytes).unwrap().iter().map(|l| l.amount_micros).sum()
+    model_lines(plan, bytes).unwrap().iter().map(|l| l.amount_micros.unsigned_abs()).sum()
 }
 
 proptest! {

@@ -107,9 +107,10 @@ fn day_records(sims: u64, day: u64, epoch: u32) -> impl Iterator<Item = Vec<NewR
         while batch.len() < BATCH_RECORDS && next.0 < REPORTS_PER_DAY {
             let (seq, sim) = next;
             let at = start_s + seq * (86_400 / REPORTS_PER_DAY) + sim % 3_600;
-            let r = ReportBuilder::new(1 + sim, u32::try_from(seq).unwrap(), FIRST_SIM + sim, network_time(at))
-                .epoch(epoch)
-                .used(10_000 * (seq + 1), 40_000 * (seq + 1));
+            let r =
+                ReportBuilder::new(1 + sim, u32::try_from(seq).unwrap(), FIRST_SIM + sim, network_time(at))
+                    .epoch(epoch)
+                    .used(10_000 * (seq + 1), 40_000 * (seq + 1));
             batch.push(NewRecord::new(r.report(), at * 1000, r.encode(&KEY).into()));
             next = if sim + 1 == sims { (seq + 1, 0) } else { (seq, sim + 1) };
         }

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use crate::api::error::{ledger_error, underivable_error, ApiError};
 use crate::api::params::date_param;
 use crate::api::{AppState, Routes};
-use crate::text::{format_date, iccid_from_text};
 use crate::store::rollups::{SimPage, UsagePage, USAGE_PAGE_SIMS_DEFAULT, USAGE_PAGE_SIMS_MAX};
+use crate::text::{format_date, iccid_from_text};
 use crate::usage::{days_of, per_sim, DateRange, TimeZone, UsageError};
 use crate::wire::usage::{
     underivable, AdjustmentJson, DayUsage, LedgerDayJson, LedgerReply, SimTotal, SimUsage, SimsUsage,

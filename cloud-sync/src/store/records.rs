@@ -62,7 +62,12 @@ impl StoreBackend {
 
     /// One page of SIMs' usage per day in `tz` over `range`, in ICCID order (see
     /// [`SimPage`]); costs the page's SIMs and days, not the fleet or its history.
-    pub async fn usage_page(&self, tz: TimeZone, range: DateRange, page: SimPage) -> Result<UsagePage, StoreError> {
+    pub async fn usage_page(
+        &self,
+        tz: TimeZone,
+        range: DateRange,
+        page: SimPage,
+    ) -> Result<UsagePage, StoreError> {
         match self {
             Self::Sled(s) => {
                 let s = s.clone();

@@ -64,7 +64,8 @@ impl UsagePage {
         let Some(first) = page.first_iccid() else { return Self::default() };
         let sims: std::collections::BTreeSet<u64> =
             all.daily.keys().map(|(i, _)| *i).filter(|i| *i >= first).take(page.limit + 1).collect();
-        let next_after = (sims.len() > page.limit).then(|| sims.iter().nth(page.limit - 1).copied()).flatten();
+        let next_after =
+            (sims.len() > page.limit).then(|| sims.iter().nth(page.limit - 1).copied()).flatten();
         let last = next_after.unwrap_or(u64::MAX);
         all.daily.retain(|(i, _), _| (first..=last).contains(i));
         all.faults.retain(|i, _| (first..=last).contains(i));

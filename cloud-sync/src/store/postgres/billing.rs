@@ -17,10 +17,10 @@ use countersign_rating::pricing::BillingPeriod;
 use countersign_rating::text::{format_date, parse_date};
 use countersign_rating::usage::{derive_daily_in, DateRange, Derived, TimeZone};
 
-use super::{db_error, for_each_meter, pool_error, read_snapshot, PgStore};
 use super::rollups::rollup_daily_tx;
-use crate::store::rollups::{rows_of_range, rows_on_buckets};
+use super::{db_error, for_each_meter, pool_error, read_snapshot, PgStore};
 use crate::store::billing::{active_keys, corrupt, currency_changed, parse_active, AlertValue};
+use crate::store::rollups::{rows_of_range, rows_on_buckets};
 use crate::store::StoreError;
 
 impl PgStore {

@@ -735,7 +735,10 @@ impl PgStore {
                 _ => {
                     let faults = faults_in(&tx, first, u64::MAX).await?;
                     tx.commit().await.map_err(db_error)?;
-                    return Ok(UsagePage { derived: faults_then_rows(faults, Derived::default()), next_after: None });
+                    return Ok(UsagePage {
+                        derived: faults_then_rows(faults, Derived::default()),
+                        next_after: None,
+                    });
                 }
             }
         }
@@ -800,7 +803,8 @@ pub(super) async fn rollup_daily_tx(
          WHERE bucket >= $1 AND bucket < $2 AND records > 0";
     let portal = match iccid {
         Some(sim) => {
-            tx.bind(&format!("{buckets} AND iccid = $3"), &[&first_bucket, &end_bucket, &u64_to_sql(sim)]).await
+            tx.bind(&format!("{buckets} AND iccid = $3"), &[&first_bucket, &end_bucket, &u64_to_sql(sim)])
+                .await
         }
         // The day expression lets the range use the (day, iccid) index.
         None => {
@@ -820,7 +824,10 @@ pub(super) async fn rollup_daily_tx(
 /// The buckets `[first, end)` of UTC days `first_row` through `last_row`.
 fn buckets_of_rows(first_row: u32, last_row: u32) -> (i64, i64) {
     let per_day = BUCKETS_PER_DAY as i64;
-    (i64::from(first_row).saturating_mul(per_day), i64::from(last_row).saturating_add(1).saturating_mul(per_day))
+    (
+        i64::from(first_row).saturating_mul(per_day),
+        i64::from(last_row).saturating_add(1).saturating_mul(per_day),
+    )
 }
 
 /// The unsigned ICCIDs `first..=last` as spans of the signed column, in unsigned order:
@@ -888,7 +895,8 @@ async fn read_buckets(
             let bucket = u64::try_from(bucket)
                 .map_err(|_| StoreError::Corrupt(format!("rollup bucket {bucket} is negative")))?;
             let date = *dates.entry(bucket).or_insert_with(|| bucket_date(bucket, tz));
-            let date = date.ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))?;
+            let date =
+                date.ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))?;
             if !range.contains(date) {
                 continue;
             }
@@ -1073,8 +1081,12 @@ mod tests {
     const KEY: [u8; 32] = [9u8; 32];
     /// The last is above 2^63: PostgreSQL stores it as a negative BIGINT, pages still run in
     /// unsigned order.
-    const SIMS: [u64; 4] =
-        [8_988_280_666_000_000_001, 8_988_280_666_000_000_002, 8_988_280_666_000_000_003, 9_300_000_000_000_000_001];
+    const SIMS: [u64; 4] = [
+        8_988_280_666_000_000_001,
+        8_988_280_666_000_000_002,
+        8_988_280_666_000_000_003,
+        9_300_000_000_000_000_001,
+    ];
     /// 2026-03-29T00:00:00Z: Europe's spring DST change is in the first day.
     const START_S: u64 = 1_774_742_400;
 

@@ -201,7 +201,10 @@ impl Ledger {
                 let j = <[u8; 4]>::try_from(&v[..])
                     .map(i32::from_be_bytes)
                     .map_err(|_| StoreError::Corrupt("ledger closed_through".into()))?;
-                Ok(Some(Date::from_julian_day(j).map_err(|_| StoreError::Corrupt("ledger closed_through".into()))?))
+                Ok(Some(
+                    Date::from_julian_day(j)
+                        .map_err(|_| StoreError::Corrupt("ledger closed_through".into()))?,
+                ))
             }
         }
     }
@@ -286,7 +289,8 @@ impl Ledger {
             loop {
                 let got = self.store.rollup_page_in(&tz, range, page)?;
                 let mut booked = BTreeMap::new();
-                let sims: std::collections::BTreeSet<u64> = got.derived.daily.keys().map(|(i, _)| *i).collect();
+                let sims: std::collections::BTreeSet<u64> =
+                    got.derived.daily.keys().map(|(i, _)| *i).collect();
                 for sim in sims {
                     booked.extend(self.booked_in(sim, range)?);
                 }
@@ -306,7 +310,8 @@ impl Ledger {
                 let first = rows.iter().map(|(d, _)| *d).min().unwrap_or(0);
                 let last = rows.iter().map(|(d, _)| *d).max().unwrap_or(0);
                 let day_of = |bucket: u64| {
-                    bucket_date(bucket, &tz).ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))
+                    bucket_date(bucket, &tz)
+                        .ok_or_else(|| StoreError::Corrupt(format!("rollup bucket {bucket} has no date")))
                 };
                 let from = day_of(u64::from(first) * BUCKETS_PER_ROW)?;
                 let to = day_of(u64::from(last) * BUCKETS_PER_ROW + BUCKETS_PER_ROW - 1)?.min(through);

@@ -10,6 +10,8 @@
 //! | `rollup_days`   | ICCID (8) · UTC day (4) · meter (8), big-endian | version 1, then postcard of the day's non-empty quarter hours: (slot, up, down, records) in slot order |
 //! | `rollup_faulty` | ICCID (8) · record id (16)          | empty                                  |
 //! | `rollup_meta`   | `version`                           | [`ROLLUP_VERSION`] (4 bytes BE) once built |
+//! | `rollup_meta`   | `changes_before_bucket`             | the ledger's mark (u64 BE): changes to earlier buckets are marked |
+//! | `rollup_changed`| ICCID (8) · UTC day (4)             | the mark's unique id (u64 BE): a row changed after the ledger closed its day |
 //!
 //! One row per SIM, UTC day and meter that has records (a SIM is almost always reported by
 //! one meter): a SIM's usage over a range is a range scan of its rows, in proportion to the
@@ -83,6 +85,8 @@ const REBUILD_PROGRESS_RECORDS: u64 = 1_000_000;
 const META_VERSION_KEY: &[u8] = b"version";
 /// `rollup_meta` key of the bucket before which changes are marked for the ledger.
 const META_CHANGES_BEFORE_KEY: &[u8] = b"changes_before_bucket";
+/// A SIM's rows marked as changed for the ledger: its ICCID and each row's UTC day and mark.
+pub(crate) type ChangedRows = (u64, Vec<(u32, u64)>);
 /// Bytes of a `rollup_changed` key: ICCID (8) · UTC day (4).
 pub const CHANGED_KEY_BYTES: usize = 12;
 
@@ -90,9 +94,9 @@ pub const CHANGED_KEY_BYTES: usize = 12;
 pub(crate) fn stored_changes_before(meta: &sled::Tree) -> Result<u64, StoreError> {
     match meta.get(META_CHANGES_BEFORE_KEY)? {
         None => Ok(0),
-        Some(v) => <[u8; 8]>::try_from(&v[..])
-            .map(u64::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt(format!("rollup meta changes_before_bucket of {} bytes", v.len()))),
+        Some(v) => <[u8; 8]>::try_from(&v[..]).map(u64::from_be_bytes).map_err(|_| {
+            StoreError::Corrupt(format!("rollup meta changes_before_bucket of {} bytes", v.len()))
+        }),
     }
 }
 
@@ -688,8 +692,8 @@ impl Store {
             true => 0,
             false => self.db.generate_id().map_err(|e| CommitError::Store(e.into()))?,
         };
-        let result = (&self.records, &self.rollup_days, &self.rollup_faulty, &self.rollup_changed).transaction(
-            |(rec, days, faulty, changed)| {
+        let result = (&self.records, &self.rollup_days, &self.rollup_faulty, &self.rollup_changed)
+            .transaction(|(rec, days, faulty, changed)| {
                 // Under sled's write lock: no other commit runs until this one is applied.
                 if plan.meters.iter().any(|(m, s)| self.meter_state.get(*m).generation != s.generation) {
                     return Err(ConflictableTransactionError::Abort(()));
@@ -713,8 +717,7 @@ impl Store {
                     self.meter_state.committed(*m, tails.get(m).copied());
                 }
                 Ok(())
-            },
-        );
+            });
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(())) => Err(CommitError::Replan),
@@ -745,12 +748,14 @@ impl Store {
 
     /// The marked rows of the next SIM from `from_sim` on: its ICCID, and each mark's UTC day
     /// and the mark (a unique id, so that clearing it cannot clear a newer mark).
-    pub(crate) fn changed_rows_of_next_sim(&self, from_sim: u64) -> Result<Option<(u64, Vec<(u32, u64)>)>, StoreError> {
-        let mut out: Option<(u64, Vec<(u32, u64)>)> = None;
+    pub(crate) fn changed_rows_of_next_sim(&self, from_sim: u64) -> Result<Option<ChangedRows>, StoreError> {
+        let mut out: Option<ChangedRows> = None;
         for kv in self.rollup_changed.range(from_sim.to_be_bytes().to_vec()..) {
             let (k, v) = kv?;
             let bad = || StoreError::Corrupt(format!("rollup_changed entry {}", hex::encode(&k)));
-            let (Ok(key), Ok(mark)) = (<[u8; CHANGED_KEY_BYTES]>::try_from(&k[..]), <[u8; 8]>::try_from(&v[..])) else {
+            let (Ok(key), Ok(mark)) =
+                (<[u8; CHANGED_KEY_BYTES]>::try_from(&k[..]), <[u8; 8]>::try_from(&v[..]))
+            else {
                 return Err(bad());
             };
             let sim = u64::from_be_bytes(key[..8].try_into().map_err(|_| bad())?);
@@ -766,7 +771,11 @@ impl Store {
 
     /// Clears a mark unless the row was marked again since it was read.
     pub(crate) fn clear_changed_row(&self, sim: u64, day: u32, mark: u64) -> Result<(), StoreError> {
-        let _ = self.rollup_changed.compare_and_swap(day_bound(sim, day), Some(&mark.to_be_bytes()[..]), None::<&[u8]>)?;
+        let _ = self.rollup_changed.compare_and_swap(
+            day_bound(sim, day),
+            Some(&mark.to_be_bytes()[..]),
+            None::<&[u8]>,
+        )?;
         Ok(())
     }
 
@@ -1014,7 +1023,12 @@ impl Store {
     /// One page of SIMs' usage per day in `tz` over `range` (see [`SimPage`]): the SIMs with
     /// rollup rows in the range after `page.after`, in ICCID order. Costs the rows of the
     /// page's SIMs in the range plus two seeks per SIM, whatever the history and fleet size.
-    pub fn rollup_page_in(&self, tz: &TimeZone, range: DateRange, page: SimPage) -> Result<UsagePage, StoreError> {
+    pub fn rollup_page_in(
+        &self,
+        tz: &TimeZone,
+        range: DateRange,
+        page: SimPage,
+    ) -> Result<UsagePage, StoreError> {
         self.rollup_read(Scope::Page(page), tz, range)
     }
 
@@ -1081,7 +1095,11 @@ impl Store {
                 }
                 match (u64::try_from(s.up), u64::try_from(s.down)) {
                     (Ok(up), Ok(down)) => rows_out.add(sim, unnamed, date, Totals { up, down }),
-                    _ => rows_out.fault(SimFault { iccid: sim, record: unnamed, reason: FaultReason::Overflow }),
+                    _ => rows_out.fault(SimFault {
+                        iccid: sim,
+                        record: unnamed,
+                        reason: FaultReason::Overflow,
+                    }),
                 }
             }
         }
@@ -1089,7 +1107,8 @@ impl Store {
         let faulty = match (scope, next_after) {
             (Scope::Sim(sim), _) => self.rollup_faulty.scan_prefix(sim.to_be_bytes()),
             (_, Some(last)) => self.rollup_faulty.range(
-                from_sim.to_be_bytes().to_vec()..last.checked_add(1).map_or(vec![0xff; 9], |n| n.to_be_bytes().to_vec()),
+                from_sim.to_be_bytes().to_vec()
+                    ..last.checked_add(1).map_or(vec![0xff; 9], |n| n.to_be_bytes().to_vec()),
             ),
             (_, None) => self.rollup_faulty.range(from_sim.to_be_bytes().to_vec()..),
         };
@@ -1198,8 +1217,12 @@ mod tests {
     const KEY: [u8; 32] = [9u8; 32];
     /// The last is above 2^63: PostgreSQL stores it as a negative BIGINT, pages still run in
     /// unsigned order.
-    const SIMS: [u64; 4] =
-        [8_988_280_666_000_000_001, 8_988_280_666_000_000_002, 8_988_280_666_000_000_003, 9_300_000_000_000_000_001];
+    const SIMS: [u64; 4] = [
+        8_988_280_666_000_000_001,
+        8_988_280_666_000_000_002,
+        8_988_280_666_000_000_003,
+        9_300_000_000_000_000_001,
+    ];
     /// 2026-03-29T00:00:00Z: Europe's spring DST change is in the first day.
     const START_S: u64 = 1_774_742_400;
 

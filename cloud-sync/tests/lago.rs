@@ -599,6 +599,41 @@ async fn a_metric_mismatch_and_a_refusal_show_on_health_metrics_and_the_cli(kind
     let _ = stop.send(());
     run.await.unwrap();
     server.stop().await;
+
+    // The store itself says how many events wait (the embedded store once the endpoint has
+    // let go of it).
+    drop(store);
+    let dir = env.dir.path();
+    countersign_protocol::keys::write_secret(&dir.join("admin.token"), &[9; 32]).unwrap();
+    let cfg = dir.join("cloud.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = '{}'\nadmin_token_file = '{}'\n[store]\n{}\n",
+            dir.join("data").display(),
+            dir.join("admin.token").display(),
+            common::store_section(env.db.as_ref())
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let mut last = String::new();
+    for _ in 0..100 {
+        let cfg = cfg.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            common::cloud_exe().run(&["lago", "status", "--config", &cfg]).unwrap()
+        })
+        .await
+        .unwrap();
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v, json!({"store_backlog": 20}));
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("lago status --config failed: {last}");
 }
 
 /// Records of `meters` meters × 2 epochs × `per_epoch` reports starting at `first_seq`, with

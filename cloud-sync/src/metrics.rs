@@ -321,6 +321,11 @@ pub fn render_lago(out: &mut String, h: &LagoHealth, refusals: &BTreeMap<String,
             flag(h.state == LagoState::MetricMismatch),
         ),
         (
+            "countersign_lago_unavailable",
+            "1 when every Lago call has failed for 15 minutes or more; the exporter keeps retrying.",
+            flag(h.state == LagoState::Unavailable),
+        ),
+        (
             "countersign_lago_metric_unverified",
             "1 when the Lago billable metric could not be checked yet; nothing is sent.",
             flag(h.state == LagoState::Unverified),

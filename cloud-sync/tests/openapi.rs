@@ -281,6 +281,12 @@ fn every_lago_export_state_is_a_documented_health_answer() {
     s.update(|s| s.metric_checked(&MetricCheck::Ok, None, 7));
     s.update(|s| s.round_done(true));
     check(&s);
+    s.update(|s| {
+        s.call_failed(100);
+        s.call_failed(100_000)
+    });
+    assert_eq!(s.snapshot().state(), countersign_cloud::wire::ops::LagoState::Unavailable);
+    check(&s);
     assert!(c.validate(&health, &serde_json::json!({"status": "broken"})).is_err());
 }
 

@@ -71,6 +71,7 @@
 //! Every transition goes to the shared [`LagoStatus`] ([`LagoExporter::status`]): `/health`
 //! answers `degraded` with the problem, its code, a hint and the backlog; `/metrics` carries
 //! `countersign_lago_export_stopped`, `countersign_lago_metric_mismatch`,
+//! `countersign_lago_unavailable` (every call failing for [`LAGO_UNAVAILABLE_DEGRADED_S`]),
 //! `countersign_lago_backlog_events`, and `countersign-cloud lago status` prints it.
 
 use std::collections::BTreeMap;
@@ -84,7 +85,9 @@ pub use countersign_rating::lago::*;
 
 use crate::metrics::log_excerpt;
 use crate::service::lago_status::now_unix_s;
-pub use crate::service::lago_status::{LagoStatus, LAGO_METRIC_CHECK_INTERVAL_S};
+pub use crate::service::lago_status::{
+    LagoStatus, LAGO_METRIC_CHECK_INTERVAL_S, LAGO_UNAVAILABLE_DEGRADED_S,
+};
 use crate::store::lago::LagoOutbox;
 use crate::store::{StoreBackend, StoreError};
 
@@ -394,15 +397,20 @@ impl LagoExporter {
                     }
                     self.outbox.settle(keys).await?;
                     stats.delivered += n;
-                    self.status.update(|s| s.delivered(n));
+                    self.status.update(|s| {
+                        s.call_ok();
+                        s.delivered(n);
+                    });
                 }
                 Step::Resend { wait, rate_limited: true } => {
                     stats.rate_limited += 1;
+                    self.status.update(|s| s.call_failed(now_unix_s()));
                     tracing::warn!(wait_ms = wait.as_millis() as u64, "lago rate limit; waiting");
                     tokio::time::sleep(wait).await;
                 }
                 Step::Resend { wait, rate_limited: false } => {
                     stats.retried += 1;
+                    self.status.update(|s| s.call_failed(now_unix_s()));
                     tracing::warn!(delay_ms = wait.as_millis() as u64, "lago unavailable; backing off");
                     tokio::time::sleep(wait).await;
                 }

@@ -7,6 +7,7 @@
 //!      │  ▲                   │
 //!      │  └──metric ok────────┤ metric missing / wrong ──► metric_mismatch (re-checked each round)
 //!      └─ lago unreachable ──► unverified (re-checked each round; a running export stays running)
+//!   running ── every call failing for LAGO_UNAVAILABLE_DEGRADED_S ──► unavailable ── a call accepted ──► running
 //!   any ── refusal (too_many_events, 401, …) or a store fault that does not pass ──► stopped
 //! ```
 //!
@@ -26,6 +27,11 @@ use crate::wire::ops::{LagoHealth, LagoState};
 /// (or could not be checked), it is checked every export round.
 pub const LAGO_METRIC_CHECK_INTERVAL_S: u64 = 600;
 
+/// Seconds of failing calls (5xx, 429, transport errors, retried with backoff) after which a
+/// sending export reports `unavailable`: long enough that a Lago deploy or a burst of rate
+/// limiting does not page anyone.
+pub const LAGO_UNAVAILABLE_DEGRADED_S: u64 = 900;
+
 /// Distinct refusal codes counted separately; more are counted as `other` (the codes come
 /// from Lago's answers, so their number is bounded here, not by Lago).
 pub const LAGO_REFUSAL_CODES_MAX: usize = 32;
@@ -39,6 +45,8 @@ pub struct ExportStatus {
     /// later check cannot reach Lago).
     metric_ok: bool,
     backlog: Option<u64>,
+    /// When the current run of failing calls began.
+    failing_since_unix_s: Option<u64>,
     delivered: u64,
     refusals: BTreeMap<String, u64>,
     metric_code: String,
@@ -61,6 +69,7 @@ impl ExportStatus {
             problem: None,
             metric_ok: false,
             backlog: None,
+            failing_since_unix_s: None,
             delivered: 0,
             refusals: BTreeMap::new(),
             metric_code: metric_code.to_owned(),
@@ -76,14 +85,14 @@ impl ExportStatus {
     /// Whether the exporter may plan and send: only once the metric matched and while
     /// nothing stopped it.
     pub fn may_send(&self) -> bool {
-        matches!(self.state, LagoState::Running | LagoState::Standby)
+        matches!(self.state, LagoState::Running | LagoState::Standby | LagoState::Unavailable)
     }
 
     /// How long until the metric should be checked again.
     pub fn metric_check_in(&self) -> Option<Duration> {
         match self.state {
             LagoState::Stopped => None,
-            LagoState::Running | LagoState::Standby => {
+            LagoState::Running | LagoState::Standby | LagoState::Unavailable => {
                 Some(Duration::from_secs(LAGO_METRIC_CHECK_INTERVAL_S))
             }
             LagoState::Starting | LagoState::Unverified | LagoState::MetricMismatch => Some(Duration::ZERO),
@@ -116,7 +125,9 @@ impl ExportStatus {
                 if !self.may_send() {
                     self.state = LagoState::Running;
                 }
-                self.problem = None;
+                if self.state != LagoState::Unavailable {
+                    self.problem = None;
+                }
             }
             MetricCheck::Mismatch(m) => {
                 self.metric_ok = false;
@@ -156,7 +167,34 @@ impl ExportStatus {
     /// An export round ended: `standby` when another process held the lock.
     pub fn round_done(&mut self, standby: bool) {
         if self.may_send() {
+            if self.state == LagoState::Unavailable {
+                self.problem = None;
+            }
             self.state = if standby { LagoState::Standby } else { LagoState::Running };
+        }
+    }
+
+    /// A batch call failed in a way the exporter retries (5xx, 429, transport): after
+    /// [`LAGO_UNAVAILABLE_DEGRADED_S`] of nothing but failures, the export is `unavailable`.
+    pub fn call_failed(&mut self, now_unix_s: u64) {
+        if !self.may_send() {
+            return;
+        }
+        let since = *self.failing_since_unix_s.get_or_insert(now_unix_s);
+        if now_unix_s.saturating_sub(since) >= LAGO_UNAVAILABLE_DEGRADED_S {
+            let what = format!("every lago call has failed since {since} (5xx, 429 or no answer); retrying");
+            let hint =
+                "check lago and the network path from the endpoint to [lago] base_url; nothing is lost";
+            self.set_problem(LagoState::Unavailable, "lago_unavailable", what, hint.into(), since);
+        }
+    }
+
+    /// Lago accepted a call: a run of failures is over.
+    pub fn call_ok(&mut self) {
+        self.failing_since_unix_s = None;
+        if self.state == LagoState::Unavailable {
+            self.state = LagoState::Running;
+            self.problem = None;
         }
     }
 
@@ -297,6 +335,34 @@ mod tests {
         );
         assert_eq!(s.metric_check_in(), None);
         assert_eq!(s.refusals()["too_many_events"], 1);
+    }
+
+    #[test]
+    fn failing_calls_degrade_only_after_the_threshold_and_recover_on_the_first_success() {
+        let mut s = ExportStatus::new("data_bytes", 100);
+        // Before the metric matched nothing is sent, so nothing can fail.
+        s.call_failed(0);
+        assert_eq!(s.state(), LagoState::Starting);
+        s.metric_checked(&MetricCheck::Ok, None, 0);
+        s.call_failed(100);
+        s.call_failed(100 + LAGO_UNAVAILABLE_DEGRADED_S - 1);
+        assert_eq!(s.state(), LagoState::Running);
+        s.call_failed(100 + LAGO_UNAVAILABLE_DEGRADED_S);
+        let h = s.health();
+        assert_eq!(
+            (h.state, h.code.as_deref(), h.since_unix_s),
+            (LagoState::Unavailable, Some("lago_unavailable"), Some(100))
+        );
+        assert!(s.may_send(), "the exporter keeps retrying");
+        s.call_ok();
+        assert_eq!((s.state(), s.health().problem), (LagoState::Running, None));
+        // A new run of failures counts from its own start.
+        s.call_failed(5000);
+        s.call_failed(5000 + LAGO_UNAVAILABLE_DEGRADED_S - 1);
+        assert_eq!(s.state(), LagoState::Running);
+        s.call_failed(5000 + LAGO_UNAVAILABLE_DEGRADED_S);
+        s.round_done(false);
+        assert_eq!((s.state(), s.health().problem), (LagoState::Running, None));
     }
 
     #[test]

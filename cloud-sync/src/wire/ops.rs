@@ -35,6 +35,10 @@ pub enum LagoState {
     Running,
     /// Checked; another process holds the export lock (PostgreSQL) and sends.
     Standby,
+    /// Sending, but every call has failed (5xx, 429, transport) for a while (see
+    /// `LAGO_UNAVAILABLE_DEGRADED_S`); the exporter keeps retrying with backoff and nothing
+    /// is lost. Degraded.
+    Unavailable,
     /// The billable metric could not be checked (Lago unreachable or failing): nothing is
     /// sent until it is; checked again every round. Degraded.
     Unverified,
@@ -49,7 +53,10 @@ pub enum LagoState {
 impl LagoState {
     /// Whether this state needs an operator (`/health` says `degraded`).
     pub fn degraded(self) -> bool {
-        matches!(self, LagoState::Unverified | LagoState::MetricMismatch | LagoState::Stopped)
+        matches!(
+            self,
+            LagoState::Unavailable | LagoState::Unverified | LagoState::MetricMismatch | LagoState::Stopped
+        )
     }
 
     /// The state's name on the wire and in metrics.
@@ -58,6 +65,7 @@ impl LagoState {
             LagoState::Starting => "starting",
             LagoState::Running => "running",
             LagoState::Standby => "standby",
+            LagoState::Unavailable => "unavailable",
             LagoState::Unverified => "unverified",
             LagoState::MetricMismatch => "metric_mismatch",
             LagoState::Stopped => "stopped",

@@ -78,7 +78,7 @@ struct Lago {
     batch_max: usize,
     /// Billable metrics by code.
     metrics: HashMap<String, Metric>,
-    /// `GET` calls of billable metrics.
+    /// `GET` calls of billable metrics, answered or refused.
     metric_checks: usize,
     /// transaction_id → the event as first stored.
     stored: HashMap<String, Value>,
@@ -127,10 +127,10 @@ async fn billable_metric(
     Path(code): Path<String>,
 ) -> Response {
     let mut l = lago.lock().unwrap();
+    l.metric_checks += 1;
     if !authorized(&headers) {
         return unauthorized();
     }
-    l.metric_checks += 1;
     if l.down {
         return (StatusCode::INTERNAL_SERVER_ERROR, "oops").into_response();
     }
@@ -592,9 +592,14 @@ async fn a_metric_mismatch_and_a_refusal_show_on_health_metrics_and_the_cli(kind
     );
     assert!(err.contains("too_many_events") && err.contains("events_per_call"), "{err}");
     // Stopped means stopped: no further batch calls while it runs on.
-    let calls = lago.lock().unwrap().calls.len();
+    let (calls, checks) = {
+        let l = lago.lock().unwrap();
+        (l.calls.len(), l.metric_checks)
+    };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(lago.lock().unwrap().calls.len(), calls);
+    let l = lago.lock().unwrap();
+    assert_eq!((l.calls.len(), l.metric_checks), (calls, checks), "a stopped export still calls lago");
+    drop(l);
 
     let _ = stop.send(());
     run.await.unwrap();
@@ -748,4 +753,71 @@ async fn postgres_two_exporters_on_one_database_deliver_each_record_once() {
         assert_eq!(*bytes, last * 10 + 1 + last * 100, "meter {meter}");
     }
     assert_eq!(got.len(), 20);
+}
+
+#[test]
+fn check_config_names_a_wrong_lago_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    countersign_protocol::keys::write_secret(&d.join("admin.token"), &[9; 32]).unwrap();
+    std::fs::write(
+        d.join("cloud.toml"),
+        format!(
+            "data_dir = '{}'\nadmin_token_file = '{}'\n",
+            d.join("data").display(),
+            d.join("admin.token").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("lago.key"), "k\n").unwrap();
+    std::fs::set_permissions(d.join("lago.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let check = |lago: &str| {
+        std::fs::write(
+            d.join("lago.toml"),
+            format!("base_url = 'http://lago'\napi_key_file = 'lago.key'\n{lago}\n"),
+        )
+        .unwrap();
+        let cloud = d.join("cloud.toml").display().to_string();
+        let lago = d.join("lago.toml").display().to_string();
+        common::cloud_exe().run(&["check-config", "--config", &cloud, "--lago-config", &lago]).unwrap()
+    };
+    let ok = check("events_per_call = 50\nfield = 'octets'");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    for (lago, key) in [("events_per_call = 0", "events_per_call: "), ("field = ''", "field: ")] {
+        let out = check(lago);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(key), "{lago}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_metric_check_stops_the_export_and_asks_no_more() {
+    let (base, lago) = start_lago().await;
+    let env = Env::new(Kind::Sled).await;
+    let store = env.open().await;
+    insert(&store, vec![record(1, 0, 0, SIM_A, 1, 1)]).await;
+    let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned())].into();
+    let exporter =
+        LagoExporter::new(&store, LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap()).unwrap();
+    let status = exporter.status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(exporter.run(Duration::from_millis(20), async move {
+        let _ = stopped.await;
+    }));
+    for _ in 0..500 {
+        if status.snapshot().state() == LagoState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let h = status.snapshot().health();
+    assert_eq!((h.state, h.code.as_deref()), (LagoState::Stopped, Some("unauthorized")), "{h:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop.send(());
+    run.await.unwrap();
+    let l = lago.lock().unwrap();
+    // The refused check was the only call.
+    assert_eq!((l.metric_checks, l.calls.len()), (1, 0), "lago was asked again after the refusal");
+    assert_eq!(status.snapshot().refusals()["unauthorized"], 1);
 }

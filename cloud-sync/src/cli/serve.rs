@@ -25,11 +25,14 @@ pub(crate) enum ServeCommand {
         #[arg(long)]
         lago_config: Option<PathBuf>,
     },
-    /// Validate a config file and the admin token file it names.
+    /// Validate a config file and the admin token file it names (and a Lago export config).
     CheckConfig {
         /// The TOML config file.
         #[arg(long)]
         config: PathBuf,
+        /// A Lago export config (TOML) to validate too, with its API key file.
+        #[arg(long)]
+        lago_config: Option<PathBuf>,
     },
     /// Derive the usage rollups again from the stored records (the embedded store: stop the
     /// endpoint first, it holds the store's lock).
@@ -54,11 +57,14 @@ pub(crate) enum ServeCommand {
 pub(crate) async fn run(command: ServeCommand) -> Result<()> {
     match command {
         ServeCommand::Serve { config, lago_config } => serve(&config, lago_config.as_deref()).await,
-        ServeCommand::CheckConfig { config } => {
+        ServeCommand::CheckConfig { config, lago_config } => {
             let c = CloudConfig::load(&config).with_context(|| format!("config {}", config.display()))?;
             c.read_admin_token().with_context(|| format!("config {}", config.display()))?;
             if let Some(b) = c.billing() {
                 load_plans(&b.plans_file).with_context(|| format!("config {}", config.display()))?;
+            }
+            if let Some(lago) = lago_config {
+                LagoConfig::load(&lago).with_context(|| format!("lago config {}", lago.display()))?;
             }
             println!("config ok");
             Ok(())

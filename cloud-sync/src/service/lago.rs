@@ -522,9 +522,10 @@ impl LagoExporter {
     }
 
     /// One round of [`LagoExporter::run`]: check the metric when due, drain when allowed,
-    /// count the backlog when not. `next_check` is when the metric is due next.
+    /// count the backlog when not. `next_check` is when the metric is due next (`None`:
+    /// never again, the export stopped).
     async fn round(&self, next_check: &mut Option<tokio::time::Instant>) {
-        let due = next_check.is_none_or(|t| tokio::time::Instant::now() >= t);
+        let due = next_check.is_some_and(|t| tokio::time::Instant::now() >= t);
         if due {
             self.check_metric().await;
             *next_check = self.status.snapshot().metric_check_in().map(|d| tokio::time::Instant::now() + d);
@@ -573,7 +574,7 @@ impl LagoExporter {
     /// for the life of the process (the status says why; the backlog is still counted).
     pub async fn run(self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut next_check = None;
+        let mut next_check = Some(tokio::time::Instant::now());
         loop {
             tokio::select! {
                 () = self.round(&mut next_check) => {}

@@ -597,9 +597,11 @@ async fn a_metric_mismatch_and_a_refusal_show_on_health_metrics_and_the_cli(kind
         (l.calls.len(), l.metric_checks)
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let l = lago.lock().unwrap();
-    assert_eq!((l.calls.len(), l.metric_checks), (calls, checks), "a stopped export still calls lago");
-    drop(l);
+    let now = {
+        let l = lago.lock().unwrap();
+        (l.calls.len(), l.metric_checks)
+    };
+    assert_eq!(now, (calls, checks), "a stopped export still calls lago");
 
     let _ = stop.send(());
     run.await.unwrap();

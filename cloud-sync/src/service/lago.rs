@@ -103,6 +103,9 @@ pub const LAGO_SUBSCRIPTIONS_MAX: usize = 1_000_000;
 pub const LAGO_ID_BYTES_MAX: usize = 256;
 /// Largest API key file, bytes.
 pub const LAGO_API_KEY_FILE_BYTES_MAX: u64 = 4096;
+/// Seconds between two counts of the outbox while the export does not send (stopped,
+/// mismatch, standby): a count walks the whole outbox on sled.
+pub const LAGO_BACKLOG_COUNT_INTERVAL_S: u64 = 60;
 /// HTTP timeout per call, seconds.
 pub const LAGO_REQUEST_TIMEOUT_S: u64 = 30;
 
@@ -514,7 +517,15 @@ impl LagoExporter {
         check
     }
 
-    async fn count_backlog(&self) {
+    /// Counts the outbox for the status, at most once per [`LAGO_BACKLOG_COUNT_INTERVAL_S`]
+    /// (`counted`: when it last did): on sled a count walks the whole outbox.
+    async fn count_backlog(&self, counted: &mut Option<tokio::time::Instant>) {
+        let now = tokio::time::Instant::now();
+        if counted.is_some_and(|t| now.duration_since(t) < Duration::from_secs(LAGO_BACKLOG_COUNT_INTERVAL_S))
+        {
+            return;
+        }
+        *counted = Some(now);
         match self.outbox.pending().await {
             Ok(n) => self.status.update(|s| s.backlog(n)),
             Err(e) => tracing::warn!(error = %e, "cannot count the lago outbox"),
@@ -523,15 +534,19 @@ impl LagoExporter {
 
     /// One round of [`LagoExporter::run`]: check the metric when due, drain when allowed,
     /// count the backlog when not. `next_check` is when the metric is due next (`None`:
-    /// never again, the export stopped).
-    async fn round(&self, next_check: &mut Option<tokio::time::Instant>) {
+    /// never again, the export stopped); `counted` is when the backlog was last counted.
+    async fn round(
+        &self,
+        next_check: &mut Option<tokio::time::Instant>,
+        counted: &mut Option<tokio::time::Instant>,
+    ) {
         let due = next_check.is_some_and(|t| tokio::time::Instant::now() >= t);
         if due {
             self.check_metric().await;
             *next_check = self.status.snapshot().metric_check_in().map(|d| tokio::time::Instant::now() + d);
         }
         if !self.status.snapshot().may_send() {
-            self.count_backlog().await;
+            self.count_backlog(counted).await;
             return;
         }
         match self.drain().await {
@@ -541,7 +556,7 @@ impl LagoExporter {
                 }
                 self.status.update(|s| s.round_done(stats.standby));
                 if stats.standby {
-                    self.count_backlog().await;
+                    self.count_backlog(counted).await;
                 } else {
                     // The active exporter just emptied the outbox.
                     self.status.update(|s| s.backlog(0));
@@ -575,9 +590,10 @@ impl LagoExporter {
     pub async fn run(self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut next_check = Some(tokio::time::Instant::now());
+        let mut counted = None;
         loop {
             tokio::select! {
-                () = self.round(&mut next_check) => {}
+                () = self.round(&mut next_check, &mut counted) => {}
                 () = &mut shutdown => return,
             }
             tokio::select! {

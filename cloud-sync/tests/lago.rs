@@ -286,7 +286,8 @@ on_both_stores!(
     every_record_arrives_exactly_once_across_restarts_and_faults,
     the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter,
     the_configured_batch_size_is_honoured_and_a_larger_one_is_refused_by_name,
-    a_metric_mismatch_and_a_refusal_show_on_health_metrics_and_the_cli
+    a_metric_mismatch_and_a_refusal_show_on_health_metrics_and_the_cli,
+    events_of_another_metric_in_the_outbox_stop_the_export_before_anything_is_planned
 );
 
 fn config(base: &str) -> LagoConfig {
@@ -822,4 +823,49 @@ async fn a_refused_metric_check_stops_the_export_and_asks_no_more() {
     // The refused check was the only call.
     assert_eq!((l.metric_checks, l.calls.len()), (1, 0), "lago was asked again after the refusal");
     assert_eq!(status.snapshot().refusals()["unauthorized"], 1);
+}
+
+async fn events_of_another_metric_in_the_outbox_stop_the_export_before_anything_is_planned(kind: Kind) {
+    let (base, lago) = start_lago().await;
+    let env = Env::new(kind).await;
+    let store = env.open().await;
+    insert(&store, wave(1..=1, 0, 5)).await;
+    // Planned under the default field, then refused (wrong key): 10 events wait.
+    let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned()), (SIM_B, "sub_b".to_owned())].into();
+    let bad =
+        LagoExporter::new(&store, LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap()).unwrap();
+    assert!(matches!(bad.drain().await.unwrap_err(), LagoError::Refused { status: 401, .. }));
+    drop(bad);
+    // The operator renames the field (in Lago and in the config) with the backlog not empty.
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), ("sum_agg", Some("octets"), false));
+    insert(&store, wave(2..=2, 0, 5)).await;
+    let renamed = LagoExporter::new(&store, config(&base).with_field("octets").unwrap()).unwrap();
+    for _ in 0..200 {
+        match renamed.drain().await {
+            Ok(stats) if stats.standby => tokio::time::sleep(Duration::from_millis(25)).await,
+            Err(LagoError::OutboxMetricChanged(what)) => {
+                assert!(what.contains(r#"field "bytes""#) && what.contains(r#"field "octets""#), "{what}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let h = renamed.status().snapshot().health();
+    assert_eq!((h.state, h.code.as_deref()), (LagoState::Stopped, Some("outbox_metric_changed")));
+    // Nothing sent, and nothing new planned behind the old events.
+    assert_eq!(renamed.pending().await.unwrap(), 10);
+    assert!(lago.lock().unwrap().calls.is_empty());
+    drop(renamed);
+    // Back to the old field: the old events go; then the new field plans the rest.
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), GOOD_METRIC);
+    let old = LagoExporter::new(&store, config(&base)).unwrap();
+    let stats = drain_when_active(&old).await;
+    assert_eq!(stats.delivered, 20, "{stats:?}");
+    drop(old);
+    insert(&store, wave(3..=3, 0, 5)).await;
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), ("sum_agg", Some("octets"), false));
+    let renamed = LagoExporter::new(&store, config(&base).with_field("octets").unwrap()).unwrap();
+    assert_eq!(drain_when_active(&renamed).await.delivered, 10);
+    let l = lago.lock().unwrap();
+    assert_eq!(l.stored.values().filter(|e| e["properties"].get("octets").is_some()).count(), 10);
 }

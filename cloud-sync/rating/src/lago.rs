@@ -176,6 +176,33 @@ pub fn plannable(r: &UsageRecord) -> bool {
     }
 }
 
+/// Whether an event in the outbox was planned for `metric` (pure): its `code` and its one
+/// property are the metric's code and field. Events are sent verbatim, so one planned before
+/// `[lago] code` or `field` changed would go to the old metric: the exporter sends none
+/// until the outbox holds only events of the configured metric (see
+/// [`planned_for_other_metric`]).
+pub fn planned_for(event_json: &[u8], metric: &LagoMetric) -> bool {
+    serde_json::from_slice::<LagoEvent>(event_json).is_ok_and(|e| {
+        e.code == metric.code && e.properties.len() == 1 && e.properties.contains_key(&metric.field)
+    })
+}
+
+/// The first event (of those read from the outbox) not planned for `metric`, described for
+/// the operator; `None` when every one was.
+pub fn planned_for_other_metric(events: &[(u64, Vec<u8>)], metric: &LagoMetric) -> Option<String> {
+    let (_, json) = events.iter().find(|(_, e)| !planned_for(e, metric))?;
+    let planned = serde_json::from_slice::<LagoEvent>(json).ok().map(|e| {
+        let fields: Vec<&str> = e.properties.keys().map(String::as_str).collect();
+        format!("code {:?}, field {:?}", e.code, fields.join(","))
+    });
+    Some(format!(
+        "the outbox holds events planned under {}, the config says code {:?}, field {:?}",
+        planned.unwrap_or_else(|| "another shape".into()),
+        metric.code,
+        metric.field
+    ))
+}
+
 /// The body of a batch call: the stored event bytes, verbatim.
 pub fn batch_body(events: &[(u64, Vec<u8>)]) -> Vec<u8> {
     let mut body = b"{\"events\":[".to_vec();
@@ -685,6 +712,21 @@ mod tests {
         assert_eq!(check_metric(429, b"", &m), MetricCheck::Unavailable);
         let unauthorized = br#"{"status":401,"error":"Unauthorized"}"#;
         assert!(matches!(check_metric(401, unauthorized, &m), MetricCheck::Refused(401, _)));
+    }
+
+    #[test]
+    fn an_event_planned_for_another_metric_is_found() {
+        let m = LagoMetric::default();
+        let e = plan_event(&usage(0, 1, 2), Totals::default(), "sub", &m).unwrap().json;
+        assert!(planned_for(&e, &m));
+        let other_code = LagoMetric { code: "sim_data".into(), field: "bytes".into() };
+        let other_field = LagoMetric { code: "data_bytes".into(), field: "octets".into() };
+        assert!(!planned_for(&e, &other_code) && !planned_for(&e, &other_field));
+        assert!(!planned_for(b"not json", &m));
+        let later = plan_event(&usage(1, 1, 2), Totals::default(), "sub", &other_field).unwrap().json;
+        assert_eq!(planned_for_other_metric(&[(0, e.clone()), (1, e.clone())], &m), None);
+        let why = planned_for_other_metric(&[(0, e), (1, later)], &m).unwrap();
+        assert!(why.contains(r#"field "octets""#) && why.contains(r#"field "bytes""#), "{why}");
     }
 
     #[test]

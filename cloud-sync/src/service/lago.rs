@@ -134,6 +134,10 @@ pub enum LagoError {
         /// Lago's answer, truncated.
         body: String,
     },
+    /// The outbox holds events planned under another code or field than configured (the
+    /// config changed with a backlog). Not recoverable without an operator: see the message.
+    #[error("{0}")]
+    OutboxMetricChanged(String),
     /// The HTTP client could not be built. Not recoverable.
     #[error("http client: {0}")]
     Client(String),
@@ -380,6 +384,9 @@ impl LagoExporter {
     }
 
     async fn drain_active(&self) -> Result<ExportStats, LagoError> {
+        // Before planning: events of the configured metric must not be queued behind events
+        // of an older config, or going back to that config to send those would strand these.
+        self.refuse_other_metric(&self.outbox.peek(self.config.events_per_call).await?).await?;
         let mut stats = ExportStats {
             planned: self.outbox.plan(&self.config.subscriptions, &self.config.metric).await?,
             ..Default::default()
@@ -390,6 +397,7 @@ impl LagoExporter {
             if events.is_empty() {
                 return Ok(stats);
             }
+            self.refuse_other_metric(&events).await?;
             let sent: Vec<u64> = events.iter().map(|(k, _)| *k).collect();
             match next_step(self.call(&events).await, &sent, &mut backoff) {
                 Step::Settle { keys, already_existed } => {
@@ -443,6 +451,29 @@ impl LagoExporter {
                 }
             }
         }
+    }
+
+    /// Stops the export when `events` (read from the outbox) hold one planned under another
+    /// code or field than configured: sent as they are, they would feed another metric.
+    async fn refuse_other_metric(&self, events: &[(u64, Vec<u8>)]) -> Result<(), LagoError> {
+        let Some(what) = planned_for_other_metric(events, &self.config.metric) else { return Ok(()) };
+        let code = "outbox_metric_changed";
+        let pending = self.outbox.pending().await.ok();
+        tracing::error!(%what, pending, "lago export stops: the outbox holds events of another metric");
+        self.status.update(|s| {
+            if let Some(n) = pending {
+                s.backlog(n);
+            }
+            s.stop(
+                code,
+                what.clone(),
+                "set [lago] code and field back to what the outbox holds and restart; change them once \
+                 lago status shows a backlog of 0"
+                    .into(),
+                now_unix_s(),
+            );
+        });
+        Err(LagoError::OutboxMetricChanged(what))
     }
 
     async fn call(&self, events: &[(u64, Vec<u8>)]) -> CallOutcome {
@@ -567,7 +598,7 @@ impl LagoExporter {
                 tracing::warn!(error = %e, "lago export round failed; retrying next round");
             }
             // The status is stopped already (drain did it).
-            Err(LagoError::Refused { .. }) => {}
+            Err(LagoError::Refused { .. } | LagoError::OutboxMetricChanged(_)) => {}
             Err(e) => {
                 tracing::error!(error = %e, "lago export stopped");
                 self.status.update(|s| {

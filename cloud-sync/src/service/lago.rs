@@ -56,6 +56,9 @@
 //! (`GET /api/v1/billable_metrics/{code}`) and sends only while [`check_metric`] says it
 //! exists, sums (`sum_agg`) the configured field, has no expression and is not recurring.
 //! While it does not, or cannot be read, the export waits and checks again every round.
+//! Events are planned with the code and field configured at the time and sent verbatim, so
+//! an outbox holding events of another code or field (the config changed with a backlog)
+//! stops the export before anything new is planned ([`planned_for_other_metric`]).
 //!
 //! # Errors from Lago
 //!

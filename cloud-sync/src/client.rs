@@ -26,6 +26,7 @@ use crate::wire::billing::{
     WalletsReply, ADMIN_BILLING_RUN_PATH, ADMIN_WALLET_TOPUPS_PATH, BILLING_CHARGES_PATH,
     BILLING_FORECAST_PATH, BILLING_WALLETS_PATH,
 };
+use crate::wire::ops::{HealthReply, HEALTH_PATH};
 use crate::wire::usage::{
     LedgerReply, SimUsage, SimsUsage, ZoneDays, USAGE_DAYS_PATH, USAGE_LEDGER_PATH, USAGE_PATH,
     USAGE_SIMS_PATH,
@@ -146,6 +147,15 @@ fn range_query(range: DateRange) -> Vec<(&'static str, String)> {
         q.push(("to", format_date(to)));
     }
     q
+}
+
+/// The endpoint's health (`GET /health`, no token): `ok` or `degraded`, with the Lago
+/// export's state when the endpoint runs one.
+pub async fn health(http: &reqwest::Client, base_url: &str) -> Result<HealthReply, ClientError> {
+    let url = url(base_url, HEALTH_PATH);
+    let response =
+        http.get(&url).send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+    check(&url, response).await?.json().await.map_err(|source| ClientError::BadResponse { url, source })
 }
 
 /// Registers a meter's HMAC key. Succeeds if it was registered now or before with the same

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use cli::admin::AdminCommand;
 use cli::billing::BillingCommand;
+use cli::lago::LagoCommand;
 use cli::rating::RatingCommand;
 use cli::serve::ServeCommand;
 use cli::usage::UsageCommand;
@@ -36,6 +37,9 @@ enum Command {
     Rating(RatingCommand),
     #[command(flatten)]
     Billing(BillingCommand),
+    /// The Lago export: `lago status`.
+    #[command(subcommand)]
+    Lago(LagoCommand),
 }
 
 #[tokio::main]
@@ -81,5 +85,6 @@ async fn run(command: Command) -> Result<()> {
         Command::Usage(c) => cli::usage::run(c).await,
         Command::Rating(c) => cli::rating::run(c).await,
         Command::Billing(c) => cli::billing::run(c).await,
+        Command::Lago(c) => cli::lago::run(c).await,
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use countersign_protocol::{BatchReply, RecordOutcome};
 
 use crate::negcache::LookupStats;
+use crate::wire::ops::{LagoHealth, LagoState};
 
 /// Seconds between two log lines of one refusal cause after its first.
 pub const LOG_REPEAT_INTERVAL_S: u64 = 60;
@@ -300,6 +301,63 @@ impl Metrics {
             let _ = writeln!(out, "{name} {value}");
         }
         out
+    }
+}
+
+/// Appends the Lago export's series (only when this process runs an export): state gauges,
+/// backlog, deliveries and refusals by code. Refusal codes are plain identifiers, bounded in
+/// number by the export status (`LAGO_REFUSAL_CODES_MAX`).
+pub fn render_lago(out: &mut String, h: &LagoHealth, refusals: &BTreeMap<String, u64>) {
+    let flag = |b: bool| u64::from(b);
+    for (name, help, value) in [
+        (
+            "countersign_lago_export_stopped",
+            "1 when the Lago export stopped on a refusal (see /health lago.code); restart after the fix.",
+            flag(h.state == LagoState::Stopped),
+        ),
+        (
+            "countersign_lago_metric_mismatch",
+            "1 when the Lago billable metric is missing or would not bill the events; nothing is sent.",
+            flag(h.state == LagoState::MetricMismatch),
+        ),
+        (
+            "countersign_lago_unavailable",
+            "1 when every Lago call has failed for 15 minutes or more; the exporter keeps retrying.",
+            flag(h.state == LagoState::Unavailable),
+        ),
+        (
+            "countersign_lago_metric_unverified",
+            "1 when the Lago billable metric could not be checked yet; nothing is sent.",
+            flag(h.state == LagoState::Unverified),
+        ),
+    ] {
+        header(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    if let Some(backlog) = h.backlog {
+        header(
+            out,
+            "countersign_lago_backlog_events",
+            "gauge",
+            "Events planned and not yet accepted by Lago.",
+        );
+        let _ = writeln!(out, "countersign_lago_backlog_events {backlog}");
+    }
+    header(
+        out,
+        "countersign_lago_events_delivered_total",
+        "counter",
+        "Events Lago accepted since the process started.",
+    );
+    let _ = writeln!(out, "countersign_lago_events_delivered_total {}", h.delivered);
+    header(
+        out,
+        "countersign_lago_refusals_total",
+        "counter",
+        "Lago refusals that stopped the export, by code.",
+    );
+    for (code, n) in refusals {
+        let _ = writeln!(out, "countersign_lago_refusals_total{{code=\"{code}\"}} {n}");
     }
 }
 

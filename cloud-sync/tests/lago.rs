@@ -1,9 +1,26 @@
-//! The Lago exporter against a local server that follows Lago's documented batch contract:
-//! at most 100 events, 422 `no_events` / `too_many_events`, one already-stored
-//! `transaction_id` fails the whole batch with `value_already_exist` at its position, 429 and
-//! 500 on demand. The exporter is restarted mid-run; every record must arrive exactly once with
-//! the right bytes and byte-identical retries. Each test runs on sled and on PostgreSQL; on
-//! PostgreSQL, two exporters share one database as two `serve --lago-config` processes would.
+//! The Lago exporter against a local server that follows Lago's contract: at most
+//! `LAGO_EVENTS_BATCH_MAX_LENGTH` events (default 100, settable per double), 422 `no_events` /
+//! `too_many_events`, one already-stored `transaction_id` fails the whole batch with
+//! `value_already_exist` at its position, 429 and 500 on demand, and
+//! `GET /api/v1/billable_metrics/{code}` answering the metric or 404
+//! `billable_metric_not_found`. The exporter is restarted mid-run; every record must arrive
+//! exactly once with the right bytes and byte-identical retries. Each test runs on sled and on
+//! PostgreSQL; on PostgreSQL, two exporters share one database as two `serve --lago-config`
+//! processes would. The operator's view (`/health`, `/metrics`, `lago status`) is checked
+//! against a metric mismatch and a `too_many_events` refusal.
+//!
+//! The double's source, Lago's own code and contract: `getlago/lago-api` commit
+//! `1b1c24a6a6c321d7900b05906bf1b20f706c97c2` — `app/services/events/create_batch_service.rb`
+//! (`MAX_LENGTH = ENV.fetch("LAGO_EVENTS_BATCH_MAX_LENGTH", 100)`, `no_events`,
+//! `too_many_events` on field `events`, `value_already_exist` per index),
+//! `app/controllers/concerns/api_errors.rb` (`validation_errors`: 422 `{status, error:
+//! "Unprocessable Entity", code: "validation_errors", error_details}`; `unauthorized_error`:
+//! 401 `{status, error: "Unauthorized"}`), `app/controllers/concerns/api_responses.rb`
+//! (`not_found_error`: 404 `{status, error: "Not Found", code: "<resource>_not_found"}`),
+//! `app/controllers/api/v1/billable_metrics_controller.rb#show` and
+//! `app/serializers/v1/billable_metric_serializer.rb` (the metric under `billable_metric`);
+//! and `getlago/lago-openapi` commit `120da1213306145141d3dd34022dd47a3216c911`,
+//! `src/resources/billable_metric.yaml` and `src/schemas/BillableMetricObject.yaml`.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -11,16 +28,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use countersign_cloud::service::lago::{
-    transaction_id, ExportStats, LagoConfig, LagoError, LagoExporter, LAGO_EVENTS_BATCH_PATH,
+    transaction_id, ExportStats, LagoConfig, LagoError, LagoExporter, LAGO_BILLABLE_METRICS_PATH,
+    LAGO_EVENTS_BATCH_PATH,
 };
 use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::store::NewRecord;
+use countersign_cloud::wire::ops::LagoState;
+use countersign_cloud::{AdminToken, Endpoint};
 use countersign_cloud::{PgStore, Store, StoreBackend};
 use countersign_meter::RecordId;
 use countersign_testkit::{network_time, ReportBuilder};
@@ -47,8 +67,19 @@ enum Fault {
     AcceptThenDown,
 }
 
-#[derive(Default)]
+/// The billable metric the double holds: `(aggregation_type, field_name, recurring)`.
+type Metric = (&'static str, Option<&'static str>, bool);
+
+/// The metric the exporter needs: a sum of `bytes`.
+const GOOD_METRIC: Metric = ("sum_agg", Some("bytes"), false);
+
 struct Lago {
+    /// `LAGO_EVENTS_BATCH_MAX_LENGTH` of this Lago.
+    batch_max: usize,
+    /// Billable metrics by code.
+    metrics: HashMap<String, Metric>,
+    /// `GET` calls of billable metrics, answered or refused.
+    metric_checks: usize,
     /// transaction_id → the event as first stored.
     stored: HashMap<String, Value>,
     /// transaction_id → how many calls carried it (accepted or not, faults excepted).
@@ -63,7 +94,61 @@ struct Lago {
     down: bool,
 }
 
+impl Default for Lago {
+    fn default() -> Self {
+        Self {
+            batch_max: 100,
+            metrics: [("data_bytes".to_owned(), GOOD_METRIC)].into(),
+            metric_checks: 0,
+            stored: HashMap::new(),
+            received: HashMap::new(),
+            calls: Vec::new(),
+            mismatched_retries: 0,
+            faults: VecDeque::new(),
+            down: false,
+        }
+    }
+}
+
 type Shared = Arc<Mutex<Lago>>;
+
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, axum::Json(json!({"status":401,"error":"Unauthorized"}))).into_response()
+}
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {API_KEY}"))
+}
+
+/// `GET /api/v1/billable_metrics/{code}` as Lago answers it.
+async fn billable_metric(
+    State(lago): State<Shared>,
+    headers: HeaderMap,
+    Path(code): Path<String>,
+) -> Response {
+    let mut l = lago.lock().unwrap();
+    l.metric_checks += 1;
+    if !authorized(&headers) {
+        return unauthorized();
+    }
+    if l.down {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "oops").into_response();
+    }
+    let Some((aggregation, field, recurring)) = l.metrics.get(&code).copied() else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"status":404,"error":"Not Found","code":"billable_metric_not_found"})),
+        )
+            .into_response();
+    };
+    axum::Json(json!({"billable_metric": {
+        "lago_id": "1a901a90-1a90-1a90-1a90-1a901a901a90", "name": "Data", "code": code,
+        "description": null, "aggregation_type": aggregation, "weighted_interval": null,
+        "recurring": recurring, "rounding_function": null, "rounding_precision": null,
+        "created_at": "2026-01-01T00:00:00Z", "field_name": field, "expression": null, "filters": []
+    }}))
+    .into_response()
+}
 
 fn lago_422(details: Value) -> Response {
     (
@@ -75,8 +160,8 @@ fn lago_422(details: Value) -> Response {
 
 async fn batch(State(lago): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let mut l = lago.lock().unwrap();
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {API_KEY}")) {
-        return (StatusCode::UNAUTHORIZED, "{\"status\":401,\"error\":\"Unauthorized\"}").into_response();
+    if !authorized(&headers) {
+        return unauthorized();
     }
     let doc: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -104,7 +189,7 @@ async fn batch(State(lago): State<Shared>, headers: HeaderMap, body: Bytes) -> R
         l.calls.push((0, 422));
         return lago_422(json!({"events":["no_events"]}));
     }
-    if events.len() > 100 {
+    if events.len() > l.batch_max {
         l.calls.push((events.len(), 422));
         return lago_422(json!({"events":["too_many_events"]}));
     }
@@ -138,7 +223,10 @@ async fn batch(State(lago): State<Shared>, headers: HeaderMap, body: Bytes) -> R
 
 async fn start_lago() -> (String, Shared) {
     let lago = Shared::default();
-    let app = Router::new().route(LAGO_EVENTS_BATCH_PATH, post(batch)).with_state(lago.clone());
+    let app = Router::new()
+        .route(LAGO_EVENTS_BATCH_PATH, post(batch))
+        .route(&format!("{LAGO_BILLABLE_METRICS_PATH}/{{code}}"), get(billable_metric))
+        .with_state(lago.clone());
     (common::serve_router(app).await, lago)
 }
 
@@ -196,7 +284,10 @@ async fn drain_when_active(exporter: &LagoExporter) -> ExportStats {
 
 on_both_stores!(
     every_record_arrives_exactly_once_across_restarts_and_faults,
-    the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter
+    the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter,
+    the_configured_batch_size_is_honoured_and_a_larger_one_is_refused_by_name,
+    a_metric_mismatch_and_a_refusal_show_on_health_metrics_and_the_cli,
+    events_of_another_metric_in_the_outbox_stop_the_export_before_anything_is_planned
 );
 
 fn config(base: &str) -> LagoConfig {
@@ -234,7 +325,7 @@ async fn every_record_arrives_exactly_once_across_restarts_and_faults(kind: Kind
         // which Lago stays down.
         lago.lock().unwrap().faults =
             [Some(Fault::RateLimited), Some(Fault::Unavailable), None, Some(Fault::AcceptThenDown)].into();
-        let exporter = LagoExporter::new(&store, config(&base)).unwrap().with_events_per_call(60);
+        let exporter = LagoExporter::new(&store, config(&base).with_events_per_call(60).unwrap()).unwrap();
         let task = tokio::spawn(async move { exporter.drain().await });
         for _ in 0..500 {
             if lago.lock().unwrap().stored.len() >= 120 {
@@ -323,12 +414,234 @@ async fn the_local_lago_enforces_the_contract_and_refusals_stop_the_exporter(kin
     let bad = LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap();
     let exporter = LagoExporter::new(&store, bad).unwrap();
     let e = exporter.drain().await.unwrap_err();
-    assert!(matches!(e, LagoError::Refused { status: 401, .. }), "{e}");
+    assert!(matches!(&e, LagoError::Refused { status: 401, code, .. } if code == "unauthorized"), "{e}");
     assert_eq!(exporter.pending().await.unwrap(), 1);
     // The failed round gave up the export lock (PostgreSQL): a fixed exporter takes over.
     let fixed = LagoExporter::new(&store, config(&base)).unwrap();
     let stats = fixed.drain().await.unwrap();
     assert_eq!((stats.standby, stats.delivered), (false, 1), "{stats:?}");
+}
+
+async fn the_configured_batch_size_is_honoured_and_a_larger_one_is_refused_by_name(kind: Kind) {
+    let (base, lago) = start_lago().await;
+    // A self-hosted Lago with LAGO_EVENTS_BATCH_MAX_LENGTH=30.
+    lago.lock().unwrap().batch_max = 30;
+    let env = Env::new(kind).await;
+    let store = env.open().await;
+    insert(&store, wave(1..=2, 0, 25)).await;
+
+    // The default batch (100): refused as too_many_events, the export stops, nothing dropped.
+    let exporter = LagoExporter::new(&store, config(&base)).unwrap();
+    let e = exporter.drain().await.unwrap_err();
+    assert!(matches!(&e, LagoError::Refused { status: 422, code, .. } if code == "too_many_events"), "{e}");
+    assert_eq!(exporter.pending().await.unwrap(), 100);
+    let h = exporter.status().snapshot().health();
+    assert_eq!(
+        (h.state, h.code.as_deref(), h.backlog),
+        (LagoState::Stopped, Some("too_many_events"), Some(100))
+    );
+    assert!(h.hint.as_deref().unwrap().contains("events_per_call"), "{h:?}");
+    assert!(lago.lock().unwrap().stored.is_empty());
+    drop(exporter);
+
+    // Configured to Lago's limit: everything goes, in calls of at most 30.
+    let exporter = LagoExporter::new(&store, config(&base).with_events_per_call(30).unwrap()).unwrap();
+    let stats = drain_when_active(&exporter).await;
+    assert_eq!(stats.delivered, 100);
+    assert_eq!(exporter.pending().await.unwrap(), 0);
+    let l = lago.lock().unwrap();
+    assert_eq!(l.stored.len(), 100);
+    assert_eq!(l.calls, vec![(100, 422), (30, 200), (30, 200), (30, 200), (10, 200)]);
+}
+
+/// `GET /health` of the endpoint at `base`: status code and body.
+async fn health(base: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("{base}/health")).await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Waits until the endpoint's `/health` says the Lago export is in `state`; its body.
+async fn wait_for_lago_state(base: &str, state: &str) -> Value {
+    for _ in 0..500 {
+        let (code, h) = health(base).await;
+        assert_eq!(code, 200, "health answers 200 in every state: {h}");
+        if h["lago"]["state"] == state {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the lago export never reached {state}: {}", health(base).await.1);
+}
+
+/// `countersign-cloud lago status --endpoint <base>`: exit success, stdout, stderr.
+async fn cli_status(base: &str) -> (bool, Value, String) {
+    let base = base.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        common::cloud_exe().run(&["lago", "status", "--endpoint", &base]).unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (out.status.success(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn metrics(base: &str, token: &AdminToken) -> String {
+    let r = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(token.to_hex())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap()
+}
+
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
+}
+
+async fn a_metric_mismatch_and_a_refusal_show_on_health_metrics_and_the_cli(kind: Kind) {
+    let (base, lago) = start_lago().await;
+    // The metric sums another property than the events carry.
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), ("sum_agg", Some("megabytes"), false));
+    let env = Env::new(kind).await;
+    let store = env.open().await;
+    insert(&store, wave(1..=1, 0, 10)).await;
+    let token = AdminToken::from_bytes([9; 32]);
+    let exporter = LagoExporter::new(&store, config(&base).with_events_per_call(5).unwrap()).unwrap();
+    let server = common::serve(
+        Endpoint::with_backend(store.clone(), token.clone()).with_lago_status(exporter.status()),
+    )
+    .await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(exporter.run(Duration::from_millis(30), async move {
+        let _ = stopped.await;
+    }));
+
+    // Mismatch: degraded, named, nothing sent, checked again every round.
+    let h = wait_for_lago_state(&server.base, "metric_mismatch").await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["lago"]["code"], "metric_field", "{h}");
+    assert!(h["lago"]["problem"].as_str().unwrap().contains("megabytes"), "{h}");
+    assert!(h["lago"]["since_unix_s"].as_u64().is_some(), "{h}");
+    let m = metrics(&server.base, &token).await;
+    assert!(has_line(&m, "countersign_lago_metric_mismatch 1"), "{m}");
+    assert!(has_line(&m, "countersign_lago_export_stopped 0"), "{m}");
+    let (ok, out, err) = cli_status(&server.base).await;
+    assert!(!ok, "lago status must fail on a mismatch: {out} {err}");
+    assert_eq!(out["export"]["state"], "metric_mismatch", "{out}");
+    assert!(err.contains("metric_field"), "{err}");
+    {
+        let l = lago.lock().unwrap();
+        assert!(l.calls.is_empty() && l.stored.is_empty(), "events sent under a mismatched metric");
+        assert!(l.metric_checks >= 1);
+    }
+
+    // A missing metric is named as such.
+    lago.lock().unwrap().metrics.clear();
+    for _ in 0..500 {
+        if health(&server.base).await.1["lago"]["code"] == "metric_not_found" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(health(&server.base).await.1["lago"]["code"], "metric_not_found");
+
+    // Fixed in Lago: the export resumes by itself, health is ok again.
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), GOOD_METRIC);
+    wait_for_stored(&lago, 20).await;
+    let mut h = health(&server.base).await.1;
+    for _ in 0..500 {
+        if h["lago"]["delivered"] == 20 && h["lago"]["backlog"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        h = health(&server.base).await.1;
+    }
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(
+        (h["lago"]["state"].as_str(), h["lago"]["delivered"].as_u64()),
+        (Some("running"), Some(20)),
+        "{h}"
+    );
+    let (ok, out, err) = cli_status(&server.base).await;
+    assert!(ok, "{out} {err}");
+
+    // Lago's batch limit drops below the configured size: a named refusal stops the export.
+    lago.lock().unwrap().batch_max = 3;
+    insert(&store, wave(2..=2, 0, 10)).await;
+    let h = wait_for_lago_state(&server.base, "stopped").await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["lago"]["code"], "too_many_events", "{h}");
+    assert!(h["lago"]["hint"].as_str().unwrap().contains("events_per_call"), "{h}");
+    assert_eq!(h["lago"]["backlog"], 20, "nothing planned is dropped: {h}");
+    let m = metrics(&server.base, &token).await;
+    for line in [
+        "countersign_lago_export_stopped 1",
+        "countersign_lago_metric_mismatch 0",
+        "countersign_lago_backlog_events 20",
+        "countersign_lago_events_delivered_total 20",
+        "countersign_lago_refusals_total{code=\"too_many_events\"} 1",
+    ] {
+        assert!(has_line(&m, line), "{line} missing from\n{m}");
+    }
+    let (ok, out, err) = cli_status(&server.base).await;
+    assert!(!ok, "{out} {err}");
+    assert_eq!(
+        (out["export"]["state"].as_str(), out["export"]["backlog"].as_u64()),
+        (Some("stopped"), Some(20))
+    );
+    assert!(err.contains("too_many_events") && err.contains("events_per_call"), "{err}");
+    // Stopped means stopped: no further batch calls while it runs on.
+    let (calls, checks) = {
+        let l = lago.lock().unwrap();
+        (l.calls.len(), l.metric_checks)
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let now = {
+        let l = lago.lock().unwrap();
+        (l.calls.len(), l.metric_checks)
+    };
+    assert_eq!(now, (calls, checks), "a stopped export still calls lago");
+
+    let _ = stop.send(());
+    run.await.unwrap();
+    server.stop().await;
+
+    // The store itself says how many events wait (the embedded store once the endpoint has
+    // let go of it).
+    drop(store);
+    let dir = env.dir.path();
+    countersign_protocol::keys::write_secret(&dir.join("admin.token"), &[9; 32]).unwrap();
+    let cfg = dir.join("cloud.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = '{}'\nadmin_token_file = '{}'\n[store]\n{}\n",
+            dir.join("data").display(),
+            dir.join("admin.token").display(),
+            common::store_section(env.db.as_ref())
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let mut last = String::new();
+    for _ in 0..100 {
+        let cfg = cfg.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            common::cloud_exe().run(&["lago", "status", "--config", &cfg]).unwrap()
+        })
+        .await
+        .unwrap();
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v, json!({"store_backlog": 20}));
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("lago status --config failed: {last}");
 }
 
 /// Records of `meters` meters × 2 epochs × `per_epoch` reports starting at `first_seq`, with
@@ -443,4 +756,116 @@ async fn postgres_two_exporters_on_one_database_deliver_each_record_once() {
         assert_eq!(*bytes, last * 10 + 1 + last * 100, "meter {meter}");
     }
     assert_eq!(got.len(), 20);
+}
+
+#[test]
+fn check_config_names_a_wrong_lago_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    countersign_protocol::keys::write_secret(&d.join("admin.token"), &[9; 32]).unwrap();
+    std::fs::write(
+        d.join("cloud.toml"),
+        format!(
+            "data_dir = '{}'\nadmin_token_file = '{}'\n",
+            d.join("data").display(),
+            d.join("admin.token").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("lago.key"), "k\n").unwrap();
+    std::fs::set_permissions(d.join("lago.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let check = |lago: &str| {
+        std::fs::write(
+            d.join("lago.toml"),
+            format!("base_url = 'http://lago'\napi_key_file = 'lago.key'\n{lago}\n"),
+        )
+        .unwrap();
+        let cloud = d.join("cloud.toml").display().to_string();
+        let lago = d.join("lago.toml").display().to_string();
+        common::cloud_exe().run(&["check-config", "--config", &cloud, "--lago-config", &lago]).unwrap()
+    };
+    let ok = check("events_per_call = 50\nfield = 'octets'");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    for (lago, key) in [("events_per_call = 0", "events_per_call: "), ("field = ''", "field: ")] {
+        let out = check(lago);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(key), "{lago}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_metric_check_stops_the_export_and_asks_no_more() {
+    let (base, lago) = start_lago().await;
+    let env = Env::new(Kind::Sled).await;
+    let store = env.open().await;
+    insert(&store, vec![record(1, 0, 0, SIM_A, 1, 1)]).await;
+    let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned())].into();
+    let exporter =
+        LagoExporter::new(&store, LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap()).unwrap();
+    let status = exporter.status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(exporter.run(Duration::from_millis(20), async move {
+        let _ = stopped.await;
+    }));
+    for _ in 0..500 {
+        if status.snapshot().state() == LagoState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let h = status.snapshot().health();
+    assert_eq!((h.state, h.code.as_deref()), (LagoState::Stopped, Some("unauthorized")), "{h:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop.send(());
+    run.await.unwrap();
+    let l = lago.lock().unwrap();
+    // The refused check was the only call.
+    assert_eq!((l.metric_checks, l.calls.len()), (1, 0), "lago was asked again after the refusal");
+    assert_eq!(status.snapshot().refusals()["unauthorized"], 1);
+}
+
+async fn events_of_another_metric_in_the_outbox_stop_the_export_before_anything_is_planned(kind: Kind) {
+    let (base, lago) = start_lago().await;
+    let env = Env::new(kind).await;
+    let store = env.open().await;
+    insert(&store, wave(1..=1, 0, 5)).await;
+    // Planned under the default field, then refused (wrong key): 10 events wait.
+    let subs: BTreeMap<u64, String> = [(SIM_A, "sub_a".to_owned()), (SIM_B, "sub_b".to_owned())].into();
+    let bad =
+        LagoExporter::new(&store, LagoConfig::new(&base, "wrong", "data_bytes", subs).unwrap()).unwrap();
+    assert!(matches!(bad.drain().await.unwrap_err(), LagoError::Refused { status: 401, .. }));
+    drop(bad);
+    // The operator renames the field (in Lago and in the config) with the backlog not empty.
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), ("sum_agg", Some("octets"), false));
+    insert(&store, wave(2..=2, 0, 5)).await;
+    let renamed = LagoExporter::new(&store, config(&base).with_field("octets").unwrap()).unwrap();
+    for _ in 0..200 {
+        match renamed.drain().await {
+            Ok(stats) if stats.standby => tokio::time::sleep(Duration::from_millis(25)).await,
+            Err(LagoError::OutboxMetricChanged(what)) => {
+                assert!(what.contains(r#"field "bytes""#) && what.contains(r#"field "octets""#), "{what}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let h = renamed.status().snapshot().health();
+    assert_eq!((h.state, h.code.as_deref()), (LagoState::Stopped, Some("outbox_metric_changed")));
+    // Nothing sent, and nothing new planned behind the old events.
+    assert_eq!(renamed.pending().await.unwrap(), 10);
+    assert!(lago.lock().unwrap().calls.is_empty());
+    drop(renamed);
+    // Back to the old field: the old events go; then the new field plans the rest.
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), GOOD_METRIC);
+    let old = LagoExporter::new(&store, config(&base)).unwrap();
+    let stats = drain_when_active(&old).await;
+    assert_eq!(stats.delivered, 20, "{stats:?}");
+    drop(old);
+    insert(&store, wave(3..=3, 0, 5)).await;
+    lago.lock().unwrap().metrics.insert("data_bytes".into(), ("sum_agg", Some("octets"), false));
+    let renamed = LagoExporter::new(&store, config(&base).with_field("octets").unwrap()).unwrap();
+    assert_eq!(drain_when_active(&renamed).await.delivered, 10);
+    let l = lago.lock().unwrap();
+    assert_eq!(l.stored.values().filter(|e| e["properties"].get("octets").is_some()).count(), 10);
 }

@@ -255,6 +255,42 @@ fn the_checker_can_fail() {
 }
 
 #[test]
+fn every_lago_export_state_is_a_documented_health_answer() {
+    use countersign_cloud::service::lago::{LagoStatus, MetricCheck, MetricMismatch};
+    use countersign_cloud::wire::ops::{HealthReply, HEALTH_DEGRADED, HEALTH_OK};
+    let spec = spec();
+    let c = Contract::new(&spec);
+    let health = serde_json::json!({ "$ref": "#/components/schemas/HealthReply" });
+    let check = |status: &LagoStatus| {
+        let lago = status.snapshot().health();
+        let reply = HealthReply {
+            status: if lago.state.degraded() { HEALTH_DEGRADED } else { HEALTH_OK }.into(),
+            lago: Some(lago),
+        };
+        let v = serde_json::to_value(&reply).unwrap();
+        c.validate(&health, &v).unwrap_or_else(|e| panic!("{e}: {v}"));
+    };
+    c.validate(&health, &serde_json::json!({"status": "ok"})).unwrap();
+    let s = LagoStatus::new("data_bytes", 100);
+    check(&s);
+    s.update(|s| s.metric_checked(&MetricCheck::Unavailable, None, 5));
+    check(&s);
+    let gone = MetricCheck::Mismatch(MetricMismatch::NotFound { code: "data_bytes".into() });
+    s.update(|s| s.metric_checked(&gone, None, 6));
+    check(&s);
+    s.update(|s| s.metric_checked(&MetricCheck::Ok, None, 7));
+    s.update(|s| s.round_done(true));
+    check(&s);
+    s.update(|s| {
+        s.call_failed(100);
+        s.call_failed(100_000)
+    });
+    assert_eq!(s.snapshot().state(), countersign_cloud::wire::ops::LagoState::Unavailable);
+    check(&s);
+    assert!(c.validate(&health, &serde_json::json!({"status": "broken"})).is_err());
+}
+
+#[test]
 fn nullable_follows_openapi_3_0() {
     let s = serde_json::json!({"type": "object", "additionalProperties": false,
         "properties": {"a": {"type": "string", "nullable": true, "format": "date"},
@@ -412,6 +448,13 @@ async fn answers_of_a_real_run_validate_and_roles_and_rate_limits_hold() {
         .await
         .unwrap()
         .with_clock(countersign_cloud::service::ingest::Clock::from_fn(|| 1_796_083_200_000));
+    // A Lago export stopped by a refusal: /health answers with every field of its part set.
+    let lago = std::sync::Arc::new(countersign_cloud::service::lago::LagoStatus::new("data_bytes", 100));
+    lago.update(|s| {
+        s.backlog(3);
+        s.stop("too_many_events", "lago refused the batch".into(), "lower [lago] events_per_call".into(), 1)
+    });
+    let endpoint = endpoint.with_lago_status(lago);
     let server = common::serve(endpoint).await;
     let base = server.base.clone();
     let spec = spec();

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use countersign_cloud::service::ingest::{check_records, OpenedBatch, OpenedRecord};
-use countersign_cloud::service::lago::plan_event;
+use countersign_cloud::service::lago::{plan_event, LagoMetric};
 use countersign_cloud::usage::{derive_daily_in, time_zone, UsageRecord};
 use countersign_meter::{Report, Totals, REPORT_BYTES_MAX};
 use countersign_protocol::BatchHeader;
@@ -42,6 +42,6 @@ fuzz_target!(|data: &[u8]| {
             let d = derive_daily_in([record], &tz).unwrap();
             assert!(d.faults.is_empty(), "accepted record underivable in {zone}: {:?}", d.faults);
         }
-        plan_event(&record, Totals::default(), "sub", "bytes").unwrap();
+        plan_event(&record, Totals::default(), "sub", &LagoMetric::default()).unwrap();
     }
 });

@@ -15,7 +15,7 @@
 //! | `GET /v1/usage/days`              | query token      | [`ZoneDays`] (`tz`, `iccid`/`from`/`to`) |
 //! | `GET /v1/usage/ledger`            | query token      | [`LedgerReply`]: settled days + adjustments |
 //! | `POST /v1/admin/settle`           | admin token      | [`SettleReply`] for a [`SettleRequest`] |
-//! | `GET /health`                     | none             | `{"status":"ok"}`                      |
+//! | `GET /health`                     | none             | [`HealthReply`]: `ok` or `degraded` (Lago export) |
 //! | `GET /metrics`                    | query token      | Prometheus text: refusals, timeouts    |
 //! | `GET /v1/billing/charges`         | query token      | [`ChargesReply`]                       |
 //! | `GET /v1/billing/wallets`         | query token      | [`WalletsReply`]                       |
@@ -56,6 +56,7 @@
 //! [`ForecastReply`]: crate::wire::billing::ForecastReply
 //! [`RunReply`]: crate::wire::billing::RunReply
 //! [`TopupReply`]: crate::wire::billing::TopupReply
+//! [`HealthReply`]: crate::wire::ops::HealthReply
 
 use std::sync::Arc;
 
@@ -70,6 +71,7 @@ use crate::config::{AdminToken, CloudConfig, ConfigError, ServerLimits};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::service::billing::Billing;
+use crate::service::lago_status::LagoStatus;
 use crate::store::Store;
 use crate::store::{StoreBackend, StoreKind};
 use crate::wire::admin::ADMIN_BODY_BYTES_MAX;
@@ -94,6 +96,8 @@ pub(crate) struct AppState {
     pub(crate) billing: Option<Arc<Billing>>,
     /// The endpoint's clock for ingest's time window.
     clock: crate::service::ingest::Clock,
+    /// The Lago export's status, when this process runs one.
+    lago: Option<Arc<LagoStatus>>,
 }
 
 /// One route of the API, as `openapi.yaml` names it.
@@ -152,6 +156,7 @@ pub struct Endpoint {
     clock: crate::service::ingest::Clock,
     limits: ServerLimits,
     metrics: Arc<Metrics>,
+    lago: Option<Arc<LagoStatus>>,
 }
 
 impl Endpoint {
@@ -203,7 +208,15 @@ impl Endpoint {
             clock: crate::service::ingest::Clock::system(),
             limits: ServerLimits::default(),
             metrics: Arc::new(Metrics::new()),
+            lago: None,
         }
+    }
+
+    /// The same endpoint reporting a Lago export's status on `/health` and `/metrics`
+    /// ([`crate::service::lago::LagoExporter::status`]).
+    pub fn with_lago_status(mut self, status: Arc<LagoStatus>) -> Endpoint {
+        self.lago = Some(status);
+        self
     }
 
     /// The same endpoint with another clock (ingest's time window; tests).
@@ -253,6 +266,7 @@ impl Endpoint {
             metrics: self.metrics.clone(),
             billing: self.billing.clone(),
             clock: self.clock.clone(),
+            lago: self.lago.clone(),
         };
         let mut query = usage::query_routes().merge(ops::query_routes()).merge(billing::query_routes());
         query.router =

@@ -7,6 +7,7 @@
 //! - [`usage`]: the `usage` command.
 //! - [`rating`]: `settle`, `faults`, `ledger`, `reconcile`.
 //! - [`billing`]: `check-plans`, `charges`, `billing-run`, `wallets`, `topup`, `forecast`.
+//! - [`lago`]: `lago status`.
 //!
 //! Import direction: the CLI → `countersign_cloud::client` and `countersign_cloud::wire` for
 //! everything said to an endpoint, → `countersign_cloud::service` for the plan files it
@@ -22,6 +23,7 @@ use countersign_protocol::keys::read_secret;
 
 pub(crate) mod admin;
 pub(crate) mod billing;
+pub(crate) mod lago;
 pub(crate) mod rating;
 pub(crate) mod serve;
 pub(crate) mod usage;

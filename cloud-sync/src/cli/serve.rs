@@ -25,11 +25,14 @@ pub(crate) enum ServeCommand {
         #[arg(long)]
         lago_config: Option<PathBuf>,
     },
-    /// Validate a config file and the admin token file it names.
+    /// Validate a config file and the admin token file it names (and a Lago export config).
     CheckConfig {
         /// The TOML config file.
         #[arg(long)]
         config: PathBuf,
+        /// A Lago export config (TOML) to validate too, with its API key file.
+        #[arg(long)]
+        lago_config: Option<PathBuf>,
     },
     /// Derive the usage rollups again from the stored records (the embedded store: stop the
     /// endpoint first, it holds the store's lock).
@@ -54,11 +57,14 @@ pub(crate) enum ServeCommand {
 pub(crate) async fn run(command: ServeCommand) -> Result<()> {
     match command {
         ServeCommand::Serve { config, lago_config } => serve(&config, lago_config.as_deref()).await,
-        ServeCommand::CheckConfig { config } => {
+        ServeCommand::CheckConfig { config, lago_config } => {
             let c = CloudConfig::load(&config).with_context(|| format!("config {}", config.display()))?;
             c.read_admin_token().with_context(|| format!("config {}", config.display()))?;
             if let Some(b) = c.billing() {
                 load_plans(&b.plans_file).with_context(|| format!("config {}", config.display()))?;
+            }
+            if let Some(lago) = lago_config {
+                LagoConfig::load(&lago).with_context(|| format!("lago config {}", lago.display()))?;
             }
             println!("config ok");
             Ok(())
@@ -105,16 +111,24 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let export = match lago_config {
-        None => None,
+    let (endpoint, export) = match lago_config {
+        None => (endpoint, None),
         Some(lago_path) => {
             let lago = LagoConfig::load(lago_path)
                 .with_context(|| format!("lago config {}", lago_path.display()))?;
+            tracing::info!(
+                code = %lago.metric.code,
+                field = %lago.metric.field,
+                events_per_call = lago.events_per_call,
+                "lago export configured"
+            );
             // On PostgreSQL every process runs an exporter; one at a time is active (export lock).
             let exporter = LagoExporter::new(endpoint.store(), lago).context("lago exporter")?;
-            Some(tokio::spawn(
+            let endpoint = endpoint.with_lago_status(exporter.status());
+            let task = tokio::spawn(
                 exporter.run(Duration::from_secs(LAGO_EXPORT_INTERVAL_S), stopped(stop_rx.clone())),
-            ))
+            );
+            (endpoint, Some(task))
         }
     };
     // Periodic billing whenever a plans file is configured (interval: billing.run_interval_s).
@@ -128,10 +142,8 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
     });
     let served = endpoint.serve(listener, stopped(stop_rx)).await.context("serving");
     if let Some(export) = export {
-        match export.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "lago export stopped"),
-            Err(e) => tracing::error!(error = %e, "lago export task failed"),
+        if let Err(e) = export.await {
+            tracing::error!(error = %e, "lago export task failed");
         }
     }
     if let Some(task) = billing {

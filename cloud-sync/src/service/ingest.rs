@@ -443,7 +443,7 @@ mod tests {
                     let d = crate::usage::derive_daily_in([record], &crate::usage::time_zone(z).unwrap()).unwrap();
                     prop_assert!(d.faults.is_empty());
                 }
-                prop_assert!(crate::service::lago::plan_event(&record, Totals::default(), "s", "c").is_ok());
+                prop_assert!(crate::service::lago::plan_event(&record, Totals::default(), "s", &crate::service::lago::LagoMetric::default()).is_ok());
             }
         }
     }

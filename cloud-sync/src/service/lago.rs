@@ -12,6 +12,8 @@
 //!   of an unmapped SIM is not planned (and a warning is logged) until a mapping exists.
 //! - `timestamp` is the record's attribution instant ([`crate::usage::attribution_instant`]),
 //!   whole Unix seconds: derived from the stored record only, so it is the same on every retry.
+//! - `code` and the property name (`bytes` above) are `[lago] code` and `[lago] field`: the
+//!   billable metric's code and its `field_name`.
 //! - `properties.bytes` is what this record adds to its epoch's usage **in export order**:
 //!   `max(0, used − highest used already exported in the epoch)`, up plus down. Summed over an
 //!   epoch it is the epoch's highest `used`, as in [`crate::usage`]; a report that arrives
@@ -24,7 +26,8 @@
 //! Planning writes, in one sled transaction, the event's JSON bytes to the `lago_outbox` tree
 //! (key: export sequence number), the record id to `lago_planned`, and the epoch's new exported
 //! maximum to `lago_epoch_max`, then flushes. Sending reads the outbox in order, at most
-//! [`LAGO_EVENTS_PER_CALL_MAX`] per call, and removes entries **only after Lago accepted
+//! `[lago] events_per_call` (default [`LAGO_EVENTS_PER_CALL_DEFAULT`], at most
+//! [`LAGO_EVENTS_PER_CALL_MAX`]) per call, and removes entries **only after Lago accepted
 //! them** (2xx, or 422 `value_already_exist` for that position, which means an earlier attempt
 //! got through). So a crash anywhere re-sends at worst events Lago already has, with
 //! byte-identical bodies, and Lago's idempotency turns them into no-ops.
@@ -45,26 +48,56 @@
 //! connection of its own, and every exporter without it stands by (see
 //! [`crate::store::postgres::lago`]).
 //!
+//! # The billable metric
+//!
+//! Lago accepts an event of a code no metric has, or without the metric's field, and bills
+//! nothing for it. So before it plans or sends anything, and again every
+//! [`LAGO_METRIC_CHECK_INTERVAL_S`], [`LagoExporter::run`] reads the metric
+//! (`GET /api/v1/billable_metrics/{code}`) and sends only while [`check_metric`] says it
+//! exists, sums (`sum_agg`) the configured field, has no expression and is not recurring.
+//! While it does not, or cannot be read, the export waits and checks again every round.
+//! Events are planned with the code and field configured at the time and sent verbatim, so
+//! an outbox holding events of another code or field (the config changed with a backlog)
+//! stops the export before anything new is planned ([`planned_for_other_metric`]).
+//!
 //! # Errors from Lago
 //!
 //! 429: wait `Retry-After` or `X-RateLimit-Reset` seconds (bounded by
 //! [`LAGO_RETRY_AFTER_S_MAX`]), else back off. 5xx and transport errors: exponential backoff,
 //! forever (the outbox is durable). Other 4xx, and 422s other than `value_already_exist`:
-//! [`LagoError::Refused`], the exporter stops and nothing is dropped.
+//! [`LagoError::Refused`], named by [`explain_refusal`] (`too_many_events` when the batch is
+//! larger than Lago's `LAGO_EVENTS_BATCH_MAX_LENGTH`): the export stops and nothing is
+//! dropped.
+//!
+//! # What an operator sees
+//!
+//! Every transition goes to the shared [`LagoStatus`] ([`LagoExporter::status`]): `/health`
+//! answers `degraded` with the problem, its code, a hint and the backlog; `/metrics` carries
+//! `countersign_lago_export_stopped`, `countersign_lago_metric_mismatch`,
+//! `countersign_lago_unavailable` (every call failing for [`LAGO_UNAVAILABLE_DEGRADED_S`]),
+//! `countersign_lago_backlog_events`, and `countersign-cloud lago status` prints it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 pub use countersign_rating::lago::*;
 
+use crate::metrics::log_excerpt;
+use crate::service::lago_status::now_unix_s;
+pub use crate::service::lago_status::{
+    LagoStatus, LAGO_METRIC_CHECK_INTERVAL_S, LAGO_UNAVAILABLE_DEGRADED_S,
+};
 use crate::store::lago::LagoOutbox;
 use crate::store::{StoreBackend, StoreError};
 
 /// Path of Lago's batch events endpoint below the base URL.
 pub const LAGO_EVENTS_BATCH_PATH: &str = "/api/v1/events/batch";
+/// Path of Lago's billable metrics below the base URL; one metric is `…/{code}`.
+pub const LAGO_BILLABLE_METRICS_PATH: &str = "/api/v1/billable_metrics";
 /// Longest accepted Lago answer body, bytes.
 pub const LAGO_RESPONSE_BYTES_MAX: usize = 1024 * 1024;
 /// ICCIDs the subscription map may hold.
@@ -73,6 +106,9 @@ pub const LAGO_SUBSCRIPTIONS_MAX: usize = 1_000_000;
 pub const LAGO_ID_BYTES_MAX: usize = 256;
 /// Largest API key file, bytes.
 pub const LAGO_API_KEY_FILE_BYTES_MAX: u64 = 4096;
+/// Seconds between two counts of the outbox while the export does not send (stopped,
+/// mismatch, standby): a count walks the whole outbox on sled.
+pub const LAGO_BACKLOG_COUNT_INTERVAL_S: u64 = 60;
 /// HTTP timeout per call, seconds.
 pub const LAGO_REQUEST_TIMEOUT_S: u64 = 30;
 
@@ -92,13 +128,19 @@ pub enum LagoError {
     Store(#[from] StoreError),
     /// Lago refused the events for a reason retrying cannot fix (auth, validation). Not
     /// recoverable: the events stay in the outbox until an operator fixes the cause.
-    #[error("lago refused the batch: {status} {body}")]
+    #[error("lago refused the batch ({code}): {status} {body}")]
     Refused {
         /// HTTP status.
         status: u16,
+        /// The refusal's stable name ([`explain_refusal`]), e.g. `too_many_events`.
+        code: String,
         /// Lago's answer, truncated.
         body: String,
     },
+    /// The outbox holds events planned under another code or field than configured (the
+    /// config changed with a backlog). Not recoverable without an operator: see the message.
+    #[error("{0}")]
+    OutboxMetricChanged(String),
     /// The HTTP client could not be built. Not recoverable.
     #[error("http client: {0}")]
     Client(String),
@@ -120,8 +162,12 @@ pub struct LagoConfig {
     pub base_url: String,
     /// The API key (sent as `Authorization: Bearer`).
     pub api_key: String,
-    /// The billable metric code, e.g. `data_bytes`.
-    pub code: String,
+    /// The billable metric: `code` (e.g. `data_bytes`) and the property Lago sums, `field`
+    /// (e.g. `bytes`).
+    pub metric: LagoMetric,
+    /// Events per batch call, 1 to [`LAGO_EVENTS_PER_CALL_MAX`]; at most Lago's
+    /// `LAGO_EVENTS_BATCH_MAX_LENGTH`.
+    pub events_per_call: usize,
     /// ICCID → Lago external subscription id.
     pub subscriptions: BTreeMap<u64, String>,
 }
@@ -132,6 +178,9 @@ struct RawLago {
     base_url: String,
     api_key_file: String,
     code: Option<String>,
+    field: Option<String>,
+    // Signed, so that a negative value is refused here naming the key, not by serde.
+    events_per_call: Option<i64>,
     #[serde(default)]
     subscriptions: BTreeMap<String, String>,
 }
@@ -163,19 +212,39 @@ impl LagoConfig {
             base_url: base_url.into(),
             api_key_file: String::new(),
             code: Some(code.into()),
+            field: None,
+            events_per_call: None,
             subscriptions: subscriptions.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         };
         Self::from_raw(raw, api_key.into())
+    }
+
+    /// The same config sending at most `n` events per call, validated like the
+    /// `events_per_call` key.
+    pub fn with_events_per_call(mut self, n: usize) -> Result<Self, LagoError> {
+        self.events_per_call = events_per_call(Some(i64::try_from(n).unwrap_or(i64::MAX)))?;
+        Ok(self)
+    }
+
+    /// The same config with the bytes in property `field`, validated like the `field` key.
+    pub fn with_field(mut self, field: &str) -> Result<Self, LagoError> {
+        self.metric.field = metric_field(Some(field.to_owned()))?;
+        Ok(self)
     }
 
     fn from_raw(raw: RawLago, api_key: String) -> Result<Self, LagoError> {
         if !(raw.base_url.starts_with("https://") || raw.base_url.starts_with("http://")) {
             return Err(config_err("base_url", "expected an http(s) URL"));
         }
-        let code = raw.code.unwrap_or_else(|| "data_bytes".into());
-        if code.is_empty() || code.len() > LAGO_ID_BYTES_MAX {
-            return Err(config_err("code", format!("expected 1 to {LAGO_ID_BYTES_MAX} bytes")));
+        let code = raw.code.unwrap_or_else(|| LAGO_METRIC_CODE_DEFAULT.into());
+        if code.is_empty() || code.len() > LAGO_ID_BYTES_MAX || code.contains(char::is_control) {
+            return Err(config_err(
+                "code",
+                format!("expected 1 to {LAGO_ID_BYTES_MAX} bytes, no control characters"),
+            ));
         }
+        let field = metric_field(raw.field)?;
+        let events_per_call = events_per_call(raw.events_per_call)?;
         if api_key.is_empty() || api_key.contains(char::is_whitespace) {
             return Err(config_err("api_key_file", "empty or contains whitespace"));
         }
@@ -192,8 +261,35 @@ impl LagoConfig {
             }
             subscriptions.insert(i, sub);
         }
-        Ok(Self { base_url: raw.base_url.trim_end_matches('/').to_owned(), api_key, code, subscriptions })
+        Ok(Self {
+            base_url: raw.base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            metric: LagoMetric { code, field },
+            events_per_call,
+            subscriptions,
+        })
     }
+}
+
+fn metric_field(field: Option<String>) -> Result<String, LagoError> {
+    let field = field.unwrap_or_else(|| LAGO_METRIC_FIELD_DEFAULT.into());
+    if field.is_empty() || field.len() > LAGO_ID_BYTES_MAX || field.contains(char::is_control) {
+        return Err(config_err(
+            "field",
+            format!("expected 1 to {LAGO_ID_BYTES_MAX} bytes, no control characters"),
+        ));
+    }
+    Ok(field)
+}
+
+fn events_per_call(n: Option<i64>) -> Result<usize, LagoError> {
+    let Some(n) = n else { return Ok(LAGO_EVENTS_PER_CALL_DEFAULT) };
+    usize::try_from(n).ok().filter(|n| (1..=LAGO_EVENTS_PER_CALL_MAX).contains(n)).ok_or_else(|| {
+        config_err(
+            "events_per_call",
+            format!("expected 1 to {LAGO_EVENTS_PER_CALL_MAX} (at most lago's LAGO_EVENTS_BATCH_MAX_LENGTH), got {n}"),
+        )
+    })
 }
 
 fn read_api_key(path: &Path) -> Result<String, LagoError> {
@@ -220,7 +316,8 @@ pub struct LagoExporter {
     config: LagoConfig,
     http: reqwest::Client,
     url: String,
-    events_per_call: usize,
+    metric_url: reqwest::Url,
+    status: Arc<LagoStatus>,
 }
 
 /// Counters of one [`LagoExporter::drain`].
@@ -249,15 +346,20 @@ impl LagoExporter {
             .build()
             .map_err(|e| LagoError::Client(e.to_string()))?;
         let url = format!("{}{LAGO_EVENTS_BATCH_PATH}", config.base_url);
-        Ok(Self { outbox, config, http, url, events_per_call: LAGO_EVENTS_PER_CALL_MAX })
+        // The code goes in as one path segment, percent-encoded by the URL type.
+        let mut metric_url = reqwest::Url::parse(&format!("{}{LAGO_BILLABLE_METRICS_PATH}", config.base_url))
+            .map_err(|e| config_err("base_url", e.to_string()))?;
+        metric_url
+            .path_segments_mut()
+            .map_err(|()| config_err("base_url", "cannot be a base"))?
+            .push(&config.metric.code);
+        let status = Arc::new(LagoStatus::new(&config.metric.code, config.events_per_call));
+        Ok(Self { outbox, config, http, url, metric_url, status })
     }
 
-    /// The same exporter sending at most `n` events per call (clamped to 1 to
-    /// [`LAGO_EVENTS_PER_CALL_MAX`]), e.g. for a self-hosted Lago with a lower
-    /// `LAGO_EVENTS_BATCH_MAX_LENGTH`.
-    pub fn with_events_per_call(mut self, n: usize) -> Self {
-        self.events_per_call = n.clamp(1, LAGO_EVENTS_PER_CALL_MAX);
-        self
+    /// Where the export stands, shared with the API (`/health`, `/metrics`).
+    pub fn status(&self) -> Arc<LagoStatus> {
+        Arc::clone(&self.status)
     }
 
     /// Events planned and not yet accepted by Lago (any exporter's, on PostgreSQL).
@@ -268,7 +370,9 @@ impl LagoExporter {
     /// Plans new records, then sends until the outbox is empty. Retries 429/5xx/transport
     /// errors with backoff for as long as it takes; returns on a refusal or a store error,
     /// giving up the export lock (PostgreSQL). While another exporter holds the lock,
-    /// returns at once with [`ExportStats::standby`] set.
+    /// returns at once with [`ExportStats::standby`] set. Does not check the billable
+    /// metric ([`LagoExporter::check_metric`]; [`LagoExporter::run`] does both). A refusal
+    /// also stops the shared [`LagoStatus`].
     pub async fn drain(&self) -> Result<ExportStats, LagoError> {
         if !self.outbox.acquire().await? {
             tracing::debug!("another exporter holds the lago export lock; standing by");
@@ -283,16 +387,20 @@ impl LagoExporter {
     }
 
     async fn drain_active(&self) -> Result<ExportStats, LagoError> {
+        // Before planning: events of the configured metric must not be queued behind events
+        // of an older config, or going back to that config to send those would strand these.
+        self.refuse_other_metric(&self.outbox.peek(self.config.events_per_call).await?).await?;
         let mut stats = ExportStats {
-            planned: self.outbox.plan(&self.config.subscriptions, &self.config.code).await?,
+            planned: self.outbox.plan(&self.config.subscriptions, &self.config.metric).await?,
             ..Default::default()
         };
         let mut backoff = Backoff::default();
         loop {
-            let events = self.outbox.peek(self.events_per_call).await?;
+            let events = self.outbox.peek(self.config.events_per_call).await?;
             if events.is_empty() {
                 return Ok(stats);
             }
+            self.refuse_other_metric(&events).await?;
             let sent: Vec<u64> = events.iter().map(|(k, _)| *k).collect();
             match next_step(self.call(&events).await, &sent, &mut backoff) {
                 Step::Settle { keys, already_existed } => {
@@ -303,23 +411,72 @@ impl LagoExporter {
                     }
                     self.outbox.settle(keys).await?;
                     stats.delivered += n;
+                    self.status.update(|s| {
+                        s.call_ok();
+                        s.delivered(n);
+                    });
                 }
                 Step::Resend { wait, rate_limited: true } => {
                     stats.rate_limited += 1;
+                    self.status.update(|s| s.call_failed(now_unix_s()));
                     tracing::warn!(wait_ms = wait.as_millis() as u64, "lago rate limit; waiting");
                     tokio::time::sleep(wait).await;
                 }
                 Step::Resend { wait, rate_limited: false } => {
                     stats.retried += 1;
+                    self.status.update(|s| s.call_failed(now_unix_s()));
                     tracing::warn!(delay_ms = wait.as_millis() as u64, "lago unavailable; backing off");
                     tokio::time::sleep(wait).await;
                 }
                 Step::Stop { status, body } => {
-                    tracing::error!(status, %body, "lago refused the batch; events stay in the outbox");
-                    return Err(LagoError::Refused { status, body });
+                    let why = explain_refusal(status, body.as_bytes(), self.config.events_per_call);
+                    let pending = self.outbox.pending().await.ok();
+                    tracing::error!(
+                        status,
+                        code = %why.code,
+                        body = %log_excerpt(&body),
+                        hint = %why.hint,
+                        pending,
+                        "lago refused the batch; the export stops, the events stay in the outbox"
+                    );
+                    self.status.update(|s| {
+                        if let Some(n) = pending {
+                            s.backlog(n);
+                        }
+                        s.stop(
+                            &why.code,
+                            format!("lago refused the batch: {status} {body}"),
+                            why.hint.clone(),
+                            now_unix_s(),
+                        );
+                    });
+                    return Err(LagoError::Refused { status, code: why.code, body });
                 }
             }
         }
+    }
+
+    /// Stops the export when `events` (read from the outbox) hold one planned under another
+    /// code or field than configured: sent as they are, they would feed another metric.
+    async fn refuse_other_metric(&self, events: &[(u64, Vec<u8>)]) -> Result<(), LagoError> {
+        let Some(what) = planned_for_other_metric(events, &self.config.metric) else { return Ok(()) };
+        let code = "outbox_metric_changed";
+        let pending = self.outbox.pending().await.ok();
+        tracing::error!(%what, pending, "lago export stops: the outbox holds events of another metric");
+        self.status.update(|s| {
+            if let Some(n) = pending {
+                s.backlog(n);
+            }
+            s.stop(
+                code,
+                what.clone(),
+                "set [lago] code and field back to what the outbox holds and restart; change them once \
+                 lago status shows a backlog of 0"
+                    .into(),
+                now_unix_s(),
+            );
+        });
+        Err(LagoError::OutboxMetricChanged(what))
     }
 
     async fn call(&self, events: &[(u64, Vec<u8>)]) -> CallOutcome {
@@ -353,30 +510,129 @@ impl LagoExporter {
         )
     }
 
-    /// Runs [`LagoExporter::drain`] every `interval` until `shutdown` completes. A round that
-    /// fails for a recoverable store fault is retried next round; a refusal ends the run.
-    pub async fn run(
-        self,
-        interval: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), LagoError> {
+    /// Reads the billable metric from Lago and records what [`check_metric`] says in the
+    /// shared status; returns it too.
+    pub async fn check_metric(&self) -> MetricCheck {
+        let answer = self.http.get(self.metric_url.clone()).bearer_auth(&self.config.api_key).send().await;
+        let check = match answer {
+            Err(e) => {
+                tracing::warn!(error = %e, "lago billable metric check failed");
+                MetricCheck::Unavailable
+            }
+            Ok(r) => {
+                let status = r.status().as_u16();
+                match r.bytes().await {
+                    Ok(b) if b.len() <= LAGO_RESPONSE_BYTES_MAX => {
+                        check_metric(status, &b, &self.config.metric)
+                    }
+                    _ => MetricCheck::Unavailable,
+                }
+            }
+        };
+        let refusal = match &check {
+            MetricCheck::Refused(status, body) => {
+                Some(explain_refusal(*status, body.as_bytes(), self.config.events_per_call))
+            }
+            _ => None,
+        };
+        match &check {
+            MetricCheck::Ok => {
+                tracing::debug!(code = %self.config.metric.code, "lago billable metric matches")
+            }
+            MetricCheck::Mismatch(m) => {
+                tracing::error!(problem = %log_excerpt(&m.to_string()), "lago billable metric mismatch; export waits")
+            }
+            MetricCheck::Unavailable => tracing::warn!("lago billable metric could not be checked"),
+            MetricCheck::Refused(status, body) => {
+                tracing::error!(status, body = %log_excerpt(body), "lago refused the billable metric check")
+            }
+        }
+        self.status.update(|s| s.metric_checked(&check, refusal.as_ref(), now_unix_s()));
+        check
+    }
+
+    /// Counts the outbox for the status, at most once per [`LAGO_BACKLOG_COUNT_INTERVAL_S`]
+    /// (`counted`: when it last did): on sled a count walks the whole outbox.
+    async fn count_backlog(&self, counted: &mut Option<tokio::time::Instant>) {
+        let now = tokio::time::Instant::now();
+        if counted.is_some_and(|t| now.duration_since(t) < Duration::from_secs(LAGO_BACKLOG_COUNT_INTERVAL_S))
+        {
+            return;
+        }
+        *counted = Some(now);
+        match self.outbox.pending().await {
+            Ok(n) => self.status.update(|s| s.backlog(n)),
+            Err(e) => tracing::warn!(error = %e, "cannot count the lago outbox"),
+        }
+    }
+
+    /// One round of [`LagoExporter::run`]: check the metric when due, drain when allowed,
+    /// count the backlog when not. `next_check` is when the metric is due next (`None`:
+    /// never again, the export stopped); `counted` is when the backlog was last counted.
+    async fn round(
+        &self,
+        next_check: &mut Option<tokio::time::Instant>,
+        counted: &mut Option<tokio::time::Instant>,
+    ) {
+        let due = next_check.is_some_and(|t| tokio::time::Instant::now() >= t);
+        if due {
+            self.check_metric().await;
+            *next_check = self.status.snapshot().metric_check_in().map(|d| tokio::time::Instant::now() + d);
+        }
+        if !self.status.snapshot().may_send() {
+            self.count_backlog(counted).await;
+            return;
+        }
+        match self.drain().await {
+            Ok(stats) => {
+                if stats.delivered > 0 {
+                    tracing::info!(?stats, "lago export");
+                }
+                self.status.update(|s| s.round_done(stats.standby));
+                if stats.standby {
+                    self.count_backlog(counted).await;
+                } else {
+                    // The active exporter just emptied the outbox.
+                    self.status.update(|s| s.backlog(0));
+                }
+            }
+            // The outbox is durable: a store that comes back resumes where it was.
+            Err(e) if e.is_recoverable() => {
+                tracing::warn!(error = %e, "lago export round failed; retrying next round");
+            }
+            // The status is stopped already (drain did it).
+            Err(LagoError::Refused { .. } | LagoError::OutboxMetricChanged(_)) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "lago export stopped");
+                self.status.update(|s| {
+                    s.stop(
+                        "export_failed",
+                        e.to_string(),
+                        "see the endpoint's log; fix the cause, then restart the endpoint".into(),
+                        now_unix_s(),
+                    )
+                });
+            }
+        }
+    }
+
+    /// Checks the billable metric, then runs [`LagoExporter::drain`] every `interval`, until
+    /// `shutdown` completes. Sends only while the metric matches (checked again every
+    /// [`LAGO_METRIC_CHECK_INTERVAL_S`], or every round while it does not). A round that
+    /// fails for a recoverable store fault is retried next round; a refusal stops the export
+    /// for the life of the process (the status says why; the backlog is still counted).
+    pub async fn run(self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut next_check = Some(tokio::time::Instant::now());
+        let mut counted = None;
         loop {
             tokio::select! {
-                r = self.drain() => match r {
-                    Ok(stats) if stats.delivered > 0 => tracing::info!(?stats, "lago export"),
-                    Ok(_) => {}
-                    // The outbox is durable: a store that comes back resumes where it was.
-                    Err(e) if e.is_recoverable() => {
-                        tracing::warn!(error = %e, "lago export round failed; retrying next round");
-                    }
-                    Err(e) => return Err(e),
-                },
-                () = &mut shutdown => return Ok(()),
+                () = self.round(&mut next_check, &mut counted) => {}
+                () = &mut shutdown => return,
             }
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => return,
             }
         }
     }
@@ -408,9 +664,41 @@ mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = LagoConfig::load(&cfg).unwrap();
         assert_eq!(
-            (c.base_url.as_str(), c.api_key.as_str(), c.code.as_str()),
-            ("http://127.0.0.1:3000", "secret", "data_bytes")
+            (c.base_url.as_str(), c.api_key.as_str(), &c.metric, c.events_per_call),
+            ("http://127.0.0.1:3000", "secret", &LagoMetric::default(), LAGO_EVENTS_PER_CALL_DEFAULT)
         );
+        assert_eq!((c.metric.code.as_str(), c.metric.field.as_str()), ("data_bytes", "bytes"));
         assert_eq!(c.subscriptions[&8_988_280_666_000_000_001], "sub_a");
+
+        // The metric and the batch size are keys of their own, each named when wrong.
+        let with = |extra: &str| {
+            std::fs::write(&cfg, format!("base_url = \"http://x\"\napi_key_file = \"lago.key\"\n{extra}\n"))
+                .unwrap();
+            LagoConfig::load(&cfg)
+        };
+        let c = with("code = \"sim_data\"\nfield = \"octets\"\nevents_per_call = 40").unwrap();
+        assert_eq!(
+            (c.metric.code.as_str(), c.metric.field.as_str(), c.events_per_call),
+            ("sim_data", "octets", 40)
+        );
+        for (extra, key) in [
+            ("events_per_call = 0", "events_per_call: "),
+            ("events_per_call = -5", "events_per_call: "),
+            ("events_per_call = 1001", "events_per_call: "),
+            ("field = \"\"", "field: "),
+            ("field = \"a\\nb\"", "field: "),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{extra}: {e}");
+        }
+        assert_eq!(
+            with(&format!("events_per_call = {LAGO_EVENTS_PER_CALL_MAX}")).unwrap().events_per_call,
+            1000
+        );
+        let e = LagoConfig::new("http://x", "k", "c", BTreeMap::new())
+            .unwrap()
+            .with_events_per_call(0)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("events_per_call: "), "{e}");
     }
 }

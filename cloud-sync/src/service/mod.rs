@@ -9,7 +9,9 @@
 //! - [`billing`]: [`billing::Billing`] (runs, charges, wallets, top-ups) and
 //!   [`billing::forecast`], over a validated plan file ([`billing::load_plans`]).
 //! - [`lago`]: the Lago exporter: plans from the store's outbox, sends, settles what Lago
-//!   accepted, exactly once per record.
+//!   accepted, exactly once per record, once the billable metric matched.
+//! - [`lago_status`]: where the export stands (running, stopped by a refusal, metric
+//!   mismatch, backlog), shared with `/health` and `/metrics`; a pure state machine.
 //!
 //! Settlement has no service of its own: a run must read the booked days, decide and write
 //! under one lock or transaction, so the store runs the rating core's `settle` inside it (as
@@ -22,3 +24,4 @@
 pub mod billing;
 pub mod ingest;
 pub mod lago;
+pub mod lago_status;

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use countersign_rating::lago::LagoMetric;
+
 pub use super::postgres::lago::PgOutbox;
 pub use super::sled::lago::Outbox;
 use super::{blocking, StoreBackend, StoreError};
@@ -46,15 +48,19 @@ impl LagoOutbox {
     }
 
     /// Plans an event for every stored record not planned yet whose SIM has a subscription in
-    /// `subscriptions`, under the billable metric `code`; durable when it returns. Returns
-    /// how many were planned.
-    pub async fn plan(&self, subscriptions: &BTreeMap<u64, String>, code: &str) -> Result<usize, StoreError> {
+    /// `subscriptions`, for the billable metric `metric` (code and field); durable when it
+    /// returns. Returns how many were planned.
+    pub async fn plan(
+        &self,
+        subscriptions: &BTreeMap<u64, String>,
+        metric: &LagoMetric,
+    ) -> Result<usize, StoreError> {
         match self {
             Self::Sled(o) => {
-                let (o, subscriptions, code) = (o.clone(), subscriptions.clone(), code.to_owned());
-                blocking(move || o.plan(&subscriptions, &code)).await
+                let (o, subscriptions, metric) = (o.clone(), subscriptions.clone(), metric.clone());
+                blocking(move || o.plan(&subscriptions, &metric)).await
             }
-            Self::Postgres(p) => p.plan(subscriptions, code).await,
+            Self::Postgres(p) => p.plan(subscriptions, metric).await,
         }
     }
 

@@ -45,7 +45,7 @@ use tokio::sync::Mutex;
 
 use super::{db_error, pool_error, u64_from_sql, u64_to_sql, usage_record, PgStore};
 
-use countersign_rating::lago::{plan_event, plannable, LAGO_EVENTS_PER_CALL_MAX};
+use countersign_rating::lago::{plan_event, plannable, LagoMetric, LAGO_EVENTS_PER_CALL_MAX};
 
 use crate::store::lago::LAGO_PLAN_RECORDS_PER_FLUSH_MAX;
 use crate::store::StoreError;
@@ -122,7 +122,11 @@ impl PgOutbox {
 
     /// Plans an event for every stored record not planned yet whose SIM has a subscription;
     /// committed when it returns. Needs the lock. Returns how many were planned.
-    pub async fn plan(&self, subscriptions: &BTreeMap<u64, String>, code: &str) -> Result<usize, StoreError> {
+    pub async fn plan(
+        &self,
+        subscriptions: &BTreeMap<u64, String>,
+        metric: &LagoMetric,
+    ) -> Result<usize, StoreError> {
         let mut active = self.active.lock().await;
         let writer = active.as_mut().ok_or_else(not_active)?;
         let next: i64 = writer
@@ -188,7 +192,7 @@ impl PgOutbox {
             );
             for (r, sub) in &page {
                 let key = (r.id.meter_id, r.id.epoch);
-                let planned_event = plan_event(r, max.get(&key).copied().unwrap_or_default(), sub, code)
+                let planned_event = plan_event(r, max.get(&key).copied().unwrap_or_default(), sub, metric)
                     .map_err(StoreError::from)?;
                 max.insert(key, planned_event.exported_max);
                 iccid.push(u64_to_sql(r.iccid));

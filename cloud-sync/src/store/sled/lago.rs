@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use countersign_meter::{RecordId, Totals};
-use countersign_rating::lago::{plan_event, plannable, LAGO_EVENTS_PER_CALL_MAX};
+use countersign_rating::lago::{plan_event, plannable, LagoMetric, LAGO_EVENTS_PER_CALL_MAX};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
@@ -70,7 +70,11 @@ impl Outbox {
 
     /// Plans an event for every stored record not planned yet whose SIM has a subscription;
     /// durable when it returns. Returns how many were planned.
-    pub fn plan(&self, subscriptions: &BTreeMap<u64, String>, code: &str) -> Result<usize, StoreError> {
+    pub fn plan(
+        &self,
+        subscriptions: &BTreeMap<u64, String>,
+        metric: &LagoMetric,
+    ) -> Result<usize, StoreError> {
         let mut planned = 0usize;
         let mut since_flush = 0usize;
         let mut unmapped = 0usize;
@@ -95,7 +99,7 @@ impl Outbox {
                         Some(b) => totals_from(&b).map_err(abort)?,
                         None => Totals::default(),
                     };
-                    let event = plan_event(&r, max, sub, code).map_err(|e| abort(e.into()))?;
+                    let event = plan_event(&r, max, sub, metric).map_err(|e| abort(e.into()))?;
                     let seq = match meta.get(NEXT_SEQ_KEY)? {
                         Some(b) => u64_from(&b).map_err(abort)?,
                         None => 0,

@@ -296,7 +296,8 @@ impl Q {
     fn round_half_up_micros(self, exponent: u32) -> u64 {
         let scale = 10u128.pow(exponent);
         let minor = (self.n * scale * 2 + self.d) / (self.d * 2);
-        u64::try_from(minor * 10u128.pow(6 - exponent)).unwrap()
+        // Beyond 64 bits stays beyond: the caller expects an overflow refusal there.
+        u64::try_from(minor * 10u128.pow(6 - exponent)).unwrap_or(u64::MAX)
     }
 }
 
@@ -473,7 +474,14 @@ proptest! {
             minimum_micros: minimum_minor * minor,
         };
         let day = date!(2026 - 11 - 10);
-        let c = rate(&plan, plan.cycle.period_of(day).unwrap(), &[UsageItem { iccid: 1, date: day, bytes }]).unwrap();
+        let want = plan.flat_fee_micros.checked_add(lago_model(&plan, bytes, exponent));
+        let charged = rate(&plan, plan.cycle.period_of(day).unwrap(), &[UsageItem { iccid: 1, date: day, bytes }]);
+        // A charge beyond what a line amount holds (i64 micros) is refused, never wrapped.
+        if want.is_none_or(|w| i64::try_from(w).is_err()) {
+            prop_assert!(matches!(charged, Err(PricingError::Overflow(_))), "{:?}", charged);
+            return Ok(());
+        }
+        let c = charged.unwrap();
         prop_assert_eq!(c.total_micros, plan.flat_fee_micros + lago_model(&plan, bytes, exponent));
         prop_assert_eq!(c.total_micros % minor, 0);
         // Only the rounding line is ever negative, and by less than half a minor unit… plus

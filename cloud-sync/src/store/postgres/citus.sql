@@ -30,3 +30,6 @@ SELECT create_reference_table('rollup_meta');
 SELECT create_distributed_table('rollup_buckets', 'iccid', colocate_with => 'records');
 SELECT create_distributed_table('rollup_faulty', 'iccid', colocate_with => 'records');
 SELECT create_distributed_table('epoch_tails', 'meter_id', colocate_with => 'record_ids');
+
+-- Migration 7: SIM-days changed after settlement closed them, co-located with the records.
+SELECT create_distributed_table('rollup_changed', 'iccid', colocate_with => 'records');

@@ -173,6 +173,11 @@ CREATE TABLE lago_epoch_max (
         name: "usage rollups: SIMs by UTC day, for paged reads of every SIM",
         sql: PG_ROLLUP_DAY_INDEX_SQL,
     },
+    Migration {
+        version: 7,
+        name: "settlement: SIM-days changed after they closed, for incremental runs",
+        sql: PG_ROLLUP_CHANGED_SQL,
+    },
 ];
 
 /// The tables of the usage rollups (see [`super::rollups`]), applied as migration 5. Bucket
@@ -217,6 +222,19 @@ CREATE TABLE rollup_meta (
 pub const PG_ROLLUP_DAY_INDEX_SQL: &str = "
 CREATE INDEX rollup_buckets_day_iccid ON rollup_buckets ((bucket / 96), iccid);
 DROP INDEX rollup_buckets_bucket;
+";
+
+/// Migration 7: the SIM-days (ICCID, UTC day) ingest changed after the ledger closed them,
+/// each with a unique mark, so that a settlement run reads only those and clears a mark only
+/// if it was not made again meanwhile (see [`super::ledger`]).
+pub const PG_ROLLUP_CHANGED_SQL: &str = "
+CREATE TABLE rollup_changed (
+    iccid BIGINT NOT NULL,
+    day INTEGER NOT NULL CHECK (day >= 0),
+    mark BIGINT NOT NULL,
+    PRIMARY KEY (iccid, day)
+);
+CREATE SEQUENCE rollup_changed_mark;
 ";
 
 impl PgStore {

@@ -394,6 +394,7 @@ pub(super) async fn write_plan(
         update_max(tx, &rows).await?;
     }
     upsert_buckets(tx, "rollup_buckets", &plan.buckets).await?;
+    mark_changes(tx, &plan.buckets).await?;
     insert_faulty(tx, "rollup_faulty", &plan.faulty).await?;
     let tails: Vec<((i64, i64), Tail)> = plan.tails.iter().map(|(k, t)| (*k, *t)).collect();
     upsert_tails(tx, "epoch_tails", &tails).await?;
@@ -426,6 +427,55 @@ async fn update_max(
         ],
     )
     .await?;
+    Ok(())
+}
+
+/// Marks the SIM-days whose buckets a batch changed before the ledger's mark (see
+/// [`super::ledger`]): under the shared side of its advisory lock, held to commit, so that a
+/// run raising the mark waits for this transaction, and this one reads the mark it raised.
+/// In-order ingest changes only open days and writes nothing here.
+async fn mark_changes(tx: &deadpool_postgres::Transaction<'_>, buckets: &BucketDeltas) -> Result<(), Retry> {
+    if buckets.is_empty() {
+        return Ok(());
+    }
+    tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&super::ledger::PG_CHANGES_LOCK_KEY]).await?;
+    let row = tx.query_opt("SELECT value FROM ledger_meta WHERE name = 'changes_before_bucket'", &[]).await?;
+    let before: i64 = match row {
+        None => return Ok(()),
+        Some(r) => {
+            let v: String = r.try_get(0)?;
+            v.parse().map_err(|_| {
+                Retry::Fail(StoreError::Corrupt(format!("ledger changes_before_bucket '{v}'")))
+            })?
+        }
+    };
+    let per_day = BUCKETS_PER_DAY as i64;
+    let (mut iccid, mut day): (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
+    for &(i, b) in buckets.keys() {
+        if b >= before {
+            continue;
+        }
+        let d = i32::try_from(b / per_day).map_err(|_| {
+            Retry::Fail(StoreError::Corrupt(format!("rollup bucket {b} beyond the calendar")))
+        })?;
+        if iccid.last() != Some(&i) || day.last() != Some(&d) {
+            iccid.push(i);
+            day.push(d);
+        }
+    }
+    if iccid.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO rollup_changed (iccid, day, mark)
+             SELECT u.i, u.d, m.v FROM unnest($1::int8[], $2::int4[]) AS u(i, d),
+                  (SELECT nextval('rollup_changed_mark') AS v) AS m
+             ORDER BY 1, 2
+             ON CONFLICT (iccid, day) DO UPDATE SET mark = EXCLUDED.mark",
+        )
+        .await?;
+    tx.execute(&stmt, &[&iccid, &day]).await?;
     Ok(())
 }
 
@@ -712,77 +762,123 @@ impl PgStore {
             all.daily.retain(|(_, d), _| range.contains(*d));
             return Ok(UsagePage::cut(all, page));
         }
-        let Some(first) = page.first_iccid() else { return Ok(UsagePage::default()) };
-        let (first_bucket, end_bucket) = buckets_of_rows(first_row, last_row);
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = read_snapshot(&mut client).await?;
-        // The UTC days to probe: an unbounded end of the range is the first or last day with
-        // buckets (min and max of the index's leading key: two index probes).
-        let (mut d1, mut d2) = (i64::from(first_row), i64::from(last_row));
-        if first_row == 0 || last_row == u32::MAX {
-            let bounds = tx
-                .query_one(
-                    &format!(
-                        "SELECT min(bucket / {BUCKETS_PER_DAY}), max(bucket / {BUCKETS_PER_DAY}) FROM rollup_buckets
-                         WHERE bucket / {BUCKETS_PER_DAY} BETWEEN $1 AND $2"
-                    ),
-                    &[&d1, &d2],
-                )
-                .await
-                .map_err(db_error)?;
-            match (bounds.try_get(0).map_err(db_error)?, bounds.try_get(1).map_err(db_error)?) {
-                (Some(lo), Some(hi)) => (d1, d2) = (lo, hi),
-                _ => {
-                    let faults = faults_in(&tx, first, u64::MAX).await?;
-                    tx.commit().await.map_err(db_error)?;
-                    return Ok(UsagePage {
-                        derived: faults_then_rows(faults, Derived::default()),
-                        next_after: None,
-                    });
-                }
-            }
-        }
-        let want = i64::try_from(page.limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let mut sims: Vec<u64> = Vec::new();
-        for (a, b) in sql_spans(first, u64::MAX) {
-            let need = want - sims.len() as i64;
-            if need <= 0 {
-                break;
-            }
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT DISTINCT s.iccid FROM generate_series($1::bigint, $2::bigint) AS d(day),
-                         LATERAL (SELECT DISTINCT iccid FROM rollup_buckets
-                                  WHERE bucket / {BUCKETS_PER_DAY} = d.day AND iccid BETWEEN $3 AND $4
-                                    AND bucket >= $5 AND bucket < $6 AND records > 0
-                                  ORDER BY iccid LIMIT $7) s
-                         ORDER BY s.iccid LIMIT $7"
-                    ),
-                    &[&d1, &d2, &a, &b, &first_bucket, &end_bucket, &need],
-                )
-                .await
-                .map_err(db_error)?;
-            for r in rows {
-                sims.push(u64_from_sql(r.try_get(0).map_err(db_error)?));
-            }
-        }
-        let next_after = (sims.len() > page.limit).then(|| sims[page.limit - 1]);
-        sims.truncate(page.limit);
-        let faults = faults_in(&tx, first, next_after.unwrap_or(u64::MAX)).await?;
-        let keys: Vec<i64> = sims.iter().map(|s| u64_to_sql(*s)).collect();
-        let portal = tx
-            .bind(
-                "SELECT iccid, bucket, up::text, down::text FROM rollup_buckets
-                 WHERE iccid = ANY($1) AND bucket >= $2 AND bucket < $3 AND records > 0",
-                &[&keys, &first_bucket, &end_bucket],
+        let out = rollup_page_tx(&tx, tz, range, page).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(out)
+    }
+}
+
+/// [`PgStore::rollup_page_in`] inside the transaction `tx`, over the UTC days `rows` (whose
+/// day boundaries in `tz` are on buckets).
+pub(super) async fn rollup_page_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    tz: &TimeZone,
+    range: DateRange,
+    page: SimPage,
+) -> Result<UsagePage, StoreError> {
+    let (first_row, last_row) = rows_of_range(tz, range);
+    if !rows_on_buckets(tz, first_row, last_row) {
+        // Days not on buckets (offsets of seconds, before 1972): exact from the records.
+        let mut all = Derived::default();
+        super::for_each_meter(tx, None, |meter| {
+            all.absorb(countersign_rating::usage::derive_daily_in(meter, tz)?);
+            Ok(())
+        })
+        .await?;
+        all.daily.retain(|(_, d), _| range.contains(*d));
+        return Ok(UsagePage::cut(all, page));
+    }
+    let Some(first) = page.first_iccid() else { return Ok(UsagePage::default()) };
+    let (first_bucket, end_bucket) = buckets_of_rows(first_row, last_row);
+    // The UTC days to probe: an unbounded end of the range is the first or last day with
+    // buckets (min and max of the index's leading key: two index probes).
+    let (mut d1, mut d2) = (i64::from(first_row), i64::from(last_row));
+    if first_row == 0 || last_row == u32::MAX {
+        let bounds = tx
+            .query_one(
+                &format!(
+                    "SELECT min(bucket / {BUCKETS_PER_DAY}), max(bucket / {BUCKETS_PER_DAY}) FROM rollup_buckets
+                     WHERE bucket / {BUCKETS_PER_DAY} BETWEEN $1 AND $2"
+                ),
+                &[&d1, &d2],
             )
             .await
             .map_err(db_error)?;
-        let rows = read_buckets(&tx, &portal, tz, range).await?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(UsagePage { derived: faults_then_rows(faults, rows), next_after })
+        match (bounds.try_get(0).map_err(db_error)?, bounds.try_get(1).map_err(db_error)?) {
+            (Some(lo), Some(hi)) => (d1, d2) = (lo, hi),
+            _ => {
+                let faults = faults_in(tx, first, u64::MAX).await?;
+                return Ok(UsagePage {
+                    derived: faults_then_rows(faults, Derived::default()),
+                    next_after: None,
+                });
+            }
+        }
     }
+    let want = i64::try_from(page.limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let mut sims: Vec<u64> = Vec::new();
+    for (a, b) in sql_spans(first, u64::MAX) {
+        let need = want - sims.len() as i64;
+        if need <= 0 {
+            break;
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT DISTINCT s.iccid FROM generate_series($1::bigint, $2::bigint) AS d(day),
+                     LATERAL (SELECT DISTINCT iccid FROM rollup_buckets
+                              WHERE bucket / {BUCKETS_PER_DAY} = d.day AND iccid BETWEEN $3 AND $4
+                                AND bucket >= $5 AND bucket < $6 AND records > 0
+                              ORDER BY iccid LIMIT $7) s
+                     ORDER BY s.iccid LIMIT $7"
+                ),
+                &[&d1, &d2, &a, &b, &first_bucket, &end_bucket, &need],
+            )
+            .await
+            .map_err(db_error)?;
+        for r in rows {
+            sims.push(u64_from_sql(r.try_get(0).map_err(db_error)?));
+        }
+    }
+    let next_after = (sims.len() > page.limit).then(|| sims[page.limit - 1]);
+    sims.truncate(page.limit);
+    let faults = faults_in(tx, first, next_after.unwrap_or(u64::MAX)).await?;
+    let keys: Vec<i64> = sims.iter().map(|s| u64_to_sql(*s)).collect();
+    let portal = tx
+        .bind(
+            "SELECT iccid, bucket, up::text, down::text FROM rollup_buckets
+             WHERE iccid = ANY($1) AND bucket >= $2 AND bucket < $3 AND records > 0",
+            &[&keys, &first_bucket, &end_bucket],
+        )
+        .await
+        .map_err(db_error)?;
+    let rows = read_buckets(tx, &portal, tz, range).await?;
+    Ok(UsagePage { derived: faults_then_rows(faults, rows), next_after })
+}
+
+/// One SIM's usage per day in `tz` over `range` inside `tx` (from the records where the
+/// zone's days are not whole quarter hours).
+pub(super) async fn rollup_sim_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sim: u64,
+    tz: &TimeZone,
+    range: DateRange,
+) -> Result<Derived, StoreError> {
+    let rows = rows_of_range(tz, range);
+    if rows_on_buckets(tz, rows.0, rows.1) {
+        return rollup_daily_tx(tx, Some(sim), tz, range, rows).await;
+    }
+    let mut total = Derived::default();
+    super::for_each_meter(tx, Some(sim), |meter| {
+        total.absorb(countersign_rating::usage::derive_daily_in(meter, tz)?);
+        Ok(())
+    })
+    .await?;
+    total.retain_sim(sim);
+    total.daily.retain(|(_, d), _| range.contains(*d));
+    Ok(total)
 }
 
 /// [`PgStore::rollup_daily_in`] inside the snapshot `tx`, over the UTC days `rows` (whose day

@@ -294,12 +294,34 @@ pub async fn usage_ledger(
     iccid: Option<u64>,
     range: DateRange,
 ) -> Result<LedgerReply, ClientError> {
-    let mut query = Vec::new();
+    let url = url(base_url, USAGE_LEDGER_PATH);
+    let mut query = range_query(range);
     if let Some(i) = iccid {
         query.push(("iccid", i.to_string()));
+        return get_json(http, &url, token, &query).await;
     }
-    query.extend(range_query(range));
-    get_json(http, &url(base_url, USAGE_LEDGER_PATH), token, &query).await
+    query.push(("limit", USAGE_PAGE_SIMS_MAX.to_string()));
+    let mut all: Option<LedgerReply> = None;
+    let mut after = None;
+    for _ in 0..CLIENT_PAGES_MAX {
+        let mut q = query.clone();
+        if let Some(a) = after {
+            q.push(("after", format!("{a}")));
+        }
+        let page: LedgerReply = get_json(http, &url, token, &q).await?;
+        after = page.next_after;
+        all = Some(match all {
+            None => page,
+            Some(mut acc) => {
+                acc.days.extend(page.days);
+                acc
+            }
+        });
+        if after.is_none() {
+            return all.ok_or(ClientError::TooManyPages { url });
+        }
+    }
+    Err(ClientError::TooManyPages { url })
 }
 
 /// Runs a settlement: closes days `settlement_hours` after their end in `tz`, books

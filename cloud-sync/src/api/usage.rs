@@ -237,10 +237,18 @@ async fn get_usage_ledger(
     if p.tz.is_some() {
         return Err(ApiError::bad_request("tz: the ledger's zone is fixed; do not pass it"));
     }
-    no_page_params(p.limit.as_deref(), p.after.as_deref())
-        .map_err(|_| ApiError::bad_request("limit, after: the ledger is not paged"))?;
     let (iccid, range) = zone_range(&p)?;
-    let (tz, days) = state.store.ledger(iccid, range).await.map_err(ledger_error)?;
+    let (tz, days, next_after) = match iccid {
+        Some(_) => {
+            no_page_params(p.limit.as_deref(), p.after.as_deref())?;
+            let (tz, days) = state.store.ledger(iccid, range).await.map_err(ledger_error)?;
+            (tz, days, None)
+        }
+        None => {
+            let page = page_params(p.limit.as_deref(), p.after.as_deref())?;
+            state.store.ledger_page(range, page).await.map_err(ledger_error)?
+        }
+    };
     let mut out = Vec::with_capacity(days.len());
     for d in days {
         let s = d.settled;
@@ -267,5 +275,5 @@ async fn get_usage_ledger(
             booked_total_bytes: i64::try_from(booked).map_err(|_| UsageError::Overflow { iccid: s.iccid })?,
         });
     }
-    Ok(Json(LedgerReply { tz, days: out }))
+    Ok(Json(LedgerReply { tz, days: out, next_after }))
 }

@@ -7,6 +7,7 @@
 use countersign_rating::usage::{Adjustment, DateRange, SettledDay, Settlement, UsageError};
 use jiff::Timestamp;
 
+use super::rollups::SimPage;
 use super::sled::ledger::Ledger;
 use super::{blocking, StoreBackend, StoreError};
 
@@ -62,6 +63,27 @@ impl StoreBackend {
                 .await
             }
             Self::Postgres(p) => p.ledger_days(iccid, range).await,
+        }
+    }
+
+    /// The ledger's zone and the booked SIM-days of one page of SIMs in ICCID order inside
+    /// `range`, with the next page's cursor (see [`SimPage`]); costs the page's SIMs and days.
+    pub async fn ledger_page(
+        &self,
+        range: DateRange,
+        page: SimPage,
+    ) -> Result<(Option<String>, Vec<LedgerDay>, Option<u64>), LedgerError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || {
+                    let ledger = Ledger::open(&s)?;
+                    let (days, next) = ledger.days_page(range, page)?;
+                    Ok((ledger.zone()?, days, next))
+                })
+                .await
+            }
+            Self::Postgres(p) => p.ledger_days_page(range, page).await,
         }
     }
 

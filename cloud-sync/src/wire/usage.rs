@@ -194,6 +194,9 @@ pub struct LedgerDayJson {
 pub struct LedgerReply {
     /// The ledger's zone, `null` before the first settlement.
     pub tz: Option<String>,
-    /// Settled SIM-days by ICCID, then date.
+    /// Settled SIM-days by ICCID, then date (without `iccid`: of one page of SIMs).
     pub days: Vec<LedgerDayJson>,
+    /// Without `iccid`: pass as `after` for the next page; `null` on the last page.
+    #[serde(default, with = "json_opt_iccid")]
+    pub next_after: Option<u64>,
 }

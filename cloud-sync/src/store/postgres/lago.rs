@@ -113,9 +113,16 @@ impl PgOutbox {
         Ok(taken)
     }
 
-    /// Gives up the lock by closing its connection.
+    /// Gives up the lock: unlocks it, then closes its connection.
     pub async fn release(&self) {
-        if self.active.lock().await.take().is_some() {
+        if let Some(client) = self.active.lock().await.take() {
+            // Unlocked explicitly: dropping the connection frees the lock only once the
+            // server notices, so another exporter trying at once would still find it held.
+            // A broken connection fails here, and the server frees the lock with it.
+            if let Err(e) = client.execute("SELECT pg_advisory_unlock($1)", &[&PG_LAGO_EXPORT_LOCK_KEY]).await
+            {
+                tracing::debug!(error = %e, "lago export lock: unlock on a broken connection");
+            }
             tracing::info!("lago export lock released");
         }
     }

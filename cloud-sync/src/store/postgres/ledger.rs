@@ -82,6 +82,8 @@ const PG_SETTLE_MARKS_PER_READ: i64 = 10_000;
 /// Julian day number of 2000-01-01: dates cross the wire as julian day numbers and become
 /// `DATE '2000-01-01' + (jd - JD_2000)` in SQL.
 const JD_2000: i32 = 2_451_545;
+/// Julian day number of 9999-12-31: the open end of a range, inside PostgreSQL's dates.
+const JD_9999_12_31: i32 = 5_373_484;
 /// The `day` column as a julian day number.
 const DAY_JD: &str = "(day - DATE '2000-01-01' + 2451545)";
 
@@ -231,6 +233,69 @@ impl PgStore {
         let days = read_days(&tx, sims.as_ref().map(|s| &s[..]), range).await?;
         tx.commit().await.map_err(db_error)?;
         Ok((zone, days))
+    }
+
+    /// The ledger's zone and the booked SIM-days of one page of SIMs (unsigned ICCID order,
+    /// after `page.after`) inside `range`, with the next page's cursor, in one snapshot. The
+    /// page's SIMs are found through the `(day, iccid)` index one day at a time, then their
+    /// days by primary key: the cost follows the page's SIMs and days.
+    pub async fn ledger_days_page(
+        &self,
+        range: DateRange,
+        page: SimPage,
+    ) -> Result<(Option<String>, Vec<LedgerDay>, Option<u64>), LedgerError> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = super::read_snapshot(&mut client).await?;
+        let zone = read_zone(&tx).await?;
+        let Some(first) = page.first_iccid() else {
+            tx.commit().await.map_err(db_error)?;
+            return Ok((zone, Vec::new(), None));
+        };
+        let bounds = tx
+            .query_one(
+                &format!(
+                    "SELECT min({DAY_JD}), max({DAY_JD}) FROM ledger_settled
+                     WHERE day BETWEEN DATE '2000-01-01' + ($1::int4 - {JD_2000}) AND DATE '2000-01-01' + ($2::int4 - {JD_2000})"
+                ),
+                &[&range.from.map_or(0, julian), &range.to.map_or(JD_9999_12_31, julian)],
+            )
+            .await
+            .map_err(db_error)?;
+        let (lo, hi): (Option<i32>, Option<i32>) =
+            (bounds.try_get(0).map_err(db_error)?, bounds.try_get(1).map_err(db_error)?);
+        let (Some(lo), Some(hi)) = (lo, hi) else {
+            tx.commit().await.map_err(db_error)?;
+            return Ok((zone, Vec::new(), None));
+        };
+        let want = i64::try_from(page.limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let mut sims: Vec<u64> = Vec::new();
+        for (a, b) in super::rollups::sql_spans(first, u64::MAX) {
+            let need = want - sims.len() as i64;
+            if need <= 0 {
+                break;
+            }
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT DISTINCT s.iccid FROM generate_series($1::int4, $2::int4) AS d(jd),
+                         LATERAL (SELECT iccid FROM ledger_settled
+                                  WHERE day = DATE '2000-01-01' + (d.jd - {JD_2000}) AND iccid BETWEEN $3 AND $4
+                                  ORDER BY iccid LIMIT $5) s
+                         ORDER BY s.iccid LIMIT $5"
+                    ),
+                    &[&lo, &hi, &a, &b, &need],
+                )
+                .await
+                .map_err(db_error)?;
+            for r in rows {
+                sims.push(u64_from_sql(r.try_get(0).map_err(db_error)?));
+            }
+        }
+        let next_after = (sims.len() > page.limit).then(|| sims[page.limit - 1]);
+        sims.truncate(page.limit);
+        let days = if sims.is_empty() { Vec::new() } else { read_days(&tx, Some(&sims), range).await? };
+        tx.commit().await.map_err(db_error)?;
+        Ok((zone, days, next_after))
     }
 
     /// Books days closed by `now` (`settlement_hours` after their end) and adjusts closed
@@ -571,6 +636,29 @@ mod tests {
                         let s = settle(&fresh, &model, &tz, hours, now).unwrap();
                         apply_settlement(&mut model, &s).unwrap();
                         prop_assert_eq!(&booked(&store).await, &model, "after run {} at +{} s", i, run);
+                        // Pages of the ledger, walked by their cursors, are the unpaged read,
+                        // in unsigned ICCID order.
+                        let first = time::macros::date!(2026 - 11 - 25);
+                        let ranges = [
+                            DateRange::default(),
+                            DateRange {
+                                from: Some(first),
+                                to: Some(first.saturating_add(time::Duration::days(1))),
+                            },
+                        ];
+                        for range in ranges {
+                            let mut walked = Vec::new();
+                            let mut page = SimPage { after: None, limit: 1 + i % 2 };
+                            for _ in 0..8 {
+                                let (_, days, next) = store.ledger_days_page(range, page).await.unwrap();
+                                walked.extend(days);
+                                match next {
+                                    Some(n) => page.after = Some(n),
+                                    None => break,
+                                }
+                            }
+                            prop_assert_eq!(walked, store.ledger_days(None, range).await.unwrap().1);
+                        }
                     }
                     Ok::<(), TestCaseError>(())
                 })
@@ -582,5 +670,6 @@ mod tests {
     fn julian_days_match_postgres_day_arithmetic() {
         assert_eq!(julian(date!(2000 - 01 - 01)), JD_2000);
         assert_eq!(date_of(JD_2000 + 31).unwrap(), date!(2000 - 02 - 01));
+        assert_eq!(date_of(JD_9999_12_31).unwrap(), date!(9999 - 12 - 31));
     }
 }

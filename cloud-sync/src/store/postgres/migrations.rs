@@ -178,6 +178,11 @@ CREATE TABLE lago_epoch_max (
         name: "settlement: SIM-days changed after they closed, for incremental runs",
         sql: PG_ROLLUP_CHANGED_SQL,
     },
+    Migration {
+        version: 8,
+        name: "settlement ledger: SIMs by day, for paged reads of every SIM",
+        sql: "CREATE INDEX ledger_settled_day_iccid ON ledger_settled (day, iccid);",
+    },
 ];
 
 /// The tables of the usage rollups (see [`super::rollups`]), applied as migration 5. Bucket

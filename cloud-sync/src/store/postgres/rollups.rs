@@ -928,7 +928,7 @@ fn buckets_of_rows(first_row: u32, last_row: u32) -> (i64, i64) {
 
 /// The unsigned ICCIDs `first..=last` as spans of the signed column, in unsigned order:
 /// ICCIDs below 2^63 are the non-negative values, the rest follow as the negative ones.
-fn sql_spans(first: u64, last: u64) -> Vec<(i64, i64)> {
+pub(super) fn sql_spans(first: u64, last: u64) -> Vec<(i64, i64)> {
     const HIGH: u64 = 1 << 63;
     if first > last {
         Vec::new()

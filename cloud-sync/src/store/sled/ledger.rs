@@ -63,6 +63,16 @@ fn day_key(iccid: u64, date: Date) -> [u8; 12] {
     k
 }
 
+/// The key bounds `[from, to)` of one SIM's entries (settled or adjustments) inside `range`.
+fn sim_range_keys(iccid: u64, range: DateRange) -> (Vec<u8>, Vec<u8>) {
+    let from = range.from.map_or_else(|| iccid.to_be_bytes().to_vec(), |d| day_key(iccid, d).to_vec());
+    let to = match range.to.and_then(|d| d.next_day()) {
+        Some(d) => day_key(iccid, d).to_vec(),
+        None => iccid.checked_add(1).map_or(vec![0xff; 13], |n| n.to_be_bytes().to_vec()),
+    };
+    (from, to)
+}
+
 fn parse_day_key(k: &[u8]) -> Result<(u64, Date), StoreError> {
     let bad = || StoreError::Corrupt(format!("ledger key of {} bytes", k.len()));
     let iccid = u64::from_be_bytes(k.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
@@ -120,8 +130,12 @@ impl Ledger {
     /// Every booked SIM-day of one SIM (or all with `None`) inside `range`, with adjustments.
     pub fn days(&self, iccid: Option<u64>, range: DateRange) -> Result<Vec<LedgerDay>, LedgerError> {
         let mut out = BTreeMap::<(u64, Date), LedgerDay>::new();
-        let prefix = iccid.map(|i| i.to_be_bytes().to_vec()).unwrap_or_default();
-        for item in self.settled.scan_prefix(&prefix) {
+        // One SIM: only its keys inside the range; every SIM: the whole tree.
+        let (from, to) = match iccid {
+            Some(i) => sim_range_keys(i, range),
+            None => (Vec::new(), vec![0xff; 17]),
+        };
+        for item in self.settled.range(from.clone()..to.clone()) {
             let (k, v) = item?;
             let (iccid, date) = parse_day_key(&k)?;
             if !range.contains(date) {
@@ -137,7 +151,7 @@ impl Ledger {
                 },
             );
         }
-        for item in self.adjustments.scan_prefix(&prefix) {
+        for item in self.adjustments.range(from..to) {
             let (k, v) = item?;
             let (iccid, date) = parse_day_key(&k)?;
             let Some(day) = out.get_mut(&(iccid, date)) else { continue };
@@ -150,6 +164,50 @@ impl Ledger {
             day.adjustments.push(Adjustment { iccid, date, seq, delta_up, delta_down, made_at_s });
         }
         Ok(out.into_values().collect())
+    }
+
+    /// Booked SIM-days of one page of SIMs (in ICCID order, after `page.after`) inside
+    /// `range`, and the next page's cursor: seeks from SIM to SIM and reads each SIM's range,
+    /// so it costs the page's SIMs and days, not the ledger's history.
+    pub fn days_page(
+        &self,
+        range: DateRange,
+        page: SimPage,
+    ) -> Result<(Vec<LedgerDay>, Option<u64>), LedgerError> {
+        let mut out = Vec::new();
+        let Some(mut next_sim) = page.first_iccid() else { return Ok((out, None)) };
+        let (mut sims, mut last_sim) = (0usize, None);
+        loop {
+            let start = match range.from {
+                Some(d) => day_key(next_sim, d).to_vec(),
+                None => next_sim.to_be_bytes().to_vec(),
+            };
+            let Some(first) = self.settled.range(start..).next() else { return Ok((out, None)) };
+            let (sim, date) = parse_day_key(&first?.0)?;
+            if range.from.is_some_and(|f| date < f) {
+                // A later SIM's days before the range: seek to its range.
+                next_sim = sim;
+                continue;
+            }
+            if range.to.is_some_and(|t| date > t) {
+                // Nothing of this SIM in the range.
+                match sim.checked_add(1) {
+                    Some(n) => next_sim = n,
+                    None => return Ok((out, None)),
+                }
+                continue;
+            }
+            if sims == page.limit {
+                return Ok((out, last_sim));
+            }
+            sims += 1;
+            last_sim = Some(sim);
+            out.extend(self.days(Some(sim), range)?);
+            match sim.checked_add(1) {
+                Some(n) => next_sim = n,
+                None => return Ok((out, None)),
+            }
+        }
     }
 
     /// What is booked, as [`settle`] needs it.
@@ -165,11 +223,7 @@ impl Ledger {
 
     /// What is booked for one SIM's days in `range`: a range read of its entries.
     fn booked_in(&self, iccid: u64, range: DateRange) -> Result<BTreeMap<(u64, Date), Booked>, LedgerError> {
-        let from = range.from.map_or_else(|| iccid.to_be_bytes().to_vec(), |d| day_key(iccid, d).to_vec());
-        let to = match range.to.and_then(|d| d.next_day()) {
-            Some(d) => day_key(iccid, d).to_vec(),
-            None => iccid.checked_add(1).map_or(vec![0xff; 13], |n| n.to_be_bytes().to_vec()),
-        };
+        let (from, to) = sim_range_keys(iccid, range);
         let mut booked = BTreeMap::new();
         for item in self.settled.range(from.clone()..to.clone()) {
             let (k, v) = item?;
@@ -475,6 +529,21 @@ mod tests {
                 let s = settle(&fresh, &model, &tz, hours, now).unwrap();
                 apply_settlement(&mut model, &s).unwrap();
                 proptest::prop_assert_eq!(&ledger.booked().unwrap(), &model, "after run {} at +{} s", i, run);
+                // Pages of the ledger, walked by their cursors, are the unpaged read.
+                let first = time::macros::date!(2026 - 11 - 25);
+                for range in [DateRange::default(), DateRange { from: Some(first), to: Some(first.saturating_add(time::Duration::days(1))) }] {
+                    let mut walked = Vec::new();
+                    let mut page = SimPage { after: None, limit: 1 + i % 2 };
+                    for _ in 0..8 {
+                        let (days, next) = ledger.days_page(range, page).unwrap();
+                        walked.extend(days);
+                        match next {
+                            Some(n) => page.after = Some(n),
+                            None => break,
+                        }
+                    }
+                    proptest::prop_assert_eq!(walked, ledger.days(None, range).unwrap());
+                }
             }
         }
     }

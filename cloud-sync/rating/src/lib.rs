@@ -14,6 +14,8 @@
 //! - [`rollup`]: usage per SIM and quarter-hour bucket kept up to date record by record;
 //!   what inserting a record (in order or late) changes.
 //! - [`reconcile`]: device against carrier usage per SIM-day under a provider model.
+//! - [`once_fetch`]: fetching daily usage from the 1NCE Management API as a state machine
+//!   (token, paging, retries, back-off); the caller does the HTTP.
 //!
 //! What this crate does not know, by design: storage (sled, SQL), HTTP, the network, threads
 //! or the clock. Callers pass in records, times and configuration and get decisions back;
@@ -29,6 +31,7 @@ pub mod billing;
 pub mod carrier;
 pub mod check;
 pub mod lago;
+pub mod once_fetch;
 pub mod pricing;
 pub mod reconcile;
 pub mod rollup;

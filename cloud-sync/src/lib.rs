@@ -44,7 +44,7 @@ pub mod wire;
 
 // The rating core, where it has always been reachable: `countersign_cloud::usage` and the
 // like keep their paths for the binary, the tests and the fuzz targets.
-pub use countersign_rating::{carrier, once_fetch, pricing, reconcile, text, usage};
+pub use countersign_rating::{carrier, carrier_twilio, once_fetch, pricing, reconcile, text, usage};
 
 pub use api::Endpoint;
 pub use config::{AdminToken, CloudConfig, ConfigError};

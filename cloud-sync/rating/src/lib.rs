@@ -9,7 +9,8 @@
 //! - [`check`]: what ingest checks in each report so that no later stage can fail on it.
 //! - [`batch`]: a signed batch opened, its tags checked, its records validated, and the
 //!   store's outcomes turned into the per-record reply.
-//! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing.
+//! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing;
+//!   [`carrier_twilio`]: Twilio Super SIM UsageRecords (bytes per SIM and UTC day).
 //! - [`lago`]: which Lago event a record becomes; what Lago's answers mean.
 //! - [`rollup`]: usage per SIM and quarter-hour bucket kept up to date record by record;
 //!   what inserting a record (in order or late) changes.
@@ -29,6 +30,7 @@
 pub mod batch;
 pub mod billing;
 pub mod carrier;
+pub mod carrier_twilio;
 pub mod check;
 pub mod lago;
 pub mod once_fetch;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
+use countersign_cloud::carrier_twilio;
 use countersign_cloud::client;
 use countersign_cloud::once_api::{self, OnceCredentials};
 use countersign_cloud::once_fetch::ONCE_API_BASE_URL;
@@ -82,6 +83,9 @@ pub(crate) enum RatingCommand {
         /// 1NCE Data Streamer usage records (JSON array, object, or one object per line).
         #[arg(long)]
         carrier_streamer: Vec<PathBuf>,
+        /// --carrier-twilio and --twilio-sims (boxed, as --fetch).
+        #[command(flatten)]
+        twilio: Box<TwilioOpts>,
         /// --fetch and its options (boxed: they would make every command this large).
         #[command(flatten)]
         fetch: Box<FetchOpts>,
@@ -107,6 +111,18 @@ pub(crate) enum RatingCommand {
         #[arg(long, default_value = "json")]
         format: String,
     },
+}
+
+/// `reconcile --carrier-twilio`: Twilio Super SIM usage files.
+#[derive(clap::Args)]
+pub(crate) struct TwilioOpts {
+    /// Twilio Super SIM UsageRecords answers (Group=sim, Granularity=day or hour), one page
+    /// a file; needs --twilio-sims.
+    #[arg(long, requires = "twilio_sims")]
+    carrier_twilio: Vec<PathBuf>,
+    /// Twilio Super SIM Sims list answers (sid → ICCID) for --carrier-twilio.
+    #[arg(long)]
+    twilio_sims: Vec<PathBuf>,
 }
 
 /// `reconcile --fetch`: usage from the 1NCE Management API.
@@ -158,6 +174,7 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
             carrier_csv,
             carrier_sessions,
             carrier_streamer,
+            twilio,
             fetch,
             provider,
             tz,
@@ -199,6 +216,27 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
                     carrier::parse_1nce_streamer_usage(&text, &zone)
                         .with_context(|| format!("{}", path.display()))?,
                 );
+            }
+            if !twilio.carrier_twilio.is_empty() {
+                if zone != jiff::tz::TimeZone::UTC {
+                    // Twilio's UsageRecords are cut in UTC days and hours.
+                    anyhow::bail!("--carrier-twilio: Twilio usage is cut in UTC, give --tz UTC (got '{tz}')");
+                }
+                let mut sims = std::collections::BTreeMap::new();
+                for path in &twilio.twilio_sims {
+                    let text = read_carrier_file(path)?;
+                    sims.extend(
+                        carrier_twilio::parse_twilio_sims(&text)
+                            .with_context(|| format!("{}", path.display()))?,
+                    );
+                }
+                for path in &twilio.carrier_twilio {
+                    let text = read_carrier_file(path)?;
+                    carrier.extend(
+                        carrier_twilio::parse_twilio_supersim_usage(&text, &sims)
+                            .with_context(|| format!("{}", path.display()))?,
+                    );
+                }
             }
             let range = DateRange { from, to };
             let token = read_token(&token_file)?;

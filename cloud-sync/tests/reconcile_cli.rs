@@ -1,4 +1,5 @@
-//! `reconcile --fetch` against a local stand-in of the 1NCE Management API.
+//! `reconcile` with carrier usage as carriers publish it: `--fetch` against a local stand-in of
+//! the 1NCE Management API, and `--carrier-twilio` files of Twilio Super SIM usage.
 //!
 //! The stand-in follows 1NCE's published OpenAPI files as 1NCE ships them in
 //! github.com/1NCE-GmbH/1nce-mcp-server, commit 593e74a5ca8aad6a2f3b18db5372dc79a970e607:
@@ -376,5 +377,95 @@ async fn reconcile_fetch_through_the_command_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tz UTC"), "{err}");
+    server.stop().await;
+}
+
+/// A Super SIM UsageRecords page (the published `readDayGroupBySim` shape, twilio/twilio-oai
+/// `spec/yaml/twilio_supersim_v1.yaml`, commit d50069b44ea8cd23141385bdb6db48f16ff75bb5).
+fn twilio_usage(records: &[(&str, &str, u64)]) -> String {
+    let rows: Vec<Value> = records
+        .iter()
+        .map(|(sid, day, total)| {
+            let next = countersign_cloud::text::parse_date(day).unwrap().next_day().unwrap();
+            json!({"period": {"start_time": format!("{day}T00:00:00Z"), "end_time": format!("{}T00:00:00Z", format_date(next))},
+                "account_sid": "ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "data_upload": total / 4, "data_download": total - total / 4,
+                "data_total": total, "data_total_billed": "0.03", "billed_unit": "USD", "sim_sid": sid,
+                "fleet_sid": null, "network_sid": null, "iso_country": null})
+        })
+        .collect();
+    json!({"usage_records": rows, "meta": {"key": "usage_records", "page": 0, "page_size": 50, "next_page_url": null}})
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_twilio_supersim_files_through_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    write_secret(&token_file, &TOKEN).unwrap();
+    let endpoint =
+        Endpoint::connect(&CloudConfig::new(dir.path().join("data"), token_file.clone())).await.unwrap();
+    common::insert(endpoint.store(), vec![record(0, SIM_A, 300_000, unix_s("2026-01-10T12:00:00Z"))]).await;
+    let server = common::serve(endpoint).await;
+    let device = client::usage_days(
+        &reqwest::Client::new(),
+        &server.base,
+        &hex::encode(TOKEN),
+        "UTC",
+        None,
+        DateRange::default(),
+    )
+    .await
+    .unwrap();
+    let total = device.days[0].total_bytes;
+    let sid_a = "HSaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let sims = json!({"sims": [{"sid": sid_a, "iccid": format!("{SIM_A}{}", luhn(SIM_A)), "status": "active"}],
+        "meta": {"key": "sims"}});
+    let (sims_path, good, bad) =
+        (dir.path().join("sims.json"), dir.path().join("usage.json"), dir.path().join("bad.json"));
+    std::fs::write(&sims_path, sims.to_string()).unwrap();
+    std::fs::write(&good, twilio_usage(&[(sid_a, "2026-01-10", total)])).unwrap();
+    std::fs::write(
+        &bad,
+        twilio_usage(&[
+            (sid_a, "2026-01-10", total),
+            ("HS00000000000000000000000000000000", "2026-01-10", 1),
+        ]),
+    )
+    .unwrap();
+    let args = |usage: &std::path::Path| -> Vec<String> {
+        [
+            "reconcile",
+            "--endpoint",
+            &server.base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--provider",
+            "exact",
+            "--tz",
+            "UTC",
+            "--carrier-twilio",
+            usage.to_str().unwrap(),
+            "--twilio-sims",
+            sims_path.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let (ok_args, bad_args) = (args(&good), args(&bad));
+    let (ok, refused) = tokio::task::spawn_blocking(move || {
+        let run = |a: &[String]| {
+            common::cloud_exe().run(&a.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
+        };
+        (run(&ok_args), run(&bad_args))
+    })
+    .await
+    .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let r: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(r["summary"]["matched"], 1, "{r:#}");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("bad.json") && err.contains("row 2, sim_sid"), "{err}");
     server.stop().await;
 }

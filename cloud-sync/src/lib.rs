@@ -10,6 +10,7 @@
 //! - [`auth`]: operator API tokens and their roles.
 //! - [`ratelimit`]: the per-gateway token bucket on batch uploads.
 //! - [`negcache`]: bounded negative caches of unknown gateway ids and tokens.
+//! - [`once_api`]: the HTTP side of `reconcile --fetch` (1NCE Management API usage).
 //! - [`metrics`]: refusal counters for `/metrics`, the per-cause log limiter.
 //! - [`listen`]: the accept loop: connection limit, header and body deadlines.
 //! - [`api`]: the HTTP routes by area, their token checks and error answers, and [`Endpoint`].
@@ -35,6 +36,7 @@ pub mod config;
 pub mod listen;
 pub mod metrics;
 pub mod negcache;
+pub mod once_api;
 pub mod ratelimit;
 pub mod service;
 pub mod store;
@@ -42,7 +44,7 @@ pub mod wire;
 
 // The rating core, where it has always been reachable: `countersign_cloud::usage` and the
 // like keep their paths for the binary, the tests and the fuzz targets.
-pub use countersign_rating::{carrier, pricing, reconcile, text, usage};
+pub use countersign_rating::{carrier, carrier_twilio, once_fetch, pricing, reconcile, text, usage};
 
 pub use api::Endpoint;
 pub use config::{AdminToken, CloudConfig, ConfigError};

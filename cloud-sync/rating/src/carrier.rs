@@ -181,7 +181,7 @@ fn once_date(row: usize, text: &str) -> Result<Date, CarrierError> {
 }
 
 /// A string member of a JSON object; absent and `null` are `None`, any other type an error.
-fn json_str<'a>(
+pub(crate) fn json_str<'a>(
     row: usize,
     obj: &'a serde_json::Map<String, serde_json::Value>,
     key: &str,
@@ -198,7 +198,7 @@ fn json_str<'a>(
     }
 }
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
+pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

@@ -9,11 +9,14 @@
 //! - [`check`]: what ingest checks in each report so that no later stage can fail on it.
 //! - [`batch`]: a signed batch opened, its tags checked, its records validated, and the
 //!   store's outcomes turned into the per-record reply.
-//! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing.
+//! - [`carrier`]: carrier usage files (1NCE JSON, CSV, session records), exact MB parsing;
+//!   [`carrier_twilio`]: Twilio Super SIM UsageRecords (bytes per SIM and UTC day).
 //! - [`lago`]: which Lago event a record becomes; what Lago's answers mean.
 //! - [`rollup`]: usage per SIM and quarter-hour bucket kept up to date record by record;
 //!   what inserting a record (in order or late) changes.
 //! - [`reconcile`]: device against carrier usage per SIM-day under a provider model.
+//! - [`once_fetch`]: fetching daily usage from the 1NCE Management API as a state machine
+//!   (token, paging, retries, back-off); the caller does the HTTP.
 //!
 //! What this crate does not know, by design: storage (sled, SQL), HTTP, the network, threads
 //! or the clock. Callers pass in records, times and configuration and get decisions back;
@@ -27,8 +30,10 @@
 pub mod batch;
 pub mod billing;
 pub mod carrier;
+pub mod carrier_twilio;
 pub mod check;
 pub mod lago;
+pub mod once_fetch;
 pub mod pricing;
 pub mod reconcile;
 pub mod rollup;

@@ -1,12 +1,16 @@
 //! The rating work: settlement runs, the settlement ledger, the SIMs whose usage cannot be
 //! derived, and reconciliation with the carrier's usage files.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use countersign_cloud::carrier::{self, CARRIER_FILE_BYTES_MAX};
+use countersign_cloud::carrier_twilio;
 use countersign_cloud::client;
+use countersign_cloud::once_api::{self, OnceCredentials};
+use countersign_cloud::once_fetch::ONCE_API_BASE_URL;
 use countersign_cloud::reconcile::{self, ProviderModel, Tolerance};
 use countersign_cloud::text::iccid_from_text;
 use countersign_cloud::usage::DateRange;
@@ -79,6 +83,12 @@ pub(crate) enum RatingCommand {
         /// 1NCE Data Streamer usage records (JSON array, object, or one object per line).
         #[arg(long)]
         carrier_streamer: Vec<PathBuf>,
+        /// --carrier-twilio and --twilio-sims (boxed, as --fetch).
+        #[command(flatten)]
+        twilio: Box<TwilioOpts>,
+        /// --fetch and its options (boxed: they would make every command this large).
+        #[command(flatten)]
+        fetch: Box<FetchOpts>,
         /// Provider model: 1nce or exact.
         #[arg(long, default_value = "1nce")]
         provider: String,
@@ -101,6 +111,36 @@ pub(crate) enum RatingCommand {
         #[arg(long, default_value = "json")]
         format: String,
     },
+}
+
+/// `reconcile --carrier-twilio`: Twilio Super SIM usage files.
+#[derive(clap::Args)]
+pub(crate) struct TwilioOpts {
+    /// Twilio Super SIM UsageRecords answers (Group=sim, Granularity=day or hour), one page
+    /// a file; needs --twilio-sims.
+    #[arg(long, requires = "twilio_sims")]
+    carrier_twilio: Vec<PathBuf>,
+    /// Twilio Super SIM Sims list answers (sid → ICCID) for --carrier-twilio.
+    #[arg(long)]
+    twilio_sims: Vec<PathBuf>,
+}
+
+/// `reconcile --fetch`: usage from the 1NCE Management API.
+#[derive(clap::Args)]
+pub(crate) struct FetchOpts {
+    /// Fetch each SIM's daily usage for --from..--to from the 1NCE Management API instead
+    /// of (or besides) reading files: the SIMs the endpoint reports for the range.
+    #[arg(long, requires_all = ["fetch_credentials", "from", "to"])]
+    fetch: bool,
+    /// TOML file with `client_id` and `client_secret` of the 1NCE API client (--fetch).
+    #[arg(long)]
+    fetch_credentials: Option<PathBuf>,
+    /// The 1NCE Management API base URL (--fetch).
+    #[arg(long, default_value = ONCE_API_BASE_URL)]
+    fetch_base_url: String,
+    /// With --fetch, also fetch every SIM of the account (paging GET /v1/sims).
+    #[arg(long, requires = "fetch")]
+    fetch_all_sims: bool,
 }
 
 /// Runs one command of this area.
@@ -134,6 +174,8 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
             carrier_csv,
             carrier_sessions,
             carrier_streamer,
+            twilio,
+            fetch,
             provider,
             tz,
             from,
@@ -175,11 +217,50 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
                         .with_context(|| format!("{}", path.display()))?,
                 );
             }
+            if !twilio.carrier_twilio.is_empty() {
+                if zone != jiff::tz::TimeZone::UTC {
+                    // Twilio's UsageRecords are cut in UTC days and hours.
+                    anyhow::bail!("--carrier-twilio: Twilio usage is cut in UTC, give --tz UTC (got '{tz}')");
+                }
+                let mut sims = std::collections::BTreeMap::new();
+                for path in &twilio.twilio_sims {
+                    let text = read_carrier_file(path)?;
+                    sims.extend(
+                        carrier_twilio::parse_twilio_sims(&text)
+                            .with_context(|| format!("{}", path.display()))?,
+                    );
+                }
+                for path in &twilio.carrier_twilio {
+                    let text = read_carrier_file(path)?;
+                    carrier.extend(
+                        carrier_twilio::parse_twilio_supersim_usage(&text, &sims)
+                            .with_context(|| format!("{}", path.display()))?,
+                    );
+                }
+            }
             let range = DateRange { from, to };
             let token = read_token(&token_file)?;
             let days = client::usage_days(&http()?, &endpoint, &token, &tz, None, range)
                 .await
                 .context("device usage query")?;
+            if fetch.fetch {
+                if zone != jiff::tz::TimeZone::UTC {
+                    // 1NCE's DailyUsage rows are UTC days; other device days would not match.
+                    anyhow::bail!("--fetch: 1NCE daily usage is cut in UTC, give --tz UTC (got '{tz}')");
+                }
+                carrier.extend(
+                    fetch_1nce(
+                        FetchArgs {
+                            credentials: fetch.fetch_credentials,
+                            base_url: &fetch.fetch_base_url,
+                            all: fetch.fetch_all_sims,
+                        },
+                        &days,
+                        range,
+                    )
+                    .await?,
+                );
+            }
             let device = days.days.iter().map(|d| ((d.iccid, d.date), d.total_bytes)).collect();
             let tolerance = Tolerance { bytes: tolerance_bytes, basis_points: tolerance_bp };
             let mut r =
@@ -201,6 +282,33 @@ pub(crate) async fn run(command: RatingCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+struct FetchArgs<'a> {
+    credentials: Option<PathBuf>,
+    base_url: &'a str,
+    all: bool,
+}
+
+/// `--fetch`: the SIMs the endpoint reports for the range (usable or not), and with
+/// `--fetch-all-sims` the account's, fetched from the 1NCE API. 1NCE cuts days in UTC.
+async fn fetch_1nce(
+    args: FetchArgs<'_>,
+    days: &countersign_cloud::wire::usage::ZoneDays,
+    range: DateRange,
+) -> Result<Vec<carrier::CarrierDay>> {
+    let path = args.credentials.context("--fetch needs --fetch-credentials")?;
+    let credentials = OnceCredentials::from_file(&path).context("--fetch-credentials")?;
+    let (Some(from), Some(to)) = (range.from, range.to) else {
+        anyhow::bail!("--fetch needs --from and --to");
+    };
+    let sims: BTreeSet<u64> =
+        days.days.iter().map(|d| d.iccid).chain(days.underivable.iter().map(|u| u.iccid)).collect();
+    let (fetched, _stats) =
+        once_api::fetch_usage(&http()?, args.base_url, &credentials, sims, (from, to), args.all)
+            .await
+            .context("fetching usage from 1nce")?;
+    Ok(fetched)
 }
 
 /// Reads a 1NCE JSON argument: `ICCID=FILE`, or `FILE` whose stem is the ICCID.

@@ -112,7 +112,10 @@ async fn serve(config_path: &Path, lago_config: Option<&Path>) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let (endpoint, export) = match lago_config {
-        None => (endpoint, None),
+        None => {
+            endpoint.store().lago_export_unconfigured().await.context("lago: unconfiguring the export")?;
+            (endpoint, None)
+        }
         Some(lago_path) => {
             let lago = LagoConfig::load(lago_path)
                 .with_context(|| format!("lago config {}", lago_path.display()))?;

@@ -13,6 +13,21 @@ use super::{blocking, StoreBackend, StoreError};
 /// Records planned per sled transaction batch before a flush.
 pub const LAGO_PLAN_RECORDS_PER_FLUSH_MAX: usize = 1000;
 
+impl StoreBackend {
+    /// Tells the store that no Lago export is configured: on sled, new records are no longer
+    /// queued for the planner and the queue is emptied (a later export queues what is
+    /// unplanned again). On PostgreSQL nothing changes: other processes may export.
+    pub async fn lago_export_unconfigured(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(s) => {
+                let s = s.clone();
+                blocking(move || s.lago_pending_off()).await
+            }
+            Self::Postgres(_) => Ok(()),
+        }
+    }
+}
+
 /// The outbox of whichever store the endpoint runs on: the thin IO under the shared loop.
 #[derive(Debug)]
 pub enum LagoOutbox {

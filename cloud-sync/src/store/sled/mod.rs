@@ -40,6 +40,7 @@ const ROLLUP_DAYS_TREE: &str = "rollup_days";
 const ROLLUP_FAULTY_TREE: &str = "rollup_faulty";
 const ROLLUP_META_TREE: &str = "rollup_meta";
 const ROLLUP_CHANGED_TREE: &str = "rollup_changed";
+const LAGO_PENDING_TREE: &str = "lago_pending";
 
 /// The endpoint's store. Cheap to clone: clones share one `sled::Db`.
 #[derive(Clone, Debug)]
@@ -53,6 +54,12 @@ pub struct Store {
     rollup_faulty: sled::Tree,
     rollup_meta: sled::Tree,
     rollup_changed: sled::Tree,
+    /// Records the Lago planner has not planned yet (see [`lago`]); written by ingest while
+    /// `lago_pending_on`.
+    lago_pending: sled::Tree,
+    /// Whether ingest queues new records for the Lago planner; changed only under
+    /// `settle_gate`'s write lock.
+    lago_pending_on: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Changes to buckets before this one are marked in `rollup_changed` for the settlement
     /// ledger (see [`rollups`]); 0 until the ledger has closed a day. Raised only under
     /// `settle_gate`'s write lock.
@@ -93,6 +100,8 @@ impl Store {
         let rollup_faulty = db.open_tree(ROLLUP_FAULTY_TREE).map_err(open_err)?;
         let rollup_meta = db.open_tree(ROLLUP_META_TREE).map_err(open_err)?;
         let rollup_changed = db.open_tree(ROLLUP_CHANGED_TREE).map_err(open_err)?;
+        let lago_pending = db.open_tree(LAGO_PENDING_TREE).map_err(open_err)?;
+        let pending_on = lago::pending_state(&rollup_meta)?.is_some();
         let changes_before = rollups::stored_changes_before(&rollup_meta)?;
         let store = Self {
             db,
@@ -104,6 +113,8 @@ impl Store {
             rollup_faulty,
             rollup_meta,
             rollup_changed,
+            lago_pending,
+            lago_pending_on: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(pending_on)),
             changes_before_bucket: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(changes_before)),
             settle_gate: Default::default(),
             meter_state: Default::default(),

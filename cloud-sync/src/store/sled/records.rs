@@ -156,7 +156,7 @@ impl Store {
     }
 }
 
-fn usage_record(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<UsageRecord, StoreError> {
+pub(super) fn usage_record(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<UsageRecord, StoreError> {
     let (key, value) = item?;
     let id = RecordId::from_key(&key)
         .ok_or_else(|| StoreError::Corrupt(format!("record key of {} bytes", key.len())))?;

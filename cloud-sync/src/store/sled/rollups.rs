@@ -346,6 +346,8 @@ struct Planned {
 struct BatchPlan {
     outcomes: Vec<Option<InsertOutcome>>,
     records: BTreeMap<[u8; RECORD_KEY_BYTES], Planned>,
+    /// Keys of the records this batch stores for the first time (not those it rewrites).
+    new_keys: Vec<[u8; RECORD_KEY_BYTES]>,
     /// Changes to `rollup_days` rows, by row and slot; applied to the stored rows at commit.
     rows: BTreeMap<[u8; DAY_KEY_BYTES], BTreeMap<u8, SlotDelta>>,
     faulty: Vec<[u8; FAULTY_KEY_BYTES]>,
@@ -601,6 +603,7 @@ impl Store {
         made: InsertPlan,
         plan: &mut BatchPlan,
     ) -> Result<(), StoreError> {
+        plan.new_keys.push(r.id.to_key());
         plan.records.insert(
             r.id.to_key(),
             Planned {
@@ -688,36 +691,44 @@ impl Store {
             }
             marks.dedup();
         }
+        // Records wait in `lago_pending` for the Lago planner while an export is configured.
+        let lago_pending = self.lago_pending_on.load(std::sync::atomic::Ordering::SeqCst);
         let mark = match marks.is_empty() {
             true => 0,
             false => self.db.generate_id().map_err(|e| CommitError::Store(e.into()))?,
         };
-        let result = (&self.records, &self.rollup_days, &self.rollup_faulty, &self.rollup_changed)
-            .transaction(|(rec, days, faulty, changed)| {
-                // Under sled's write lock: no other commit runs until this one is applied.
-                if plan.meters.iter().any(|(m, s)| self.meter_state.get(*m).generation != s.generation) {
-                    return Err(ConflictableTransactionError::Abort(()));
+        let trees =
+            (&self.records, &self.rollup_days, &self.rollup_faulty, &self.rollup_changed, &self.lago_pending);
+        let result = trees.transaction(|(rec, days, faulty, changed, pending)| {
+            // Under sled's write lock: no other commit runs until this one is applied.
+            if plan.meters.iter().any(|(m, s)| self.meter_state.get(*m).generation != s.generation) {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            for (k, v) in &records {
+                rec.insert(k.clone(), v.clone())?;
+            }
+            for (k, v) in &rows {
+                match v {
+                    Some(v) => days.insert(k.clone(), v.clone())?,
+                    None => days.remove(k.clone())?,
+                };
+            }
+            for k in &plan.faulty {
+                faulty.insert(&k[..], &[][..])?;
+            }
+            for k in &marks {
+                changed.insert(&k[..], &mark.to_be_bytes()[..])?;
+            }
+            if lago_pending {
+                for k in &plan.new_keys {
+                    pending.insert(&k[..], &[][..])?;
                 }
-                for (k, v) in &records {
-                    rec.insert(k.clone(), v.clone())?;
-                }
-                for (k, v) in &rows {
-                    match v {
-                        Some(v) => days.insert(k.clone(), v.clone())?,
-                        None => days.remove(k.clone())?,
-                    };
-                }
-                for k in &plan.faulty {
-                    faulty.insert(&k[..], &[][..])?;
-                }
-                for k in &marks {
-                    changed.insert(&k[..], &mark.to_be_bytes()[..])?;
-                }
-                for m in plan.meters.keys() {
-                    self.meter_state.committed(*m, tails.get(m).copied());
-                }
-                Ok(())
-            });
+            }
+            for m in plan.meters.keys() {
+                self.meter_state.committed(*m, tails.get(m).copied());
+            }
+            Ok(())
+        });
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(())) => Err(CommitError::Replan),

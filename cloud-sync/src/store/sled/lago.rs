@@ -340,8 +340,7 @@ mod tests {
             let mut subs: BTreeMap<u64, String> = [(SIMS[0], "a".to_owned())].into();
             let (mut model_planned, mut model_max, mut want) = Default::default();
             let mut at = before;
-            let mut round = 0;
-            for cut in cuts.iter().cycle() {
+            for (round, cut) in cuts.iter().cycle().enumerate() {
                 if round > 0 && at >= specs.len() {
                     break;
                 }
@@ -353,7 +352,6 @@ mod tests {
                 let end = (at + cut).min(specs.len());
                 store.insert_batch(1, &batch(&specs[at..end])).unwrap();
                 at = end;
-                round += 1;
             }
             subs.insert(SIMS[1], "b".to_owned());
             outbox.plan(&subs, &LagoMetric::default()).unwrap();

@@ -33,3 +33,6 @@ SELECT create_distributed_table('epoch_tails', 'meter_id', colocate_with => 'rec
 
 -- Migration 7: SIM-days changed after settlement closed them, co-located with the records.
 SELECT create_distributed_table('rollup_changed', 'iccid', colocate_with => 'records');
+
+-- Migration 9: the Lago planner's queue of unplanned records, co-located with the records.
+SELECT create_distributed_table('lago_pending', 'iccid', colocate_with => 'records');

@@ -8,6 +8,14 @@
 //! | `lago_planned`   | `(iccid, meter_id, epoch, seq)`   | `export_seq` (kept for good)        |
 //! | `lago_outbox`    | `(iccid, export_seq)`             | the event's JSON bytes, until Lago has it |
 //! | `lago_epoch_max` | `(meter_id, epoch)`               | highest `used` exported, up and down |
+//! | `lago_pending`   | `(iccid, meter_id, epoch, seq)`   | none: a record not planned yet (the queue a round reads) |
+//!
+//! **The queue.** Ingest inserts each new record's id into `lago_pending` in its own
+//! transaction while `rollup_meta` `lago_pending` is set (read under the shared side of the
+//! ingest gate, [`PG_CHANGES_LOCK_KEY`](super::ledger::PG_CHANGES_LOCK_KEY)); planning deletes it in the transaction that
+//! plans it. The first round sets the state under the gate's exclusive side and queues every
+//! stored record not planned yet, once. So a round reads what arrived and what waits for a
+//! subscription, never history.
 //!
 //! **One active exporter, under a session advisory lock.** Every `serve --lago-config`
 //! process runs an exporter; each round, one that is not active tries
@@ -55,12 +63,64 @@ pub const PG_LAGO_EXPORT_LOCK_KEY: i64 = 0x6c61_676f_0000_0001;
 
 /// Stored records that have no planned event yet, in record id order.
 const UNPLANNED_SQL: &str = "
-SELECT r.meter_id, r.epoch, r.seq, r.received_ms, r.report FROM records r
+SELECT r.meter_id, r.epoch, r.seq, r.received_ms, r.report FROM lago_pending q
+JOIN records r ON r.iccid = q.iccid AND r.meter_id = q.meter_id AND r.epoch = q.epoch AND r.seq = q.seq
+WHERE NOT EXISTS (
+    SELECT 1 FROM lago_planned p
+    WHERE p.iccid = q.iccid AND p.meter_id = q.meter_id AND p.epoch = q.epoch AND p.seq = q.seq
+)
+ORDER BY (q.meter_id < 0), q.meter_id, q.epoch, q.seq";
+
+/// Queues every stored record not planned yet (the queue's first fill).
+const QUEUE_UNPLANNED_SQL: &str = "
+INSERT INTO lago_pending (iccid, meter_id, epoch, seq)
+SELECT r.iccid, r.meter_id, r.epoch, r.seq FROM records r
 WHERE NOT EXISTS (
     SELECT 1 FROM lago_planned p
     WHERE p.iccid = r.iccid AND p.meter_id = r.meter_id AND p.epoch = r.epoch AND p.seq = r.seq
 )
-ORDER BY (r.meter_id < 0), r.meter_id, r.epoch, r.seq";
+ON CONFLICT DO NOTHING";
+
+/// Turns the queue of unplanned records on (see the module docs), on the export lock's
+/// connection: the state is set to `filling` under the exclusive side of the ingest gate,
+/// so every ingest transaction after it queues its records and every one before it is
+/// committed when the stored records are queued; then `on`. Resumes a fill cut short.
+async fn ensure_pending(writer: &mut tokio_postgres::Client) -> Result<(), StoreError> {
+    let state: Option<String> = writer
+        .query_opt("SELECT value FROM rollup_meta WHERE name = 'lago_pending'", &[])
+        .await
+        .map_err(db_error)?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(db_error)?;
+    if state.as_deref() == Some("on") {
+        return Ok(());
+    }
+    if state.is_none() {
+        let tx = writer.transaction().await.map_err(db_error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::ledger::PG_CHANGES_LOCK_KEY])
+            .await
+            .map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO rollup_meta (name, value) VALUES ('lago_pending', 'filling') ON CONFLICT (name) DO NOTHING",
+            &[],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+    }
+    // One pass over the records: no statement timeout (a large table takes longer than a
+    // request may).
+    let tx = writer.transaction().await.map_err(db_error)?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await.map_err(db_error)?;
+    let queued = tx.execute(QUEUE_UNPLANNED_SQL, &[]).await.map_err(db_error)?;
+    tx.execute("UPDATE rollup_meta SET value = 'on' WHERE name = 'lago_pending'", &[])
+        .await
+        .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+    tracing::info!(queued, "lago: stored records not planned yet are queued for planning");
+    Ok(())
+}
 
 /// The Lago outbox in the PostgreSQL store.
 pub struct PgOutbox {
@@ -136,6 +196,7 @@ impl PgOutbox {
     ) -> Result<usize, StoreError> {
         let mut active = self.active.lock().await;
         let writer = active.as_mut().ok_or_else(not_active)?;
+        ensure_pending(writer).await?;
         let next: i64 = writer
             .query_one("SELECT coalesce(max(export_seq) + 1, 0) FROM lago_planned", &[])
             .await
@@ -154,18 +215,43 @@ impl PgOutbox {
                 break;
             }
             let mut page = Vec::with_capacity(rows.len());
+            // Records that can never be planned leave the queue too.
+            let mut dropped = Vec::new();
             for row in &rows {
                 let r = usage_record(row)?;
                 match subscriptions.get(&r.iccid) {
-                    Some(_) if !plannable(&r) => {}
+                    Some(_) if !plannable(&r) => dropped.push(r),
                     Some(sub) => page.push((r, sub.as_str())),
                     None => unmapped += 1,
                 }
             }
-            if page.is_empty() {
+            if page.is_empty() && dropped.is_empty() {
                 continue;
             }
             let tx = writer.transaction().await.map_err(db_error)?;
+            let leaving = page.iter().map(|(r, _)| r).chain(dropped.iter());
+            let (q_iccid, q_meter, q_epoch, q_seq) = leaving.fold(
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+                |(mut a, mut b, mut c, mut d), r| {
+                    a.push(u64_to_sql(r.iccid));
+                    b.push(u64_to_sql(r.id.meter_id));
+                    c.push(i64::from(r.id.epoch));
+                    d.push(i64::from(r.id.seq));
+                    (a, b, c, d)
+                },
+            );
+            tx.execute(
+                "DELETE FROM lago_pending q USING unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[])
+                     AS u(iccid, meter_id, epoch, seq)
+                 WHERE q.iccid = u.iccid AND q.meter_id = u.meter_id AND q.epoch = u.epoch AND q.seq = u.seq",
+                &[&q_iccid, &q_meter, &q_epoch, &q_seq],
+            )
+            .await
+            .map_err(db_error)?;
+            if page.is_empty() {
+                tx.commit().await.map_err(db_error)?;
+                continue;
+            }
             let mut epochs: Vec<(i64, i64)> =
                 page.iter().map(|(r, _)| (u64_to_sql(r.id.meter_id), i64::from(r.id.epoch))).collect();
             epochs.dedup();
@@ -300,5 +386,93 @@ impl PgOutbox {
             .try_get(0)
             .map_err(db_error)?;
         sql_seq(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::postgres::testing::TestDatabase;
+    use crate::store::sled::lago::Outbox;
+    use crate::store::sled::Store;
+    use countersign_testkit::report::{network_time, ReportBuilder};
+    use proptest::prelude::*;
+    use proptest::test_runner::{TestCaseError, TestRunner};
+
+    /// 2026-11-24T12:00:00Z.
+    const NOON_S: u64 = 1_795_521_600;
+    /// The second is above 2^63 (a negative BIGINT).
+    const SIMS: [u64; 2] = [8_988_280_666_000_000_001, 9_300_000_000_000_000_001];
+
+    fn batch(specs: &[(u64, u32, usize, u64)]) -> Vec<crate::store::NewRecord> {
+        specs
+            .iter()
+            .map(|&(meter, seq, sim, used)| {
+                let at = NOON_S + u64::from(seq) * 60;
+                let r = ReportBuilder::new(meter, seq, SIMS[sim], network_time(at)).used(used, 0);
+                crate::store::NewRecord::new(r.report(), at * 1000, r.encode(&[1u8; 32]).into())
+            })
+            .collect()
+    }
+
+    /// The PostgreSQL planner's queue plans exactly what the sled one does (itself
+    /// property-tested against a scan of every record) for the same arrivals and rounds:
+    /// records from before the export, new ones queued at ingest, a SIM mapped later.
+    #[test]
+    fn the_queue_plans_what_the_sled_planner_does() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(8));
+        let strategy = (
+            proptest::collection::vec((1u64..3, 0u32..30, 0usize..2, 0u64..10_000), 1..30),
+            0usize..10,
+            proptest::collection::vec(1usize..8, 1..6),
+        );
+        runner
+            .run(&strategy, |(specs, before, cuts)| {
+                rt.block_on(async {
+                    let db = TestDatabase::create().await.unwrap();
+                    let pg = PgStore::connect(&db.url(), 4).await.unwrap();
+                    let dir = tempfile::tempdir().unwrap();
+                    let sled = Store::open(&dir.path().join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN)
+                        .unwrap();
+                    let before = before.min(specs.len());
+                    pg.insert_batch(1, &batch(&specs[..before])).await.unwrap();
+                    sled.insert_batch(1, &batch(&specs[..before])).unwrap();
+                    let pg_outbox = PgOutbox::new(&pg);
+                    prop_assert!(pg_outbox.acquire().await.unwrap());
+                    let sled_outbox = Outbox::open(&sled).unwrap();
+                    let mut subs: BTreeMap<u64, String> = [(SIMS[0], "a".to_owned())].into();
+                    let metric = LagoMetric::default();
+                    let mut at = before;
+                    for (round, cut) in cuts.iter().cycle().enumerate() {
+                        if round > 0 && at >= specs.len() {
+                            break;
+                        }
+                        if round == 2 {
+                            subs.insert(SIMS[1], "b".to_owned());
+                        }
+                        let n = pg_outbox.plan(&subs, &metric).await.unwrap();
+                        prop_assert_eq!(n, sled_outbox.plan(&subs, &metric).unwrap());
+                        let end = (at + cut).min(specs.len());
+                        pg.insert_batch(1, &batch(&specs[at..end])).await.unwrap();
+                        sled.insert_batch(1, &batch(&specs[at..end])).unwrap();
+                        at = end;
+                    }
+                    subs.insert(SIMS[1], "b".to_owned());
+                    pg_outbox.plan(&subs, &metric).await.unwrap();
+                    sled_outbox.plan(&subs, &metric).unwrap();
+                    let events = |v: Vec<(u64, Vec<u8>)>| v.into_iter().map(|(_, e)| e).collect::<Vec<_>>();
+                    let pg_events = events(pg_outbox.peek(1_000).await.unwrap());
+                    prop_assert_eq!(pg_events, events(sled_outbox.peek(1_000).unwrap()));
+                    let client = pg.pool.get().await.unwrap();
+                    let left: i64 =
+                        client.query_one("SELECT count(*) FROM lago_pending", &[]).await.unwrap().get(0);
+                    prop_assert_eq!(left, 0);
+                    drop(client);
+                    pg_outbox.release().await;
+                    Ok::<(), TestCaseError>(())
+                })
+            })
+            .unwrap();
     }
 }

@@ -183,6 +183,17 @@ CREATE TABLE lago_epoch_max (
         name: "settlement ledger: SIMs by day, for paged reads of every SIM",
         sql: "CREATE INDEX ledger_settled_day_iccid ON ledger_settled (day, iccid);",
     },
+    Migration {
+        version: 9,
+        name: "lago: the queue of records not planned yet",
+        sql: "CREATE TABLE lago_pending (
+    iccid BIGINT NOT NULL,
+    meter_id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL CHECK (epoch BETWEEN 0 AND 4294967295),
+    seq BIGINT NOT NULL CHECK (seq BETWEEN 0 AND 4294967295),
+    PRIMARY KEY (iccid, meter_id, epoch, seq)
+);",
+    },
 ];
 
 /// The tables of the usage rollups (see [`super::rollups`]), applied as migration 5. Bucket

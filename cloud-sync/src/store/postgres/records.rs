@@ -143,7 +143,18 @@ impl PgStore {
                     new.len()
                 ))));
             }
-            super::rollups::write_plan(&tx, &rollups).await?;
+            let gate = super::rollups::ingest_gate(&tx).await?;
+            super::rollups::write_plan(&tx, &rollups, &gate).await?;
+            if gate.lago_pending {
+                // Queued for the Lago planner in the records' own transaction.
+                tx.execute(
+                    "INSERT INTO lago_pending (iccid, meter_id, epoch, seq)
+                     SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[])",
+                    &[&iccid, &meter, &epoch, &seq],
+                )
+                .await
+                .map_err(Retry::from)?;
+            }
             for i in &new {
                 outcomes[i.index] = Some(InsertOutcome::Stored);
             }

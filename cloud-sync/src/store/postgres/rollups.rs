@@ -383,10 +383,44 @@ async fn plan_late(
     }
 }
 
+/// What an ingest transaction reads under the shared side of [`PG_CHANGES_LOCK_KEY`](super::ledger::PG_CHANGES_LOCK_KEY),
+/// held to commit: the ledger's change mark (0: none) and whether new records are queued for
+/// the Lago planner. A settlement run raising the mark, or an exporter turning the queue on,
+/// takes the exclusive side, so it waits for this transaction and every later one reads
+/// what it wrote.
+pub(super) struct IngestGate {
+    /// Buckets before this one are marked when changed.
+    pub changes_before: i64,
+    /// New records go to `lago_pending`.
+    pub lago_pending: bool,
+}
+
+/// Takes the shared side of the ingest gate and reads it (see [`IngestGate`]).
+pub(super) async fn ingest_gate(tx: &deadpool_postgres::Transaction<'_>) -> Result<IngestGate, Retry> {
+    tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&super::ledger::PG_CHANGES_LOCK_KEY]).await?;
+    let row = tx
+        .query_one(
+            "SELECT (SELECT value FROM ledger_meta WHERE name = 'changes_before_bucket'),
+                    (SELECT value FROM rollup_meta WHERE name = 'lago_pending')",
+            &[],
+        )
+        .await?;
+    let before: Option<String> = row.try_get(0)?;
+    let pending: Option<String> = row.try_get(1)?;
+    let changes_before = match before {
+        None => 0,
+        Some(v) => v
+            .parse()
+            .map_err(|_| Retry::Fail(StoreError::Corrupt(format!("ledger changes_before_bucket '{v}'"))))?,
+    };
+    Ok(IngestGate { changes_before, lago_pending: pending.is_some() })
+}
+
 /// Writes a batch's rollups (after its records).
 pub(super) async fn write_plan(
     tx: &deadpool_postgres::Transaction<'_>,
     plan: &RollupPlan,
+    gate: &IngestGate,
 ) -> Result<(), Retry> {
     if !plan.raised.is_empty() {
         let rows: Vec<(i64, i64, i64, i64, Totals)> =
@@ -394,7 +428,7 @@ pub(super) async fn write_plan(
         update_max(tx, &rows).await?;
     }
     upsert_buckets(tx, "rollup_buckets", &plan.buckets).await?;
-    mark_changes(tx, &plan.buckets).await?;
+    mark_changes(tx, &plan.buckets, gate.changes_before).await?;
     insert_faulty(tx, "rollup_faulty", &plan.faulty).await?;
     let tails: Vec<((i64, i64), Tail)> = plan.tails.iter().map(|(k, t)| (*k, *t)).collect();
     upsert_tails(tx, "epoch_tails", &tails).await?;
@@ -431,24 +465,16 @@ async fn update_max(
 }
 
 /// Marks the SIM-days whose buckets a batch changed before the ledger's mark (see
-/// [`super::ledger`]): under the shared side of its advisory lock, held to commit, so that a
-/// run raising the mark waits for this transaction, and this one reads the mark it raised.
-/// In-order ingest changes only open days and writes nothing here.
-async fn mark_changes(tx: &deadpool_postgres::Transaction<'_>, buckets: &BucketDeltas) -> Result<(), Retry> {
-    if buckets.is_empty() {
+/// [`super::ledger`]), read under the ingest gate. In-order ingest changes only open days
+/// and writes nothing here.
+async fn mark_changes(
+    tx: &deadpool_postgres::Transaction<'_>,
+    buckets: &BucketDeltas,
+    before: i64,
+) -> Result<(), Retry> {
+    if buckets.is_empty() || before == 0 {
         return Ok(());
     }
-    tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&super::ledger::PG_CHANGES_LOCK_KEY]).await?;
-    let row = tx.query_opt("SELECT value FROM ledger_meta WHERE name = 'changes_before_bucket'", &[]).await?;
-    let before: i64 = match row {
-        None => return Ok(()),
-        Some(r) => {
-            let v: String = r.try_get(0)?;
-            v.parse().map_err(|_| {
-                Retry::Fail(StoreError::Corrupt(format!("ledger changes_before_bucket '{v}'")))
-            })?
-        }
-    };
     let per_day = BUCKETS_PER_DAY as i64;
     let (mut iccid, mut day): (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
     for &(i, b) in buckets.keys() {

@@ -395,7 +395,14 @@ impl PgStore {
                     .collect::<std::collections::BTreeSet<u64>>()
                     .into_iter()
                     .collect();
-                let booked = read_booked(&tx, &sims, range).await.map_err(fail)?;
+                // Days after `closed_through` are never booked (a run books marked days only up
+                // to the day it then records as closed through): after the first run there is
+                // nothing to read; the first may meet a ledger settled before runs were
+                // incremental.
+                let booked = match closed_through {
+                    Some(_) => BTreeMap::new(),
+                    None => read_booked(&tx, &sims, range).await.map_err(fail)?,
+                };
                 let s = settle(&got.derived, &booked, tz, settlement_hours, now).map_err(fail)?;
                 write_settlement(&tx, &s).await?;
                 absorb(&mut out, s);

@@ -342,11 +342,17 @@ impl Ledger {
             let mut page = SimPage { after: None, limit: SETTLE_PAGE_SIMS };
             loop {
                 let got = self.store.rollup_page_in(&tz, range, page)?;
+                // Days after `closed_through` are never booked (a run books marked days only
+                // up to the day it then records as closed through), so after the first run
+                // there is nothing to read; the first run may meet a ledger settled before
+                // runs were incremental.
                 let mut booked = BTreeMap::new();
-                let sims: std::collections::BTreeSet<u64> =
-                    got.derived.daily.keys().map(|(i, _)| *i).collect();
-                for sim in sims {
-                    booked.extend(self.booked_in(sim, range)?);
+                if closed_through.is_none() {
+                    let sims: std::collections::BTreeSet<u64> =
+                        got.derived.daily.keys().map(|(i, _)| *i).collect();
+                    for sim in sims {
+                        booked.extend(self.booked_in(sim, range)?);
+                    }
                 }
                 book(settle(&got.derived, &booked, &tz, settlement_hours, now)?)?;
                 match got.next_after {

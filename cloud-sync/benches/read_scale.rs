@@ -12,17 +12,20 @@
 //! Each SIM has one meter reporting three times a day. Step k loads its records as epoch
 //! `STEPS_MAX - k` of every meter, each epoch earlier in time than the one before it, so
 //! every load is in-order arrival within its epoch. Prints the ingest rate per step, then per
-//! read p50/p99 (ms) and a growth line (p50 at the last step / p50 at the first).
+//! read p50/p99 (ms), settlement and a billing run over every wallet (s), the process's RSS,
+//! and a growth line (p50 at the last step / p50 at the first).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use countersign_cloud::service::billing::Billing;
 use countersign_cloud::store::postgres::testing::TestDatabase;
 use countersign_cloud::store::rollups::SimPage;
 use countersign_cloud::store::{StoreBackend, StoreKind};
 use countersign_cloud::usage::{time_zone, DateRange, TimeZone};
 use countersign_rating::batch::NewRecord;
+use countersign_rating::pricing::PricingConfig;
 use countersign_testkit::report::{network_time, ReportBuilder};
 use time::{Date, Duration as Days};
 
@@ -36,6 +39,8 @@ const STEPS_MAX: u32 = 16;
 const SAMPLES: usize = 200;
 const KEY: [u8; 32] = [7u8; 32];
 const FIRST_SIM: u64 = 8_988_280_666_000_000_000;
+/// Customers (one group and one prepaid wallet each) the fleet is billed in.
+const BILLING_GROUPS: u64 = 1000;
 
 /// A read's name, p50 and p99 (ms).
 type Timing = (&'static str, f64, f64);
@@ -139,6 +144,44 @@ async fn load(store: &StoreBackend, batches: impl Iterator<Item = Vec<NewRecord>
     n
 }
 
+/// Plans for the billing run: one monthly graduated plan, the fleet in `BILLING_GROUPS`
+/// groups of one customer each, every customer a prepaid wallet.
+fn billing(sims: u64) -> Billing {
+    let mut text = String::from(
+        "time_zone = \"UTC\"\n\n[[plan]]\nid = \"p\"\ncurrency = \"EUR\"\nunit = \"MB\"\nmodel = \"graduated\"\n\
+         tiers = [{ up_to = 10, price = \"0.10\" }, { price = \"0.05\" }]\n",
+    );
+    let per_group = sims.div_ceil(BILLING_GROUPS);
+    for g in 0..BILLING_GROUPS {
+        let iccids: Vec<String> = (g * per_group..((g + 1) * per_group).min(sims))
+            .map(|i| format!("\"{}\"", FIRST_SIM + i))
+            .collect();
+        if iccids.is_empty() {
+            continue;
+        }
+        text.push_str(&format!(
+            "\n[[assign]]\ncustomer = \"c{g}\"\ngroup = \"g{g}\"\nplan = \"p\"\niccids = [{}]\nactive_since = \"2025-01-01\"\n\
+             \n[[wallet]]\ncustomer = \"c{g}\"\ncurrency = \"EUR\"\nopening_credit = \"1000.00\"\n",
+            iccids.join(",")
+        ));
+    }
+    let pricing = PricingConfig::from_toml_str(&text).unwrap();
+    Billing::new(pricing, "bench-plans.toml".into(), Duration::from_secs(3600)).unwrap()
+}
+
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
 fn instant(unix_s: u64) -> jiff::Timestamp {
     jiff::Timestamp::from_second(i64::try_from(unix_s).unwrap()).unwrap()
 }
@@ -175,6 +218,7 @@ async fn run(a: Args) {
     let week = DateRange { from: Some(last - Days::days(6)), to: Some(last) };
     let berlin = time_zone("Europe/Berlin").unwrap();
     println!("store={} sims={} steps={:?}", a.store, a.sims, a.steps);
+    let bill = billing(a.sims);
     let mut loaded = 0u64;
     let mut days_loaded = 0u64;
     let mut table: Vec<(u64, Vec<Timing>)> = Vec::new();
@@ -249,6 +293,13 @@ async fn run(a: Args) {
             s.adjustments.len()
         );
         reads.push(("settle_one_day", settle_s * 1e3, settle_s * 1e3));
+        let t = Instant::now();
+        let run = bill.run(&store, instant(newest_end + 86_400)).await.unwrap();
+        let bill_s = t.elapsed().as_secs_f64();
+        println!("step {k}: billing_run {bill_s:.2} s ({} wallets, {} SIMs)", run.wallets.len(), a.sims);
+        reads.push(("billing_run", bill_s * 1e3, bill_s * 1e3));
+        let (rss, hwm) = rss_mib();
+        println!("step {k}: rss {rss:.0} MiB, peak {hwm:.0} MiB (store cache 256 MiB)");
         table.push((loaded, reads));
     }
     if let (Some(first), Some(last)) = (table.first(), table.last()) {

@@ -45,7 +45,8 @@ const SAMPLE_MS: u64 = 20;
 const REGISTER_CONCURRENCY: usize = 16;
 /// Longest wait for the agent to commit a round or drain its buffer.
 const PHASE_TIMEOUT_S: u64 = 1800;
-/// Outage scenario: fleet, reports per meter and day, days, data partition.
+/// Outage scenario: fleet, reports per meter and day, days (`BENCH_OUTAGE_DAYS`), data
+/// partition.
 const OUTAGE_METERS: u64 = 10_000;
 const OUTAGE_REPORTS_PER_DAY: u64 = 3;
 const OUTAGE_DAYS: u64 = 7;
@@ -474,9 +475,10 @@ fn disk_bytes(dir: &Path) -> u64 {
 
 async fn outage() -> Result<()> {
     let meters = OUTAGE_METERS;
-    let total = meters * OUTAGE_REPORTS_PER_DAY * OUTAGE_DAYS;
+    let days = env_u64("BENCH_OUTAGE_DAYS", OUTAGE_DAYS)?;
+    let total = meters * OUTAGE_REPORTS_PER_DAY * days;
     println!(
-        "== outage: {OUTAGE_DAYS} days × {meters} meters × {OUTAGE_REPORTS_PER_DAY} reports/day = {total} reports, data on a {} MiB tmpfs ==",
+        "== outage: {days} days × {meters} meters × {OUTAGE_REPORTS_PER_DAY} reports/day = {total} reports, data on a {} MiB tmpfs ==",
         OUTAGE_PARTITION_BYTES >> 20
     );
     let tmp = tempfile::tempdir()?;
@@ -492,12 +494,12 @@ async fn outage() -> Result<()> {
     let mut agent = Agent::start(tmp.path(), &data_dir, mqtt_port, &endpoint.url())?;
     agent.wait_subscribed().await?;
     let sampler = RssSampler::start(agent.pid()?);
-    let seqs = OUTAGE_REPORTS_PER_DAY * OUTAGE_DAYS;
+    let seqs = OUTAGE_REPORTS_PER_DAY * days;
     let spacing_s = 24 * 3600 / OUTAGE_REPORTS_PER_DAY;
     let t = Instant::now();
     // A day at a time, as the outage goes on.
     let per_day = meters * OUTAGE_REPORTS_PER_DAY;
-    for day in 0..OUTAGE_DAYS {
+    for day in 0..days {
         let range = day * per_day..(day + 1) * per_day;
         publish_range(mqtt_port, &format!("pub-day-{day}"), range, meters, seqs, spacing_s).await?;
         // Wait until the agent took the day or holds (disk reserve reached).
@@ -535,13 +537,19 @@ async fn outage() -> Result<()> {
 
     endpoint.start().await?;
     let back = Instant::now();
+    // The agent finds the endpoint back at its next retry (backoff up to
+    // `batch.retry_delay_ms_max`); the drain proper starts with the first answered batch.
+    agent.wait_for("batches_delivered_total", 1, true).await?;
+    let first_s = back.elapsed().as_secs_f64();
     agent.wait_for("reports_committed_total", total, true).await?;
     agent.wait_for("buffered_reports", 0, false).await?;
     let drain_s = back.elapsed().as_secs_f64();
     let batches = agent.value("batches_delivered_total").await?;
     let (stored, duplicate, rejected) = endpoint.records().await?;
     println!(
-        "drained in {drain_s:.1} s after the endpoint returned ({batches} batches, default pacing), peak RSS {:.1} MiB",
+        "endpoint back: first batch answered after {first_s:.1} s (retry backoff), all drained after {drain_s:.1} s: \
+         {:.1} s of draining, {batches} batches at the default pacing; peak RSS {:.1} MiB",
+        drain_s - first_s,
         mib(sampler.take_peak())
     );
     println!("endpoint: {stored} stored, {duplicate} duplicate, {rejected} rejected of {total} published");

@@ -20,10 +20,16 @@ use serde::Deserialize;
 
 /// Smallest sled page cache the agent accepts.
 pub const CACHE_CAPACITY_BYTES_MIN: u64 = 1024 * 1024;
+/// Default sled page cache (`store.cache_capacity_bytes`).
+pub const CACHE_CAPACITY_BYTES_DEFAULT: u64 = 2 * 1024 * 1024;
 /// Largest sled page cache the agent accepts (sled's own default of 1 GiB is far too much).
 pub const CACHE_CAPACITY_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 /// Most reports one sled flush may cover.
 pub const COMMIT_REPORTS_MAX: usize = 4096;
+/// Default reports per sled flush (`commit.reports_max`): a group's publishes, chunks and
+/// acks are in memory together, and 1024 keeps the agent within 16 MiB RSS while a backlog
+/// arrives (tests/benches/agent_footprint.rs) at a fraction of a flush per 1000 reports.
+pub const COMMIT_REPORTS_DEFAULT: usize = 1024;
 /// Longest a received report may wait for its flush.
 pub const COMMIT_DELAY_MS_MAX: u64 = 1000;
 /// Longest upload backoff.
@@ -224,7 +230,7 @@ struct RawCommit {
 
 impl Default for RawCommit {
     fn default() -> Self {
-        Self { reports_max: COMMIT_REPORTS_MAX, delay_ms: 5 }
+        Self { reports_max: COMMIT_REPORTS_DEFAULT, delay_ms: 5 }
     }
 }
 
@@ -241,7 +247,7 @@ struct RawStore {
 impl Default for RawStore {
     fn default() -> Self {
         Self {
-            cache_capacity_bytes: 16 * 1024 * 1024,
+            cache_capacity_bytes: CACHE_CAPACITY_BYTES_DEFAULT,
             quota_bytes: 128 * 1024 * 1024,
             disk_free_bytes_min: DISK_FREE_BYTES_MIN_DEFAULT,
             quarantine_bytes_max: crate::store::QUARANTINE_BYTES_MAX_DEFAULT,
@@ -672,7 +678,8 @@ endpoint_url = "http://127.0.0.1:8080/"
         assert_eq!(c.mqtt.client_id, "countersign-agent-1");
         assert_eq!(c.mqtt.topic, "countersign/v1/reports/+");
         assert_eq!(c.endpoint_url, "http://127.0.0.1:8080");
-        assert_eq!(c.cache_capacity_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.cache_capacity_bytes, 2 * 1024 * 1024);
+        assert_eq!(c.commit.reports_max, 1024);
         assert_eq!(c.disk_free_bytes_min, DISK_FREE_BYTES_MIN_DEFAULT);
         assert_eq!(c.listen, Some(LISTEN_DEFAULT.parse().unwrap()));
         let off = AgentConfig::from_toml_str(&format!("{MIN}[http]\nlisten = \"\"\n")).unwrap();

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, error, info, warn};
 
 use super::ingest::Received;
-use super::reserve::{hold_reason, look_at_disk, Hold};
+use super::reserve::{files_bytes, hold_reason, look_at_disk, reusable_bytes, Hold};
 use super::wait::until_true;
 use crate::classify::{classify_publish, Verdict};
 use crate::config::AgentConfig;
@@ -280,11 +280,19 @@ async fn wait_for_quota(c: &mut Committer, group: &[Received]) -> bool {
     let mut held: Option<Hold> = None;
     loop {
         let free = look_at_disk(&c.config, &c.status);
+        // Only below the reserve are sled's files looked at (a few directory entries).
+        let reusable = match free {
+            Some(f) if f < c.config.disk_free_bytes_min => {
+                reusable_bytes(files_bytes(&c.config.data_dir), c.buffer.logical_bytes())
+            }
+            _ => 0,
+        };
         let hold = hold_reason(
             c.buffer.logical_bytes(),
             cost,
             c.config.quota_bytes,
             free,
+            reusable,
             c.config.disk_free_bytes_min,
         );
         if hold != held {

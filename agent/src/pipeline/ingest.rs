@@ -9,8 +9,10 @@ use rumqttc::Publish;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Capacity of the queue between the MQTT event loop and the committer: the event loop waits
-/// when it is full, which is how a slow disk slows the intake.
-pub const INGEST_QUEUE_REPORTS_MAX: usize = 4096;
+/// when it is full, which is how a slow disk slows the intake. Two commit groups of the
+/// default size (`commit.reports_max`, 1024): one arriving while the other is flushed; more
+/// only costs memory while a backlog arrives.
+pub const INGEST_QUEUE_REPORTS_MAX: usize = 2048;
 /// Most payload and topic bytes in that queue (each publish also counts
 /// [`INGEST_ITEM_OVERHEAD_BYTES`]): a flood of large payloads (QoS 0 has no in-flight window)
 /// makes the event loop wait, and the broker and TCP hold the rest, instead of the agent's

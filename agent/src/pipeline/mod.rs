@@ -50,7 +50,7 @@ mod wait;
 pub use ingest::{INGEST_ITEM_OVERHEAD_BYTES, INGEST_QUEUE_BYTES_MAX, INGEST_QUEUE_REPORTS_MAX};
 pub use mqtt::MQTT_PACKET_BYTES_MAX;
 pub use open::{moved_aside_path, open_buffer};
-pub use reserve::{hold_reason, Hold, REOPEN_FREE_BYTES_MIN};
+pub use reserve::{hold_reason, reusable_bytes, Hold, REOPEN_FREE_BYTES_MIN};
 pub use supervisor::{run, run_observed, AgentError};
 pub use upload::{check_reply, ReplyMismatch, REPLY_BYTES_MAX};
 

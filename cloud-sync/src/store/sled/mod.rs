@@ -205,6 +205,19 @@ mod tests {
         assert_eq!(store.record_count(), 1);
     }
 
+    /// Opens the store again after a handle was dropped: sled's flusher thread may hold the
+    /// directory lock for a moment after the drop.
+    fn reopen(dir: &Path) -> Store {
+        for _ in 0..100 {
+            match Store::open(&dir.join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN) {
+                Ok(s) => return s,
+                Err(StoreError::Open { .. }) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        open(dir)
+    }
+
     #[test]
     fn records_survive_reopen_and_derive_usage() {
         let dir = tempfile::tempdir().unwrap();
@@ -216,7 +229,7 @@ mod tests {
             }
             store.flush().unwrap();
         }
-        let store = open(dir.path());
+        let store = reopen(dir.path());
         assert_eq!(store.record_count(), 3);
         let daily = store.daily_usage().unwrap();
         assert_eq!(daily.daily.values().copied().collect::<Vec<_>>(), vec![Totals { up: 300, down: 600 }]);

@@ -1265,7 +1265,16 @@ mod tests {
     /// 2026-03-29T00:00:00Z: Europe's spring DST change is in the first day.
     const START_S: u64 = 1_774_742_400;
 
+    /// Opens (or, after a handle was dropped, reopens) the store: sled's flusher thread may
+    /// hold the directory lock for a moment after the drop.
     fn open(dir: &Path) -> Store {
+        for _ in 0..100 {
+            match Store::open(&dir.join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN) {
+                Ok(s) => return s,
+                Err(StoreError::Open { .. }) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(e) => panic!("{e}"),
+            }
+        }
         Store::open(&dir.join("data"), crate::config::CACHE_CAPACITY_BYTES_MIN).unwrap()
     }
 

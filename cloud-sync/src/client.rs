@@ -209,33 +209,7 @@ pub async fn usage_sims(
     token: &str,
     range: DateRange,
 ) -> Result<SimsUsage, ClientError> {
-    let url = url(base_url, USAGE_SIMS_PATH);
-    let mut all: Option<SimsUsage> = None;
-    let mut after = None;
-    for _ in 0..CLIENT_PAGES_MAX {
-        let mut query = range_query(range);
-        query.push(("limit", USAGE_PAGE_SIMS_MAX.to_string()));
-        if let Some(a) = after {
-            query.push(("after", format!("{a}")));
-        }
-        let page: SimsUsage = get_json(http, &url, token, &query).await?;
-        after = page.next_after;
-        all = Some(match all {
-            None => page,
-            Some(mut acc) => {
-                acc.sims.extend(page.sims);
-                acc.underivable.extend(page.underivable);
-                acc.up_bytes = acc.up_bytes.saturating_add(page.up_bytes);
-                acc.down_bytes = acc.down_bytes.saturating_add(page.down_bytes);
-                acc.total_bytes = acc.total_bytes.saturating_add(page.total_bytes);
-                acc
-            }
-        });
-        if after.is_none() {
-            return all.ok_or(ClientError::TooManyPages { url });
-        }
-    }
-    Err(ClientError::TooManyPages { url })
+    every_page(http, url(base_url, USAGE_SIMS_PATH), token, range_query(range)).await
 }
 
 /// Usage per SIM-day with days cut in the IANA zone `tz`, within `range`; one SIM with
@@ -250,35 +224,14 @@ pub async fn usage_days(
 ) -> Result<ZoneDays, ClientError> {
     let url = url(base_url, USAGE_DAYS_PATH);
     let mut query = vec![("tz", tz.to_owned())];
-    if let Some(i) = iccid {
-        query.push(("iccid", i.to_string()));
-        query.extend(range_query(range));
-        return get_json(http, &url, token, &query).await;
-    }
     query.extend(range_query(range));
-    query.push(("limit", USAGE_PAGE_SIMS_MAX.to_string()));
-    let mut all: Option<ZoneDays> = None;
-    let mut after = None;
-    for _ in 0..CLIENT_PAGES_MAX {
-        let mut q = query.clone();
-        if let Some(a) = after {
-            q.push(("after", format!("{a}")));
+    match iccid {
+        Some(i) => {
+            query.push(("iccid", i.to_string()));
+            get_json(http, &url, token, &query).await
         }
-        let page: ZoneDays = get_json(http, &url, token, &q).await?;
-        after = page.next_after;
-        all = Some(match all {
-            None => page,
-            Some(mut acc) => {
-                acc.days.extend(page.days);
-                acc.underivable.extend(page.underivable);
-                acc
-            }
-        });
-        if after.is_none() {
-            return all.ok_or(ClientError::TooManyPages { url });
-        }
+        None => every_page(http, url, token, query).await,
     }
-    Err(ClientError::TooManyPages { url })
 }
 
 /// The SIMs whose usage cannot be derived, with the record and the reason (admin token).
@@ -296,27 +249,80 @@ pub async fn usage_ledger(
 ) -> Result<LedgerReply, ClientError> {
     let url = url(base_url, USAGE_LEDGER_PATH);
     let mut query = range_query(range);
-    if let Some(i) = iccid {
-        query.push(("iccid", i.to_string()));
-        return get_json(http, &url, token, &query).await;
+    match iccid {
+        Some(i) => {
+            query.push(("iccid", i.to_string()));
+            get_json(http, &url, token, &query).await
+        }
+        None => every_page(http, url, token, query).await,
     }
-    query.push(("limit", USAGE_PAGE_SIMS_MAX.to_string()));
-    let mut all: Option<LedgerReply> = None;
+}
+
+/// An answer that comes a page of SIMs at a time: its cursor, and how a later page joins it.
+trait Paged: DeserializeOwned {
+    /// The `after` of the next page; `None` on the last.
+    fn next_after(&self) -> Option<u64>;
+    /// Adds a later page's SIMs (and sums) to this answer.
+    fn join(&mut self, next: Self);
+}
+
+impl Paged for SimsUsage {
+    fn next_after(&self) -> Option<u64> {
+        self.next_after
+    }
+    fn join(&mut self, next: Self) {
+        self.sims.extend(next.sims);
+        self.underivable.extend(next.underivable);
+        self.up_bytes = self.up_bytes.saturating_add(next.up_bytes);
+        self.down_bytes = self.down_bytes.saturating_add(next.down_bytes);
+        self.total_bytes = self.total_bytes.saturating_add(next.total_bytes);
+        self.next_after = next.next_after;
+    }
+}
+
+impl Paged for ZoneDays {
+    fn next_after(&self) -> Option<u64> {
+        self.next_after
+    }
+    fn join(&mut self, next: Self) {
+        self.days.extend(next.days);
+        self.underivable.extend(next.underivable);
+        self.next_after = next.next_after;
+    }
+}
+
+impl Paged for LedgerReply {
+    fn next_after(&self) -> Option<u64> {
+        self.next_after
+    }
+    fn join(&mut self, next: Self) {
+        self.days.extend(next.days);
+        self.next_after = next.next_after;
+    }
+}
+
+/// Every page of a paged answer, [`USAGE_PAGE_SIMS_MAX`] SIMs at a time, joined into one
+/// (at most [`CLIENT_PAGES_MAX`] pages).
+async fn every_page<T: Paged>(
+    http: &reqwest::Client,
+    url: String,
+    token: &str,
+    query: Vec<(&str, String)>,
+) -> Result<T, ClientError> {
+    let mut all: Option<T> = None;
     let mut after = None;
     for _ in 0..CLIENT_PAGES_MAX {
         let mut q = query.clone();
+        q.push(("limit", USAGE_PAGE_SIMS_MAX.to_string()));
         if let Some(a) = after {
             q.push(("after", format!("{a}")));
         }
-        let page: LedgerReply = get_json(http, &url, token, &q).await?;
-        after = page.next_after;
-        all = Some(match all {
-            None => page,
-            Some(mut acc) => {
-                acc.days.extend(page.days);
-                acc
-            }
-        });
+        let page: T = get_json(http, &url, token, &q).await?;
+        after = page.next_after();
+        match all.as_mut() {
+            None => all = Some(page),
+            Some(acc) => acc.join(page),
+        }
         if after.is_none() {
             return all.ok_or(ClientError::TooManyPages { url });
         }
